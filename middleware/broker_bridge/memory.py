@@ -1,0 +1,95 @@
+"""An in-memory broker and bus for unit tests: no sockets, same semantics.
+
+Supports retained messages, last wills (on :meth:`InMemoryBus.crash`), MQTT 5
+shared subscriptions (round-robin within a group) and optional message loss or
+duplication for fault tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+
+from middleware.broker_bridge.bus import Bus, BusMessage, Will
+from middleware.protocol.topics import matches, strip_share
+
+
+class InMemoryBroker:
+    """Holds retained messages and routes between connected InMemoryBus clients."""
+
+    def __init__(self) -> None:
+        self.retained: dict[str, BusMessage] = {}
+        self.clients: list[InMemoryBus] = []
+        self.published = 0
+        self._rr = itertools.count()
+
+    def route(self, msg: BusMessage) -> None:
+        self.published += 1
+        if msg.retain:
+            if msg.payload:
+                self.retained[msg.topic] = msg
+            else:
+                self.retained.pop(msg.topic, None)
+        shared: dict[tuple[str, str], list[InMemoryBus]] = {}
+        for client in list(self.clients):
+            for f in client._filters:
+                if not matches(f, msg.topic):
+                    continue
+                if f.startswith("$share/"):
+                    group = f.split("/", 2)[1]
+                    shared.setdefault((group, strip_share(f)), []).append(client)
+                else:
+                    client._deliver(msg)
+                    break
+        for members in shared.values():
+            members[next(self._rr) % len(members)]._deliver(msg)
+
+
+class InMemoryBus(Bus):
+    """A Bus connected to an :class:`InMemoryBroker`."""
+
+    def __init__(self, broker: InMemoryBroker, client_id: str = "mem", will: Will | None = None) -> None:
+        super().__init__()
+        self.broker = broker
+        self.client_id = client_id
+        self.will = will
+        self._filters: list[str] = []
+
+    async def connect(self) -> None:
+        self.broker.clients.append(self)
+
+    async def _disconnect(self) -> None:
+        if self in self.broker.clients:
+            self.broker.clients.remove(self)
+
+    def crash(self) -> None:
+        """Vanish without DISCONNECT: the broker publishes the last will."""
+        self._closed = True
+        for sub in list(self._subs):
+            sub.end()
+        if self in self.broker.clients:
+            self.broker.clients.remove(self)
+        if self.will is not None:
+            w = self.will
+            self.broker.route(BusMessage(w.topic, w.payload, w.qos, w.retain))
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      content_type: str | None = None, expiry: float | None = None,
+                      user_properties: Mapping[str, str] | None = None,
+                      correlation: bytes | None = None) -> None:
+        self._check_open()
+        self.broker.route(BusMessage(topic, bytes(payload), qos, retain, content_type, expiry,
+                                     dict(user_properties or {}), correlation))
+
+    async def _subscribe(self, filter_: str, qos: int) -> None:
+        self._filters.append(filter_)
+        for topic, msg in list(self.broker.retained.items()):
+            if matches(filter_, topic) and not filter_.startswith("$share/"):
+                self._deliver(msg)
+
+    async def _unsubscribe(self, filter_: str) -> None:
+        if filter_ in self._filters:
+            self._filters.remove(filter_)
+
+    def _deliver(self, msg: BusMessage) -> None:
+        self._dispatch(msg)

