@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -55,6 +55,14 @@ class Will:
     delay: float = 0.0  # MQTT 5 will-delay interval, seconds
 
 
+async def _noop_add(filter_: str, qos: int) -> None:
+    return None
+
+
+async def _noop_remove(filter_: str) -> None:
+    return None
+
+
 class Subscription:
     """An async iterator of messages matching one filter, with a bounded queue.
 
@@ -65,7 +73,8 @@ class Subscription:
 
     _CLOSED = object()
 
-    def __init__(self, filter_: str, qos: int, maxsize: int, on_close: "callable") -> None:  # type: ignore[valid-type]
+    def __init__(self, filter_: str, qos: int, maxsize: int,
+                 on_close: Callable[[Subscription], Awaitable[None]]) -> None:
         self.filter = filter_
         self.qos = qos
         self.dropped = 0
@@ -73,10 +82,30 @@ class Subscription:
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=max(1, maxsize) + 1)
         self._maxsize = max(1, maxsize)
         self._on_close = on_close
+        self._on_add: Callable[[str, int], Awaitable[None]] = _noop_add
+        self._on_remove: Callable[[str], Awaitable[None]] = _noop_remove
+        self._extra: list[str] = []
         self._closed = False
 
     def matches(self, topic: str) -> bool:
-        return matches(self.filter, topic)
+        return any(matches(f, topic) for f in self.filters)
+
+    @property
+    def filters(self) -> tuple[str, ...]:
+        """The primary filter plus any added with :meth:`add`."""
+        return (self.filter, *self._extra) if self.filter else tuple(self._extra)
+
+    async def add(self, filter_: str) -> None:
+        """Also deliver messages matching ``filter_`` to this subscription."""
+        if filter_ not in self.filters:
+            self._extra.append(filter_)
+            await self._on_add(filter_, self.qos)
+
+    async def remove(self, filter_: str) -> None:
+        """Stop delivering ``filter_`` (added earlier with :meth:`add`)."""
+        if filter_ in self._extra:
+            self._extra.remove(filter_)
+            await self._on_remove(filter_)
 
     def put_nowait(self, msg: BusMessage) -> None:
         """Called by the transport, on the event loop thread."""
@@ -176,17 +205,21 @@ class Bus(ABC):
                       correlation: bytes | None = None) -> None:
         """Publish; for QoS >= 1 returns once the transport has taken the message."""
 
-    def subscribe(self, filter_: str, *, qos: int = 1, maxsize: int = 10_000) -> "_SubscribeCtx":
+    def subscribe(self, filter_: str = "", *, qos: int = 1, maxsize: int = 10_000) -> "_SubscribeCtx":
         """Subscribe to a filter; use as ``async with bus.subscribe(f) as sub``
-        or ``sub = await bus.subscribe(f)``."""
+        or ``sub = await bus.subscribe(f)``.  With no filter the subscription starts
+        empty and filters are added with :meth:`Subscription.add`."""
         self._check_open()
         return _SubscribeCtx(self, filter_, qos, maxsize)
 
     async def _open_subscription(self, filter_: str, qos: int, maxsize: int) -> Subscription:
         sub = Subscription(filter_, qos, maxsize, self._close_subscription)
+        sub._on_add = self._subscribe_extra
+        sub._on_remove = self._unsubscribe_extra
         self._subs.append(sub)
         try:
-            await self._subscribe(filter_, qos)
+            if filter_:
+                await self._subscribe(filter_, qos)
         except BaseException:
             self._subs.remove(sub)
             raise
@@ -195,9 +228,19 @@ class Bus(ABC):
     async def _close_subscription(self, sub: Subscription) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
-            if not self._closed and not any(s.filter == sub.filter for s in self._subs):
-                with contextlib.suppress(Exception):
-                    await self._unsubscribe(sub.filter)
+            for f in sub.filters:
+                if not self._closed and not any(f in s.filters for s in self._subs):
+                    with contextlib.suppress(Exception):
+                        await self._unsubscribe(f)
+
+    async def _subscribe_extra(self, filter_: str, qos: int) -> None:
+        self._check_open()
+        await self._subscribe(filter_, qos)
+
+    async def _unsubscribe_extra(self, filter_: str) -> None:
+        if not self._closed and not any(filter_ in s.filters for s in self._subs):
+            with contextlib.suppress(Exception):
+                await self._unsubscribe(filter_)
 
     @abstractmethod
     async def _subscribe(self, filter_: str, qos: int) -> None: ...

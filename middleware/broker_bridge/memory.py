@@ -21,7 +21,9 @@ class InMemoryBroker:
         self.retained: dict[str, BusMessage] = {}
         self.clients: list[InMemoryBus] = []
         self.published = 0
-        self._rr = itertools.count()
+        # one counter per (group, filter): a shared global counter would let one
+        # group's picks depend on another's and starve members
+        self._rr: dict[tuple[str, str], itertools.count[int]] = {}
 
     def route(self, msg: BusMessage) -> None:
         self.published += 1
@@ -31,6 +33,7 @@ class InMemoryBroker:
             else:
                 self.retained.pop(msg.topic, None)
         shared: dict[tuple[str, str], list[InMemoryBus]] = {}
+        delivered: set[int] = set()
         for client in list(self.clients):
             for f in client._filters:
                 if not matches(f, msg.topic):
@@ -38,11 +41,14 @@ class InMemoryBroker:
                 if f.startswith("$share/"):
                     group = f.split("/", 2)[1]
                     shared.setdefault((group, strip_share(f)), []).append(client)
-                else:
+                elif id(client) not in delivered:
+                    delivered.add(id(client))
                     client._deliver(msg)
-                    break
-        for members in shared.values():
-            members[next(self._rr) % len(members)]._deliver(msg)
+        for key, members in shared.items():
+            pick = members[next(self._rr.setdefault(key, itertools.count())) % len(members)]
+            if id(pick) not in delivered:  # its local dispatch already reached every sub
+                delivered.add(id(pick))
+                pick._deliver(msg)
 
 
 class InMemoryBus(Bus):
@@ -63,12 +69,16 @@ class InMemoryBus(Bus):
             self.broker.clients.remove(self)
 
     def crash(self) -> None:
-        """Vanish without DISCONNECT: the broker publishes the last will."""
+        """Vanish without DISCONNECT: the broker publishes the last will.
+
+        A no-op for a bus that is not connected (a clean close discards the will).
+        """
         self._closed = True
         for sub in list(self._subs):
             sub.end()
-        if self in self.broker.clients:
-            self.broker.clients.remove(self)
+        if self not in self.broker.clients:
+            return
+        self.broker.clients.remove(self)
         if self.will is not None:
             w = self.will
             self.broker.route(BusMessage(w.topic, w.payload, w.qos, w.retain))
@@ -82,7 +92,10 @@ class InMemoryBus(Bus):
                                      dict(user_properties or {}), correlation))
 
     async def _subscribe(self, filter_: str, qos: int) -> None:
-        self._filters.append(filter_)
+        # once per filter: Bus unsubscribes only when the last user closes, and a
+        # leftover $share filter would keep this client in the group, losing messages
+        if filter_ not in self._filters:
+            self._filters.append(filter_)
         for topic, msg in list(self.broker.retained.items()):
             if matches(filter_, topic) and not filter_.startswith("$share/"):
                 self._deliver(msg)

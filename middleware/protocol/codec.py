@@ -39,10 +39,36 @@ DEFAULT_LIMITS = Limits()
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 
+def brief(value: object, width: int = 40) -> str:
+    """A short, always-safe description of an untrusted value for error messages.
+
+    ``repr`` of a deeply nested container raises RecursionError and of a large
+    one costs O(size), so only scalars are shown; containers by type and length.
+    """
+    if value is None or isinstance(value, bool | int | float):
+        text = repr(value) if not isinstance(value, int) or value.bit_length() < 256 else "<big int>"
+    elif isinstance(value, str | bytes):
+        text = repr(value[:width])
+    elif isinstance(value, list | tuple | dict):
+        text = f"<{type(value).__name__} of {len(value)}>"
+    else:
+        text = f"<{type(value).__name__}>"
+    return text[:width]
+
+
 def check_id(value: object, field: str) -> str:
     """A topic-safe identifier: 1-64 chars of ``[A-Za-z0-9_.:-]``, no ``/ + #``."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise ProtocolError(f"{field}: expected an id matching {_ID_RE.pattern}, got {value!r:.80}")
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):  # match() + "$" accepts "id\n"
+        raise ProtocolError(f"{field}: expected an id matching {_ID_RE.pattern}, got {brief(value, 80)}")
+    return value
+
+
+def check_utf8(value: str, field: str) -> str:
+    """Reject lone surrogates (JSON ``"\\ud800"``): such a str cannot be re-encoded."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(f"{field}: not valid Unicode (lone surrogate)") from exc
     return value
 
 
@@ -58,6 +84,12 @@ class Fields:
 
     def _err(self, key: str, msg: str) -> ProtocolError:
         return ProtocolError(f"{self._type}.{key}: {msg}")
+
+    def _as_float(self, key: str, v: int | float) -> float:
+        try:
+            return float(v)
+        except OverflowError as exc:  # a JSON integer with hundreds of digits
+            raise self._err(key, "number too large") from exc
 
     def _get(self, key: str, default: Any) -> Any:
         if key in self._d:
@@ -85,7 +117,7 @@ class Fields:
         v = self._get(key, _REQUIRED if default is None else default)
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise self._err(key, f"expected number, got {type(v).__name__}")
-        v = float(v)
+        v = self._as_float(key, v)
         if math.isnan(v) or not lo <= v <= hi:
             raise self._err(key, f"{v} outside [{lo}, {hi}]")
         return v
@@ -103,12 +135,14 @@ class Fields:
         limit = self._limits.max_str if max_len is None else max_len
         if len(v) > limit:
             raise self._err(key, f"string of {len(v)} chars exceeds {limit}")
+        if not v.isascii():
+            check_utf8(v, f"{self._type}.{key}")
         return v
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any = None) -> str:
         v = self.str(key, default)
         if v not in choices:
-            raise self._err(key, f"{v!r:.40} not one of {choices}")
+            raise self._err(key, f"{brief(v)} not one of {choices}")
         return v
 
     def tokens(self, key: str, max_count: int, default: Any = None) -> tuple[int, ...]:
@@ -120,7 +154,7 @@ class Fields:
         hi = self._limits.max_token_id
         for t in v:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= hi:
-                raise self._err(key, f"token id {t!r:.20} outside [0, {hi}]")
+                raise self._err(key, f"token id {brief(t, 20)} outside [0, {hi}]")
         return tuple(v)
 
     def floats(self, key: str, max_count: int, lo: float, hi: float) -> tuple[float, ...]:
@@ -131,7 +165,7 @@ class Fields:
         for x in v:
             if isinstance(x, bool) or not isinstance(x, int | float):
                 raise self._err(key, "expected numbers")
-            x = float(x)
+            x = self._as_float(key, x)
             if math.isnan(x) or not lo <= x <= hi:
                 raise self._err(key, f"{x} outside [{lo}, {hi}]")
             out.append(x)
@@ -177,17 +211,15 @@ def unpack(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
             raise ProtocolError(f"invalid JSON: {exc}") from exc
     else:
         try:
-            obj = msgpack.unpackb(
-                raw, raw=False, strict_map_key=True, use_list=True,
-                max_buffer_size=limits.max_payload,
-            )
+            # unpackb sizes its max_*_len bounds from len(raw), already checked above.
+            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
         except Exception as exc:  # msgpack raises a zoo of types; convert all at entry
             raise ProtocolError(f"invalid msgpack: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError(f"envelope must be a map, got {type(obj).__name__}")
     v = obj.get("v")
-    if v != SCHEMA_VERSION:
-        raise ProtocolError(f"unsupported schema version {v!r:.20} (this build speaks {SCHEMA_VERSION})")
+    if type(v) is not int or v != SCHEMA_VERSION:  # true/1.0 are not version 1
+        raise ProtocolError(f"unsupported schema version {brief(v)} (this build speaks {SCHEMA_VERSION})")
     t = obj.get("t")
     if not isinstance(t, str) or len(t) > 32:
         raise ProtocolError("missing or invalid message type tag 't'")

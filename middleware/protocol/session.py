@@ -64,11 +64,11 @@ class SamplingParams:
             raise ProtocolError("sampling: expected a map")
         f = Fields(d, "sampling", limits)
         return cls(
-            mode=f.choice("mode", MODES),  # type: ignore[arg-type]
+            mode=f.choice("mode", MODES, "greedy"),  # type: ignore[arg-type]
             seed=f.int("seed", 0, (1 << 63) - 1, 0),
             temperature=f.float("temperature", 1e-4, 100.0, 1.0),
             top_k=f.int("top_k", 0, 1 << 20, 0),
-            top_p=f.float("top_p", 1e-9, 1.0, 1.0),
+            top_p=f.float("top_p", 0.0, 1.0, 1.0),  # 0 is refused by __post_init__
         )
 
 

@@ -6,11 +6,19 @@ Both are published retained and set as the client's MQTT last will with
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self
 
 from middleware.errors import ProtocolError
-from middleware.protocol.codec import DEFAULT_LIMITS, Fields, Limits, check_id, pack_json
+from middleware.protocol.codec import (
+    DEFAULT_LIMITS,
+    Fields,
+    Limits,
+    check_id,
+    check_utf8,
+    pack_json,
+)
 
 State = Literal["online", "offline", "degraded"]
 STATES: tuple[str, ...] = ("online", "offline", "degraded")
@@ -23,7 +31,14 @@ def _stats(v: Any) -> dict[str, float]:
     for k, x in v.items():
         if not isinstance(k, str) or len(k) > 64 or isinstance(x, bool) or not isinstance(x, int | float):
             raise ProtocolError("stats: string keys and numeric values only")
-        out[k] = float(x)
+        check_utf8(k, "stats key")
+        try:
+            x = float(x)
+        except OverflowError as exc:
+            raise ProtocolError("stats: number too large") from exc
+        if not math.isfinite(x):  # NaN/Infinity are not JSON and NaN breaks equality
+            raise ProtocolError("stats: values must be finite")
+        out[k] = x
     return out
 
 

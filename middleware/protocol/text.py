@@ -122,6 +122,9 @@ class PromptRequest:
             raise ProtocolError("prompt: empty")
         if self.session_id is not None:
             check_id(self.session_id, "prompt.session")
+        if self.max_new_tokens is not None and not (
+                1 <= self.max_new_tokens <= DEFAULT_LIMITS.max_context_tokens):
+            raise ProtocolError("prompt.max_new_tokens out of range")  # 0 would decode as None
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {"prompt": self.prompt, "chat": self.chat}
@@ -152,7 +155,7 @@ class PromptRequest:
         if text.lstrip().startswith("{"):
             try:
                 obj = json.loads(text)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise ProtocolError(f"prompt: invalid JSON: {exc}") from exc
             if not isinstance(obj, dict):
                 raise ProtocolError("prompt: JSON must be an object")

@@ -52,7 +52,7 @@ class Topics:
     prefix: str = DEFAULT_PREFIX
 
     def __post_init__(self) -> None:
-        if not _PREFIX_RE.match(self.prefix) or len(self.prefix) > 128:
+        if not _PREFIX_RE.fullmatch(self.prefix) or len(self.prefix) > 128:
             raise TopicError(f"invalid topic prefix {self.prefix!r}: use letters, digits, _.- and /")
 
     def _build(self, root: str, ident: str, leaf: str) -> str:
@@ -79,11 +79,16 @@ class Topics:
 
     # --- filters -----------------------------------------------------------
     def all_sessions(self, leaf: SessionLeaf | Literal["#"]) -> str:
+        if leaf != "#" and leaf not in SESSION_LEAVES:
+            raise TopicError(f"unknown session leaf {leaf!r}")
         return f"{self.prefix}/session/+/{leaf}"
 
     def shared_open(self, group: str = DEFAULT_SHARE_GROUP) -> str:
         """MQTT 5 shared subscription: each open reaches exactly one verifier of the group."""
-        check_id(group, "share group")
+        try:
+            check_id(group, "share group")
+        except ProtocolError as exc:
+            raise TopicError(str(exc)) from exc
         return f"$share/{group}/{self.prefix}/session/+/open"
 
     def all_device_status(self) -> str:

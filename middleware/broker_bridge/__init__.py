@@ -1,0 +1,8 @@
+"""Transports behind one :class:`~middleware.broker_bridge.bus.Bus` interface.
+
+- ``bus``: the interface, :class:`BusMessage`, :class:`Will`, :class:`Subscription`.
+- ``mqtt``: MQTT 5 over a broker (Mosquitto).
+- ``memory``: in-process broker for unit tests and the no-broker demo fallback.
+- ``embedded``: start a real Mosquitto (tests, demo).
+- ``factory``: build the configured transport.
+"""

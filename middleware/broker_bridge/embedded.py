@@ -1,0 +1,331 @@
+"""A real Mosquitto broker started by tests and the demo.
+
+:class:`MosquittoProcess` runs the local ``mosquitto`` binary on a free
+loopback port with ``deploy/mosquitto/mosquitto.conf`` plus a listener line and
+a persistence directory in a temp dir.  It can be stopped, killed (SIGKILL, for
+fault tests) and restarted on the same port with the same persistence, so
+sessions and retained messages survive a restart like on a real deployment::
+
+    with MosquittoProcess() as broker:
+        settings = MqttSettings(host=broker.host, port=broker.port)
+        broker.kill(); broker.restart()
+
+:class:`MosquittoContainer` offers the same interface on Docker (through
+testcontainers) for machines without the binary; :func:`start_broker` picks
+the binary first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self
+
+from middleware.errors import BusError
+
+_REPO_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
+_SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+# Used when the package is installed without the repository's deploy/ folder.
+FALLBACK_CONFIG = """\
+per_listener_settings false
+allow_anonymous true
+set_tcp_nodelay true
+persistence true
+persistence_file mosquitto.db
+autosave_interval 1
+max_inflight_messages 100
+max_queued_messages 10000
+max_packet_size 1048576
+log_dest stderr
+log_type error
+log_type warning
+log_type notice
+log_type information
+"""
+DOCKER_IMAGE = "eclipse-mosquitto:2"
+
+
+def mosquitto_binary() -> str | None:
+    """Path of the mosquitto executable (``$PATH`` first, then sbin dirs), or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((p for p in _SEARCH if os.access(p, os.X_OK)), None)
+
+
+def mosquitto_available() -> bool:
+    """True when a local mosquitto binary can be started."""
+    return mosquitto_binary() is not None
+
+
+def docker_available() -> bool:
+    """True when testcontainers is importable and the Docker engine answers a ping."""
+    try:
+        import docker  # noqa: PLC0415  (optional dependency)
+        import testcontainers.core.container  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    try:
+        client = docker.from_env(timeout=3)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001  (any failure means "no usable engine")
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float,
+                  alive: Callable[[], bool] = lambda: True) -> bool:
+    """Poll until ``host:port`` accepts a TCP connection; False on timeout or if not ``alive()``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            return False
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def render_config(base: str, port: int, host: str, persistence_dir: Path, extra: str = "") -> str:
+    """The broker config: ``base`` plus the launcher's persistence path and listener."""
+    return (f"{base.rstrip()}\n\n# --- added by the launcher ---\n"
+            f"persistence_location {persistence_dir}/\n"
+            f"listener {port} {host}\n{extra.rstrip()}\n")
+
+
+class Broker(Protocol):
+    """What tests need from a broker, whichever way it runs."""
+
+    host: str
+    port: int
+
+    def start(self) -> Self: ...
+    def stop(self) -> None: ...
+    def kill(self) -> None: ...
+    def restart(self) -> Self: ...
+    def close(self) -> None: ...
+
+
+class _LifecycleMixin:
+    """Sync and async context-manager plumbing over start()/close()."""
+
+    def start(self) -> Self:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await asyncio.to_thread(self.close)
+
+
+class MosquittoProcess(_LifecycleMixin):
+    """A local mosquitto process on ``host:port`` with its own persistence dir.
+
+    ``stop()`` keeps the temp dir (so ``restart()`` finds the persisted
+    sessions); ``close()`` (and leaving the context) also deletes it.
+    """
+
+    def __init__(self, port: int | None = None, *, host: str = "127.0.0.1",
+                 config: Path | str | None = None, extra_config: str = "",
+                 binary: str | None = None, startup_timeout: float = 10.0) -> None:
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.binary = binary or mosquitto_binary()
+        if self.binary is None:
+            raise BusError("mosquitto binary not found on PATH or in /usr/sbin")
+        cfg = Path(config) if config is not None else _REPO_CONFIG
+        self._base_config = cfg.read_text() if cfg.exists() else FALLBACK_CONFIG
+        self._extra = extra_config
+        self.startup_timeout = startup_timeout
+        self.workdir = Path(tempfile.mkdtemp(prefix="mw-mosquitto-"))
+        if os.geteuid() == 0:
+            # mosquitto started as root drops to the "mosquitto" user, which
+            # must still be able to write its persistence database here.
+            self.workdir.chmod(0o777)
+        self.config_path = self.workdir / "mosquitto.conf"
+        self.log_path = self.workdir / "mosquitto.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> Self:
+        """Start the broker and wait until it accepts TCP connections."""
+        if self.running:
+            return self
+        self.config_path.write_text(render_config(self._base_config, self.port, self.host,
+                                                  self.workdir, self._extra))
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(  # noqa: S603  (fixed argv, our binary)
+                [str(self.binary), "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)  # a Ctrl-C in the test terminal is not its business
+        self.starts += 1
+        if not wait_for_port(self.host, self.port, self.startup_timeout, alive=lambda: self.running):
+            tail = self.log_tail()
+            self._terminate(signal.SIGKILL, 2.0)
+            raise BusError(f"mosquitto did not start on {self.host}:{self.port}:\n{tail}")
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM (mosquitto saves its database), then SIGKILL after ``timeout``."""
+        self._terminate(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: the broker vanishes without saving (fault tests)."""
+        self._terminate(signal.SIGKILL, 5.0)
+
+    def restart(self, *, hard: bool = False) -> Self:
+        """Stop (or kill, with ``hard``) and start again on the same port and persistence."""
+        if hard:
+            self.kill()
+        else:
+            self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop the broker and delete its temp dir."""
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log_tail(self, n: int = 40) -> str:
+        """Last ``n`` lines of the broker's log (for failure messages)."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def _terminate(self, sig: signal.Signals, timeout: float) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"MosquittoProcess({self.host}:{self.port}, {state}, dir={self.workdir})"
+
+
+class MosquittoContainer(_LifecycleMixin):
+    """Mosquitto in Docker (testcontainers) with the same interface.
+
+    The host port is fixed at construction so ``restart()`` keeps it; the
+    persistence dir is a bind mount of a host temp dir.
+    """
+
+    def __init__(self, port: int | None = None, *, image: str = DOCKER_IMAGE,
+                 config: Path | str | None = None, extra_config: str = "",
+                 startup_timeout: float = 30.0) -> None:
+        self.host = "127.0.0.1"
+        self.port = port if port is not None else free_port()
+        self.image = image
+        cfg = Path(config) if config is not None else _REPO_CONFIG
+        self._base_config = cfg.read_text() if cfg.exists() else FALLBACK_CONFIG
+        self._extra = extra_config
+        self.startup_timeout = startup_timeout
+        self.workdir = Path(tempfile.mkdtemp(prefix="mw-mosquitto-docker-"))
+        self.workdir.chmod(0o777)  # the image runs mosquitto as uid 1883
+        self._container: object | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> Self:
+        from testcontainers.core.container import DockerContainer  # noqa: PLC0415
+
+        if self._container is not None:
+            self._wrapped().start()
+        else:
+            conf = render_config(self._base_config, 1883, "0.0.0.0", Path("/mosquitto/data"),  # noqa: S104
+                                 self._extra)
+            (self.workdir / "mosquitto.conf").write_text(conf)
+            container = (DockerContainer(self.image)
+                         .with_bind_ports(1883, self.port)
+                         .with_volume_mapping(str(self.workdir), "/mosquitto/data", mode="rw")
+                         .with_command("mosquitto -c /mosquitto/data/mosquitto.conf"))
+            container.start()
+            self._container = container
+        if not wait_for_port(self.host, self.port, self.startup_timeout):
+            raise BusError(f"mosquitto container did not open {self.host}:{self.port}")
+        return self
+
+    def _wrapped(self):  # type: ignore[no-untyped-def]
+        return self._container.get_wrapped_container()  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self._container is not None:
+            self._wrapped().stop(timeout=5)
+
+    def kill(self) -> None:
+        if self._container is not None:
+            self._wrapped().kill()
+
+    def restart(self, *, hard: bool = False) -> Self:
+        if hard:
+            self.kill()
+        else:
+            self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        if self._container is not None:
+            with contextlib.suppress(Exception):
+                self._container.stop()  # type: ignore[attr-defined]
+            self._container = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_broker(port: int | None = None, **kwargs: object) -> MosquittoProcess | MosquittoContainer:
+    """Start a broker: the local binary if present, else Docker; BusError if neither."""
+    if mosquitto_available():
+        return MosquittoProcess(port, **kwargs).start()  # type: ignore[arg-type]
+    if docker_available():
+        return MosquittoContainer(port, **kwargs).start()  # type: ignore[arg-type]
+    raise BusError("no mosquitto binary and no reachable Docker engine")

@@ -1,0 +1,758 @@
+"""MQTT 5 transport: :class:`MqttBus`, a :class:`Bus` on paho-mqtt 2.x driven by asyncio.
+
+Why paho directly and not aiomqtt 2.x (the brief allowed either): aiomqtt 2.x
+reconnects only by re-entering its context manager, and after an unexpected
+disconnect its CONNACK future stays resolved, so a re-entry returns before the
+new CONNACK and a refused reconnect goes unnoticed; its message iterator also
+dies on every drop, so a reader would have to be rebuilt per connection.  The
+part of aiomqtt we would keep, driving paho's external-loop API from the event
+loop, is small, so it is done here directly:
+
+* reads: ``loop.add_reader(fd)`` calls ``client.loop_read()``; paho's callbacks
+  (CONNACK, PUBACK, SUBACK, PUBLISH) therefore run on the event-loop thread and
+  resolve futures or call :meth:`Bus._dispatch` without any thread hop;
+* writes: paho's ``on_socket_register_write``/``unregister_write`` callbacks
+  add/remove a writer that calls ``client.loop_write()``;
+* one owned task per bus (``mqtt[<client id>]``, cancelled in ``close()``)
+  connects, re-subscribes, calls ``loop_misc()`` each second (keepalive) and
+  reconnects with jittered exponential backoff when the connection drops;
+* the only blocking call, ``client.reconnect()`` (TCP connect and TLS
+  handshake), runs in the default executor; paho's socket callbacks fired on
+  that worker thread only set ``TCP_NODELAY``, the loop thread registers the
+  socket once the call returns.
+
+Delivery semantics: QoS 1 publishes return after PUBACK.  A QoS 1 message whose
+PUBACK is lost with the connection is kept by paho and re-sent (DUP) after the
+reconnect, so delivery is at-least-once, also for a publish that raised
+:class:`BusError` on timeout.  Incoming QoS 1 messages are acknowledged after
+they have been queued on every matching :class:`Subscription`.
+
+Persistent sessions (devices): ``clean_start=False`` with ``session_expiry``
+> 0 keeps subscriptions and queued QoS 1 messages on the broker while the
+device is offline.  The broker sends those right after CONNACK, so subscribe
+*before* connecting, otherwise they reach no subscription and are dropped::
+
+    bus = MqttBus(MqttSettings(client_id="pi-1", clean_start=False, session_expiry=3600))
+    inbox = await bus.subscribe(topics.device_inbox("pi-1"))   # registered, sent at connect
+    async with bus:
+        async for msg in inbox: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import socket
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from middleware.broker_bridge.bus import Bus, BusMessage, Will
+from middleware.errors import BusClosedError, BusError, ConfigError, TopicError
+from middleware.protocol.topics import strip_share
+
+log = structlog.get_logger("middleware.mqtt")
+
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+_MAX_UINT32 = 0xFFFFFFFF
+# CONNACK reasons worth retrying (server busy/unavailable, quotas, rate limits,
+# unspecified); anything else (bad credentials, not authorized, bad client id,
+# malformed will) is a configuration error and fails the first connect at once.
+_RETRYABLE_CONNACK = frozenset({0x80, 0x88, 0x89, 0x97, 0x9C, 0x9D, 0x9F})
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS for the broker connection; ``None`` files mean the system CA store / no client cert."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False  # skip hostname verification (testing only)
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    """How an :class:`MqttBus` connects.  All durations in seconds."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""  # "" -> "mw-<random>"; required when clean_start is False
+    username: str | None = None
+    password: str | None = None
+    tls: TlsSettings | None = None
+    keepalive: int = 30
+    clean_start: bool = True
+    session_expiry: int = 0  # 0: session ends at disconnect; SESSION_NEVER_EXPIRES: never
+    will: Will | None = None
+    reconnect_min: float = 0.1  # backoff after the first failed attempt ...
+    reconnect_max: float = 10.0  # ... doubling (with jitter) up to this
+    connect_timeout: float = 10.0  # first connect gives up after this; also TCP + CONNACK per attempt
+    request_timeout: float = 10.0  # publish/subscribe: waiting for a connection plus the ack
+    max_inflight: int = 20  # QoS 1 publishes awaiting PUBACK at once; keep <= the broker's
+    #                         Receive Maximum (Mosquitto's max_inflight_messages, default 20)
+    max_queued: int = 10_000  # QoS 1 publishes paho may hold beyond those in flight
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("mqtt host is empty")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"mqtt port {self.port} out of range")
+        if not 0 <= self.keepalive <= 65535:
+            raise ConfigError(f"keepalive {self.keepalive} out of range 0..65535")
+        if not 0 <= self.session_expiry <= _MAX_UINT32:
+            raise ConfigError(f"session_expiry {self.session_expiry} out of range")
+        if not self.clean_start and not self.client_id:
+            raise ConfigError("a persistent session (clean_start=False) needs a fixed client_id")
+        if not 0 < self.reconnect_min <= self.reconnect_max:
+            raise ConfigError("need 0 < reconnect_min <= reconnect_max")
+        if self.connect_timeout <= 0 or self.request_timeout <= 0:
+            raise ConfigError("timeouts must be positive")
+        if self.max_inflight < 1 or self.max_queued < 0:
+            raise ConfigError("max_inflight must be >= 1 and max_queued >= 0")
+        if self.will is not None and self.will.delay > self.session_expiry:
+            # MQTT 5: the will goes out when the delay passes *or the session
+            # ends*, whichever is first, so a longer delay would be ignored.
+            raise ConfigError(f"will delay {self.will.delay}s needs session_expiry >= it "
+                              f"(got {self.session_expiry}s)")
+
+
+class _Refused(BusError):
+    """The broker refused the connection for a reason retrying will not fix."""
+
+
+class _Lost(Exception):
+    """Internal: the connection dropped while a request waited for its ack."""
+
+
+class MqttBus(Bus):
+    """A :class:`Bus` over one MQTT 5 connection that survives broker restarts.
+
+    ``connected`` is set while a session is established; ``reconnects`` counts
+    successful reconnections after the first connect.  Filters of every open
+    subscription are re-subscribed after each reconnect.
+    """
+
+    def __init__(self, settings: MqttSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.client_id = settings.client_id or f"mw-{uuid.uuid4().hex[:12]}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._client: paho.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._connack: asyncio.Future[bool] | None = None
+        self._fd: int | None = None
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._pub_acks: dict[int, asyncio.Future[None]] = {}
+        self._sub_acks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
+        self._unsub_acks: dict[int, asyncio.Future[None]] = {}
+        self._live: set[str] = set()  # filters the broker acknowledged on this connection
+        self._reconnects = 0
+        self._session_present = False
+        self._max_packet: int | None = None
+
+    # --- state ----------------------------------------------------------------
+    @property
+    def connected(self) -> asyncio.Event:
+        """Set while connected (read it, wait on it; do not set or clear it)."""
+        return self._connected
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def reconnects(self) -> int:
+        """Successful reconnections since the first connect."""
+        return self._reconnects
+
+    @property
+    def session_present(self) -> bool:
+        """Whether the broker resumed a stored session at the last CONNACK."""
+        return self._session_present
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until connected; BusError on timeout, BusClosedError if closed meanwhile."""
+        loop = self._require_loop()
+        await self._wait_ready(None if timeout is None else loop.time() + timeout)
+
+    # --- lifecycle ------------------------------------------------------------
+    async def connect(self) -> None:
+        """Connect and wait for CONNACK, retrying refused/failed attempts for
+        ``connect_timeout``; then keep the connection up until ``close()``."""
+        self._check_open()
+        if self._task is not None:
+            raise BusError(f"{self.client_id}: already connected")
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._client = self._make_client()
+        first: asyncio.Future[None] = self._loop.create_future()
+        self._task = self._loop.create_task(self._supervise(first), name=f"mqtt[{self.client_id}]")
+        try:
+            await first
+        except BaseException:
+            task, self._task = self._task, None
+            await _cancel(task)
+            self._drop_socket()
+            raise
+
+    async def _disconnect(self) -> None:
+        """Called by ``close()``: stop reconnecting, send DISCONNECT (no will), close."""
+        self._wake()
+        task, self._task = self._task, None
+        await _cancel(task)
+        client = self._client
+        if client is not None and self._connected.is_set():
+            self._connected.clear()
+            self._lost.clear()
+            if client.disconnect() == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await self._lost.wait()  # DISCONNECT written, socket closed by paho
+        self._connected.clear()
+        self._drop_socket()
+        self._fail_pending(BusClosedError(f"{self.client_id}: bus closed"))
+
+    def crash(self) -> None:
+        """Vanish without DISCONNECT (fault injection): the broker then publishes
+        the last will, after its delay.  The bus is closed afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subs):
+            sub.end()
+        self._subs.clear()
+        self._wake()
+        if self._task is not None:
+            self._task.cancel()  # finishes on the next loop turn; touches no socket
+            self._task = None
+        self._connected.clear()
+        self._drop_socket()
+        self._fail_pending(BusClosedError(f"{self.client_id}: bus crashed"))
+
+    # --- data path ------------------------------------------------------------
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      content_type: str | None = None, expiry: float | None = None,
+                      user_properties: Mapping[str, str] | None = None,
+                      correlation: bytes | None = None, timeout: float | None = None) -> None:
+        """Publish; QoS >= 1 returns after PUBACK.  While disconnected it waits for
+        the reconnect; the whole call is bounded by ``timeout`` (default
+        ``settings.request_timeout``) and raises BusError when that passes."""
+        self._check_open()
+        loop = self._require_loop()
+        client = self._require_client()
+        if isinstance(payload, memoryview):
+            payload = payload.tobytes()
+        props = publish_properties(content_type, expiry, user_properties, correlation)
+        self._check_size(topic, payload, qos, props)
+        deadline = loop.time() + (self.settings.request_timeout if timeout is None else timeout)
+        while True:
+            await self._wait_ready(deadline)
+            try:
+                info = client.publish(topic, payload, qos, retain, props)
+            except (ValueError, TypeError) as exc:
+                raise TopicError(f"cannot publish to {topic!r}: {exc}") from exc
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
+                continue  # paho dropped it: wait for the next connection
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                raise BusError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+            break
+        if qos == 0:
+            return
+        # No read can run between client.publish() and here, so the PUBACK cannot be missed.
+        ack: asyncio.Future[None] = loop.create_future()
+        self._pub_acks[info.mid] = ack
+        try:
+            async with asyncio.timeout_at(deadline):
+                await ack
+        except TimeoutError as exc:
+            raise BusError(f"{self.client_id}: no PUBACK for {topic!r} in time "
+                           f"(connected={self.is_connected})") from exc
+        finally:
+            self._pub_acks.pop(info.mid, None)
+
+    async def _subscribe(self, filter_: str, qos: int) -> None:
+        check_filter(filter_)
+        if self._task is None:
+            return  # not connected yet: subscribed together with the others at connect
+        loop = self._require_loop()
+        deadline = loop.time() + self.settings.request_timeout
+        while True:
+            await self._wait_ready(deadline)
+            if filter_ in self._live:
+                return  # the (re)connect already subscribed it
+            try:
+                codes = await self._send_subscribe({filter_: qos},
+                                                   SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE, deadline)
+            except _Lost:
+                continue
+            if codes[0].is_failure:
+                raise BusError(f"broker refused subscription {filter_!r}: {codes[0]}")
+            self._live.add(filter_)
+            return
+
+    async def _unsubscribe(self, filter_: str) -> None:
+        self._live.discard(filter_)
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return  # nothing to do now; a reconnect only re-subscribes open subscriptions
+        loop = self._require_loop()
+        rc, mid = client.unsubscribe(filter_)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return
+        ack: asyncio.Future[None] = loop.create_future()
+        self._unsub_acks[mid] = ack
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                await ack
+        except (_Lost, TimeoutError):
+            pass
+        finally:
+            self._unsub_acks.pop(mid, None)
+
+    # --- connection supervisor (the one owned task) -------------------------------
+    async def _supervise(self, first: asyncio.Future[None]) -> None:
+        s = self.settings
+        loop = self._require_loop()
+        delay = s.reconnect_min
+        give_up_at = loop.time() + s.connect_timeout
+        while True:
+            try:
+                await self._connect_once()
+                await self._resubscribe()
+            except (BusError, _Lost) as exc:
+                self._connected.clear()
+                if not first.done():
+                    if isinstance(exc, _Refused) or loop.time() + delay >= give_up_at:
+                        first.set_exception(exc if isinstance(exc, BusError) else BusError(str(exc)))
+                        return
+                log.warning("mqtt.connect_failed", client_id=self.client_id, error=str(exc),
+                            retry_in=round(delay, 3))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, s.reconnect_max)
+                continue
+            delay = s.reconnect_min
+            if first.done():
+                self._reconnects += 1
+                log.info("mqtt.reconnected", client_id=self.client_id, reconnects=self._reconnects,
+                         session_present=self._session_present)
+            self._connected.set()
+            self._wake()
+            if not first.done():
+                first.set_result(None)
+            await self._keep_alive()
+            self._connected.clear()
+
+    async def _connect_once(self) -> None:
+        loop = self._require_loop()
+        client = self._require_client()
+        self._unwatch()
+        self._lost.clear()
+        self._connack = connack = loop.create_future()
+        attempt = loop.run_in_executor(None, client.reconnect)
+        try:
+            await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            attempt.add_done_callback(self._after_abandoned_attempt)
+            raise
+        except (OSError, ValueError, paho.WebsocketConnectionError) as exc:
+            raise BusError(f"cannot connect to {self.settings.host}:{self.settings.port}: "
+                           f"{exc or type(exc).__name__}") from exc
+        self._watch()
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                self._session_present = await connack
+        except TimeoutError as exc:
+            self._abort_connection("no CONNACK")
+            raise BusError(f"no CONNACK from {self.settings.host}:{self.settings.port}") from exc
+
+    def _after_abandoned_attempt(self, attempt: asyncio.Future[Any]) -> None:
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved: the failure no longer matters
+        self._drop_socket()
+
+    async def _resubscribe(self) -> None:
+        filters: dict[str, int] = {}
+        for sub in self._subs:
+            filters[sub.filter] = max(filters.get(sub.filter, 0), sub.qos)
+        if not filters:
+            return
+        deadline = self._require_loop().time() + self.settings.request_timeout
+        try:
+            # Retained messages only for subscriptions the broker did not keep.
+            codes = await self._send_subscribe(filters, SubscribeOptions.RETAIN_SEND_IF_NEW_SUB,
+                                               deadline)
+        except BusError:
+            self._abort_connection("no SUBACK")
+            raise
+        for f, code in zip(filters, codes, strict=False):
+            if code.is_failure:
+                log.error("mqtt.resubscribe_refused", client_id=self.client_id, filter=f,
+                          reason=str(code))
+            else:
+                self._live.add(f)
+
+    async def _send_subscribe(self, filters: Mapping[str, int], retain_handling: int,
+                              deadline: float) -> list[ReasonCode]:
+        client = self._require_client()
+        opts = [(f, SubscribeOptions(qos=q, retainHandling=retain_handling))
+                for f, q in filters.items()]
+        try:
+            rc, mid = client.subscribe(opts)
+        except ValueError as exc:
+            raise TopicError(f"invalid subscription {list(filters)!r}: {exc}") from exc
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise _Lost(paho.error_string(rc))
+        ack: asyncio.Future[list[ReasonCode]] = self._require_loop().create_future()
+        self._sub_acks[mid] = ack
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await ack
+        except TimeoutError as exc:
+            raise BusError(f"{self.client_id}: no SUBACK for {list(filters)!r} in time") from exc
+        finally:
+            self._sub_acks.pop(mid, None)
+
+    async def _keep_alive(self) -> None:
+        """Run paho's keepalive/timeout checks each second until the connection drops."""
+        client = self._require_client()
+        while not self._lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._lost.wait()
+            if not self._lost.is_set():
+                client.loop_misc()
+
+    async def _wait_ready(self, deadline: float | None) -> None:
+        loop = self._require_loop()
+        while True:
+            self._check_open()
+            if self._connected.is_set():
+                return
+            if self._task is None:
+                raise BusError(f"{self.client_id}: not connected (call connect() first)")
+            if deadline is not None and loop.time() >= deadline:
+                raise BusError(f"{self.client_id}: no connection to "
+                               f"{self.settings.host}:{self.settings.port} in time")
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.add(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                pass
+            finally:
+                self._waiters.discard(waiter)
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    # --- paho client and its callbacks ----------------------------------------------
+    def _make_client(self) -> paho.Client:
+        s = self.settings
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                        protocol=paho.MQTTv5, transport="tcp", reconnect_on_failure=False)
+        c.max_inflight_messages_set(s.max_inflight)
+        c.max_queued_messages_set(s.max_queued)
+        c.connect_timeout = s.connect_timeout
+        if s.username is not None:
+            c.username_pw_set(s.username, s.password)
+        if s.tls is not None:
+            try:
+                c.tls_set(ca_certs=s.tls.ca_file, certfile=s.tls.cert_file, keyfile=s.tls.key_file)
+            except (OSError, ValueError) as exc:
+                raise BusError(f"cannot load TLS files: {exc}") from exc
+            c.tls_insecure_set(s.tls.insecure)
+        if s.will is not None:
+            c.will_set(s.will.topic, s.will.payload, s.will.qos, s.will.retain,
+                       will_properties(s.will))
+        props = Properties(PacketTypes.CONNECT)
+        if s.session_expiry:
+            props.SessionExpiryInterval = s.session_expiry
+        c.connect_async(s.host, s.port, s.keepalive, clean_start=s.clean_start,
+                        properties=props if s.session_expiry else None)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        c.on_unsubscribe = self._on_unsubscribe
+        c.on_socket_open = self._on_socket_open
+        c.on_socket_close = self._on_socket_close
+        c.on_socket_register_write = self._on_socket_register_write
+        c.on_socket_unregister_write = self._on_socket_unregister_write
+        return c
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
+                    reason: ReasonCode, props: Properties | None) -> None:
+        fut = self._connack
+        if reason.is_failure:
+            cls = BusError if reason.value in _RETRYABLE_CONNACK else _Refused
+            err: BusError = cls(f"{self.settings.host}:{self.settings.port} refused "
+                                f"{self.client_id}: {reason}")
+            if fut is not None and not fut.done():
+                fut.set_exception(err)
+            return
+        self._max_packet = getattr(props, "MaximumPacketSize", None)
+        receive_max = getattr(props, "ReceiveMaximum", None)
+        if receive_max is not None and receive_max < self.settings.max_inflight:
+            # paho cannot lower its in-flight window on a live connection, and a
+            # broker disconnects a client that exceeds its Receive Maximum.
+            log.warning("mqtt.receive_maximum_exceeded", client_id=self.client_id,
+                        broker_receive_maximum=receive_max, max_inflight=self.settings.max_inflight)
+        if fut is not None and not fut.done():
+            fut.set_result(bool(flags.session_present))
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
+                       reason: ReasonCode, props: Properties | None) -> None:
+        self._handle_lost(str(reason), from_broker=flags.is_disconnect_packet_from_server)
+
+    def _handle_lost(self, reason: str, from_broker: bool = False) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        self._live.clear()
+        self._lost.set()
+        fut = self._connack
+        if fut is not None and not fut.done():
+            fut.set_exception(BusError(f"connection closed before CONNACK: {reason}"))
+        for ack in list(self._sub_acks.values()) + list(self._unsub_acks.values()):
+            if not ack.done():
+                ack.set_exception(_Lost(reason))
+        if was_connected and not self._closed:
+            log.warning("mqtt.connection_lost", client_id=self.client_id, reason=reason,
+                        by_broker=from_broker)
+
+    def _on_message(self, client: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
+        try:
+            self._dispatch(message_from_paho(m))
+        except Exception:  # a bad message or a subscriber bug must not kill the connection
+            log.exception("mqtt.dispatch_failed", client_id=self.client_id)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    props: Properties | None) -> None:
+        ack = self._pub_acks.get(mid)
+        if ack is None or ack.done():
+            return  # QoS 0, or a publish that already gave up
+        if reason.is_failure:
+            ack.set_exception(BusError(f"broker rejected publish (mid {mid}): {reason}"))
+        else:
+            ack.set_result(None)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int,
+                      codes: list[ReasonCode], props: Properties | None) -> None:
+        ack = self._sub_acks.get(mid)
+        if ack is not None and not ack.done():
+            ack.set_result(codes)
+
+    def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int,
+                        codes: list[ReasonCode], props: Properties | None) -> None:
+        ack = self._unsub_acks.get(mid)
+        if ack is not None and not ack.done():
+            ack.set_result(None)
+
+    # --- socket plumbing ----------------------------------------------------------------
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # Runs on the executor thread inside reconnect(), before CONNECT is sent.
+        # Without it a QoS 1 ping-pong on loopback takes 40-90 ms (Nagle + delayed ACK).
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._on_loop_thread():
+            self._unwatch()
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # Off the loop thread (during reconnect()) _watch() registers it afterwards.
+        if self._on_loop_thread() and self._fd is not None and self._loop is not None:
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._on_loop_thread() and self._fd is not None and self._loop is not None:
+            self._loop.remove_writer(self._fd)
+
+    def _watch(self) -> None:
+        client = self._require_client()
+        loop = self._require_loop()
+        sock = client.socket()
+        if sock is None:
+            raise BusError("paho returned no socket after connecting")
+        self._fd = sock.fileno()
+        loop.add_reader(self._fd, self._on_readable)
+        if client.want_write():
+            loop.add_writer(self._fd, self._on_writable)
+
+    def _unwatch(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None and self._loop is not None:
+            self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
+
+    def _on_readable(self) -> None:
+        client = self._require_client()
+        try:
+            rc = client.loop_read()
+            sock = client.socket()
+            # TLS may hold decrypted bytes the selector cannot see.
+            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and sock is not None \
+                    and getattr(sock, "pending", lambda: 0)() > 0:
+                rc = client.loop_read()
+                sock = client.socket()
+        except Exception as exc:  # paho or ssl failed mid-packet: start over
+            log.exception("mqtt.read_failed", client_id=self.client_id)
+            self._abort_connection(f"read failed: {exc!r}")
+
+    def _on_writable(self) -> None:
+        client = self._require_client()
+        try:
+            client.loop_write()
+        except Exception as exc:
+            log.exception("mqtt.write_failed", client_id=self.client_id)
+            self._abort_connection(f"write failed: {exc!r}")
+
+    def _drop_socket(self) -> None:
+        """Close the TCP connection without DISCONNECT (the broker sees a dead client)."""
+        self._unwatch()
+        sock = self._client.socket() if self._client is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _abort_connection(self, reason: str) -> None:
+        self._drop_socket()
+        if not self._lost.is_set():
+            self._handle_lost(reason)
+
+    def _fail_pending(self, exc: BusError) -> None:
+        for table in (self._pub_acks, self._sub_acks, self._unsub_acks):
+            for ack in table.values():
+                if not ack.done():
+                    ack.set_exception(exc)
+        if self._connack is not None and not self._connack.done():
+            self._connack.cancel()
+
+    # --- helpers ------------------------------------------------------------------------
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            if self._closed:
+                raise BusClosedError(f"{self.client_id}: bus is closed")
+            raise BusError(f"{self.client_id}: not connected (call connect() first)")
+        return self._loop
+
+    def _require_client(self) -> paho.Client:
+        if self._client is None:
+            raise BusError(f"{self.client_id}: not connected (call connect() first)")
+        return self._client
+
+    def _check_size(self, topic: str, payload: bytes, qos: int, props: Properties | None) -> None:
+        if self._max_packet is None:
+            return
+        size = publish_packet_size(topic, len(payload), qos, props)
+        if size > self._max_packet:
+            raise BusError(f"message to {topic!r} is {size} bytes, over the broker's "
+                           f"maximum packet size of {self._max_packet}")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "connected" if self.is_connected else "disconnected"
+        return f"MqttBus({self.client_id}@{self.settings.host}:{self.settings.port}, {state})"
+
+
+# --- pure helpers -----------------------------------------------------------------------
+def publish_properties(content_type: str | None, expiry: float | None,
+                       user_properties: Mapping[str, str] | None,
+                       correlation: bytes | None) -> Properties | None:
+    """MQTT 5 PUBLISH properties, or None when there are none.  ``expiry`` is
+    rounded up to whole seconds (the protocol's unit)."""
+    if content_type is None and expiry is None and not user_properties and correlation is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    if content_type is not None:
+        props.ContentType = content_type
+    if expiry is not None:
+        if not 0 < expiry <= _MAX_UINT32:
+            raise BusError(f"message expiry {expiry!r}s out of range (0, 2^32-1]")
+        props.MessageExpiryInterval = max(1, math.ceil(expiry))
+    if user_properties:
+        props.UserProperty = [(str(k), str(v)) for k, v in user_properties.items()]
+    if correlation is not None:
+        props.CorrelationData = bytes(correlation)
+    return props
+
+
+def will_properties(will: Will) -> Properties | None:
+    """WILL properties: the MQTT 5 will-delay interval, in whole seconds."""
+    if will.delay <= 0:
+        return None
+    props = Properties(PacketTypes.WILLMESSAGE)
+    props.WillDelayInterval = math.ceil(will.delay)
+    return props
+
+
+def message_from_paho(m: paho.MQTTMessage) -> BusMessage:
+    """Decode a received paho message, MQTT 5 properties included."""
+    props = m.properties
+    expiry = getattr(props, "MessageExpiryInterval", None)
+    return BusMessage(
+        topic=m.topic, payload=m.payload, qos=m.qos, retain=bool(m.retain),
+        content_type=getattr(props, "ContentType", None),
+        expiry=float(expiry) if expiry is not None else None,
+        user_properties=dict(getattr(props, "UserProperty", ())),
+        correlation=getattr(props, "CorrelationData", None))
+
+
+def publish_packet_size(topic: str, payload_len: int, qos: int, props: Properties | None) -> int:
+    """Bytes of the PUBLISH packet on the wire (to compare with Maximum Packet Size)."""
+    props_len = len(props.pack()) if props is not None else 1
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + props_len + payload_len
+    return 1 + _varint_len(remaining) + remaining
+
+
+def _varint_len(n: int) -> int:
+    return 1 if n < 128 else 2 if n < 16_384 else 3 if n < 2_097_152 else 4
+
+
+def check_filter(filter_: str) -> None:
+    """Raise TopicError unless ``filter_`` is a valid MQTT topic filter (shares allowed)."""
+    if not filter_ or len(filter_.encode()) > 65535 or "\x00" in filter_:
+        raise TopicError(f"invalid topic filter {filter_!r}")
+    if filter_.startswith("$share/"):
+        group = filter_.split("/", 2)[1]
+        if not group or "+" in group or "#" in group:
+            raise TopicError(f"invalid share group in {filter_!r}")
+    levels = strip_share(filter_).split("/")
+    for i, level in enumerate(levels):
+        if ("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+"):
+            raise TopicError(f"invalid wildcard in topic filter {filter_!r}")
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is None or task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we are being cancelled ourselves, not just the task we stopped

@@ -1,0 +1,1 @@
+"""``mw-cli``: a thin command line over the public API."""

@@ -1,0 +1,197 @@
+"""``mw-cli``: run the services and debug a fleet from the shell.
+
+Exit codes:
+  0  success
+  1  runtime failure (a session failed, an output differed from the reference)
+  2  usage or configuration error
+  3  broker unreachable
+  4  model could not be loaded
+  130 interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from middleware import __version__
+from middleware.config import Config, load_config
+from middleware.errors import BusError, ConfigError, ModelError, SessionError, TopicError
+from middleware.logs import configure_logging
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_BROKER, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+EPILOG = """\
+examples:
+  mw-cli demo                                  # the whole system on this machine
+  mw-cli verifier --model smollm2 --host broker.local
+  mw-cli node --id pi-1 --drafter quant4:smollm2
+  mw-cli tail session/123                      # every message of one session
+  mw-cli tail device/pi-1 --json | jq .        # one JSON object per line
+  mw-cli generate "What is MQTT?" --device pi-1
+  mw-cli sessions                              # live table from the retained state
+  mw-cli stats                                 # verifier and device figures
+
+exit codes: 0 ok, 1 failure, 2 usage/config error, 3 broker unreachable,
+            4 model error, 130 interrupted
+"""
+
+
+def _bus_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("bus")
+    g.add_argument("--config", help="TOML configuration file (default: $MW_CONFIG, /etc/mw/mw.toml)")
+    g.add_argument("--host", help="MQTT broker host")
+    g.add_argument("--port", type=int, help="MQTT broker port")
+    g.add_argument("--prefix", help="topic prefix (default mw/v1)")
+    g.add_argument("--username")
+    g.add_argument("--password")
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--log-json", choices=["auto", "true", "false"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mw-cli", description="Distributed, lossless speculative decoding over MQTT.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mw-cli {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _bus_flags(p)
+        return p
+
+    p = add("demo", "Run broker, verifier and three devices on this machine and compare with the "
+            "target model alone.", "mw-cli demo --prompts 6 --max-new-tokens 48")
+    p.add_argument("--prompts", type=int, default=6, help="number of prompts (default 6)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--broker", choices=["auto", "mosquitto", "memory"], default="auto",
+                   help="auto: local Mosquitto if installed, else an in-process bus")
+    p.add_argument("--no-reference", action="store_true", help="skip the target-only comparison")
+    p.add_argument("--model", help="target model spec (default smollm2)")
+
+    p = add("verifier", "Run the verifier service (target model, batching, verdicts).",
+            "mw-cli verifier --model smollm2 --metrics-port 9101")
+    p.add_argument("--id", dest="verifier_id")
+    p.add_argument("--model")
+    p.add_argument("--device", dest="torch_device", help="cpu, cuda, cuda:0 ...")
+    p.add_argument("--dtype")
+    p.add_argument("--batch-policy", choices=["adaptive", "fixed", "none"])
+    p.add_argument("--batch-window-ms", type=float)
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--metrics-port", type=int)
+
+    p = add("node", "Run a device node: drafts locally, verifies through the verifier.",
+            "mw-cli node --id pi-1 --drafter ngram --prompt 'What is MQTT?'")
+    p.add_argument("--id", dest="device_id")
+    p.add_argument("--drafter", help="ngram | hf:SPEC | quant4:SPEC | quant3:SPEC")
+    p.add_argument("--tokenizer", help="model spec whose tokenizer to use (default smollm2)")
+    p.add_argument("--mode", choices=["greedy", "coupled", "rejection"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--prompt", action="append", default=[], help="generate for this prompt (repeatable)")
+    p.add_argument("--serve", action="store_true", help="keep serving the inbox after --prompt")
+
+    p = add("tail", "Print messages of a session, a device, a verifier or everything.",
+            "mw-cli tail session/123 --tokenizer smollm2")
+    p.add_argument("spec", nargs="?", default="all", help="session/ID, device/ID, verifier/ID or all")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--raw", action="store_true", help="payloads as received")
+    p.add_argument("--type", action="append", default=[], help="only these message types (repeatable)")
+    p.add_argument("--tokenizer", help="decode token ids with this model's tokenizer")
+    p.add_argument("--count", type=int, help="exit after N messages")
+    p.add_argument("--timeout", type=float, help="exit after S seconds")
+
+    p = add("sessions", "Table of sessions from the retained state.", "mw-cli sessions --wait 1")
+    p.add_argument("--wait", type=float, default=1.0, help="seconds to collect retained messages")
+    p.add_argument("--json", action="store_true")
+
+    p = add("stats", "Verifier and device figures from their retained status.", "mw-cli stats")
+    p.add_argument("--wait", type=float, default=1.0)
+    p.add_argument("--json", action="store_true")
+
+    p = add("generate", "Send a prompt to a device's inbox and stream the answer.",
+            "mw-cli generate 'What is MQTT?' --device pi-1")
+    p.add_argument("prompt")
+    p.add_argument("--device", required=True, help="device id")
+    p.add_argument("--session", help="session id (default: random)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--timeout", type=float, default=300.0)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    a = vars(args)
+    overrides: dict[str, dict[str, Any]] = {
+        "bus": {"host": a.get("host"), "port": a.get("port"), "prefix": a.get("prefix"),
+                "username": a.get("username"), "password": a.get("password")},
+        "log": {"level": a.get("log_level"), "json": a.get("log_json")},
+        "verifier": {"id": a.get("verifier_id"), "model": a.get("model"),
+                     "device": a.get("torch_device"), "dtype": a.get("dtype"),
+                     "batch_policy": a.get("batch_policy"), "batch_window_ms": a.get("batch_window_ms"),
+                     "max_batch": a.get("max_batch"), "metrics_port": a.get("metrics_port")},
+        "node": {"id": a.get("device_id"), "drafter": a.get("drafter"), "tokenizer": a.get("tokenizer"),
+                 "mode": a.get("mode"), "seed": a.get("seed"), "temperature": a.get("temperature"),
+                 "top_k": a.get("top_k"), "top_p": a.get("top_p"),
+                 "max_new_tokens": a.get("max_new_tokens") if args.command == "node" else None},
+    }
+    return load_config(a.get("config"), overrides=overrides)
+
+
+def _commands() -> dict[str, Callable[[Config, argparse.Namespace], Coroutine[Any, Any, int]]]:
+    from middleware.cli import demo, services, tools
+
+    return {"demo": demo.run, "verifier": services.run_verifier, "node": services.run_node,
+            "tail": tools.tail, "sessions": tools.sessions, "stats": tools.stats,
+            "generate": tools.generate}
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_leaf(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        cfg = config_from_args(args)
+        json_logs = {"auto": None, "true": True, "false": False}.get(cfg.log.json)
+        configure_logging(json=json_logs, level=cfg.log.level)
+        try:
+            return asyncio.run(_commands()[args.command](cfg, args))
+        except BaseExceptionGroup as group:  # a TaskGroup failed: report its first real cause
+            raise _first_leaf(group) from group
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ConfigError, TopicError) as exc:
+        print(f"mw-cli: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BusError as exc:
+        print(f"mw-cli: broker unreachable: {exc}", file=sys.stderr)
+        return EXIT_BROKER
+    except ModelError as exc:
+        print(f"mw-cli: model error: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except SessionError as exc:
+        print(f"mw-cli: session {exc.session_id}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Turn bus messages into lines for people (``mw-cli tail``) or for jq (``--json``)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import time
+from typing import Any
+
+from middleware.broker_bridge.bus import BusMessage
+from middleware.errors import ProtocolError
+from middleware.protocol import decode
+
+KEY_FIELDS: dict[str, tuple[str, ...]] = {
+    "open": ("device_id", "epoch", "seq", "prompt", "committed", "max_new_tokens", "drafter"),
+    "draft": ("epoch", "seq", "base", "tokens"),
+    "verdict": ("kind", "epoch", "seq", "base", "accepted", "tokens", "committed_len", "done", "reason"),
+    "state": ("status", "owner", "epoch", "committed"),
+    "close": ("epoch", "seq", "reason"),
+    "text": ("kind", "pos", "n_tokens", "text", "final"),
+    "result": ("finish_reason", "n_tokens", "verified", "text"),
+    "device_status": ("state", "drafter", "sessions", "stats"),
+    "verifier_status": ("state", "model", "sessions", "stats"),
+    "prompt": ("prompt", "session_id", "max_new_tokens"),
+}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def describe(msg: BusMessage, tokenizer: Any = None) -> dict[str, Any]:
+    """A JSON-able description: time, topic, type, fields (token text when a tokenizer is given)."""
+    out: dict[str, Any] = {"ts": round(time.time(), 3), "topic": msg.topic, "retain": msg.retain}
+    try:
+        value = decode(msg.payload)
+    except ProtocolError as exc:
+        out["type"] = "unknown"
+        try:
+            out["payload"] = json.loads(msg.payload)
+        except ValueError:
+            try:
+                out["payload"] = msg.payload.decode("utf-8")
+            except UnicodeDecodeError:
+                out["payload_b64"] = base64.b64encode(msg.payload[:4096]).decode()
+        out["error"] = str(exc)[:200]
+        return out
+    out["type"] = value.TYPE
+    fields = _plain(value)
+    if tokenizer is not None:
+        for key in ("tokens", "committed", "prompt"):
+            if isinstance(fields.get(key), list) and fields[key]:
+                fields[key + "_text"] = tokenizer.decode(fields[key], skip_special_tokens=False)
+    out["msg"] = fields
+    return out
+
+
+def human_line(d: dict[str, Any], width: int = 160) -> str:
+    """One readable line: ``12:00:01.234 mw/v1/session/1/verdict verdict kind=accept ...``."""
+    ts = time.strftime("%H:%M:%S", time.localtime(d["ts"])) + f".{int(d['ts'] * 1000) % 1000:03d}"
+    head = f"{ts} {d['topic']} {d['type']}" + (" [retained]" if d.get("retain") else "")
+    if "msg" not in d:
+        body = json.dumps(d.get("payload", d.get("payload_b64")), ensure_ascii=False)
+        return f"{head} {body[:width]}  ({d.get('error', '')})"
+    fields = d["msg"]
+    parts = []
+    for key in KEY_FIELDS.get(d["type"], tuple(fields)):
+        if key not in fields:
+            continue
+        v = fields[key]
+        text_key = key + "_text"
+        if text_key in fields:
+            parts.append(f"{key}={json.dumps(fields[text_key], ensure_ascii=False)[:80]}")
+            continue
+        if isinstance(v, list) and len(v) > 12:
+            v = f"[{len(v)} items: {', '.join(map(str, v[:6]))}, ...]"
+        elif isinstance(v, str):
+            v = json.dumps(v, ensure_ascii=False)
+            v = v if len(v) <= 100 else v[:97] + '..."'
+        parts.append(f"{key}={v}")
+    return f"{head} " + " ".join(str(p) for p in parts)

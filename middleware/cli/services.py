@@ -1,0 +1,160 @@
+"""``mw-cli verifier`` and ``mw-cli node``: build the services from configuration and run them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from middleware.broker_bridge.bus import Bus, Will
+from middleware.broker_bridge.factory import make_bus
+from middleware.config import Config, NodeSection, VerifierSection
+from middleware.metrics import Registry, serve_metrics
+from middleware.nodes.drafters.base import Drafter
+from middleware.nodes.drafters.policy import PolicyConfig
+from middleware.nodes.service import NodeConfig, NodeService
+from middleware.nodes.service import offline_status_payload as device_will
+from middleware.nodes.session import SessionConfig
+from middleware.protocol import SamplingParams, Topics
+from middleware.verifier.batcher import BatchConfig
+from middleware.verifier.service import VerifierConfig, VerifierService
+from middleware.verifier.service import offline_status_payload as verifier_will
+
+log = structlog.get_logger("middleware.cli")
+
+WILL_DELAY_S = 2.0
+
+
+def progress(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+# --- verifier -------------------------------------------------------------------
+def verifier_config(cfg: Config) -> VerifierConfig:
+    v = cfg.verifier
+    return VerifierConfig(
+        verifier_id=v.id, prefix=cfg.bus.prefix, max_draft=v.max_draft, max_sessions=v.max_sessions,
+        batch=BatchConfig(policy=v.batch_policy, window=v.batch_window_ms / 1000.0,  # type: ignore[arg-type]
+                          max_batch=v.max_batch))
+
+
+def build_engine(v: VerifierSection, loaded: Any = None) -> tuple[Any, Any]:
+    """(LoadedModel, TargetEngine) for the configured target model."""
+    from middleware.models.loading import load_causal_lm
+    from middleware.verifier.engine import TargetEngine
+
+    loaded = loaded or load_causal_lm(v.model, v.device, v.dtype, progress=progress)
+    engine = TargetEngine(loaded.model, memory_budget_tokens=v.memory_budget_tokens)
+    return loaded, engine
+
+
+def verifier_bus(cfg: Config) -> Bus:
+    vid = cfg.verifier.id
+    will = Will(Topics(cfg.bus.prefix).verifier_status(vid), verifier_will(vid), qos=1, retain=True)
+    return make_bus(cfg.bus, f"mw-verifier-{vid}", will=will)
+
+
+async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
+    loaded, engine = await asyncio.to_thread(build_engine, cfg.verifier)
+    registry = Registry()
+    async with verifier_bus(cfg) as bus, contextlib.AsyncExitStack() as stack:
+        if cfg.verifier.metrics_port:
+            port = await stack.enter_async_context(
+                serve_metrics(registry, cfg.verifier.metrics_host, cfg.verifier.metrics_port))
+            log.info("metrics_endpoint", url=f"http://{cfg.verifier.metrics_host}:{port}/metrics")
+        service = VerifierService(bus, engine, tokenizer_fingerprint=loaded.fingerprint,
+                                  model_name=loaded.name, config=verifier_config(cfg), registry=registry)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(service.run(), name="verifier")
+            tg.create_task(_notify_when_ready(service.ready), name="sd-notify")
+    return 0
+
+
+async def _notify_when_ready(ready: asyncio.Event) -> None:
+    """Tell systemd (Type=notify) once connected and subscribed, when run under it."""
+    await ready.wait()
+    with contextlib.suppress(ImportError):
+        from middleware.systemd import notify_ready  # added with the deployment issue
+
+        notify_ready()
+
+
+# --- node -------------------------------------------------------------------------
+def session_config(n: NodeSection) -> SessionConfig:
+    return SessionConfig(
+        max_new_tokens=n.max_new_tokens, max_failures=n.max_failures, offline_enabled=n.offline,
+        sampling=SamplingParams(mode=n.mode, seed=n.seed, temperature=n.temperature,  # type: ignore[arg-type]
+                                top_k=n.top_k, top_p=n.top_p))
+
+
+def policy_config(n: NodeSection) -> PolicyConfig:
+    return PolicyConfig(threshold=n.threshold, min_len=n.min_draft, max_len=n.max_draft,
+                        max_len_cap=max(16, n.max_draft))
+
+
+def drafter_factory(spec: str, policy: PolicyConfig, *, base: Any = None,
+                    models: dict[str, Any] | None = None) -> tuple[Callable[[], Drafter], Any]:
+    """A factory of per-session drafters sharing one (possibly quantized) model, and the tokenizer."""
+    from middleware.nodes.drafters import DrafterSpec, make_drafter
+
+    ds = DrafterSpec.parse(spec, policy)
+    if ds.kind == "ngram":
+        return (lambda: make_drafter(ds)), None
+    from middleware.models.loading import load_causal_lm
+    from middleware.nodes.drafters.hf import HFDrafter
+    from middleware.nodes.drafters.policy import DraftPolicy
+
+    models = {} if models is None else models
+    loaded = base or models.get(ds.model) or load_causal_lm(ds.model, progress=progress)
+    models[ds.model] = loaded
+    model = loaded.model
+    if ds.kind == "quant":
+        from middleware.nodes.drafters.quantized import quantize_model
+
+        model = quantize_model(loaded.model, ds.bits, ds.group_size, symmetric=ds.symmetric,
+                               embeddings=ds.embeddings)
+    label = str(ds)
+    return (lambda: HFDrafter(model, loaded.tokenizer, DraftPolicy(ds.policy), name=label)), loaded.tokenizer
+
+
+def load_tokenizer(spec: str) -> tuple[Any, str]:
+    from middleware.models.loading import load_tokenizer as _load
+
+    return _load(spec)
+
+
+def node_bus(cfg: Config) -> Bus:
+    did = cfg.node.id
+    will = Will(Topics(cfg.bus.prefix).device_status(did), device_will(did), qos=1, retain=True,
+                delay=WILL_DELAY_S)
+    return make_bus(cfg.bus, f"mw-node-{did}", will=will, persistent=True)
+
+
+async def run_node(cfg: Config, args: argparse.Namespace) -> int:
+    n = cfg.node
+    factory, tok = await asyncio.to_thread(drafter_factory, n.drafter, policy_config(n))
+    tokenizer, fp = await asyncio.to_thread(load_tokenizer, n.tokenizer)
+    node_cfg = NodeConfig(device_id=n.id, prefix=cfg.bus.prefix, max_concurrent=n.max_concurrent,
+                          session=session_config(n))
+    async with node_bus(cfg) as bus:
+        node = NodeService(bus, tokenizer=tokenizer, tokenizer_fp=fp, drafter_factory=factory,
+                           drafter_name=n.drafter, config=node_cfg)
+        async with asyncio.TaskGroup() as tg:
+            runner = tg.create_task(node.run(), name="node")
+            tg.create_task(_notify_when_ready(node.ready), name="sd-notify")
+            await node.ready.wait()
+            if args.prompt:
+                outs = await asyncio.gather(*(node.submit(p) for p in args.prompt))
+                for o in outs:
+                    print(o.text)
+                    print(f"-- {o.session_id}: {len(o.tokens)} tokens, acceptance "
+                          f"{o.stats['acceptance_rate']:.0%}, {o.stats['tokens_per_s']:.1f} tok/s",
+                          file=sys.stderr)
+                if not args.serve:
+                    runner.cancel()
+    return 0

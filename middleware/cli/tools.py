@@ -1,0 +1,177 @@
+"""Debugging tools: ``tail``, ``sessions``, ``stats``, ``generate``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from typing import Any
+
+from middleware.broker_bridge.bus import CONTENT_JSON, Bus
+from middleware.broker_bridge.factory import make_bus
+from middleware.config import Config
+from middleware.errors import ProtocolError
+from middleware.protocol import (
+    DeviceStatus,
+    PromptRequest,
+    Result,
+    SessionState,
+    TextChunk,
+    Topics,
+    VerifierStatus,
+    decode,
+)
+from middleware.cli.render import describe, human_line
+
+
+def tool_bus(cfg: Config, role: str) -> Bus:
+    return make_bus(cfg.bus, f"mw-{role}-{uuid.uuid4().hex[:8]}")
+
+
+def _print(line: str) -> None:
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:  # `mw-cli tail | head`
+        sys.exit(0)
+
+
+async def tail(cfg: Config, args: argparse.Namespace) -> int:
+    topics = Topics(cfg.bus.prefix)
+    filter_ = topics.subtree(args.spec)
+    tokenizer = None
+    if args.tokenizer:
+        from middleware.models.loading import load_tokenizer
+
+        tokenizer, _ = await asyncio.to_thread(load_tokenizer, args.tokenizer)
+    types = {t for arg in args.type for t in arg.split(",") if t}
+    seen = 0
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    async with tool_bus(cfg, "tail") as bus, bus.subscribe(filter_) as sub:
+        print(f"# tail {filter_} on {cfg.bus.host}:{cfg.bus.port}", file=sys.stderr, flush=True)
+        while args.count is None or seen < args.count:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                msg = await sub.get(remaining)
+            except TimeoutError:
+                break
+            d = describe(msg, tokenizer)
+            if types and d["type"] not in types:
+                continue
+            seen += 1
+            if args.raw:
+                try:
+                    body = msg.payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    body = msg.payload.hex()
+                _print(f"{msg.topic} {body}")
+            elif args.json:
+                _print(json.dumps(d, ensure_ascii=False))
+            else:
+                _print(human_line(d))
+    return 0
+
+
+async def _collect_retained(cfg: Config, filters: list[str], wait: float) -> list[Any]:
+    out = []
+    async with tool_bus(cfg, "query") as bus:
+        subs = [await bus.subscribe(f) for f in filters]
+        deadline = time.monotonic() + wait
+        for sub in subs:
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    msg = await sub.get(remaining)
+                except TimeoutError:
+                    break
+                try:
+                    out.append(decode(msg.payload))
+                except ProtocolError:
+                    continue
+    return out
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+async def sessions(cfg: Config, args: argparse.Namespace) -> int:
+    t = Topics(cfg.bus.prefix)
+    states = [s for s in await _collect_retained(cfg, [t.all_sessions("state")], args.wait)
+              if isinstance(s, SessionState)]
+    if args.json:
+        for s in states:
+            _print(json.dumps({"session": s.session_id, "device": s.device_id, "status": s.status,
+                               "owner": s.owner, "epoch": s.epoch, "committed": len(s.committed),
+                               "finish_reason": s.finish_reason, "updated_at": s.updated_at}))
+        return 0
+    rows = [[s.session_id, s.device_id, s.status, s.owner, str(s.epoch), str(len(s.committed)),
+             s.finish_reason or "-", time.strftime("%H:%M:%S", time.localtime(s.updated_at))]
+            for s in sorted(states, key=lambda s: -s.updated_at)]
+    _print(_table(rows, ["SESSION", "DEVICE", "STATUS", "OWNER", "EPOCH", "TOKENS", "FINISH", "UPDATED"]))
+    return 0
+
+
+async def stats(cfg: Config, args: argparse.Namespace) -> int:
+    t = Topics(cfg.bus.prefix)
+    found = await _collect_retained(cfg, [t.all_verifier_status(), t.all_device_status()], args.wait)
+    if args.json:
+        for s in found:
+            _print(json.dumps({"type": s.TYPE, **{k: getattr(s, k) for k in ("state", "stats")},
+                               "id": getattr(s, "verifier_id", getattr(s, "device_id", ""))}))
+        return 0
+    vrows = [[s.verifier_id, s.state, s.model, str(s.sessions),
+              f"{s.stats.get('acceptance_rate', 0):.0%}", f"{s.stats.get('mean_batch_size', 0):.2f}",
+              f"{s.stats.get('committed_tokens', 0):.0f}", f"{s.stats.get('rejected_messages', 0):.0f}"]
+             for s in found if isinstance(s, VerifierStatus)]
+    drows = [[s.device_id, s.state, s.drafter, str(len(s.sessions)),
+              f"{s.stats.get('acceptance_rate', 0):.0%}", f"{s.stats.get('mean_accepted', 0):.2f}",
+              f"{s.stats.get('tokens', 0):.0f}"]
+             for s in found if isinstance(s, DeviceStatus)]
+    _print(_table(vrows, ["VERIFIER", "STATE", "MODEL", "SESSIONS", "ACCEPT", "BATCH", "TOKENS", "REJECTED"]))
+    _print("")
+    _print(_table(drows, ["DEVICE", "STATE", "DRAFTER", "ACTIVE", "ACCEPT", "MEAN_ACC", "TOKENS"]))
+    return 0
+
+
+async def generate(cfg: Config, args: argparse.Namespace) -> int:
+    t = Topics(cfg.bus.prefix)
+    sid = args.session or f"gen-{uuid.uuid4().hex[:8]}"
+    req = PromptRequest(prompt=args.prompt, session_id=sid, max_new_tokens=args.max_new_tokens)
+    async with tool_bus(cfg, "generate") as bus, \
+            bus.subscribe(t.session(sid, "text")) as text, bus.subscribe(t.session(sid, "result")) as res:
+        await bus.publish(t.device_inbox(args.device), req.encode(), qos=1, content_type=CONTENT_JSON)
+        print(f"# session {sid} on device {args.device}", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + args.timeout
+
+        async def stream() -> None:
+            async for msg in text:
+                try:
+                    c = decode(msg.payload, expect=TextChunk)
+                except ProtocolError:
+                    continue
+                marker = {"provisional": "\x1b[2m", "correction": "\x1b[33m"}.get(c.kind, "")
+                sys.stdout.write(f"{marker}{c.text}\x1b[0m" if marker and sys.stdout.isatty() else c.text)
+                sys.stdout.flush()
+
+        async with asyncio.TaskGroup() as tg:
+            streamer = tg.create_task(stream(), name="stream")
+            try:
+                msg = await res.get(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                streamer.cancel()
+                print(f"\nmw-cli: no result for session {sid} within {args.timeout:.0f} s", file=sys.stderr)
+                return 1
+            await asyncio.sleep(0.2)  # let the last text chunks print
+            streamer.cancel()
+        r = decode(msg.payload, expect=Result)
+        print(f"\n# {r.n_tokens} tokens, finish={r.finish_reason}, verified={r.verified}, "
+              f"acceptance={r.stats.get('acceptance_rate', 0):.0%}", file=sys.stderr)
+    return 0

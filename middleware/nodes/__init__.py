@@ -1,0 +1,1 @@
+"""The device side: drafters (``middleware.nodes.drafters``) and the device session loop."""

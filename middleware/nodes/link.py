@@ -1,0 +1,106 @@
+"""The device's side of the bus: sends session messages, routes verdicts to sessions.
+
+One subscription carries the verdicts of all of this device's sessions (a
+filter is added per session); a receive task decodes and validates each
+verdict and puts it on its session's queue.  Malformed verdicts are counted
+and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from middleware.broker_bridge.bus import CONTENT_MSGPACK, Bus, Subscription
+from middleware.errors import BusClosedError, BusError, ProtocolError, TopicError
+from middleware.protocol import CloseSession, Draft, OpenSession, SessionState, Topics, Verdict, decode
+
+log = structlog.get_logger("middleware.node.link")
+
+DRAFT_EXPIRY_S = 30.0
+QUEUE_MAX = 256
+
+
+class BusLink:
+    """Implements :class:`middleware.nodes.session.Link` over any :class:`Bus`."""
+
+    def __init__(self, bus: Bus, topics: Topics) -> None:
+        self.bus = bus
+        self.topics = topics
+        self.malformed = 0
+        self._queues: dict[str, asyncio.Queue[Verdict]] = {}
+        self._sub: Subscription | None = None
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Receive verdicts until the bus closes (run it in the owner's TaskGroup)."""
+        async with self.bus.subscribe() as sub:  # session filters are added on attach
+            self._sub = sub
+            for sid in self._queues:
+                await sub.add(self.topics.session(sid, "verdict"))
+            if ready is not None:
+                ready.set()
+            async for msg in sub:
+                try:
+                    ref = self.topics.parse(msg.topic)
+                    v = decode(msg.payload, expect=Verdict)
+                    if v.session_id != ref.ident:
+                        raise ProtocolError("verdict session id does not match its topic")
+                except (ProtocolError, TopicError) as exc:
+                    self.malformed += 1
+                    log.warning("verdict_dropped", topic=msg.topic, error=str(exc)[:200])
+                    continue
+                q = self._queues.get(v.session_id)
+                if q is None:
+                    continue
+                if q.full():
+                    with contextlib.suppress(asyncio.QueueEmpty):
+                        q.get_nowait()
+                q.put_nowait(v)
+
+    async def attach(self, session_id: str) -> None:
+        """Start receiving this session's verdicts (before its open is sent)."""
+        self._queues.setdefault(session_id, asyncio.Queue(QUEUE_MAX))
+        if self._sub is not None:
+            await self._sub.add(self.topics.session(session_id, "verdict"))
+
+    async def detach(self, session_id: str) -> None:
+        self._queues.pop(session_id, None)
+        if self._sub is not None:
+            with contextlib.suppress(BusClosedError):
+                await self._sub.remove(self.topics.session(session_id, "verdict"))
+
+    async def send(self, msg: OpenSession | Draft | CloseSession) -> None:
+        t = self.topics
+        if isinstance(msg, OpenSession):
+            await self.bus.publish(t.session(msg.session_id, "open"), msg.encode(), qos=1,
+                                   content_type=CONTENT_MSGPACK)
+        else:
+            await self.bus.publish(t.session(msg.session_id, "draft"), msg.encode(), qos=1,
+                                   content_type=CONTENT_MSGPACK, expiry=DRAFT_EXPIRY_S)
+
+    async def next_verdict(self, session_id: str, timeout: float) -> Verdict | None:
+        q = self._queues.get(session_id)
+        if q is None:
+            raise KeyError(f"session {session_id!r} is not attached")
+        try:
+            return await asyncio.wait_for(q.get(), max(0.0, timeout))
+        except TimeoutError:
+            return None
+
+    async def reconcile(self, session_id: str, timeout: float) -> tuple[int, tuple[int, ...]] | None:
+        """Read the retained state (epoch, committed) if the broker has one."""
+        if timeout <= 0:
+            return None
+        try:
+            async with self.bus.subscribe(self.topics.session(session_id, "state"), maxsize=4) as sub:
+                msg = await sub.get(timeout)
+        except (TimeoutError, BusError):
+            return None
+        try:
+            st = decode(msg.payload, expect=SessionState)
+        except ProtocolError:
+            self.malformed += 1
+            return None
+        return st.epoch, st.committed

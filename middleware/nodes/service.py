@@ -1,0 +1,204 @@
+"""The device node service: prompts in, sessions run, text and results out.
+
+Tasks (one TaskGroup, named): ``link`` (verdict routing), ``inbox`` (prompts
+from ``device/{id}/inbox`` in JSON or plain text), ``text`` (publishes text
+chunks in order), ``status`` (retained presence with acceptance figures; the
+MQTT last will marks the device offline), and one task per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import structlog
+
+from middleware.broker_bridge.bus import CONTENT_JSON, Bus
+from middleware.errors import MiddlewareError, ProtocolError
+from middleware.nodes.drafters.base import Drafter
+from middleware.nodes.link import BusLink
+from middleware.nodes.session import DeviceSession, SessionConfig
+from middleware.nodes.text import TextStream
+from middleware.protocol import DeviceStatus, PromptRequest, Result, TextChunk, Topics
+
+log = structlog.get_logger("middleware.node")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    device_id: str = "device-1"
+    prefix: str = "mw/v1"
+    max_concurrent: int = 4
+    status_interval: float = 5.0
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one generation produced."""
+
+    session_id: str
+    tokens: tuple[int, ...]
+    text: str
+    finish_reason: str
+    stats: dict[str, float]
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool = True) -> list[int]:
+    """Prompt text to token ids, through the chat template when the tokenizer has one."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=True)
+        if hasattr(out, "keys") and "input_ids" in out:
+            out = out["input_ids"]
+        return [int(t) for t in out]
+    return [int(t) for t in tokenizer.encode(prompt)]
+
+
+def stop_ids_of(tokenizer: Any) -> tuple[int, ...]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+
+class NodeService:
+    """A device: one drafter kind, many sessions, one bus."""
+
+    def __init__(self, bus: Bus, *, tokenizer: Any, tokenizer_fp: str,
+                 drafter_factory: Callable[[], Drafter], drafter_name: str,
+                 config: NodeConfig | None = None) -> None:
+        self.bus = bus
+        self.tokenizer = tokenizer
+        self.fingerprint = tokenizer_fp
+        self.drafter_factory = drafter_factory
+        self.drafter_name = drafter_name
+        self.config = config or NodeConfig()
+        self.topics = Topics(self.config.prefix)
+        self.link = BusLink(bus, self.topics)
+        self.ready = asyncio.Event()
+        self.outcomes: list[Outcome] = []
+        self.active: set[str] = set()
+        self._text: asyncio.Queue[TextChunk | Result] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(self.config.max_concurrent)
+        self._tg: asyncio.TaskGroup | None = None
+        self._totals = {"proposed": 0.0, "accepted": 0.0, "rounds": 0.0, "tokens": 0.0}
+
+    async def run(self) -> None:
+        """Serve the inbox until cancelled."""
+        link_ready = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            tg.create_task(self.link.run(link_ready), name="link")
+            tg.create_task(self._publish_text(), name="text")
+            await link_ready.wait()
+            inbox = await self.bus.subscribe(self.topics.device_inbox(self.config.device_id))
+            await self._publish_status("online")
+            tg.create_task(self._inbox(inbox), name="inbox")
+            tg.create_task(self._status_loop(), name="status")
+            self.ready.set()
+            log.info("node_ready", device=self.config.device_id, drafter=self.drafter_name)
+
+    def submit(self, prompt: str, *, session_id: str | None = None,
+               max_new_tokens: int | None = None, chat: bool = True) -> asyncio.Task[Outcome]:
+        """Start a generation in the service's task group (the service must be running)."""
+        if self._tg is None:
+            raise RuntimeError("NodeService.run() is not running")
+        sid = session_id or f"{self.config.device_id}-{uuid.uuid4().hex[:8]}"
+        return self._tg.create_task(self.generate(prompt, session_id=sid,
+                                                  max_new_tokens=max_new_tokens, chat=chat),
+                                    name=f"session-{sid}")
+
+    async def generate(self, prompt: str, *, session_id: str, max_new_tokens: int | None = None,
+                       chat: bool = True) -> Outcome:
+        """Run one session to the end; text chunks and the result go to the bus."""
+        ids = encode_prompt(self.tokenizer, prompt, chat)
+        return await self.generate_ids(ids, session_id=session_id, max_new_tokens=max_new_tokens)
+
+    async def generate_ids(self, prompt_ids: Sequence[int], *, session_id: str,
+                           max_new_tokens: int | None = None) -> Outcome:
+        cfg = self.config.session
+        if not cfg.stop_ids:
+            cfg = replace(cfg, stop_ids=stop_ids_of(self.tokenizer))
+        if max_new_tokens:
+            cfg = replace(cfg, max_new_tokens=max_new_tokens)
+        async with self._slots:
+            stream = TextStream(self.tokenizer, session_id, self.config.device_id, self._text.put_nowait)
+            drafter = await asyncio.to_thread(self.drafter_factory)
+            session = DeviceSession(session_id=session_id, device_id=self.config.device_id,
+                                    prompt=prompt_ids, tokenizer_fp=self.fingerprint, drafter=drafter,
+                                    link=self.link, sink=stream, config=cfg)
+            self.active.add(session_id)
+            await self.link.attach(session_id)
+            try:
+                tokens = await session.run()
+            finally:
+                self.active.discard(session_id)
+                await self.link.detach(session_id)
+            stats = session.stats.as_dict(len(tokens))
+            for k in ("proposed", "accepted", "rounds"):
+                self._totals[k] += stats[k]
+            self._totals["tokens"] += len(tokens)
+            outcome = Outcome(session_id, tuple(tokens), stream.text, session.finish_reason, stats)
+            self.outcomes.append(outcome)
+            self._text.put_nowait(Result(session_id=session_id, device_id=self.config.device_id,
+                                         text=outcome.text, n_tokens=len(tokens),
+                                         finish_reason=outcome.finish_reason, verified=True,
+                                         stats=stats))
+            log.info("session_done", session=session_id, tokens=len(tokens),
+                     acceptance=round(stats["acceptance_rate"], 3), tps=round(stats["tokens_per_s"], 1))
+            return outcome
+
+    # --- tasks -------------------------------------------------------------------
+    async def _inbox(self, sub: Any) -> None:
+        async for msg in sub:
+            try:
+                req = PromptRequest.parse(msg.payload)
+            except ProtocolError as exc:
+                log.warning("prompt_rejected", error=str(exc)[:200])
+                continue
+            self.submit(req.prompt, session_id=req.session_id, max_new_tokens=req.max_new_tokens,
+                        chat=req.chat)
+
+    async def _publish_text(self) -> None:
+        while True:
+            item = await self._text.get()
+            topic = self.topics.session(item.session_id, "result" if isinstance(item, Result) else "text")
+            try:
+                await self.bus.publish(topic, item.encode(), qos=1, retain=isinstance(item, Result),
+                                       content_type=CONTENT_JSON)
+            except MiddlewareError as exc:
+                log.warning("text_publish_failed", topic=topic, error=str(exc))
+
+    def status(self, state: str = "online") -> DeviceStatus:
+        t = self._totals
+        stats = {
+            "acceptance_rate": t["accepted"] / t["proposed"] if t["proposed"] else 0.0,
+            "mean_accepted": t["accepted"] / t["rounds"] if t["rounds"] else 0.0,
+            "sessions_done": float(len(self.outcomes)), "tokens": t["tokens"],
+        }
+        return DeviceStatus(device_id=self.config.device_id, state=state,  # type: ignore[arg-type]
+                            drafter=self.drafter_name, tokenizer=self.fingerprint,
+                            sessions=tuple(sorted(self.active))[:64], stats=stats, at=time.time())
+
+    async def _publish_status(self, state: str) -> None:
+        await self.bus.publish(self.topics.device_status(self.config.device_id),
+                               self.status(state).encode(), qos=1, retain=True,
+                               content_type=CONTENT_JSON)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval)
+            try:
+                await self._publish_status("online")
+            except MiddlewareError as exc:
+                log.warning("status_publish_failed", error=str(exc))
+
+
+def offline_status_payload(device_id: str) -> bytes:
+    """The last-will payload: this device is gone."""
+    return DeviceStatus(device_id=device_id, state="offline").encode()

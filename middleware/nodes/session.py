@@ -1,0 +1,394 @@
+"""The device's decode loop for one session: draft, verify, commit, repeat.
+
+It knows nothing of MQTT or ZeroMQ: it talks to the verifier through a
+:class:`Link` (send open/draft/close, receive verdicts) and reports output
+to a :class:`Sink`.  What it guarantees:
+
+- Committed tokens are only ever those a verdict carried (verified), so the
+  committed text equals what the target model alone would produce.
+- Asynchronous drafting: while a verdict is outstanding it keeps drafting
+  ahead as if all were accepted; a confirming verdict turns those tokens into
+  the next draft at once.
+- Timeouts adapt to the measured round-trip time (RFC 6298 style).  A timed-out
+  draft is sent again, extended with what was drafted meanwhile (a new seq on
+  the same base: the verifier answers a repeat of a verified base with
+  ``catchup``, so nothing is committed twice).
+- After ``max_failures`` consecutive timeouts the session goes offline: it
+  releases its drafts as *provisional* tokens (marked unverified), keeps
+  drafting locally, and probes the verifier.  Once one answers, the
+  provisional tokens are verified like any draft: each is then *confirmed* or
+  replaced by a *correction*.  No token is ever silently wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from middleware.errors import BusError, SessionError
+from middleware.nodes.drafters.base import Drafter, Proposal
+from middleware.protocol import CloseSession, Draft, OpenSession, SamplingParams, Verdict
+
+log = structlog.get_logger("middleware.node")
+
+
+class Link(Protocol):
+    """What a session needs from the transport."""
+
+    async def send(self, msg: OpenSession | Draft | CloseSession) -> None:
+        """Publish (QoS 1).  Raises BusError when the transport is down."""
+
+    async def next_verdict(self, session_id: str, timeout: float) -> Verdict | None:
+        """The next verdict for this session, or None on timeout."""
+
+    async def reconcile(self, session_id: str, timeout: float) -> tuple[int, tuple[int, ...]] | None:
+        """The retained state's (epoch, committed tokens), if any arrives in time."""
+
+
+class Sink(Protocol):
+    """Receives the session's output as token events (text decoding is the sink's job)."""
+
+    def committed(self, pos: int, tokens: Sequence[int], kind: str) -> None:
+        """Tokens at committed position ``pos``; kind: verified | confirmed | correction."""
+
+    def provisional(self, pos: int, tokens: Sequence[int]) -> None:
+        """Unverified tokens released while offline, starting at position ``pos``."""
+
+    def finished(self, reason: str, committed: Sequence[int]) -> None:
+        """The session is over."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: tuple[int, ...] = ()
+    max_draft: int = 32  # tokens per draft message
+    max_ahead: int = 16  # tokens drafted ahead while a verdict is outstanding
+    rto_initial: float = 10.0  # seconds; the first round includes the verifier's prefill
+    rto_min: float = 0.5
+    rto_max: float = 30.0
+    max_failures: int = 3  # consecutive timeouts before going offline
+    offline_max_tokens: int = 64  # provisional tokens generated while offline, at most
+    probe_interval: float = 1.0
+    probe_interval_max: float = 10.0
+    offline_enabled: bool = True
+
+
+class Rto:
+    """Retransmission timeout from measured RTTs (RFC 6298: srtt + 4 rttvar)."""
+
+    def __init__(self, initial: float, lo: float, hi: float) -> None:
+        self.value, self.lo, self.hi = initial, lo, hi
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+
+    def observe(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.value = min(self.hi, max(self.lo, self.srtt + 4 * self.rttvar))
+
+    def backoff(self) -> None:
+        self.value = min(self.hi, self.value * 2)
+
+
+@dataclass(slots=True)
+class SessionStats:
+    rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    timeouts: int = 0
+    resends: int = 0
+    reopens: int = 0
+    offline_periods: int = 0
+    provisional: int = 0
+    corrections: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float = 0.0
+
+    def as_dict(self, n_tokens: int) -> dict[str, float]:
+        elapsed = (self.finished or time.monotonic()) - self.started
+        return {
+            "rounds": self.rounds, "proposed": self.proposed, "accepted": self.accepted,
+            "acceptance_rate": self.accepted / self.proposed if self.proposed else 0.0,
+            "mean_accepted": self.accepted / self.rounds if self.rounds else 0.0,
+            "tokens": n_tokens, "tokens_per_s": n_tokens / elapsed if elapsed > 0 else 0.0,
+            "timeouts": self.timeouts, "resends": self.resends, "reopens": self.reopens,
+            "offline_periods": self.offline_periods, "provisional": self.provisional,
+            "corrections": self.corrections, "elapsed_s": elapsed,
+        }
+
+
+class LinkDown(Exception):
+    """Internal: too many consecutive failures; switch to offline mode."""
+
+
+class DeviceSession:
+    """One generation, from prompt tokens to committed tokens."""
+
+    def __init__(self, *, session_id: str, device_id: str, prompt: Sequence[int], tokenizer_fp: str,
+                 drafter: Drafter, link: Link, sink: Sink, config: SessionConfig | None = None) -> None:
+        self.session_id = session_id
+        self.device_id = device_id
+        self.prompt = tuple(prompt)
+        self.fingerprint = tokenizer_fp
+        self.drafter = drafter
+        self.link = link
+        self.sink = sink
+        self.config = config or SessionConfig()
+        self.committed: list[int] = []
+        self.speculative: list[int] = []  # drafted, unverified, continuing `committed`
+        self.shown: list[int] = []  # provisional tokens already released to the user
+        self.epoch = 0
+        self.seq = 0
+        self.finish_reason = ""
+        self.verifier_id = ""
+        self.stats = SessionStats()
+        self._rto = Rto(self.config.rto_initial, self.config.rto_min, self.config.rto_max)
+        self._failures = 0
+        self._log = log.bind(session=session_id, device=device_id)
+
+    # --- public ------------------------------------------------------------------
+    async def run(self) -> list[int]:
+        """Generate until a stop token or the length limit; returns the committed tokens."""
+        self.drafter.start(self.prompt, self.config.sampling)
+        opened = False
+        while not self.finish_reason:
+            try:
+                if not opened:
+                    await self._open()
+                    opened = True
+                await self._round()
+            except LinkDown:
+                if not self.config.offline_enabled:
+                    raise SessionError("verifier unreachable", session_id=self.session_id,
+                                       device_id=self.device_id) from None
+                await self._offline()
+                opened = True  # _offline returns only after a successful re-open
+        self.stats.finished = time.monotonic()
+        with contextlib.suppress(BusError):
+            await self.link.send(CloseSession(self.session_id, self.epoch, self._next_seq(), "done"))
+        self.sink.finished(self.finish_reason, self.committed)
+        return self.committed
+
+    # --- protocol steps ------------------------------------------------------------
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    async def _send(self, msg: OpenSession | Draft | CloseSession) -> None:
+        try:
+            await self.link.send(msg)
+        except BusError as exc:
+            self._log.warning("send_failed", error=str(exc))
+            self._fail()
+
+    def _fail(self) -> None:
+        self._failures += 1
+        self.stats.timeouts += 1
+        self._rto.backoff()
+        if self._failures >= self.config.max_failures:
+            raise LinkDown
+
+    async def _open(self, *, probe: bool = False) -> None:
+        """Open (or re-open with a new epoch) and wait for ``opened``."""
+        state = await self.link.reconcile(self.session_id, timeout=0.2 if self.epoch else 0.0)
+        if state is not None:
+            self._adopt_retained(*state)
+        while True:
+            self.epoch += 1
+            seq = self._next_seq()
+            sent = time.monotonic()
+            await self._send(OpenSession(
+                session_id=self.session_id, device_id=self.device_id, epoch=self.epoch, seq=seq,
+                tokenizer=self.fingerprint, prompt=self.prompt, committed=tuple(self.committed),
+                sampling=self.config.sampling, max_new_tokens=self.config.max_new_tokens,
+                stop_ids=self.config.stop_ids, drafter=self.drafter.name, sent_at=time.time() * 1000))
+            v = await self._await(lambda v, s=seq: v.seq == s, sent)
+            if v is None:
+                if probe:
+                    raise LinkDown
+                continue
+            if v.kind == "refused":
+                raise SessionError(f"verifier refused the session: {v.reason}",
+                                   session_id=self.session_id, device_id=self.device_id)
+            if v.kind == "opened":
+                self.verifier_id = v.verifier_id
+                if v.committed_len != len(self.committed):
+                    raise SessionError("verifier opened with a different committed length",
+                                       session_id=self.session_id)
+                self._log.info("session_open", epoch=self.epoch, verifier=v.verifier_id)
+                return
+            # resync: a newer epoch exists somewhere; go round with epoch + 1
+
+    def _adopt_retained(self, epoch: int, committed: tuple[int, ...]) -> None:
+        """Reconcile with the retained state: adopt verified tokens we missed."""
+        self.epoch = max(self.epoch, epoch)
+        if len(committed) > len(self.committed) and tuple(committed[:len(self.committed)]) == tuple(self.committed):
+            self._commit(len(self.committed), committed[len(self.committed):], accepted=None)
+
+    async def _await(self, want: object, sent: float) -> Verdict | None:
+        """Wait for a verdict of this epoch satisfying ``want``; None after the RTO."""
+        deadline = sent + self._rto.value
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._fail()
+                return None
+            v = await self.link.next_verdict(self.session_id, remaining)
+            if v is None:
+                continue
+            if v.epoch != self.epoch:
+                continue  # a straggler from an earlier epoch
+            if want(v):  # type: ignore[operator]
+                self._failures = 0
+                self._rto.observe(time.monotonic() - sent)
+                return v
+            if v.kind in ("accept", "catchup"):
+                self._apply(v, ())  # an older seq's verdict still carries truth
+
+    async def _propose(self, after: Sequence[int], max_tokens: int) -> Proposal:
+        """Draft in a worker thread so the event loop keeps serving verdicts."""
+        if max_tokens <= 0:
+            return Proposal()
+        position = len(self.committed) + len(after)
+        return await asyncio.to_thread(self.drafter.propose, list(self.committed), list(after),
+                                       max_tokens, position)
+
+    async def _round(self) -> None:
+        """One draft/verdict exchange, drafting ahead while waiting."""
+        cfg = self.config
+        room = cfg.max_new_tokens - len(self.committed)
+        want = min(cfg.max_draft, self.drafter.policy.limit(room))
+        draft = list(self.speculative[:want])
+        q: tuple = ()
+        if len(draft) < self.drafter.policy.config.min_len or not draft:
+            p = await self._propose(draft, want - len(draft))
+            draft += p.tokens
+            q = p.q
+        if self.config.sampling.mode == "rejection":
+            # q must describe every token; drafted-ahead tokens lost theirs, so re-propose.
+            if len(q) != len(draft):
+                p = await self._propose([], want)
+                draft, q = list(p.tokens), p.q
+        base = len(self.committed)
+        seq = self._next_seq()
+        sent = time.monotonic()
+        await self._send(Draft(self.session_id, self.epoch, seq, base, tuple(draft), q,
+                               time.time() * 1000))
+        if len(draft) > len(self.speculative):
+            self.speculative = list(draft)
+        # Draft ahead while the verdict is outstanding.
+        waiter = asyncio.ensure_future(self._await(lambda v: v.seq == seq or (
+            v.kind in ("catchup", "resync") and v.seq == seq), sent))
+        try:
+            while not waiter.done() and len(self.speculative) - len(draft) < cfg.max_ahead \
+                    and cfg.sampling.mode != "rejection":
+                before, clen = list(self.speculative), len(self.committed)
+                p = await self._propose(before, 2)
+                if not p.tokens:
+                    break
+                if self.speculative == before and len(self.committed) == clen:
+                    self.speculative += p.tokens  # else a verdict moved the context meanwhile
+            v = await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+        if v is None:
+            # Timed out: resend on the same base with what was drafted meanwhile.
+            self.stats.resends += 1
+            return
+        self.stats.rounds += 1
+        if v.kind == "resync":
+            self.stats.reopens += 1
+            self.speculative = []
+            await self._open()
+            return
+        if v.kind == "refused":
+            raise SessionError(f"draft refused: {v.reason}", session_id=self.session_id)
+        if v.next_len:
+            self.drafter.hint(v.next_len)
+        self._apply(v, draft)
+
+    def _apply(self, v: Verdict, draft: Sequence[int]) -> None:
+        """Apply an accept/catchup verdict: commit its tokens, keep what still continues them."""
+        if v.kind == "accept" and draft and v.base == len(self.committed) and v.seq == self.seq:
+            self.stats.proposed += len(draft)
+            self.stats.accepted += v.accepted
+            self.drafter.observe(len(draft), v.accepted)
+        end = v.base + len(v.tokens)
+        if end > len(self.committed) and v.base <= len(self.committed):
+            new = v.tokens[len(self.committed) - v.base:]
+            self._commit(len(self.committed), new, accepted=v.accepted)
+        if v.done:
+            self.finish_reason = v.finish_reason or "stop"
+
+    def _commit(self, pos: int, tokens: Sequence[int], accepted: int | None) -> None:
+        """Append verified tokens; settle provisional ones; trim the speculative tail."""
+        tokens = list(tokens)
+        spec = self.speculative
+        self.speculative = spec[len(tokens):] if spec[:len(tokens)] == tokens else []
+        if self.shown:
+            same = 0
+            while same < min(len(tokens), len(self.shown)) and tokens[same] == self.shown[same]:
+                same += 1
+            if same:
+                self.sink.committed(pos, tokens[:same], "confirmed")
+            if same < len(tokens):
+                if same < len(self.shown):
+                    self.stats.corrections += 1
+                    self.sink.committed(pos + same, tokens[same:], "correction")
+                    self.shown = []
+                else:
+                    self.shown = []
+                    self.sink.committed(pos + same, tokens[same:], "verified")
+            else:
+                self.shown = self.shown[same:]
+        else:
+            self.sink.committed(pos, tokens, "verified")
+        self.committed.extend(tokens)
+
+    # --- offline mode -------------------------------------------------------------
+    async def _offline(self) -> None:
+        """Release drafts as provisional text, keep drafting, probe until a verifier answers."""
+        cfg = self.config
+        self.stats.offline_periods += 1
+        self._log.warning("offline", committed=len(self.committed), speculative=len(self.speculative))
+        self._release(self.speculative)
+        interval = cfg.probe_interval
+        while True:
+            budget = min(cfg.offline_max_tokens, cfg.max_new_tokens - len(self.committed))
+            if len(self.speculative) < budget and not self._ends_with_stop(self.speculative):
+                p = await self._propose(self.speculative, min(4, budget - len(self.speculative)))
+                self.speculative += p.tokens
+                self._release(self.speculative)
+            try:
+                self._failures = cfg.max_failures - 1  # one failed probe keeps us offline
+                await asyncio.wait_for(self._open(probe=True), timeout=interval + self._rto.value)
+            except (LinkDown, TimeoutError):
+                await asyncio.sleep(interval)
+                interval = min(cfg.probe_interval_max, interval * 2)
+                continue
+            self._failures = 0
+            self._log.info("online_again", provisional=len(self.shown))
+            return
+
+    def _release(self, tokens: Sequence[int]) -> None:
+        """Show speculative tokens the user has not seen yet, marked provisional."""
+        new = list(tokens[len(self.shown):])
+        if new and list(tokens[:len(self.shown)]) == self.shown:
+            self.sink.provisional(len(self.committed) + len(self.shown), new)
+            self.shown += new
+            self.stats.provisional += len(new)
+
+    def _ends_with_stop(self, tokens: Sequence[int]) -> bool:
+        return bool(tokens) and tokens[-1] in self.config.stop_ids

@@ -1,0 +1,1 @@
+"""The verifier: target engine, acceptance rules, batching and the verifier service."""

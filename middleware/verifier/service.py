@@ -1,0 +1,340 @@
+"""The verifier service: bus in, batches through the target engine, verdicts out.
+
+Tasks (one TaskGroup, named): ``receive`` (decode, validate, triage, enqueue),
+``batch`` (micro-batch, verify in a worker thread, publish verdicts and the
+retained state) and ``status`` (retained heartbeat; the MQTT last will marks
+the verifier offline when it dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from middleware.broker_bridge.bus import CONTENT_JSON, CONTENT_MSGPACK, Bus, BusMessage, Subscription
+from middleware.errors import ProtocolError, TopicError
+from middleware.metrics import Registry
+from middleware.protocol import (
+    DEFAULT_LIMITS,
+    CloseSession,
+    Draft,
+    Limits,
+    OpenSession,
+    Topics,
+    Verdict,
+    VerifierStatus,
+    decode,
+)
+from middleware.protocol.topics import DEFAULT_SHARE_GROUP
+from middleware.verifier.batcher import BatchConfig, Batcher
+from middleware.verifier.engine import TargetEngine
+from middleware.verifier.rounds import RoundInput, RoundResult, run_round
+from middleware.verifier.sessions import VerifierSession, triage
+
+log = structlog.get_logger("middleware.verifier")
+
+DRAFT_EXPIRY_S = 30.0
+ACTIVE_WINDOW_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class VerifierConfig:
+    verifier_id: str = "verifier-1"
+    prefix: str = "mw/v1"
+    share_group: str = DEFAULT_SHARE_GROUP
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    max_draft: int = 64
+    max_sessions: int = 1024
+    status_interval: float = 5.0
+    limits: Limits = DEFAULT_LIMITS
+
+
+class VerifierMetrics:
+    """The verifier's Prometheus metrics, named in one place."""
+
+    def __init__(self, registry: Registry) -> None:
+        r = registry
+        self.registry = r
+        self.rounds = r.counter("mw_verifier_rounds_total", "Verify rounds (one per draft verified)")
+        self.forwards = r.counter("mw_verifier_forward_passes_total", "Target forward passes")
+        self.proposed = r.counter("mw_verifier_draft_tokens_total", "Draft tokens received for verification")
+        self.accepted = r.counter("mw_verifier_accepted_tokens_total", "Draft tokens accepted")
+        self.committed = r.counter("mw_verifier_committed_tokens_total", "Tokens committed")
+        self.rejected = r.counter("mw_verifier_rejected_messages_total", "Messages refused, by reason")
+        self.answers = r.counter("mw_verifier_answers_total", "Verdicts by kind")
+        self.batch_size = r.summary("mw_verifier_batch_size", "Drafts per forward pass")
+        self.accepted_len = r.summary("mw_verifier_accepted_length", "Accepted draft tokens per round")
+        self.tokens_per_round = r.summary("mw_verifier_tokens_per_round", "Committed tokens per round")
+        self.queue_wait = r.summary("mw_verifier_queue_wait_seconds", "Arrival to forward start")
+        self.forward_time = r.summary("mw_verifier_forward_seconds", "Forward pass duration")
+        self.sessions = r.gauge("mw_verifier_live_sessions", "Sessions owned by this verifier")
+        self.evictions = r.gauge("mw_verifier_kv_evictions", "KV caches evicted under the memory budget")
+
+
+class VerifierService:
+    """Owns sessions, feeds the engine, answers devices.  Run with :meth:`run`."""
+
+    def __init__(self, bus: Bus, engine: TargetEngine, *, tokenizer_fingerprint: str,
+                 model_name: str = "", config: VerifierConfig | None = None,
+                 registry: Registry | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.bus = bus
+        self.engine = engine
+        self.fingerprint = tokenizer_fingerprint
+        self.model_name = model_name
+        self.config = config or VerifierConfig()
+        self.topics = Topics(self.config.prefix)
+        self.metrics = VerifierMetrics(registry or Registry())
+        self.sessions: dict[str, VerifierSession] = {}
+        self.ready = asyncio.Event()
+        self._clock = clock
+        self._drafts: Subscription | None = None
+        self._batcher: Batcher[Draft] = Batcher(self.config.batch, self._expected_senders)
+        self._closing: list[str] = []
+
+    # --- lifecycle -------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until cancelled."""
+        t = self.topics
+        async with self.bus.subscribe(t.shared_open(self.config.share_group)) as opens, \
+                self.bus.subscribe() as drafts:  # per-session draft filters are added on open
+            self._drafts = drafts
+            await self._publish_status("online")
+            self.ready.set()
+            log.info("verifier_ready", verifier=self.config.verifier_id, model=self.model_name)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(opens), name="receive-open")
+                tg.create_task(self._receive(drafts), name="receive-draft")
+                tg.create_task(self._batch_loop(), name="batch")
+                tg.create_task(self._status_loop(), name="status")
+
+    def _expected_senders(self) -> int:
+        now = self._clock()
+        return sum(1 for s in self.sessions.values()
+                   if not s.done and now - s.last_active < ACTIVE_WINDOW_S)
+
+    # --- receive ---------------------------------------------------------------
+    async def _receive(self, sub: Subscription) -> None:
+        async for msg in sub:
+            try:
+                await self._handle(msg)
+            except ProtocolError as exc:
+                self._reject("malformed", msg.topic, str(exc))
+            except TopicError as exc:
+                self._reject("bad_topic", msg.topic, str(exc))
+
+    def _reject(self, reason: str, topic: str, detail: str) -> None:
+        self.metrics.rejected.inc(reason=reason)
+        log.warning("message_rejected", reason=reason, topic=topic, detail=detail[:200])
+
+    async def _handle(self, msg: BusMessage) -> None:
+        ref = self.topics.parse(msg.topic)
+        value = decode(msg.payload, self.config.limits, expect=(OpenSession, Draft, CloseSession))
+        if value.session_id != ref.ident:
+            raise ProtocolError(f"session id {value.session_id!r} does not match topic {msg.topic!r}")
+        if isinstance(value, OpenSession) and ref.leaf == "open":
+            await self._open(value)
+        elif isinstance(value, Draft) and ref.leaf == "draft":
+            await self._draft(value)
+        elif isinstance(value, CloseSession) and ref.leaf == "draft":
+            await self._close(value)
+        else:
+            raise ProtocolError(f"{type(value).__name__} not allowed on {ref.leaf}")
+
+    async def _open(self, m: OpenSession) -> None:
+        vid = self.config.verifier_id
+
+        def answer(kind: str, reason: str = "", clen: int = 0) -> Verdict:
+            return Verdict(session_id=m.session_id, epoch=m.epoch, seq=m.seq, kind=kind,  # type: ignore[arg-type]
+                           reason=reason, committed_len=clen, verifier_id=vid, echo_ts=m.sent_at)
+
+        if m.tokenizer != self.fingerprint:
+            self._reject("tokenizer_mismatch", m.session_id, m.tokenizer)
+            await self._send_verdict(answer("refused", f"tokenizer {m.tokenizer!r} != verifier's "
+                                                       f"{self.fingerprint!r}"))
+            return
+        bad = next((t for t in (*m.prompt, *m.committed) if t >= self.engine.vocab_size), None)
+        if bad is not None:
+            self._reject("token_out_of_range", m.session_id, str(bad))
+            await self._send_verdict(answer("refused", f"token id {bad} outside vocabulary"))
+            return
+        old = self.sessions.get(m.session_id)
+        if old is not None and m.epoch < old.epoch:
+            await self._send_verdict(answer("resync", f"stale epoch {m.epoch} < {old.epoch}",
+                                            len(old.committed)))
+            return
+        if old is not None and m.epoch == old.epoch:  # duplicate open
+            await self._send_verdict(answer("opened", clen=len(old.committed)))
+            return
+        if old is None and len(self.sessions) >= self.config.max_sessions:
+            self._reject("too_many_sessions", m.session_id, str(len(self.sessions)))
+            await self._send_verdict(answer("refused", "verifier at its session limit"))
+            return
+        s = VerifierSession.from_open(m)
+        s.last_active = self._clock()
+        self.sessions[m.session_id] = s
+        if old is None:
+            assert self._drafts is not None
+            await self._drafts.add(self.topics.session(m.session_id, "draft"))
+        else:
+            self._closing.append(m.session_id)  # drop the old epoch's KV cache before reuse
+        self.metrics.sessions.set(len(self.sessions))
+        log.info("session_opened", session=m.session_id, device=m.device_id, epoch=m.epoch,
+                 mode=m.sampling.mode, committed=len(m.committed), drafter=m.drafter)
+        await self._publish_state(s)
+        await self._send_verdict(answer("opened", clen=len(s.committed)))
+
+    async def _draft(self, d: Draft) -> None:
+        s = self.sessions.get(d.session_id)
+        tri = triage(s, d, vocab_size=self.engine.vocab_size, verifier_id=self.config.verifier_id,
+                     max_draft=self.config.max_draft)
+        if s is not None:
+            s.last_active = self._clock()
+        if tri.action == "verify":
+            assert s is not None
+            if s.pending or not self._batcher.put(d.session_id, d):
+                # One draft per session in flight; a retry arrives while its twin is queued.
+                self.metrics.rejected.inc(reason="busy")
+                return
+            s.pending = True
+            return
+        if tri.action == "ignore":
+            return
+        if tri.action in ("refuse", "resync"):
+            self._reject(tri.reason, d.session_id, tri.verdict.reason if tri.verdict else "")
+        assert tri.verdict is not None
+        await self._send_verdict(tri.verdict)
+
+    async def _close(self, c: CloseSession) -> None:
+        s = self.sessions.get(c.session_id)
+        if s is None or c.epoch != s.epoch:
+            return
+        del self.sessions[c.session_id]
+        self._closing.append(c.session_id)
+        if self._drafts is not None:
+            await self._drafts.remove(self.topics.session(c.session_id, "draft"))
+        self.metrics.sessions.set(len(self.sessions))
+        log.info("session_closed", session=c.session_id, reason=c.reason)
+
+    # --- batches ---------------------------------------------------------------
+    async def _batch_loop(self) -> None:
+        while True:
+            batch = await self._batcher.next_batch()
+            for key in self._closing:
+                self.engine.close(key)
+            self._closing.clear()
+            inputs: list[RoundInput] = []
+            now = time.monotonic()
+            for p in batch:
+                s = self.sessions.get(p.key)
+                d = p.item
+                if s is None or s.epoch != d.epoch:
+                    continue
+                s.pending = False
+                if d.base != len(s.committed) or s.done:  # state moved while it waited
+                    await self._draft(d)
+                    continue
+                self.metrics.queue_wait.observe(now - p.arrived)
+                inputs.append(RoundInput(s.session_id, s.prompt, tuple(s.committed), d, s.sampling,
+                                         s.max_new_tokens, s.stop_ids))
+            if not inputs:
+                continue
+            await self._verify(inputs)
+
+    async def _verify(self, inputs: list[RoundInput]) -> None:
+        """Run a round; if it fails, isolate the failing draft so the others still get answers."""
+        try:
+            result = await asyncio.to_thread(run_round, self.engine, inputs)
+        except Exception as exc:  # a model/engine failure must not take the service down
+            if len(inputs) > 1:
+                log.warning("batch_failed_isolating", size=len(inputs), error=repr(exc)[:200])
+                for inp in inputs:
+                    await self._verify([inp])
+                return
+            inp = inputs[0]
+            self.engine.close(inp.session_id)
+            self._reject("verify_failed", inp.session_id, repr(exc))
+            s = self.sessions.get(inp.session_id)
+            await self._send_verdict(Verdict(
+                session_id=inp.session_id, epoch=inp.draft.epoch, seq=inp.draft.seq, kind="refused",
+                reason=f"verification failed: {type(exc).__name__}",
+                committed_len=len(s.committed) if s else 0, verifier_id=self.config.verifier_id))
+            return
+        await self._apply(result)
+
+    async def _apply(self, result: RoundResult) -> None:
+        m = self.metrics
+        m.forwards.inc()
+        m.batch_size.observe(result.batch_size)
+        m.forward_time.observe(result.forward_s)
+        m.evictions.set(float(getattr(self.engine, "evictions", 0)))
+        sends = []
+        for out in result.outputs:
+            s = self.sessions.get(out.session_id)
+            if s is None:
+                continue
+            base = len(s.committed)
+            s.commit(list(out.tokens), out.finish_reason)
+            s.rounds += 1
+            s.proposed += out.proposed
+            s.accepted += out.accepted
+            m.rounds.inc()
+            m.proposed.inc(out.proposed)
+            m.accepted.inc(out.accepted)
+            m.accepted_len.observe(out.accepted)
+            m.committed.inc(len(out.tokens))
+            m.tokens_per_round.observe(len(out.tokens))
+            v = Verdict(session_id=s.session_id, epoch=s.epoch, seq=out.seq, kind="accept",
+                        base=base, accepted=out.accepted, tokens=out.tokens,
+                        committed_len=len(s.committed), done=s.done, finish_reason=s.finish_reason,
+                        verifier_id=self.config.verifier_id)
+            s.remember(v)
+            sends.append(self._send_verdict(v))
+            sends.append(self._publish_state(s))
+        await asyncio.gather(*sends)
+
+    # --- publishing --------------------------------------------------------------
+    async def _send_verdict(self, v: Verdict) -> None:
+        self.metrics.answers.inc(kind=v.kind)
+        await self.bus.publish(self.topics.session(v.session_id, "verdict"), v.encode(), qos=1,
+                               content_type=CONTENT_MSGPACK)
+
+    async def _publish_state(self, s: VerifierSession) -> None:
+        await self.bus.publish(self.topics.session(s.session_id, "state"),
+                               s.state(self.config.verifier_id).encode(), qos=1, retain=True,
+                               content_type=CONTENT_MSGPACK)
+
+    def status(self, state: str = "online") -> VerifierStatus:
+        snap = self.metrics.registry.snapshot()
+        proposed = snap.get("mw_verifier_draft_tokens_total", 0.0)
+        stats = {
+            "rounds": snap.get("mw_verifier_rounds_total", 0.0),
+            "forward_passes": snap.get("mw_verifier_forward_passes_total", 0.0),
+            "committed_tokens": snap.get("mw_verifier_committed_tokens_total", 0.0),
+            "acceptance_rate": (snap.get("mw_verifier_accepted_tokens_total", 0.0) / proposed
+                                if proposed else 0.0),
+            "mean_batch_size": snap.get("mw_verifier_batch_size_mean", 0.0),
+            "rejected_messages": snap.get("mw_verifier_rejected_messages_total", 0.0),
+        }
+        return VerifierStatus(verifier_id=self.config.verifier_id, state=state,  # type: ignore[arg-type]
+                              model=self.model_name, tokenizer=self.fingerprint,
+                              sessions=len(self.sessions), stats=stats, at=time.time())
+
+    async def _publish_status(self, state: str) -> None:
+        await self.bus.publish(self.topics.verifier_status(self.config.verifier_id),
+                               self.status(state).encode(), qos=1, retain=True,
+                               content_type=CONTENT_JSON)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval)
+            await self._publish_status("online")
+
+
+def offline_status_payload(verifier_id: str) -> bytes:
+    """The last-will payload: this verifier is gone."""
+    return VerifierStatus(verifier_id=verifier_id, state="offline").encode()

@@ -1,0 +1,309 @@
+"""TargetEngine, reference decoders and model loading on a tiny random Llama.
+
+The speculative loop below is the verifier's round in miniature (draft ->
+verify_batch -> accept -> commit) with a drafter that knows the reference
+output and corrupts part of it, so every acceptance length occurs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from middleware.errors import ModelError
+from middleware.models.loading import load_causal_lm, tokenizer_fingerprint
+from middleware.protocol.session import SamplingParams
+from middleware.sampling import process_logits
+from middleware.verifier.acceptance import coupled_accept, greedy_accept
+from middleware.verifier.engine import TargetEngine, VerifyItem
+from middleware.verifier.reference import reference_greedy, reference_sample
+
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    # A wide init spreads the logits, so greedy picks are not near-ties of a
+    # uniform distribution (which would make any comparison meaningless).
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         initializer_range=0.3, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def random_tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+PROMPTS = [random_tokens(n, seed) for seed, n in enumerate((5, 17, 9, 30, 1, 12))]
+
+
+def full_forward_logits(model: LlamaForCausalLM, tokens: list[int], rows: int) -> torch.Tensor:
+    """Logits of the last ``rows`` positions from one uncached forward: [rows, V]."""
+    with torch.inference_mode():
+        return model(torch.tensor([tokens])).logits[0, -rows:].float()
+
+
+# -- a miniature verifier round ----------------------------------------------------
+
+@dataclass
+class Sess:
+    key: str
+    prompt: list[int]
+    target: list[int]  # the reference output the drafter peeks at
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+Drafter = Callable[[Sess, random.Random], list[int]]
+
+
+def noisy_drafter(s: Sess, rnd: random.Random) -> list[int]:
+    """Proposes the true continuation with random corruptions and random length 0..6."""
+    pos = len(s.generated)
+    draft = []
+    for i in range(rnd.randint(0, 6)):
+        true = s.target[pos + i] if pos + i < len(s.target) else rnd.randrange(VOCAB)
+        draft.append(true if rnd.random() < 0.75 else rnd.randrange(VOCAB))
+    return draft
+
+
+def speculative_decode(engine: TargetEngine, sessions: list[Sess], params: SamplingParams,
+                       max_new: int, stop_ids: frozenset[int], seed: int = 0) -> int:
+    """Run rounds over random subsets of live sessions until all finish; returns the rounds."""
+    rnd = random.Random(seed)
+    rounds = 0
+    while live := [s for s in sessions if not s.done]:
+        batch = rnd.sample(live, rnd.randint(1, len(live)))
+        drafts = [noisy_drafter(s, rnd) for s in batch]
+        items = [VerifyItem(s.key, s.prompt + s.generated, d) for s, d in zip(batch, drafts)]
+        logits = engine.verify_batch(items)
+        for s, d, lg in zip(batch, drafts, logits, strict=True):
+            assert lg.shape == (len(d) + 1, VOCAB) and lg.dtype == torch.float32
+            if params.mode == "greedy":
+                n, nxt = greedy_accept(d, lg.argmax(-1).tolist())
+            else:
+                n, nxt = coupled_accept(d, process_logits(lg, params), params.seed,
+                                        len(s.generated))
+            for token in [*d[:n], nxt]:
+                s.generated.append(token)
+                if token in stop_ids or len(s.generated) == max_new:
+                    s.done = True
+                    break
+            if s.done:
+                engine.close(s.key)
+            else:
+                engine.commit(s.key, len(s.prompt) + len(s.generated))
+                assert engine.cached_len(s.key) in (0, len(s.prompt) + len(s.generated) - 1)
+        rounds += 1
+    return rounds
+
+
+# -- numerics -----------------------------------------------------------------------
+
+def test_batched_verify_matches_unbatched_and_plain_forward(model: LlamaForCausalLM) -> None:
+    drafts = [random_tokens(k, 100 + k) for k in (3, 0, 5, 2, 6, 1)]
+    batched = TargetEngine(model).verify_batch(
+        [VerifyItem(i, p, d) for i, (p, d) in enumerate(zip(PROMPTS, drafts))])
+    worst_alone = worst_full = 0.0
+    for i, (p, d) in enumerate(zip(PROMPTS, drafts)):
+        alone = TargetEngine(model).verify_batch([VerifyItem(i, p, d)])[0]
+        full = full_forward_logits(model, p + d, len(d) + 1)
+        assert torch.equal(batched[i].argmax(-1), full.argmax(-1))
+        assert torch.equal(alone.argmax(-1), full.argmax(-1))
+        worst_alone = max(worst_alone, float((batched[i] - alone).abs().max()))
+        worst_full = max(worst_full, float((alone - full).abs().max()))
+    print(f"tiny llama: max|batched - alone| = {worst_alone:.3g}, "
+          f"max|alone - full forward| = {worst_full:.3g}")
+    # Measured ~1e-7 (float32 rounding from different matmul shapes).
+    assert worst_alone < 1e-5 and worst_full < 1e-5
+
+
+def test_verify_matches_step_by_step_decoding_logits(model: LlamaForCausalLM) -> None:
+    """The k+1 verify rows equal what generate sees when it feeds those tokens one by one."""
+    from transformers import DynamicCache
+
+    prompt, draft = PROMPTS[3], random_tokens(5, 7)
+    verify = TargetEngine(model).verify_batch([VerifyItem("s", prompt, draft)])[0]
+    rows = []
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        logits = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits
+        rows.append(logits[0, -1])
+        for t in draft:
+            rows.append(model(torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0, -1])
+    steps = torch.stack(rows).float()
+    print(f"tiny llama: max|verify - step-by-step| = {float((verify - steps).abs().max()):.3g}")
+    assert torch.equal(verify.argmax(-1), steps.argmax(-1))
+    assert float((verify - steps).abs().max()) < 1e-5
+
+
+def test_small_max_batch_tokens_chunks_prefill_and_splits_batches(model: LlamaForCausalLM) -> None:
+    items = [VerifyItem(i, p, random_tokens(4, i)) for i, p in enumerate(PROMPTS)]
+    wide = TargetEngine(model).verify_batch(items)
+    narrow_engine = TargetEngine(model, max_batch_tokens=8)
+    narrow = narrow_engine.verify_batch(items)
+    assert narrow_engine.forward_passes > 2
+    for a, b in zip(wide, narrow, strict=True):
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        assert float((a - b).abs().max()) < 1e-5
+
+
+# -- lossless decoding --------------------------------------------------------------
+
+def test_reference_greedy_equals_generate(model: LlamaForCausalLM) -> None:
+    for prompt in PROMPTS[:4]:
+        ours = reference_greedy(model, prompt, 24)
+        gen = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, max_new_tokens=24, eos_token_id=None, pad_token_id=0)
+        assert gen[0, len(prompt):].tolist() == ours
+        stop = ours[len(ours) // 2]
+        stopped = reference_greedy(model, prompt, 24, stop_ids={stop})
+        assert stopped == ours[: ours.index(stop) + 1]
+        gen = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, max_new_tokens=24, eos_token_id=stop, pad_token_id=stop)
+        assert gen[0, len(prompt):].tolist() == stopped
+
+
+def test_reference_sample_follows_coupled_choice_and_is_seeded(model: LlamaForCausalLM) -> None:
+    params = SamplingParams(mode="coupled", seed=11, temperature=0.8)
+    a = reference_sample(model, PROMPTS[0], 16, (), params)
+    assert a == reference_sample(model, PROMPTS[0], 16, (), params)
+    assert a != reference_sample(model, PROMPTS[0], 16, (), SamplingParams(mode="coupled", seed=12,
+                                                                         temperature=0.8))
+    assert reference_sample(model, PROMPTS[0], 16, (), SamplingParams()) == reference_greedy(
+        model, PROMPTS[0], 16)
+    # Resuming at a generated position continues the same sequence.
+    assert reference_sample(model, PROMPTS[0] + a[:5], 11, (), params, start_position=5) == a[5:]
+
+
+@pytest.mark.parametrize("budget", [100_000, 40])
+def test_speculative_greedy_equals_reference(model: LlamaForCausalLM, budget: int) -> None:
+    max_new = 24
+    stop = frozenset({reference_greedy(model, PROMPTS[1], max_new)[10]})
+    refs = [reference_greedy(model, p, max_new, stop) for p in PROMPTS]
+    assert len(refs[1]) <= 11  # at least one session ends early on the stop token
+    sessions = [Sess(f"s{i}", p, r) for i, (p, r) in enumerate(zip(PROMPTS, refs))]
+    engine = TargetEngine(model, memory_budget_tokens=budget)
+    rounds = speculative_decode(engine, sessions, SamplingParams(), max_new, stop)
+    assert [s.generated for s in sessions] == refs
+    stats = engine.stats()
+    assert stats.sessions == 0  # every session closed
+    assert rounds > len(PROMPTS)
+    if budget < 100:
+        assert stats.evictions > 0 and stats.prefills > len(PROMPTS)
+    else:  # one prefill per session, except the 1-token prompt which needs none
+        assert stats.evictions == 0 and stats.prefills == len(PROMPTS) - 1
+
+
+@pytest.mark.parametrize("budget", [100_000, 40])
+def test_speculative_coupled_equals_reference_sample(model: LlamaForCausalLM, budget: int) -> None:
+    params = SamplingParams(mode="coupled", seed=2024, temperature=0.9, top_k=40, top_p=0.95)
+    max_new = 20
+    refs = [reference_sample(model, p, max_new, (), params) for p in PROMPTS]
+    sessions = [Sess(f"s{i}", p, r) for i, (p, r) in enumerate(zip(PROMPTS, refs))]
+    engine = TargetEngine(model, memory_budget_tokens=budget)
+    speculative_decode(engine, sessions, params, max_new, frozenset(), seed=5)
+    assert [s.generated for s in sessions] == refs
+    assert (engine.evictions > 0) == (budget < 100)
+
+
+# -- cache bookkeeping ---------------------------------------------------------------
+
+def test_cache_follows_the_authoritative_context(model: LlamaForCausalLM) -> None:
+    engine = TargetEngine(model)
+    p = PROMPTS[3]
+    engine.verify_batch([VerifyItem("a", p, [1, 2, 3])])  # no commit: draft KV still cached
+    assert engine.cached_len("a") == len(p) + 3
+    cases = [
+        (p + [1, 2, 9], [4]),  # diverges inside the cached draft
+        (p[:10], [5, 6]),  # context went back (a resync to an older state)
+        (p[:10] + [7] * 15, []),  # longer than the cache: prefill of the missing part
+    ]
+    for context, draft in cases:
+        got = engine.verify_batch([VerifyItem("a", context, draft)])[0]
+        fresh = TargetEngine(model).verify_batch([VerifyItem("a", context, draft)])[0]
+        assert torch.equal(got.argmax(-1), fresh.argmax(-1))
+        assert float((got - fresh).abs().max()) < 1e-5
+        assert engine.cached_len("a") == len(context) + len(draft)
+
+
+def test_commit_open_close_and_counters(model: LlamaForCausalLM) -> None:
+    engine = TargetEngine(model)
+    engine.open("a", PROMPTS[1])
+    assert "a" in engine and engine.cached_len("a") == 0 and engine.prefills == 0
+    engine.verify_batch([VerifyItem("a", PROMPTS[1], [1, 2, 3, 4])])
+    assert engine.prefills == 1 and engine.forward_passes == 2 and engine.last_batch_size == 1
+    engine.commit("a", len(PROMPTS[1]) + 2)  # accepted d1, then the target's token
+    assert engine.cached_len("a") == len(PROMPTS[1]) + 1
+    engine.commit("unknown", 5)
+    engine.close("a")
+    engine.close("a")
+    assert "a" not in engine and engine.cached_tokens == 0
+    assert engine.stats().forward_time_s > 0
+
+
+def test_eviction_is_lru_and_spares_pinned_sessions(model: LlamaForCausalLM) -> None:
+    engine = TargetEngine(model, memory_budget_tokens=50)
+    items = {k: VerifyItem(k, random_tokens(20, i), [1]) for i, k in enumerate("abc")}
+    for k in "abc":
+        engine.verify_batch([items[k]])
+        engine.commit(k, 20)  # each holds 19 tokens
+    # a (oldest) was evicted when c pushed the total to 57 > 50.
+    assert [engine.cached_len(k) for k in "abc"] == [0, 19, 19] and engine.evictions == 1
+    # A batch larger than the budget: pinned sessions survive until their commit.
+    engine.verify_batch([items["a"], items["b"], items["c"]])
+    assert [engine.cached_len(k) for k in "abc"] == [21, 21, 21] and engine.evictions == 1
+    engine.commit("a", 20)  # 61 tokens: a is the only unpinned session, so it goes
+    assert [engine.cached_len(k) for k in "abc"] == [0, 21, 21] and engine.evictions == 2
+    engine.commit("b", 20)
+    engine.commit("c", 20)
+    assert [engine.cached_len(k) for k in "abc"] == [0, 19, 19] and engine.evictions == 2
+
+
+def test_verify_batch_rejects_bad_items(model: LlamaForCausalLM) -> None:
+    engine = TargetEngine(model)
+    with pytest.raises(ValueError):
+        engine.verify_batch([VerifyItem("a", [1, 2], []), VerifyItem("a", [1, 2], [])])
+    with pytest.raises(ValueError):
+        engine.verify_batch([VerifyItem("a", [1, 2], [VOCAB])])
+    with pytest.raises(ValueError):
+        engine.verify_batch([VerifyItem("a", [VOCAB, 2], [])])
+    with pytest.raises(ValueError):
+        engine.verify_batch([VerifyItem("a", [], [1])])
+
+
+# -- loading -------------------------------------------------------------------------
+
+def make_tokenizer(words: Sequence[str]):  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *words])}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                   unk_token="<unk>", eos_token="<eos>")
+
+
+def test_tokenizer_fingerprint_is_stable_and_vocab_sensitive() -> None:
+    a = tokenizer_fingerprint(make_tokenizer(["hello", "world"]))
+    assert a == tokenizer_fingerprint(make_tokenizer(["hello", "world"]))
+    assert a != tokenizer_fingerprint(make_tokenizer(["hello", "there"]))
+    assert len(a) == 16 and int(a, 16) >= 0
+
+
+def test_load_errors_are_model_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ModelError, match="not found"):
+        load_causal_lm(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelError):
+        load_causal_lm(str(tmp_path))  # a directory without a checkpoint
+    with pytest.raises(ModelError, match="hub id"):
+        load_causal_lm("no-such-org/no-such-model", local_files_only=True)
+    with pytest.raises(ModelError, match="dtype"):
+        load_causal_lm(str(tmp_path), dtype="float77")

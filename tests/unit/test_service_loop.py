@@ -1,0 +1,99 @@
+"""Verifier and device services end to end over the in-memory bus with a tiny random model.
+
+The committed tokens must equal target-only decoding, whatever the drafter
+proposes, with several sessions sharing batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
+from middleware.nodes.drafters import make_drafter
+from middleware.nodes.drafters.hf import HFDrafter
+from middleware.nodes.service import NodeConfig, NodeService
+from middleware.nodes.session import SessionConfig
+from middleware.protocol import SamplingParams
+from middleware.verifier.engine import TargetEngine
+from middleware.verifier.reference import reference_greedy, reference_sample
+from middleware.verifier.service import VerifierConfig, VerifierService
+from tests.unit.tiny import EOS, TinyTokenizer, tiny_llama
+
+PROMPTS = [[1, 5, 9, 13], [1, 7, 7, 7, 3, 22, 40], [1, 30], [1, 11, 12, 13, 14, 15, 16, 17, 18]]
+
+
+@pytest.fixture(scope="module")
+def target() -> torch.nn.Module:
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="module")
+def draft_model() -> torch.nn.Module:
+    """The target with noisy weights: it agrees often, not always (partial acceptance)."""
+    model = tiny_llama(seed=0)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.35 * p.abs().mean())
+    return model
+
+
+async def _run(target, factory, sampling: SamplingParams, prompts, max_new: int = 24,
+               memory_budget: int = 65536):
+    broker = InMemoryBroker()
+    engine = TargetEngine(target, memory_budget_tokens=memory_budget)
+    vcfg = VerifierConfig(verifier_id="v1")
+    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "d") as dbus:
+        verifier = VerifierService(vbus, engine, tokenizer_fingerprint="tiny", config=vcfg)
+        node = NodeService(dbus, tokenizer=TinyTokenizer(), tokenizer_fp="tiny", drafter_factory=factory,
+                           drafter_name="test",
+                           config=NodeConfig(device_id="dev-1", max_concurrent=len(prompts),
+                                             session=SessionConfig(max_new_tokens=max_new,
+                                                                   sampling=sampling, stop_ids=(EOS,))))
+        async with asyncio.TaskGroup() as tg:
+            vt = tg.create_task(verifier.run())
+            nt = tg.create_task(node.run())
+            await verifier.ready.wait()
+            await node.ready.wait()
+            outs = await asyncio.wait_for(asyncio.gather(*(
+                node.generate_ids(p, session_id=f"s{i}") for i, p in enumerate(prompts))), 120)
+            vt.cancel()
+            nt.cancel()
+    return outs, verifier
+
+
+@pytest.mark.parametrize("kind", ["ngram", "hf"])
+async def test_greedy_equals_target_only(target, draft_model, kind: str) -> None:
+    factory = (lambda: make_drafter("ngram")) if kind == "ngram" else (lambda: HFDrafter(draft_model))
+    outs, verifier = await _run(target, factory, SamplingParams(), PROMPTS)
+    for p, o in zip(PROMPTS, outs, strict=True):
+        assert list(o.tokens) == reference_greedy(target, p, 24, (EOS,))
+    m = verifier.metrics
+    assert m.forwards.total() < m.committed.total()  # speculation saved forward passes...
+    assert m.batch_size.count > 0
+    if kind == "hf":
+        assert 0 < m.accepted.total() < m.proposed.total()  # partly accepted, partly corrected
+
+
+async def test_sessions_share_batches(target, draft_model) -> None:
+    outs, verifier = await _run(target, lambda: HFDrafter(draft_model), SamplingParams(), PROMPTS)
+    assert max(verifier.metrics.batch_size._recent) >= 2
+    assert len(outs) == len(PROMPTS)
+
+
+async def test_coupled_sampling_equals_target_only_sampling(target, draft_model) -> None:
+    sp = SamplingParams(mode="coupled", seed=1234, temperature=0.8, top_k=20)
+    outs, _ = await _run(target, lambda: HFDrafter(draft_model), sp, PROMPTS[:3])
+    for p, o in zip(PROMPTS[:3], outs, strict=True):
+        assert list(o.tokens) == reference_sample(target, p, 24, (EOS,), sp)
+
+
+async def test_eviction_rebuilds_sessions_by_prefill(target, draft_model) -> None:
+    outs, verifier = await _run(target, lambda: HFDrafter(draft_model), SamplingParams(), PROMPTS,
+                                memory_budget=24)
+    assert verifier.engine.evictions > 0
+    for p, o in zip(PROMPTS, outs, strict=True):
+        assert list(o.tokens) == reference_greedy(target, p, 24, (EOS,))
