@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Self
 
 from middleware.errors import BusError
 
@@ -71,8 +71,8 @@ def mosquitto_available() -> bool:
 def docker_available() -> bool:
     """True when testcontainers is importable and the Docker engine answers a ping."""
     try:
-        import docker  # noqa: PLC0415  (optional dependency)
-        import testcontainers.core.container  # noqa: F401, PLC0415
+        import docker  # optional dependency, imported only when asked
+        import testcontainers.core.container  # noqa: F401
     except ImportError:
         return False
     try:
@@ -81,7 +81,7 @@ def docker_available() -> bool:
             return bool(client.ping())
         finally:
             client.close()
-    except Exception:  # noqa: BLE001  (any failure means "no usable engine")
+    except Exception:  # any failure means "no usable engine"
         return False
 
 
@@ -110,19 +110,6 @@ def render_config(base: str, port: int, host: str, persistence_dir: Path, extra:
     return (f"{base.rstrip()}\n\n# --- added by the launcher ---\n"
             f"persistence_location {persistence_dir}/\n"
             f"listener {port} {host}\n{extra.rstrip()}\n")
-
-
-class Broker(Protocol):
-    """What tests need from a broker, whichever way it runs."""
-
-    host: str
-    port: int
-
-    def start(self) -> Self: ...
-    def stop(self) -> None: ...
-    def kill(self) -> None: ...
-    def restart(self) -> Self: ...
-    def close(self) -> None: ...
 
 
 class _LifecycleMixin:
@@ -197,12 +184,13 @@ class MosquittoProcess(_LifecycleMixin):
         self.config_path.write_text(render_config(self._base_config, self.port, self.host,
                                                   self.workdir, self._extra))
         with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(  # noqa: S603  (fixed argv, our binary)
+            self._proc = subprocess.Popen(
                 [str(self.binary), "-c", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)  # a Ctrl-C in the test terminal is not its business
         self.starts += 1
-        if not wait_for_port(self.host, self.port, self.startup_timeout, alive=lambda: self.running):
+        if not wait_for_port(self.host, self.port, self.startup_timeout,
+                             alive=lambda: self.running):
             tail = self.log_tail()
             self._terminate(signal.SIGKILL, 2.0)
             raise BusError(f"mosquitto did not start on {self.host}:{self.port}:\n{tail}")
@@ -271,19 +259,20 @@ class MosquittoContainer(_LifecycleMixin):
         self.startup_timeout = startup_timeout
         self.workdir = Path(tempfile.mkdtemp(prefix="mw-mosquitto-docker-"))
         self.workdir.chmod(0o777)  # the image runs mosquitto as uid 1883
-        self._container: object | None = None
+        self._container: Any = None  # testcontainers DockerContainer once started
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
     def start(self) -> Self:
-        from testcontainers.core.container import DockerContainer  # noqa: PLC0415
+        from testcontainers.core.container import DockerContainer
 
         if self._container is not None:
             self._wrapped().start()
         else:
-            conf = render_config(self._base_config, 1883, "0.0.0.0", Path("/mosquitto/data"),  # noqa: S104
+            # Inside the container: listen on all its interfaces, Docker maps the port.
+            conf = render_config(self._base_config, 1883, "0.0.0.0", Path("/mosquitto/data"),
                                  self._extra)
             (self.workdir / "mosquitto.conf").write_text(conf)
             container = (DockerContainer(self.image)
@@ -292,12 +281,14 @@ class MosquittoContainer(_LifecycleMixin):
                          .with_command("mosquitto -c /mosquitto/data/mosquitto.conf"))
             container.start()
             self._container = container
+            self.host = container.get_container_host_ip()
         if not wait_for_port(self.host, self.port, self.startup_timeout):
             raise BusError(f"mosquitto container did not open {self.host}:{self.port}")
         return self
 
-    def _wrapped(self):  # type: ignore[no-untyped-def]
-        return self._container.get_wrapped_container()  # type: ignore[union-attr]
+    def _wrapped(self) -> Any:
+        """The docker SDK container (stop/kill/start keep its port binding)."""
+        return self._container.get_wrapped_container()
 
     def stop(self) -> None:
         if self._container is not None:
@@ -317,15 +308,16 @@ class MosquittoContainer(_LifecycleMixin):
     def close(self) -> None:
         if self._container is not None:
             with contextlib.suppress(Exception):
-                self._container.stop()  # type: ignore[attr-defined]
+                self._container.stop()
             self._container = None
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_broker(port: int | None = None, **kwargs: object) -> MosquittoProcess | MosquittoContainer:
+def start_broker(port: int | None = None,
+                 **kwargs: Any) -> MosquittoProcess | MosquittoContainer:
     """Start a broker: the local binary if present, else Docker; BusError if neither."""
     if mosquitto_available():
-        return MosquittoProcess(port, **kwargs).start()  # type: ignore[arg-type]
+        return MosquittoProcess(port, **kwargs).start()
     if docker_available():
-        return MosquittoContainer(port, **kwargs).start()  # type: ignore[arg-type]
+        return MosquittoContainer(port, **kwargs).start()
     raise BusError("no mosquitto binary and no reachable Docker engine")

@@ -11,12 +11,15 @@ def make_bus(cfg: BusSection, client_id: str, *, will: Will | None = None,
              persistent: bool = False) -> Bus:
     """A not-yet-connected Bus for ``cfg``; ``persistent`` keeps the broker session while offline."""
     if cfg.transport == "mqtt":
-        from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
+        from middleware.broker_bridge.mqtt import MqttBus, MqttSettings, TlsSettings
 
+        tls = None
+        if cfg.tls_ca or cfg.tls_cert:
+            tls = TlsSettings(ca_file=cfg.tls_ca or None, cert_file=cfg.tls_cert or None,
+                              key_file=cfg.tls_key or None)
         return MqttBus(MqttSettings(
             host=cfg.host, port=cfg.port, client_id=client_id,
-            username=cfg.username or None, password=cfg.password or None,
-            tls_ca=cfg.tls_ca or None, tls_cert=cfg.tls_cert or None, tls_key=cfg.tls_key or None,
+            username=cfg.username or None, password=cfg.password or None, tls=tls,
             keepalive=cfg.keepalive, clean_start=not persistent,
             session_expiry=cfg.session_expiry if persistent else 0, will=will))
     raise ConfigError(f"unknown transport {cfg.transport!r} (expected 'mqtt')")

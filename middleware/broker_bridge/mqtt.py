@@ -99,7 +99,7 @@ class MqttSettings:
     will: Will | None = None
     reconnect_min: float = 0.1  # backoff after the first failed attempt ...
     reconnect_max: float = 10.0  # ... doubling (with jitter) up to this
-    connect_timeout: float = 10.0  # first connect gives up after this; also TCP + CONNACK per attempt
+    connect_timeout: float = 10.0  # first connect gives up after it; also per TCP + CONNACK
     request_timeout: float = 10.0  # publish/subscribe: waiting for a connection plus the ack
     max_inflight: int = 20  # QoS 1 publishes awaiting PUBACK at once; keep <= the broker's
     #                         Receive Maximum (Mosquitto's max_inflight_messages, default 20)
@@ -156,6 +156,7 @@ class MqttBus(Bus):
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
         self._connack: asyncio.Future[bool] | None = None
+        self._first: asyncio.Future[None] | None = None  # resolved by the first CONNACK
         self._fd: int | None = None
         self._waiters: set[asyncio.Future[None]] = set()
         self._pub_acks: dict[int, asyncio.Future[None]] = {}
@@ -201,7 +202,7 @@ class MqttBus(Bus):
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._client = self._make_client()
-        first: asyncio.Future[None] = self._loop.create_future()
+        self._first = first = self._loop.create_future()
         self._task = self._loop.create_task(self._supervise(first), name=f"mqtt[{self.client_id}]")
         try:
             await first
@@ -256,6 +257,9 @@ class MqttBus(Bus):
         self._check_open()
         loop = self._require_loop()
         client = self._require_client()
+        check_topic(topic)
+        if qos not in (0, 1, 2):
+            raise BusError(f"invalid QoS {qos!r}")
         if isinstance(payload, memoryview):
             payload = payload.tobytes()
         props = publish_properties(content_type, expiry, user_properties, correlation)
@@ -266,7 +270,7 @@ class MqttBus(Bus):
             try:
                 info = client.publish(topic, payload, qos, retain, props)
             except (ValueError, TypeError) as exc:
-                raise TopicError(f"cannot publish to {topic!r}: {exc}") from exc
+                raise BusError(f"cannot publish to {topic!r}: {exc}") from exc
             if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
                 continue  # paho dropped it: wait for the next connection
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
@@ -292,13 +296,16 @@ class MqttBus(Bus):
             return  # not connected yet: subscribed together with the others at connect
         loop = self._require_loop()
         deadline = loop.time() + self.settings.request_timeout
+        waited = False
         while True:
-            await self._wait_ready(deadline)
-            if filter_ in self._live:
-                return  # the (re)connect already subscribed it
+            if waited or not self._connected.is_set():
+                await self._wait_ready(deadline)
+                if filter_ in self._live:
+                    return  # the (re)connect subscribed it while we waited
+            waited = True
             try:
-                codes = await self._send_subscribe({filter_: qos},
-                                                   SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE, deadline)
+                codes = await self._send_subscribe(
+                    {filter_: qos}, SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE, deadline)
             except _Lost:
                 continue
             if codes[0].is_failure:
@@ -335,18 +342,18 @@ class MqttBus(Bus):
             try:
                 await self._connect_once()
                 await self._resubscribe()
-            except (BusError, _Lost) as exc:
+            except Exception as exc:  # whatever failed, keep reconnecting
+                err = _as_bus_error(exc)
                 self._connected.clear()
+                self._drop_socket()
                 if not first.done():
-                    if isinstance(exc, _Refused) or loop.time() + delay >= give_up_at:
-                        first.set_exception(exc if isinstance(exc, BusError) else BusError(str(exc)))
+                    if isinstance(err, _Refused) or loop.time() + delay >= give_up_at:
+                        first.set_exception(err)
                         return
-                log.warning("mqtt.connect_failed", client_id=self.client_id, error=str(exc),
+                log.warning("mqtt.connect_failed", client_id=self.client_id, error=str(err),
                             retry_in=round(delay, 3))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, s.reconnect_max)
+                delay = await _backoff(delay, s.reconnect_max)
                 continue
-            delay = s.reconnect_min
             if first.done():
                 self._reconnects += 1
                 log.info("mqtt.reconnected", client_id=self.client_id, reconnects=self._reconnects,
@@ -355,8 +362,18 @@ class MqttBus(Bus):
             self._wake()
             if not first.done():
                 first.set_result(None)
-            await self._keep_alive()
+            up_since = loop.time()
+            try:
+                await self._keep_alive()
+            except Exception as exc:
+                log.exception("mqtt.keepalive_failed", client_id=self.client_id)
+                self._abort_connection(f"keepalive failed: {exc!r}")
             self._connected.clear()
+            if loop.time() - up_since < s.reconnect_max:
+                # Flapping (e.g. another client took over the session): keep backing off.
+                delay = await _backoff(delay, s.reconnect_max)
+            else:
+                delay = s.reconnect_min  # a stable connection broke: retry at once
 
     async def _connect_once(self) -> None:
         loop = self._require_loop()
@@ -651,6 +668,8 @@ class MqttBus(Bus):
                     ack.set_exception(exc)
         if self._connack is not None and not self._connack.done():
             self._connack.cancel()
+        if self._first is not None and not self._first.done():
+            self._first.set_exception(exc)  # a connect() still waiting ends with it
 
     # --- helpers ------------------------------------------------------------------------
     def _require_loop(self) -> asyncio.AbstractEventLoop:
@@ -732,6 +751,13 @@ def _varint_len(n: int) -> int:
     return 1 if n < 128 else 2 if n < 16_384 else 3 if n < 2_097_152 else 4
 
 
+def check_topic(topic: str) -> None:
+    """Raise TopicError unless ``topic`` is a valid MQTT topic name (no wildcards)."""
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic \
+            or len(topic.encode()) > 65535:
+        raise TopicError(f"invalid topic name {topic!r}")
+
+
 def check_filter(filter_: str) -> None:
     """Raise TopicError unless ``filter_`` is a valid MQTT topic filter (shares allowed)."""
     if not filter_ or len(filter_.encode()) > 65535 or "\x00" in filter_:
@@ -742,8 +768,26 @@ def check_filter(filter_: str) -> None:
             raise TopicError(f"invalid share group in {filter_!r}")
     levels = strip_share(filter_).split("/")
     for i, level in enumerate(levels):
-        if ("#" in level and (level != "#" or i != len(levels) - 1)) or ("+" in level and level != "+"):
+        bad_hash = "#" in level and (level != "#" or i != len(levels) - 1)
+        if bad_hash or ("+" in level and level != "+"):
             raise TopicError(f"invalid wildcard in topic filter {filter_!r}")
+
+
+def _as_bus_error(exc: Exception) -> BusError:
+    if isinstance(exc, BusError):
+        return exc
+    if isinstance(exc, _Lost):
+        return BusError(f"connection lost: {exc}")
+    log.error("mqtt.unexpected_error", error=repr(exc))
+    err = BusError(f"unexpected {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+async def _backoff(delay: float, max_delay: float) -> float:
+    """Sleep a jittered ``delay`` (50-100 %) and return the next, doubled, capped one."""
+    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+    return min(delay * 2, max_delay)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

@@ -139,7 +139,8 @@ async def _start_broker(cfg: Config, args: argparse.Namespace, stack: contextlib
         bus_cfg = replace(cfg.bus, host=broker.host, port=broker.port)
 
         def make(client_id: str, will: Will | None) -> Bus:
-            return make_bus(bus_cfg, client_id, will=will)
+            # Devices (a will with a delay) keep a persistent session, like in production.
+            return make_bus(bus_cfg, client_id, will=will, persistent=bool(will and will.delay))
         return make
     _say("[demo] broker: Mosquitto is NOT installed; using the in-process bus instead "
          "(same protocol, no network). Install it with: apt-get install -y mosquitto")

@@ -70,9 +70,9 @@ class SessionConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: tuple[int, ...] = ()
     max_draft: int = 32  # tokens per draft message
-    max_ahead: int = 16  # tokens drafted ahead while a verdict is outstanding
+    max_ahead: int = 8  # tokens drafted ahead while a verdict is outstanding
     rto_initial: float = 10.0  # seconds; the first round includes the verifier's prefill
-    rto_min: float = 0.5
+    rto_min: float = 1.0  # like TCP: a shorter floor resends on every scheduling hiccup
     rto_max: float = 30.0
     max_failures: int = 3  # consecutive timeouts before going offline
     offline_max_tokens: int = 64  # provisional tokens generated while offline, at most
@@ -213,7 +213,7 @@ class DeviceSession:
                 tokenizer=self.fingerprint, prompt=self.prompt, committed=tuple(self.committed),
                 sampling=self.config.sampling, max_new_tokens=self.config.max_new_tokens,
                 stop_ids=self.config.stop_ids, drafter=self.drafter.name, sent_at=time.time() * 1000))
-            v = await self._await(lambda v, s=seq: v.seq == s, sent)
+            v = await self._await(lambda v, s=seq: v.seq == s, sent, measure=False)
             if v is None:
                 if probe:
                     raise LinkDown
@@ -236,8 +236,11 @@ class DeviceSession:
         if len(committed) > len(self.committed) and tuple(committed[:len(self.committed)]) == tuple(self.committed):
             self._commit(len(self.committed), committed[len(self.committed):], accepted=None)
 
-    async def _await(self, want: object, sent: float) -> Verdict | None:
-        """Wait for a verdict of this epoch satisfying ``want``; None after the RTO."""
+    async def _await(self, want: object, sent: float, *, measure: bool = True) -> Verdict | None:
+        """Wait for a verdict of this epoch satisfying ``want``; None after the RTO.
+
+        ``measure=False`` keeps the RTT out of the RTO estimate (opens are cheap,
+        the first draft after one pays for the verifier's prefill)."""
         deadline = sent + self._rto.value
         while True:
             remaining = deadline - time.monotonic()
@@ -249,9 +252,10 @@ class DeviceSession:
                 continue
             if v.epoch != self.epoch:
                 continue  # a straggler from an earlier epoch
+            self._failures = 0  # the link works, whatever this verdict answers
             if want(v):  # type: ignore[operator]
-                self._failures = 0
-                self._rto.observe(time.monotonic() - sent)
+                if measure:
+                    self._rto.observe(time.monotonic() - sent)
                 return v
             if v.kind in ("accept", "catchup"):
                 self._apply(v, ())  # an older seq's verdict still carries truth

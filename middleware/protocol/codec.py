@@ -46,7 +46,8 @@ def brief(value: object, width: int = 40) -> str:
     one costs O(size), so only scalars are shown; containers by type and length.
     """
     if value is None or isinstance(value, bool | int | float):
-        text = repr(value) if not isinstance(value, int) or value.bit_length() < 256 else "<big int>"
+        big = isinstance(value, int) and value.bit_length() >= 256
+        text = "<big int>" if big else repr(value)
     elif isinstance(value, str | bytes):
         text = repr(value[:width])
     elif isinstance(value, list | tuple | dict):
@@ -59,7 +60,8 @@ def brief(value: object, width: int = 40) -> str:
 def check_id(value: object, field: str) -> str:
     """A topic-safe identifier: 1-64 chars of ``[A-Za-z0-9_.:-]``, no ``/ + #``."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):  # match() + "$" accepts "id\n"
-        raise ProtocolError(f"{field}: expected an id matching {_ID_RE.pattern}, got {brief(value, 80)}")
+        raise ProtocolError(
+            f"{field}: expected an id matching {_ID_RE.pattern}, got {brief(value, 80)}")
     return value
 
 
@@ -219,7 +221,8 @@ def unpack(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
         raise ProtocolError(f"envelope must be a map, got {type(obj).__name__}")
     v = obj.get("v")
     if type(v) is not int or v != SCHEMA_VERSION:  # true/1.0 are not version 1
-        raise ProtocolError(f"unsupported schema version {brief(v)} (this build speaks {SCHEMA_VERSION})")
+        raise ProtocolError(
+            f"unsupported schema version {brief(v)} (this build speaks {SCHEMA_VERSION})")
     t = obj.get("t")
     if not isinstance(t, str) or len(t) > 32:
         raise ProtocolError("missing or invalid message type tag 't'")

@@ -137,8 +137,10 @@ class PromptRequest:
     @classmethod
     def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
         f = Fields(d, cls.TYPE, limits)
-        mnt = f.raw("max_new_tokens", 0) or None
-        if mnt is not None:
+        mnt = f.raw("max_new_tokens", 0)
+        if type(mnt) is int and mnt == 0:  # absent, null or 0: the device's default
+            mnt = None
+        elif mnt is not None:  # not "or None": false, "" and [] are type errors
             mnt = f.int("max_new_tokens", 1, limits.max_context_tokens)
         return cls(prompt=f.str("prompt", max_len=limits.max_text), session_id=f.opt_id("session"),
                    max_new_tokens=mnt, chat=f.bool("chat", True))

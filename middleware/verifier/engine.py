@@ -297,13 +297,19 @@ class TargetEngine:
                 input_ids[b, : width[b]] = torch.tensor(row.tokens, dtype=torch.long)
                 mask[b, p_max - past[b]: p_max + width[b]] = 1
                 positions[b] = torch.arange(past[b], past[b] + t_max)
+                positions[b, width[b]:] = past[b] + width[b] - 1  # padding: stay in range
             cache = DynamicCache(self._padded_past(rows, past, p_max) if p_max else None)
             kwargs: dict[str, Any] = {}
             if self._keeps_logits:
                 kwargs["logits_to_keep"] = 0 if keep_all_logits else 1
-            out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                             position_ids=positions.to(self.device), past_key_values=cache,
-                             use_cache=True, **kwargs)
+            try:
+                out = self.model(input_ids=input_ids.to(self.device),
+                                 attention_mask=mask.to(self.device),
+                                 position_ids=positions.to(self.device), past_key_values=cache,
+                                 use_cache=True, **kwargs)
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise ModelError(f"target forward failed (batch {batch}, {t_max} new tokens, "
+                                 f"{p_max} cached): {exc}") from exc
             layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
             for b, row in enumerate(rows):
                 lo, hi = p_max - past[b], p_max + width[b]

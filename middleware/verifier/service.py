@@ -95,6 +95,7 @@ class VerifierService:
         self._drafts: Subscription | None = None
         self._batcher: Batcher[Draft] = Batcher(self.config.batch, self._expected_senders)
         self._closing: list[str] = []
+        self._newer: dict[str, Draft] = {}  # resends that arrived while the first copy was queued
 
     # --- lifecycle -------------------------------------------------------------
     async def run(self) -> None:
@@ -196,9 +197,12 @@ class VerifierService:
             s.last_active = self._clock()
         if tri.action == "verify":
             assert s is not None
-            if s.pending or not self._batcher.put(d.session_id, d):
-                # One draft per session in flight; a retry arrives while its twin is queued.
-                self.metrics.rejected.inc(reason="busy")
+            if s.pending:
+                # A resend (extended, new seq) while its first copy still waits: verify the newer one.
+                self._newer[d.session_id] = d
+                return
+            if not self._batcher.put(d.session_id, d):
+                self.metrics.rejected.inc(reason="queue_full")
                 return
             s.pending = True
             return
@@ -231,7 +235,7 @@ class VerifierService:
             now = time.monotonic()
             for p in batch:
                 s = self.sessions.get(p.key)
-                d = p.item
+                d = self._newer.pop(p.key, p.item)
                 if s is None or s.epoch != d.epoch:
                     continue
                 s.pending = False

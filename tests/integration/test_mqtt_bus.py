@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import statistics
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -20,16 +22,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 Settings = Callable[..., MqttSettings]
 
 
-def _fast(broker: MosquittoProcess, **kw: object) -> MqttSettings:
+def _fast(broker: MosquittoProcess, **kw: Any) -> MqttSettings:
     """Settings for a broker a test kills: quick reconnect attempts."""
     return MqttSettings(host=broker.host, port=broker.port, reconnect_min=0.05,
-                        reconnect_max=0.5, **kw)  # type: ignore[arg-type]
+                        reconnect_max=0.5, **kw)
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
     """Poll a condition (state changes driven by the broker), failing after ``timeout``."""
     async with asyncio.timeout(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110  (no event exists for "disconnected")
             await asyncio.sleep(0.01)
 
 
@@ -45,7 +47,8 @@ def _mqtt_tasks() -> list[asyncio.Task[object]]:
     return [t for t in asyncio.all_tasks() if t.get_name().startswith("mqtt[")]
 
 
-async def test_round_trip_keeps_mqtt5_properties(mqtt_settings: Settings, unique_prefix: str) -> None:
+async def test_round_trip_keeps_mqtt5_properties(mqtt_settings: Settings,
+                                                 unique_prefix: str) -> None:
     async with MqttBus(mqtt_settings()) as pub, MqttBus(mqtt_settings()) as sub_bus:
         async with sub_bus.subscribe(f"{unique_prefix}/+/draft", qos=1) as sub:
             await pub.publish(f"{unique_prefix}/s1/draft", b"\x00\x01\xffbin", qos=1,
@@ -221,6 +224,20 @@ async def test_persistent_session_survives_broker_restart(
     assert [m.payload for m in got] == [b"during", b"after"]
 
 
+async def test_broker_restart_keeps_port_and_persisted_retained_messages(
+        fresh_mosquitto: MosquittoProcess, unique_prefix: str) -> None:
+    topic = f"{unique_prefix}/verifier/v1/status"
+    port, pid = fresh_mosquitto.port, fresh_mosquitto.pid
+    async with MqttBus(_fast(fresh_mosquitto)) as bus:
+        await bus.publish(topic, b"ready", qos=1, retain=True)
+    await asyncio.to_thread(fresh_mosquitto.restart)  # SIGTERM saves the database
+    assert (fresh_mosquitto.port, fresh_mosquitto.running) == (port, True)
+    assert fresh_mosquitto.pid != pid
+    async with MqttBus(_fast(fresh_mosquitto)) as bus, bus.subscribe(topic) as sub:
+        msg = await sub.get(timeout=10)
+    assert (msg.payload, msg.retain) == (b"ready", True)
+
+
 async def test_offline_persistent_client_receives_qos1_messages_on_reconnect(
         mqtt_settings: Settings, unique_prefix: str) -> None:
     topic = f"{unique_prefix}/device/d3/inbox"
@@ -265,6 +282,26 @@ async def test_connect_to_a_closed_port_raises_bus_error() -> None:
     with pytest.raises(BusError):
         await bus.connect()
     assert _mqtt_tasks() == []
+
+
+async def test_close_during_the_first_connect_ends_connect() -> None:
+    bus = MqttBus(MqttSettings(port=free_port(), connect_timeout=60, reconnect_min=0.05))
+    connecting = asyncio.create_task(bus.connect())
+    await asyncio.sleep(0.2)  # let it fail an attempt or two and back off
+    await bus.close()
+    with pytest.raises(BusClosedError):
+        await connecting
+    assert _mqtt_tasks() == []
+
+
+async def test_client_socket_has_tcp_nodelay(mqtt_settings: Settings) -> None:
+    # Regression guard for the one setting that moves QoS 1 round trips from
+    # ~90 ms (Nagle + delayed ACK) to ~1 ms; reads paho's socket on purpose.
+    async with MqttBus(mqtt_settings()) as bus:
+        assert bus._client is not None
+        sock = bus._client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
 
 
 async def test_invalid_topics_and_oversized_messages_are_refused_before_sending(

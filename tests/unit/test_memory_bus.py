@@ -286,3 +286,23 @@ async def test_unsubscribed_filters_stop_delivery(broker: InMemoryBroker) -> Non
         assert b._filters == []
         await a.publish(T.session("s", "draft"), b"x")
         assert drain(sub) == []
+
+
+async def test_filters_added_and_removed_on_one_subscription(broker: InMemoryBroker) -> None:
+    async with InMemoryBus(broker, "v") as v, InMemoryBus(broker, "d") as d:
+        await v.publish(T.session("s1", "state"), b"retained", retain=True)
+        sub = await d.subscribe()  # starts empty
+        await v.publish(T.session("s1", "verdict"), b"before")
+        assert drain(sub) == []
+        await sub.add(T.session("s1", "verdict"))
+        await sub.add(T.session("s1", "state"))
+        assert payloads(drain(sub)) == [b"retained"]
+        await v.publish(T.session("s1", "verdict"), b"v1")
+        await v.publish(T.session("s2", "verdict"), b"other session")
+        assert payloads(drain(sub)) == [b"v1"]
+        await sub.remove(T.session("s1", "verdict"))
+        await v.publish(T.session("s1", "verdict"), b"after")
+        assert drain(sub) == []
+        assert d._filters == [T.session("s1", "state")]
+        await sub.close()
+        assert d._filters == []

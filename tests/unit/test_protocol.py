@@ -256,7 +256,8 @@ def test_wire_field_names_are_stable(msg: Any) -> None:
 
 
 def test_draft_sparse_q_shape() -> None:
-    d = Draft("s1", 2, 7, 10, (5, 6), q=(SparseDist((5, 9), (0.75, 0.25)), SparseDist((6,), (1.0,))))
+    q = (SparseDist((5, 9), (0.75, 0.25)), SparseDist((6,), (1.0,)))
+    d = Draft("s1", 2, 7, 10, (5, 6), q=q)
     env = msgpack.unpackb(d.encode(), raw=False)
     assert env["q"] == [[[5, 9], [0.75, 0.25]], [[6], [1.0]]]
     assert "q" not in msgpack.unpackb(Draft("s1", 2, 7, 10, (5, 6)).encode(), raw=False)
@@ -470,7 +471,7 @@ def test_parse_examples() -> None:
     b'{"session": "s"}', b'{"prompt": "x", "session": "a/b"}',
     b'{"prompt": "x", "max_new_tokens": -3}', b'{"prompt": "x", "max_new_tokens": "7"}',
     b'{"prompt": "x", "chat": "yes"}', b'{"prompt": "\\udc00"}',
-    b"{" + b'"a":[' * 50_000 + b"]" * 50_000 + b"}",
+    b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}",  # deeper than the recursion limit
 ])
 def test_parse_rejects(data: bytes) -> None:
     with pytest.raises(ProtocolError):
