@@ -134,7 +134,8 @@ class TargetEngine:
             raise ValueError("memory_budget_tokens and max_batch_tokens must be positive")
         _check_supported(model)
         self.model = model
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = (torch.device(device) if device is not None
+                       else next(model.parameters()).device)
         self.memory_budget_tokens = memory_budget_tokens
         self.max_batch_tokens = max_batch_tokens
         self.vocab_size = int(model.config.get_text_config(decoder=True).vocab_size)
@@ -212,6 +213,8 @@ class TargetEngine:
         whole batch (split only if it exceeds ``max_batch_tokens``).  Every
         session of the batch stays pinned until its :meth:`commit`.
         """
+        if not items:
+            return []
         keys = [item.session_key for item in items]
         if len(set(keys)) != len(keys):
             raise ValueError("a session may appear only once per batch")

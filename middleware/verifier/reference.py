@@ -57,7 +57,8 @@ def _decode(model: Any, prompt_ids: Sequence[int], max_new_tokens: int,
 
 
 def reference_greedy(model: Any, prompt_ids: Sequence[int], max_new_tokens: int,
-                     stop_ids: Collection[int] = (), on_token: TokenSink | None = None) -> list[int]:
+                     stop_ids: Collection[int] = (),
+                     on_token: TokenSink | None = None) -> list[int]:
     """Greedy target-only decoding: the tokens ``model.generate(do_sample=False)`` produces."""
     return _decode(model, prompt_ids, max_new_tokens, stop_ids,
                    lambda logits, _i: greedy_choice(logits), on_token)

@@ -105,7 +105,8 @@ def test_batched_verify_logits_match_unbatched(smollm2: LoadedModel, prompts: li
                         logits_to_keep=1)
             rows.append(out.logits[0, -1])
             for t in item.draft:
-                rows.append(model(torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0, -1])
+                out = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+                rows.append(out.logits[0, -1])
         steps = torch.stack(rows).float()
         assert torch.equal(lg.argmax(-1), alone.argmax(-1))
         assert torch.equal(lg.argmax(-1), steps.argmax(-1))
@@ -141,7 +142,8 @@ def run_rounds(engine: TargetEngine, sessions: list[Sess], params: SamplingParam
             if params.mode == "greedy":
                 n, nxt = greedy_accept(d, lg.argmax(-1).tolist())
             else:
-                n, nxt = coupled_accept(d, process_logits(lg, params), params.seed, len(s.generated))
+                lp = process_logits(lg, params)
+                n, nxt = coupled_accept(d, lp, params.seed, len(s.generated))
             for t in [*d[:n], nxt]:
                 s.generated.append(t)
                 if t in stop_ids or len(s.generated) == max_new:

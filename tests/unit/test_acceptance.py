@@ -176,7 +176,8 @@ def test_rejection_rejects_zero_target_probability_and_tokens_outside_q() -> Non
 
 def test_rejection_is_reproducible_with_the_same_generator_seed() -> None:
     p = torch.softmax(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), -1)
-    q = [dense_to_sparse(torch.softmax(torch.randn(8, generator=torch.Generator().manual_seed(i)), -1))
+    q = [dense_to_sparse(torch.softmax(torch.randn(8, generator=torch.Generator().manual_seed(i)),
+                                       -1))
          for i in (2, 3)]
     results = {speculative_sampling_accept([1, 2], q, p, seeded_generator(5, 9, STREAM_REJECTION))
                for _ in range(5)}
@@ -216,7 +217,8 @@ def test_rejection_first_token_is_distributed_as_target(q_kind: str) -> None:
     accepted = 0
     for trial in range(trials):
         x = int(torch.multinomial(q_full, 1, generator=draft_rng))
-        n, nxt = speculative_sampling_accept([x], [q], p, seeded_generator(17, trial, STREAM_REJECTION))
+        rng = seeded_generator(17, trial, STREAM_REJECTION)
+        n, nxt = speculative_sampling_accept([x], [q], p, rng)
         first = x if n == 1 else nxt
         counts[first] += 1
         accepted += n

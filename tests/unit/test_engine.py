@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -154,7 +156,8 @@ def test_verify_matches_step_by_step_decoding_logits(model: LlamaForCausalLM) ->
         logits = model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits
         rows.append(logits[0, -1])
         for t in draft:
-            rows.append(model(torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0, -1])
+            out = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            rows.append(out.logits[0, -1])
     steps = torch.stack(rows).float()
     print(f"tiny llama: max|verify - step-by-step| = {assert_same_logits(verify, steps):.3g}")
 
@@ -171,18 +174,22 @@ def test_small_max_batch_tokens_chunks_prefill_and_splits_batches(model: LlamaFo
 
 # -- lossless decoding --------------------------------------------------------------
 
+def generate_greedy(model: LlamaForCausalLM, prompt: list[int], max_new: int,
+                    eos: int | None) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos or 0)
+    return out[0, len(prompt):].tolist()
+
+
 def test_reference_greedy_equals_generate(model: LlamaForCausalLM) -> None:
     for prompt in PROMPTS[:4]:
         ours = reference_greedy(model, prompt, 24)
-        gen = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             do_sample=False, max_new_tokens=24, eos_token_id=None, pad_token_id=0)
-        assert gen[0, len(prompt):].tolist() == ours
+        assert ours == generate_greedy(model, prompt, 24, None)
         stop = ours[len(ours) // 2]
         stopped = reference_greedy(model, prompt, 24, stop_ids={stop})
         assert stopped == ours[: ours.index(stop) + 1]
-        gen = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             do_sample=False, max_new_tokens=24, eos_token_id=stop, pad_token_id=stop)
-        assert gen[0, len(prompt):].tolist() == stopped
+        assert stopped == generate_greedy(model, prompt, 24, stop)
 
 
 def test_reference_sample_follows_coupled_choice_and_is_seeded(model: LlamaForCausalLM) -> None:
@@ -280,8 +287,28 @@ def test_eviction_is_lru_and_spares_pinned_sessions(model: LlamaForCausalLM) -> 
     assert [engine.cached_len(k) for k in "abc"] == [0, 19, 19] and engine.evictions == 2
 
 
+def qwen2(**kw: Any) -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         initializer_range=0.3, **kw)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_another_family_batches_exactly_and_sliding_windows_are_refused() -> None:
+    model = qwen2()
+    items = [VerifyItem(i, p, random_tokens(3, i)) for i, p in enumerate(PROMPTS[:4])]
+    for item, got in zip(items, TargetEngine(model).verify_batch(items), strict=True):
+        assert_same_logits(got, full_forward_logits(model, [*item.context, *item.draft], 4))
+    with pytest.raises(ModelError, match="sliding_attention"):
+        TargetEngine(qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=1))
+
+
 def test_verify_batch_rejects_bad_items(model: LlamaForCausalLM) -> None:
     engine = TargetEngine(model)
+    assert engine.verify_batch([]) == [] and engine.forward_passes == 0
     with pytest.raises(ValueError):
         engine.verify_batch([VerifyItem("a", [1, 2], []), VerifyItem("a", [1, 2], [])])
     with pytest.raises(ValueError):
@@ -294,7 +321,7 @@ def test_verify_batch_rejects_bad_items(model: LlamaForCausalLM) -> None:
 
 # -- loading -------------------------------------------------------------------------
 
-def make_tokenizer(words: Sequence[str]):  # type: ignore[no-untyped-def]
+def make_tokenizer(words: Sequence[str]) -> Any:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
@@ -311,7 +338,7 @@ def test_tokenizer_fingerprint_is_stable_and_vocab_sensitive() -> None:
     assert len(a) == 16 and int(a, 16) >= 0
 
 
-def test_load_errors_are_model_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_load_errors_are_model_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not found"):
         load_causal_lm(str(tmp_path / "missing.gguf"))
     with pytest.raises(ModelError):

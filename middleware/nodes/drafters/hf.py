@@ -118,7 +118,8 @@ class HFDrafter(Drafter):
         self._cached = list(context)
         self.forwards += 1
         self.fed_tokens += len(context) - keep
-        return out.logits[0, -1].float()  # [V]
+        # Token choice runs on CPU: the seeded generators and Gumbel noise live there.
+        return out.logits[0, -1].float().cpu()  # [V]
 
 
 def confidence(probs: torch.Tensor, metric: Metric) -> float:
