@@ -134,3 +134,18 @@ def load_causal_lm(spec: str, device: str = "cpu", dtype: str = "float32",
     fingerprint = tokenizer_fingerprint(tokenizer)
     report(f"ready: {source.name} ({fingerprint})")
     return LoadedModel(model=model, tokenizer=tokenizer, name=source.name, fingerprint=fingerprint)
+
+
+def load_tokenizer(spec: str) -> tuple[Any, str]:
+    """Only the tokenizer of ``spec`` and its fingerprint (for devices that draft without a model)."""
+    source = _resolve(spec)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise ModelError("the model stack is not installed (pip install '.[model]')") from exc
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {spec!r}: {type(exc).__name__}: {exc}") from exc
+    return tokenizer, tokenizer_fingerprint(tokenizer)

@@ -8,7 +8,7 @@ output and corrupts part of it, so every acceptance length occurs.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,9 +82,6 @@ class Sess:
     target: list[int]  # the reference output the drafter peeks at
     generated: list[int] = field(default_factory=list)
     done: bool = False
-
-
-Drafter = Callable[[Sess, random.Random], list[int]]
 
 
 def noisy_drafter(s: Sess, rnd: random.Random) -> list[int]:

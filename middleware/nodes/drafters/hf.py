@@ -101,7 +101,7 @@ class HFDrafter(Drafter):
         return int(ids[pick]), conf, q
 
     def _advance(self, context: list[int]) -> torch.Tensor:
-        """Bring the cache to ``context[:-1]`` + feed the rest; next-token logits [V]."""
+        """Crop the cache to the common prefix (at most ``context[:-1]``), feed the rest."""
         keep = min(common_prefix(self._cached, context), len(context) - 1)
         if self._cache is None or keep == 0:
             self._cache = DynamicCache()

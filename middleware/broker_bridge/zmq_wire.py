@@ -1,0 +1,122 @@
+"""The ZeroMQ hub protocol: msgpack command headers plus a raw payload frame.
+
+Every ZeroMQ message between a :class:`~middleware.broker_bridge.zmq.ZmqBus`
+(DEALER) and the :class:`~middleware.broker_bridge.zmq_hub.ZmqHub` (ROUTER)
+is one header frame, a msgpack map whose ``"c"`` names the command, and, for
+``pub``/``msg``, a second frame with the payload bytes (never re-encoded)::
+
+    client -> hub                              hub -> client
+    hello   id, v, hb, live, will?             welcome  hub, v
+    sub     rid, f, q                          suback   rid, err?
+    unsub   rid, f                             unsuback rid
+    pub     m, t, q, r, ct?, e?, up?, co?  +P  puback   m, err?   (QoS >= 1 only)
+    ping                                       pong
+    bye                                        msg      t, q, r, ct?, e?, up?, co?  +P
+                                               unknown  (hub has no session: say hello)
+
+Keys: ``m`` message id, ``rid`` request id, ``t`` topic, ``q`` QoS, ``r``
+retain, ``ct`` content type, ``e`` expiry (s), ``up`` user properties,
+``co`` correlation bytes, ``hb`` heartbeat interval (s), ``live`` missed
+heartbeats before the peer is dead, ``will`` ``[topic, payload, qos, retain,
+delay]``.  Decoding untrusted frames raises only :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from middleware.broker_bridge.bus import BusMessage, Will
+from middleware.errors import ProtocolError
+
+VERSION = 1
+MAX_HEADER = 1 << 20  # bytes; a header is small, anything larger is hostile
+
+HELLO, WELCOME, SUB, SUBACK, UNSUB, UNSUBACK = "hello", "welcome", "sub", "suback", "unsub", "unsuback"
+PUB, PUBACK, MSG, PING, PONG, BYE, UNKNOWN = "pub", "puback", "msg", "ping", "pong", "bye", "unknown"
+
+
+def pack(cmd: str, **fields: Any) -> bytes:
+    """A header frame for ``cmd``; ``None`` fields are left out."""
+    body = {"c": cmd}
+    body.update({k: v for k, v in fields.items() if v is not None})
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(frame: bytes) -> dict[str, Any]:
+    """Decode a header frame; ProtocolError unless it is a map with a string ``c``."""
+    if len(frame) > MAX_HEADER:
+        raise ProtocolError(f"zmq header of {len(frame)} bytes")
+    try:
+        head = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=MAX_HEADER)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError, RecursionError) as exc:
+        raise ProtocolError(f"zmq header is not msgpack: {exc}") from exc
+    if not isinstance(head, dict) or not isinstance(head.get("c"), str):
+        raise ProtocolError("zmq header is not a command map")
+    return head
+
+
+def message_fields(topic: str, qos: int, retain: bool, content_type: str | None,
+                   expiry: float | None, user_properties: Mapping[str, str] | None,
+                   correlation: bytes | None) -> dict[str, Any]:
+    """The header fields of a ``pub``/``msg`` (everything but the payload)."""
+    return {"t": topic, "q": qos, "r": retain, "ct": content_type, "e": expiry,
+            "up": {str(k): str(v) for k, v in user_properties.items()} if user_properties else None,
+            "co": bytes(correlation) if correlation is not None else None}
+
+
+def message_from(head: Mapping[str, Any], payload: bytes) -> BusMessage:
+    """A :class:`BusMessage` from a ``pub``/``msg`` header and its payload frame."""
+    topic, qos, retain = head.get("t"), head.get("q", 0), head.get("r", False)
+    ct, expiry, up, co = head.get("ct"), head.get("e"), head.get("up", {}), head.get("co")
+    if not isinstance(topic, str) or not topic:
+        raise ProtocolError("message without a topic")
+    if not isinstance(qos, int) or isinstance(qos, bool) or qos not in (0, 1, 2):
+        raise ProtocolError(f"bad qos in message to {topic!r}")
+    if not isinstance(retain, bool):
+        raise ProtocolError("bad retain flag")
+    if ct is not None and not isinstance(ct, str):
+        raise ProtocolError("bad content type")
+    if expiry is not None and (not isinstance(expiry, int | float) or isinstance(expiry, bool)
+                               or not expiry > 0):
+        raise ProtocolError("bad expiry")
+    if not isinstance(up, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in up.items()):
+        raise ProtocolError("bad user properties")
+    if co is not None and not isinstance(co, bytes):
+        raise ProtocolError("bad correlation data")
+    return BusMessage(topic=topic, payload=payload, qos=qos, retain=retain, content_type=ct,
+                      expiry=float(expiry) if expiry is not None else None,
+                      user_properties=up, correlation=co)
+
+
+def will_to_wire(will: Will | None) -> list[Any] | None:
+    if will is None:
+        return None
+    return [will.topic, will.payload, will.qos, will.retain, will.delay]
+
+
+def will_from_wire(raw: Any) -> Will | None:
+    """Decode a hello's will; ProtocolError when malformed."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) != 5:
+        raise ProtocolError("will: expected [topic, payload, qos, retain, delay]")
+    topic, payload, qos, retain, delay = raw
+    ok = (isinstance(topic, str) and topic and isinstance(payload, bytes)
+          and qos in (0, 1, 2) and isinstance(retain, bool)
+          and isinstance(delay, int | float) and 0 <= delay <= 86_400 * 365)
+    if not ok:
+        raise ProtocolError("will: bad field")
+    return Will(topic, payload, int(qos), retain, float(delay))
+
+
+def positive(head: Mapping[str, Any], key: str, default: float, hi: float) -> float:
+    """A positive number field of a header, clamped to ``hi``; ProtocolError if wrong."""
+    value = head.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ProtocolError(f"{key}: expected a positive number")
+    return min(float(value), hi)
