@@ -4,7 +4,7 @@
 #   deploy/mosquitto/provision-device.sh [options] ID
 #
 #   ID            the username; for a device also its device id (mw-cli node --id ID)
-#   -r ROLE       device (default), verifier, monitor, operator or bridge
+#   -r ROLE       device (default), verifier, monitor, operator, bridge or relay
 #   -d DIR        broker config dir holding passwd and acl (default /etc/mosquitto/mw)
 #   -c CA_DIR     dir with ca.crt and ca.key from make-test-ca.sh (default: DIR)
 #   -p PASSWORD   the password (default: $MW_PASSWORD, else 24 random bytes)
@@ -93,7 +93,9 @@ topic read $p/session/+/state
 topic write $p/device/+/status
 topic read $p/device/+/inbox
 topic read $p/verifier/+/status" ;;
-  *) die "unknown role '$role' (device, verifier, monitor, operator, bridge)" ;;
+  relay) rules="topic deny $p/device/$id/#
+topic readwrite $p/#" ;;
+  *) die "unknown role '$role' (device, verifier, monitor, operator, bridge, relay)" ;;
 esac
 
 mkdir -p "$dir"

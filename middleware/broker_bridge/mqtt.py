@@ -406,7 +406,8 @@ class MqttBus(Bus):
     async def _resubscribe(self) -> None:
         filters: dict[str, int] = {}
         for sub in self._subs:
-            filters[sub.filter] = max(filters.get(sub.filter, 0), sub.qos)
+            for f in sub.filters:  # the primary filter (if any) and those added later
+                filters[f] = max(filters.get(f, 0), sub.qos)
         if not filters:
             return
         deadline = self._require_loop().time() + self.settings.request_timeout

@@ -44,18 +44,18 @@ import contextlib
 import itertools
 import random
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import zmq
-import zmq.asyncio
 
 from middleware.broker_bridge import zmq_wire as w
 from middleware.broker_bridge.bus import Bus, Will
 from middleware.broker_bridge.mqtt import check_filter, check_topic
 from middleware.broker_bridge.zmq_hub import DEFAULT_PORT, HubSettings, HubStats, ZmqHub, serve_hub
+from middleware.broker_bridge.zmq_pump import Pump
 from middleware.errors import BusClosedError, BusError, ConfigError, ProtocolError, TopicError
 
 __all__ = ["DEFAULT_PORT", "HubSettings", "HubStats", "ZmqBus", "ZmqHub", "ZmqSettings",
@@ -109,24 +109,62 @@ class _Lost(Exception):
 
 
 class _Conn:
-    """One DEALER socket and what depends on it; replaced on every reconnect."""
+    """One DEALER socket and what depends on it; replaced on every reconnect.
 
-    def __init__(self, sock: zmq.asyncio.Socket, loop: asyncio.AbstractEventLoop) -> None:
-        self.sock = sock
+    Futures made with :meth:`future` fail with :class:`_Lost` when the
+    connection drops, so a waiter never outlives its connection.
+    """
+
+    def __init__(self, sock: zmq.Socket[bytes], loop: asyncio.AbstractEventLoop,
+                 on_frames: Callable[[_Conn, list[bytes]], None]) -> None:
         self.loop = loop
         self.lost: asyncio.Future[str] = loop.create_future()
-        self.welcome: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.last_heard = loop.time()
         self.linger_ms = 0
+        self._bound: set[asyncio.Future[Any]] = set()
+        self.welcome: asyncio.Future[dict[str, Any]] = self.future()
+        self.pump = Pump(sock, lambda frames: on_frames(self, frames), loop)
+
+    def future(self) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        if self.lost.done():
+            fut.set_exception(_Lost(self.lost.result()))
+        else:
+            self._bound.add(fut)
+            fut.add_done_callback(self._bound.discard)
+        return fut
+
+    async def push(self, frames: list[bytes]) -> None:
+        """Queue frames, waiting for room (high-water mark, or not yet connected)."""
+        while True:
+            try:
+                if self.pump.send(frames):
+                    return
+            except zmq.ZMQError as exc:
+                self.drop(f"send failed: {exc}")
+            if self.lost.done():
+                raise _Lost(self.lost.result())
+            room = self.pump.writable()
+            bound = self.future()
+            room.add_done_callback(lambda f: bound.done() or bound.set_result(None))
+            try:
+                await bound
+            finally:
+                room.cancel()
 
     def drop(self, reason: str) -> None:
-        if not self.lost.done():
-            self.lost.set_result(reason)
+        if self.lost.done():
+            return
+        self.lost.set_result(reason)
+        for fut in list(self._bound):
+            if not fut.done():
+                fut.set_exception(_Lost(reason))
+                fut.exception()  # retrieved: nobody may be waiting on it any more
+        self._bound.clear()
 
     def close(self) -> None:
         self.drop("closed")
-        if not self.sock.closed:
-            self.sock.close(linger=self.linger_ms)
+        self.pump.close(self.linger_ms)
 
 
 class ZmqBus(Bus):
@@ -201,7 +239,8 @@ class ZmqBus(Bus):
         self._wake()
         conn = self._conn
         if conn is not None and self._connected.is_set():
-            _send_nowait(conn.sock, [_BYE])
+            with contextlib.suppress(zmq.ZMQError):
+                conn.pump.send([_BYE])
             conn.linger_ms = 500  # let the bye leave before the socket goes
         task, self._task = self._task, None
         await _cancel(task)
@@ -249,25 +288,26 @@ class ZmqBus(Bus):
         deadline = loop.time() + (self.settings.request_timeout if timeout is None else timeout)
         if qos == 0:
             conn = await self._ready(deadline)
-            if not _send_nowait(conn.sock, [w.pack(w.PUB, **fields), body]):
+            try:
+                sent = conn.pump.send([w.pack(w.PUB, **fields), body])
+            except zmq.ZMQError:
+                sent = False
+            if not sent:
                 self.send_drops += 1
             return
         mid = next(self._mids)
         frames = [w.pack(w.PUB, m=mid, **fields), body]
-        ack: asyncio.Future[None] = loop.create_future()
-        self._acks[mid] = ack
         try:
             async with asyncio.timeout_at(deadline):
                 while True:
                     conn = await self._ready(None)
+                    self._acks[mid] = ack = conn.future()
                     try:
-                        await _until(conn, _send(conn.sock, frames), cancel=True)
-                        await _until(conn, ack)
+                        await conn.push(frames)
+                        await ack
                         return
                     except _Lost:
                         continue  # send it again on the next connection
-        except zmq.ZMQError as exc:
-            raise BusError(f"{self.client_id}: cannot publish to {topic!r}: {exc}") from exc
         except TimeoutError as exc:
             raise BusError(f"{self.client_id}: no ack from the hub for {topic!r} in time "
                            f"(connected={self.is_connected})") from exc
@@ -308,12 +348,11 @@ class ZmqBus(Bus):
                        **fields: Any) -> dict[str, Any]:
         """Send a sub/unsub and wait for its answer; _Lost if the connection ends first."""
         rid = next(self._rids)
-        fut: asyncio.Future[dict[str, Any]] = self._require_loop().create_future()
-        self._requests[rid] = fut
+        self._requests[rid] = fut = conn.future()
         try:
             async with asyncio.timeout_at(deadline):
-                await _until(conn, _send(conn.sock, [w.pack(cmd, rid=rid, **fields)]), cancel=True)
-                return await _until(conn, fut)
+                await conn.push([w.pack(cmd, rid=rid, **fields)])
+                return await fut  # type: ignore[no-any-return]
         except TimeoutError as exc:
             raise BusError(f"{self.client_id}: no answer from the hub to {cmd} "
                            f"{fields.get('f')!r} in time") from exc
@@ -327,7 +366,7 @@ class ZmqBus(Bus):
         delay = s.reconnect_min
         give_up_at = loop.time() + s.connect_timeout
         while True:
-            conn = _Conn(self._new_socket(), loop)
+            conn = _Conn(self._new_socket(), loop, self._on_frames)
             up_since: float | None = None
             try:
                 up_since = await self._session(conn, first, give_up_at)
@@ -348,34 +387,30 @@ class ZmqBus(Bus):
     async def _session(self, conn: _Conn, first: asyncio.Future[None], give_up_at: float) -> float:
         """Run one connection: handshake, re-subscribe, serve until lost.  Returns when it came up."""
         loop = conn.loop
-        async with asyncio.TaskGroup() as tg:
-            reader = tg.create_task(self._read(conn), name="read")
-            beat: asyncio.Task[None] | None = None
-            try:
-                timeout = self.settings.connect_timeout
-                deadline = min(give_up_at, loop.time() + timeout) if not first.done() \
-                    else loop.time() + timeout
-                await self._handshake(conn, deadline)
-                await self._resubscribe(conn, deadline)
-                beat = tg.create_task(self._beat(conn), name="heartbeat")
-                up_since = loop.time()
-                self._conn = conn
-                self._connected.set()
-                self._wake()
-                if first.done():
-                    self.reconnects += 1
-                    log.info("zmq.reconnected", client_id=self.client_id, hub=self.hub_id,
-                             reconnects=self.reconnects)
-                else:
-                    first.set_result(None)
-                reason = await conn.lost
-                if not self._closed:
-                    log.warning("zmq.connection_lost", client_id=self.client_id, reason=reason)
-                return up_since
-            finally:
-                reader.cancel()
-                if beat is not None:
-                    beat.cancel()
+        timeout = self.settings.connect_timeout
+        deadline = loop.time() + timeout
+        if not first.done():
+            deadline = min(deadline, give_up_at)
+        await self._handshake(conn, deadline)
+        await self._resubscribe(conn, deadline)
+        beat = loop.create_task(self._beat(conn), name=f"zmq[{self.client_id}].heartbeat")
+        try:
+            up_since = loop.time()
+            self._conn = conn
+            self._connected.set()
+            self._wake()
+            if first.done():
+                self.reconnects += 1
+                log.info("zmq.reconnected", client_id=self.client_id, hub=self.hub_id,
+                         reconnects=self.reconnects)
+            else:
+                first.set_result(None)
+            reason = await conn.lost
+            if not self._closed:
+                log.warning("zmq.connection_lost", client_id=self.client_id, reason=reason)
+            return up_since
+        finally:
+            await _cancel(beat)
 
     async def _handshake(self, conn: _Conn, deadline: float) -> None:
         s = self.settings
@@ -383,8 +418,8 @@ class ZmqBus(Bus):
                        will=w.will_to_wire(s.will))
         try:
             async with asyncio.timeout_at(deadline):
-                await _until(conn, _send(conn.sock, [hello]), cancel=True)
-                head = await _until(conn, conn.welcome)
+                await conn.push([hello])
+                head = await conn.welcome
         except TimeoutError as exc:
             raise BusError(f"{self.client_id}: no answer from a hub at {s.endpoint}") from exc
         except _Lost as exc:
@@ -420,21 +455,16 @@ class ZmqBus(Bus):
             self._live.clear()
         conn.close()
 
-    async def _read(self, conn: _Conn) -> None:
-        while True:
-            try:
-                frames = await conn.sock.recv_multipart()
-            except zmq.ZMQError as exc:
-                conn.drop(f"receive failed: {exc}")
-                return
-            conn.last_heard = conn.loop.time()
-            try:
-                self._on_frames(conn, frames)
-            except ProtocolError as exc:
-                self.malformed += 1
-                log.warning("zmq.malformed", client_id=self.client_id, error=str(exc)[:200])
-
     def _on_frames(self, conn: _Conn, frames: list[bytes]) -> None:
+        """The pump's callback: one message from the hub."""
+        conn.last_heard = conn.loop.time()
+        try:
+            self._handle(conn, frames)
+        except ProtocolError as exc:
+            self.malformed += 1
+            log.warning("zmq.malformed", client_id=self.client_id, error=str(exc)[:200])
+
+    def _handle(self, conn: _Conn, frames: list[bytes]) -> None:
         head = w.unpack(frames[0])
         cmd = head["c"]
         if cmd == w.MSG:
@@ -470,11 +500,12 @@ class ZmqBus(Bus):
             if conn.loop.time() - conn.last_heard > silence:
                 conn.drop(f"hub silent for {silence:.3g}s")
                 return
-            _send_nowait(conn.sock, [_PING])  # a full queue carries data: that is life enough
+            with contextlib.suppress(zmq.ZMQError):
+                conn.pump.send([_PING])  # a full queue carries data: that is life enough
 
-    def _new_socket(self) -> zmq.asyncio.Socket:
+    def _new_socket(self) -> zmq.Socket[bytes]:
         s = self.settings
-        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection, never for a dead one
         sock.setsockopt(zmq.SNDHWM, s.sndhwm)
@@ -536,47 +567,7 @@ _PING = w.pack(w.PING)
 _BYE = w.pack(w.BYE)
 
 
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # a send nobody waits for any more: its outcome no longer matters
-
-
-def _send(sock: zmq.asyncio.Socket, frames: list[bytes]) -> asyncio.Future[Any]:
-    fut: asyncio.Future[Any] = sock.send_multipart(frames)  # type: ignore[assignment]
-    fut.add_done_callback(_retrieve)
-    return fut
-
-
-def _send_nowait(sock: zmq.asyncio.Socket, frames: list[bytes]) -> bool:
-    """Queue frames if there is room now; False when the queue is at its high-water mark."""
-    if sock.closed:
-        return False
-    fut: asyncio.Future[Any] = sock.send_multipart(frames, flags=zmq.DONTWAIT)  # type: ignore[assignment]
-    if not fut.done():  # behind a blocked send: it resolves (or fails) later
-        fut.add_done_callback(_retrieve)
-        return True
-    return fut.exception() is None
-
-
-async def _until(conn: _Conn, fut: asyncio.Future[Any], *, cancel: bool = False) -> Any:
-    """``fut``'s result, or _Lost when the connection ends first (``cancel``: then cancel it)."""
-    if not fut.done():
-        try:
-            await asyncio.wait((fut, conn.lost), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # a timeout or close: a send nobody awaits must not go out
-            if cancel:
-                fut.cancel()
-            raise
-    if fut.done():
-        return fut.result()
-    if cancel:
-        fut.cancel()
-    raise _Lost(conn.lost.result())
-
-
 def _as_bus_error(exc: BaseException) -> BusError:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]  # the session's task group wraps what its body raised
     if isinstance(exc, BusError):
         return exc
     log.error("zmq.unexpected_error", error=repr(exc))

@@ -54,11 +54,11 @@ from typing import Any, Self
 import msgpack
 import structlog
 import zmq
-import zmq.asyncio
 
 from middleware.broker_bridge import zmq_wire as w
 from middleware.broker_bridge.bus import BusMessage, Will
 from middleware.broker_bridge.mqtt import check_filter, check_topic
+from middleware.broker_bridge.zmq_pump import Pump
 from middleware.errors import BusError, ConfigError, ProtocolError, TopicError
 from middleware.protocol.topics import matches, strip_share
 
@@ -144,7 +144,7 @@ class ZmqHub:
         self.settings = settings or HubSettings()
         self.hub_id = uuid.uuid4().hex[:12]
         self.port = self.settings.port
-        self._sock: zmq.asyncio.Socket | None = None
+        self._pump: Pump | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clients: dict[bytes, _Client] = {}
@@ -179,7 +179,7 @@ class ZmqHub:
             raise BusError("hub already started")
         self._loop = asyncio.get_running_loop()
         self._load()
-        self._sock = await self._bind()
+        self._pump = Pump(await self._bind(), self._on_frames, self._loop)
         self._task = self._loop.create_task(self._run(), name=f"zmq-hub[{self.port}]")
         log.info("hub.started", endpoint=self.endpoint, hub=self.hub_id,
                  retained=len(self._retained))
@@ -192,9 +192,9 @@ class ZmqHub:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close(linger=0)
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.close()
             self._save_now()
         self._pending_wills.clear()
 
@@ -211,9 +211,9 @@ class ZmqHub:
                         tb: TracebackType | None) -> None:
         await self.close()
 
-    async def _bind(self) -> zmq.asyncio.Socket:
+    async def _bind(self) -> zmq.Socket[bytes]:
         s = self.settings
-        sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises instead of dropping silently
         sock.setsockopt(zmq.SNDHWM, s.sndhwm)
         sock.setsockopt(zmq.RCVHWM, s.rcvhwm)
@@ -240,8 +240,7 @@ class ZmqHub:
         return sock
 
     async def _run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._receive(), name="receive")
+        async with asyncio.TaskGroup() as tg:  # receiving is the pump's reader callback
             tg.create_task(self._sweep(), name="sweep")
             if self.settings.persist_path:
                 tg.create_task(self._persist(), name="persist")
@@ -269,15 +268,12 @@ class ZmqHub:
                 if not self._expired(r)}
 
     # --- receive ----------------------------------------------------------------
-    async def _receive(self) -> None:
-        sock = self._require_sock()
-        while True:
-            frames = await sock.recv_multipart()
-            try:
-                self._handle(frames)
-            except ProtocolError as exc:
-                self._counts["malformed"] += 1
-                log.warning("hub.malformed", error=str(exc)[:200])
+    def _on_frames(self, frames: list[bytes]) -> None:
+        try:
+            self._handle(frames)
+        except ProtocolError as exc:
+            self._counts["malformed"] += 1
+            log.warning("hub.malformed", error=str(exc)[:200])
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -402,19 +398,15 @@ class ZmqHub:
 
     def _send(self, ident: bytes, frames: list[bytes], client: _Client | None = None) -> bool:
         """Queue frames towards a client without blocking; False (counted) if they were dropped."""
-        sock = self._require_sock()
-        fut = sock.send_multipart([ident, *frames], flags=zmq.DONTWAIT)
-        # With DONTWAIT and no blocking send pending (the hub never blocks) pyzmq
-        # completes the future at once, so its outcome is known here.
-        exc = fut.exception() if fut.done() else None
-        if exc is None:
-            return True
-        if isinstance(exc, zmq.Again):
-            self._counts["dropped"] += 1
-            if client is not None:
-                client.dropped += 1
-        else:  # EHOSTUNREACH: its connection is gone; the heartbeat sweep will bury it
+        try:
+            if self._require_pump().send([ident, *frames]):
+                return True
+        except zmq.ZMQError:  # EHOSTUNREACH: its connection is gone; the sweep will bury it
             self._counts["unroutable"] += 1
+            return False
+        self._counts["dropped"] += 1  # its queue is at the high-water mark
+        if client is not None:
+            client.dropped += 1
         return False
 
     # --- subscriptions -------------------------------------------------------------
@@ -522,10 +514,10 @@ class ZmqHub:
     def _now(self) -> float:
         return self._loop.time() if self._loop is not None else time.monotonic()
 
-    def _require_sock(self) -> zmq.asyncio.Socket:
-        if self._sock is None:
+    def _require_pump(self) -> Pump:
+        if self._pump is None:
             raise BusError("hub is not running")
-        return self._sock
+        return self._pump
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -62,10 +62,17 @@ def unpack(frame: bytes) -> dict[str, Any]:
 def message_fields(topic: str, qos: int, retain: bool, content_type: str | None,
                    expiry: float | None, user_properties: Mapping[str, str] | None,
                    correlation: bytes | None) -> dict[str, Any]:
-    """The header fields of a ``pub``/``msg`` (everything but the payload)."""
-    return {"t": topic, "q": qos, "r": retain, "ct": content_type, "e": expiry,
-            "up": {str(k): str(v) for k, v in user_properties.items()} if user_properties else None,
-            "co": bytes(correlation) if correlation is not None else None}
+    """The header fields of a ``pub``/``msg`` (everything but the payload; unset ones left out)."""
+    fields: dict[str, Any] = {"t": topic, "q": qos, "r": retain}
+    if content_type is not None:
+        fields["ct"] = content_type
+    if expiry is not None:
+        fields["e"] = expiry
+    if user_properties:
+        fields["up"] = {str(k): str(v) for k, v in user_properties.items()}
+    if correlation is not None:
+        fields["co"] = bytes(correlation)
+    return fields
 
 
 def message_from(head: Mapping[str, Any], payload: bytes) -> BusMessage:

@@ -87,6 +87,9 @@ class NodeService:
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
         self._tg: asyncio.TaskGroup | None = None
         self._totals = {"proposed": 0.0, "accepted": 0.0, "rounds": 0.0, "tokens": 0.0}
+        # Local delivery of every text chunk as it is produced (a local UI, a test), also
+        # while the bus is down: provisional text reaches the user even offline.
+        self.on_text: Callable[[TextChunk], None] | None = None
 
     async def run(self) -> None:
         """Serve the inbox until cancelled."""
@@ -127,7 +130,7 @@ class NodeService:
         if max_new_tokens:
             cfg = replace(cfg, max_new_tokens=max_new_tokens)
         async with self._slots:
-            stream = TextStream(self.tokenizer, session_id, self.config.device_id, self._text.put_nowait)
+            stream = TextStream(self.tokenizer, session_id, self.config.device_id, self._emit)
             drafter = await asyncio.to_thread(self.drafter_factory)
             session = DeviceSession(session_id=session_id, device_id=self.config.device_id,
                                     prompt=prompt_ids, tokenizer_fp=self.fingerprint, drafter=drafter,
@@ -165,14 +168,26 @@ class NodeService:
                         chat=req.chat)
 
     async def _publish_text(self) -> None:
+        """Publish text chunks and results in order; while the link is down, wait and retry
+        (text released offline reaches the topic once the link is back, still in order)."""
         while True:
             item = await self._text.get()
             topic = self.topics.session(item.session_id, "result" if isinstance(item, Result) else "text")
-            try:
-                await self.bus.publish(topic, item.encode(), qos=1, retain=isinstance(item, Result),
-                                       content_type=CONTENT_JSON)
-            except MiddlewareError as exc:
-                log.warning("text_publish_failed", topic=topic, error=str(exc))
+            delay = 0.1
+            while True:
+                try:
+                    await self.bus.publish(topic, item.encode(), qos=1, retain=isinstance(item, Result),
+                                           content_type=CONTENT_JSON)
+                    break
+                except MiddlewareError as exc:
+                    log.warning("text_publish_retry", topic=topic, error=str(exc), retry_in=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    def _emit(self, item: TextChunk) -> None:
+        self._text.put_nowait(item)
+        if self.on_text is not None:
+            self.on_text(item)
 
     def status(self, state: str = "online") -> DeviceStatus:
         t = self._totals

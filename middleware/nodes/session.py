@@ -186,10 +186,14 @@ class DeviceSession:
         return self.seq
 
     async def _send(self, msg: OpenSession | Draft | CloseSession) -> None:
+        """Publish; a transport that cannot take it within the RTO counts as a failure.
+
+        A message that the transport still delivers later is harmless: every
+        message is idempotent (duplicates and stale bases are answered as such)."""
         try:
-            await self.link.send(msg)
-        except BusError as exc:
-            self._log.warning("send_failed", error=str(exc))
+            await asyncio.wait_for(self.link.send(msg), self._rto.value)
+        except (BusError, TimeoutError) as exc:
+            self._log.warning("send_failed", error=str(exc) or type(exc).__name__)
             self._fail()
 
     def _fail(self) -> None:

@@ -18,8 +18,12 @@ Batching sessions with different cache and draft lengths in one forward
   the rotation they were computed with).
 
 Mathematically each row is the unbatched computation; in floating point the
-matmul shapes differ, which can move logits in the last bits (measured in the
-tests and reported there).  After the forward each row's new KV is cut out of
+matmul shapes differ, which moves logits in the last bits.  Measured on
+SmolLM2-135M (float32, CPU, 138 positions over 4-session batches): max |logit
+diff| 6.5e-5 batched vs alone and 6.1e-5 batched vs step-by-step decoding with
+a ``DynamicCache`` (sdpa; eager: 5.0e-5 / 5.7e-5), against a smallest
+top-1/top-2 gap of 1.3e-2: no argmax flip.  The model's own attention
+implementation is kept.  After the forward each row's new KV is cut out of
 the batched cache and kept per session.
 
 The engine never trusts its cache: every verify compares the cached token ids

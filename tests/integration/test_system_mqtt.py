@@ -9,7 +9,6 @@ import pytest
 
 from middleware.nodes.drafters import make_drafter
 from middleware.nodes.drafters.hf import HFDrafter
-from middleware.nodes.drafters.quantized import quantize_model
 from middleware.nodes.service import encode_prompt, stop_ids_of
 from middleware.nodes.session import SessionConfig
 from middleware.protocol import SamplingParams
@@ -29,11 +28,6 @@ PROMPTS = [
     "Say hello in French.",
 ]
 MAX_NEW = 32
-
-
-@pytest.fixture(scope="module")
-def quant4(smollm2):
-    return quantize_model(smollm2.model, 4)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,106 @@
+"""Intermittent links between a device and the broker (a TCP proxy the test controls).
+
+The device goes offline, releases provisional text, comes back, and every
+provisional token is confirmed or corrected; the final text equals the target
+model alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from middleware.broker_bridge.bus import Will
+from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
+from middleware.nodes.drafters.hf import HFDrafter
+from middleware.nodes.service import NodeConfig, NodeService, encode_prompt, stop_ids_of
+from middleware.nodes.service import offline_status_payload as device_will
+from middleware.nodes.session import SessionConfig
+from middleware.protocol import Result, TextChunk, Topics, decode
+from middleware.verifier.engine import TargetEngine
+from middleware.verifier.reference import reference_greedy
+from middleware.verifier.service import VerifierConfig, VerifierService
+from tests.integration.proxy import TcpProxy
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+PROMPT = "Explain what a message broker does."
+MAX_NEW = 40
+
+
+async def test_link_cut_goes_offline_then_confirms_or_corrects(mosquitto, unique_prefix, smollm2,
+                                                               quant4) -> None:
+    tok = smollm2.tokenizer
+    stops = stop_ids_of(tok)
+    ids = encode_prompt(tok, PROMPT)
+    ref = reference_greedy(smollm2.model, ids, MAX_NEW, stops)
+    t = Topics(unique_prefix)
+    sid = "cut-1"
+    chunks: list[TextChunk] = []
+    result: list[Result] = []
+    async with TcpProxy(mosquitto.host, mosquitto.port) as proxy, \
+            MqttBus(MqttSettings(host=mosquitto.host, port=mosquitto.port)) as vbus, \
+            MqttBus(MqttSettings(host=mosquitto.host, port=mosquitto.port)) as watch, \
+            MqttBus(MqttSettings(host=proxy.host, port=proxy.port, client_id=f"dev-{sid}",
+                                 clean_start=False, session_expiry=60, keepalive=5,
+                                 request_timeout=2.0, reconnect_min=0.1, reconnect_max=0.5,
+                                 will=Will(t.device_status("pi-cut"), device_will("pi-cut"),
+                                           delay=5.0))) as dbus:
+        verifier = VerifierService(vbus, TargetEngine(smollm2.model), tokenizer_fingerprint=smollm2.fingerprint,
+                                   config=VerifierConfig(verifier_id="v1", prefix=unique_prefix))
+        node = NodeService(dbus, tokenizer=tok, tokenizer_fp=smollm2.fingerprint,
+                           drafter_factory=lambda: HFDrafter(quant4, tok), drafter_name="quant4",
+                           config=NodeConfig(device_id="pi-cut", prefix=unique_prefix,
+                                             session=SessionConfig(max_new_tokens=MAX_NEW, stop_ids=stops,
+                                                                   max_failures=2, probe_interval=0.5)))
+        local: list[TextChunk] = []
+        node.on_text = local.append  # what the device's user sees, even while offline
+        text_sub = await watch.subscribe(t.session(sid, "text"))
+        result_sub = await watch.subscribe(t.session(sid, "result"))
+
+        async def collect() -> None:
+            async for msg in text_sub:
+                chunks.append(decode(msg.payload, expect=TextChunk))
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(verifier.run()), tg.create_task(node.run()), tg.create_task(collect())]
+            await verifier.ready.wait()
+            await node.ready.wait()
+            gen = tg.create_task(node.generate_ids(ids, session_id=sid))
+            await _until(lambda: any(c.kind == "verified" and c.pos + c.n_tokens >= 6 for c in local), 120)
+            await proxy.cut()
+            await _until(lambda: any(c.kind == "provisional" for c in local), 60)
+            await asyncio.sleep(1.0)  # stay offline a little longer: more provisional text
+            await proxy.restore()
+            outcome = await asyncio.wait_for(gen, 180)
+            result.append(decode((await result_sub.get(30)).payload, expect=Result))
+            await _until(lambda: len(chunks) >= len(local), 30)  # the bus caught up with the device
+            for task in tasks:
+                task.cancel()
+
+    assert list(outcome.tokens) == ref
+    assert chunks == local  # every chunk released offline reached the text topic, in order
+    assert result[0].text == tok.decode(ref, skip_special_tokens=True)
+    kinds = [c.kind for c in chunks]
+    assert "provisional" in kinds
+    assert "confirmed" in kinds or "correction" in kinds
+    # Every committed token reached the user exactly once as verified, confirmed or
+    # corrected text, in order; provisional text was always marked as such.
+    committed = [c for c in chunks if c.kind in ("verified", "confirmed", "correction") and c.n_tokens]
+    positions = [(c.pos, c.n_tokens) for c in committed]
+    assert [p for p, _ in positions] == [sum(n for _, n in positions[:i]) for i in range(len(positions))]
+    assert sum(n for _, n in positions) == len(ref)
+    assert "".join(c.text for c in committed) == result[0].text
+    print(f"\nchunks: {' '.join(kinds)}")
+    print({k: v for k, v in outcome.stats.items() if k in ("timeouts", "resends", "reopens",
+                                                             "offline_periods", "provisional", "corrections")})
+    assert outcome.stats["offline_periods"] >= 1
+
+
+async def _until(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
