@@ -56,7 +56,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "transport_overhead.json
 PING, PONG = "bench/ping", "bench/pong"
 
 
-# --- statistics -----------------------------------------------------------------------------
+# --- statistics ----------------------------------------------------------------------------------
 def summary(rtts: list[float]) -> dict[str, float]:
     """p50/p99/mean in microseconds of round-trip times given in seconds."""
     us = sorted(r * 1e6 for r in rtts)
@@ -65,7 +65,7 @@ def summary(rtts: list[float]) -> dict[str, float]:
             "mean_us": round(statistics.fmean(us), 1), "max_us": round(us[-1], 1)}
 
 
-# --- raw paho ---------------------------------------------------------------------------------
+# --- raw paho ------------------------------------------------------------------------------------
 def _paho_client(name: str, host: str, port: int) -> paho.Client:
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv5)
     c.connect(host, port, keepalive=60)
@@ -92,7 +92,8 @@ def raw_paho(host: str, port: int, n: int, warmup: int, payload: bytes) -> list[
     state = {"pongs": 0, "subacks": 0}
     b.on_message = lambda c, u, m: c.publish(PONG, m.payload, qos=1)
     a.on_message = lambda c, u, m: state.__setitem__("pongs", state["pongs"] + 1)
-    a.on_subscribe = b.on_subscribe = lambda *args: state.__setitem__("subacks", state["subacks"] + 1)
+    a.on_subscribe = b.on_subscribe = \
+        lambda *args: state.__setitem__("subacks", state["subacks"] + 1)
 
     def run_until(cond: Callable[[], bool], limit: float = 10.0) -> None:
         deadline = time.monotonic() + limit
@@ -120,7 +121,7 @@ def raw_paho(host: str, port: int, n: int, warmup: int, payload: bytes) -> list[
     return rtts
 
 
-# --- raw pyzmq ------------------------------------------------------------------------------
+# --- raw pyzmq -----------------------------------------------------------------------------------
 def serve_relay(port: int) -> None:
     """A minimal ROUTER relay: [sender, dest, payload] in -> [dest, sender, payload] out."""
     ctx = zmq.Context.instance()
@@ -176,7 +177,7 @@ def raw_zmq(port: int, n: int, warmup: int, payload: bytes) -> list[float]:
     return rtts
 
 
-# --- the buses ----------------------------------------------------------------------------------
+# --- the buses -----------------------------------------------------------------------------------
 async def bus_ping_pong(make: Callable[[str], Bus], n: int, warmup: int, payload: bytes,
                         qos: int) -> list[float]:
     async with make("bus-a") as a, make("bus-b") as b:
@@ -206,7 +207,7 @@ def run_bus(make: Callable[[str], Bus], n: int, warmup: int, payload: bytes,
     return asyncio.run(bus_ping_pong(make, n, warmup, payload, qos))
 
 
-# --- helper processes -------------------------------------------------------------------------------
+# --- helper processes ----------------------------------------------------------------------------
 @contextlib.contextmanager
 def child(mode: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """This script in ``--serve-relay``/``--serve-hub`` mode on ``port``, stopped on exit."""
@@ -228,7 +229,7 @@ def _serve_hub(port: int) -> None:
         asyncio.run(serve_hub("127.0.0.1", port))
 
 
-# --- main ------------------------------------------------------------------------------------------
+# --- main ----------------------------------------------------------------------------------------
 def measure(n: int, rounds: int, warmup: int, payload_size: int) -> dict[str, Any]:
     payload = os.urandom(payload_size)
     chunk = -(-n // rounds)
@@ -237,7 +238,8 @@ def measure(n: int, rounds: int, warmup: int, payload_size: int) -> dict[str, An
     with MosquittoProcess() as broker, child("--serve-relay", relay_port), \
             child("--serve-hub", hub_port):
         def mqtt(name: str) -> Bus:
-            return MqttBus(MqttSettings(host=broker.host, port=broker.port, client_id=f"bench-{name}"))
+            return MqttBus(MqttSettings(host=broker.host, port=broker.port,
+                                        client_id=f"bench-{name}"))
 
         def zbus(name: str) -> Bus:
             return ZmqBus(ZmqSettings(port=hub_port, client_id=f"bench-{name}"))
@@ -282,11 +284,12 @@ def table(report: dict[str, Any]) -> str:
     load = ", ".join(f"{x:.2f}" for x in report["load_average"])
     lines = [f"{report['round_trips']} round trips per case in {report['rounds']} interleaved "
              f"rounds, {report['payload_bytes']} B payload, load average {load}",
-             f"{'transport':<9} {'client':<24} {'p50 us':>9} {'p99 us':>9} {'x p50':>7} {'x p99':>7}"]
+             f"{'transport':<9} {'client':<24} {'p50 us':>9} {'p99 us':>9} "
+             f"{'x p50':>7} {'x p99':>7}"]
     for transport, label, key, ratio in rows:
         rx = x[ratio] if ratio else {"p50_us": 1.0, "p99_us": 1.0}
-        lines.append(f"{transport:<9} {label:<24} {r[key]['p50_us']:>9.1f} {r[key]['p99_us']:>9.1f} "
-                     f"{rx['p50_us']:>7.2f} {rx['p99_us']:>7.2f}")
+        lines.append(f"{transport:<9} {label:<24} {r[key]['p50_us']:>9.1f} "
+                     f"{r[key]['p99_us']:>9.1f} {rx['p50_us']:>7.2f} {rx['p99_us']:>7.2f}")
     return "\n".join(lines)
 
 

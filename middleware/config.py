@@ -47,6 +47,7 @@ class VerifierSection:
     max_draft: int = 64
     memory_budget_tokens: int = 65_536
     max_sessions: int = 1024
+    exclusive: bool = True  # the only verifier on the prefix; false for scale-out (several verifiers)
     metrics_port: int = 0  # 0: no endpoint
     metrics_host: str = "127.0.0.1"
 

@@ -20,27 +20,35 @@ PY="${PYTHON:-python3}"
 
 log() { printf '\033[1m[mw]\033[0m %s\n' "$*" >&2; }
 
-ensure_mosquitto() {
-    if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
-        return 0
+ensure_system_packages() {
+    # Mosquitto (broker and clients) for the demo and the integration tests;
+    # openssl and systemd-analyze for the deployment tests (certificates, unit checks).
+    local missing=()
+    command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+    command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+    if [ "${1:-}" = "test" ]; then
+        command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+        command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     fi
+    [ ${#missing[@]} -eq 0 ] && return 0
     local sudo=""
     if [ "$(id -u)" -ne 0 ]; then
         if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
-            log "Mosquitto is not installed and this user cannot run apt-get."
-            log "Install it with: apt-get install -y mosquitto mosquitto-clients"
-            log "(the demo falls back to an embedded broker; MQTT integration tests will be skipped)"
+            log "missing system packages: ${missing[*]}, and this user cannot run apt-get."
+            log "Install them with: apt-get install -y ${missing[*]}"
+            log "(the demo falls back to an in-process bus; tests needing them fail in CI, skip elsewhere)"
             return 0
         fi
     fi
     if command -v apt-get >/dev/null 2>&1; then
-        log "installing Mosquitto through apt"
+        log "installing ${missing[*]} through apt"
         $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
-        # The Debian package enables a system broker on port 1883; we never use it
-        # (tests and the demo start their own), so leave it as the admin wants it.
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+        # The Debian package may enable a system broker on port 1883; we never use it
+        # (tests and the demo start their own on free ports).
     else
-        log "no apt-get here: install mosquitto yourself; continuing without it"
+        log "no apt-get here: install ${missing[*]} yourself; continuing without"
     fi
 }
 
@@ -69,10 +77,10 @@ ensure_venv() {
 cmd="${1:-}"; shift || true
 case "$cmd" in
     demo)
-        ensure_mosquitto; ensure_venv
+        ensure_system_packages demo; ensure_venv
         exec "$VENV/bin/mw-cli" demo "$@" ;;
     test)
-        ensure_mosquitto; ensure_venv
+        ensure_system_packages test; ensure_venv
         set +e
         "$VENV/bin/python" -m pytest "$@"
         rc=$?
@@ -80,10 +88,10 @@ case "$cmd" in
         if [ "$rc" -eq 5 ]; then log "pytest collected no tests: failing"; exit 1; fi
         exit "$rc" ;;
     cli)
-        ensure_mosquitto; ensure_venv
+        ensure_system_packages test; ensure_venv
         exec "$VENV/bin/mw-cli" "$@" ;;
     install)
-        ensure_mosquitto; ensure_venv ;;
+        ensure_system_packages test; ensure_venv ;;
     *)
         echo "usage: bash scripts/run.sh {demo|test|cli|install} [ARGS...]" >&2; exit 2 ;;
 esac

@@ -120,7 +120,7 @@ class Bridge:
 
     # --- lifecycle --------------------------------------------------------------
     async def start(self) -> Self:
-        """Subscribe on both sides (so nothing published afterwards is missed) and start relaying."""
+        """Subscribe on both sides (nothing published afterwards is missed), start relaying."""
         if self._task is not None:
             raise BusError(f"{self.bridge_id} already started")
         try:

@@ -129,6 +129,7 @@ class _Conn:
         fut: asyncio.Future[Any] = self.loop.create_future()
         if self.lost.done():
             fut.set_exception(_Lost(self.lost.result()))
+            fut.exception()  # retrieved: the caller sees it when awaiting
         else:
             self._bound.add(fut)
             fut.add_done_callback(self._bound.discard)
@@ -144,13 +145,22 @@ class _Conn:
                 self.drop(f"send failed: {exc}")
             if self.lost.done():
                 raise _Lost(self.lost.result())
-            room = self.pump.writable()
-            bound = self.future()
-            room.add_done_callback(lambda f: bound.done() or bound.set_result(None))
-            try:
-                await bound
-            finally:
-                room.cancel()
+            await self._room()
+
+    async def _room(self) -> None:
+        """Wait until the socket takes messages again; _Lost if the connection ends first."""
+        room = self.pump.writable()
+        bound = self.future()
+
+        def wake(_: asyncio.Future[None]) -> None:
+            if not bound.done():
+                bound.set_result(None)
+
+        room.add_done_callback(wake)
+        try:
+            await bound
+        finally:
+            room.cancel()
 
     def drop(self, reason: str) -> None:
         if self.lost.done():
@@ -352,7 +362,7 @@ class ZmqBus(Bus):
         try:
             async with asyncio.timeout_at(deadline):
                 await conn.push([w.pack(cmd, rid=rid, **fields)])
-                return await fut  # type: ignore[no-any-return]
+                return await fut
         except TimeoutError as exc:
             raise BusError(f"{self.client_id}: no answer from the hub to {cmd} "
                            f"{fields.get('f')!r} in time") from exc
@@ -385,7 +395,8 @@ class ZmqBus(Bus):
             delay = await _backoff(delay, s.reconnect_max)
 
     async def _session(self, conn: _Conn, first: asyncio.Future[None], give_up_at: float) -> float:
-        """Run one connection: handshake, re-subscribe, serve until lost.  Returns when it came up."""
+        """Run one connection: handshake, re-subscribe, serve until lost; returns when it
+        came up."""
         loop = conn.loop
         timeout = self.settings.connect_timeout
         deadline = loop.time() + timeout
@@ -423,7 +434,8 @@ class ZmqBus(Bus):
         except TimeoutError as exc:
             raise BusError(f"{self.client_id}: no answer from a hub at {s.endpoint}") from exc
         except _Lost as exc:
-            raise BusError(f"{self.client_id}: connection to {s.endpoint} lost in handshake") from exc
+            raise BusError(f"{self.client_id}: connection to {s.endpoint} lost in "
+                           "handshake") from exc
         hub = str(head.get("hub", ""))
         if self.hub_id and hub != self.hub_id:
             self.hub_restarts += 1

@@ -309,7 +309,8 @@ class ZmqHub:
         if not isinstance(cid, str) or not 0 < len(cid) <= _MAX_CLIENT_ID:
             raise ProtocolError("hello without a valid client id")
         if head.get("v") != w.VERSION:
-            raise ProtocolError(f"client {cid!r} speaks protocol {head.get('v')!r}, not {w.VERSION}")
+            raise ProtocolError(f"client {cid!r} speaks protocol {head.get('v')!r}, "
+                                f"not {w.VERSION}")
         will = w.will_from_wire(head.get("will"))
         hb = w.positive(head, "hb", 1.0, _MAX_HEARTBEAT)
         live = int(w.positive(head, "live", 3, _MAX_LIVENESS))
@@ -487,7 +488,7 @@ class ZmqHub:
         now, wall = self._now(), time.time()
         rows = [[r.fields, r.payload, None if r.expires is None else wall + r.expires - now]
                 for r in self._retained.values() if not self._expired(r)]
-        return msgpack.packb(rows, use_bin_type=True)  # type: ignore[no-any-return]
+        return msgpack.packb(rows, use_bin_type=True)
 
     def _save_now(self) -> None:
         if self.settings.persist_path:

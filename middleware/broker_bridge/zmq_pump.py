@@ -43,7 +43,7 @@ class Pump:
         self._batch = batch
         self._writers: list[asyncio.Future[None]] = []
         self._scheduled = False
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = int(sock.getsockopt(zmq.FD))
         loop.add_reader(self._fd, self.drain)
         self._kick()  # messages that arrived before the reader was registered
 

@@ -34,15 +34,17 @@ from middleware.errors import ProtocolError
 VERSION = 1
 MAX_HEADER = 1 << 20  # bytes; a header is small, anything larger is hostile
 
-HELLO, WELCOME, SUB, SUBACK, UNSUB, UNSUBACK = "hello", "welcome", "sub", "suback", "unsub", "unsuback"
-PUB, PUBACK, MSG, PING, PONG, BYE, UNKNOWN = "pub", "puback", "msg", "ping", "pong", "bye", "unknown"
+HELLO, WELCOME, SUB, SUBACK, UNSUB, UNSUBACK = (
+    "hello", "welcome", "sub", "suback", "unsub", "unsuback")
+PUB, PUBACK, MSG, PING, PONG, BYE, UNKNOWN = (
+    "pub", "puback", "msg", "ping", "pong", "bye", "unknown")
 
 
 def pack(cmd: str, **fields: Any) -> bytes:
     """A header frame for ``cmd``; ``None`` fields are left out."""
     body = {"c": cmd}
     body.update({k: v for k, v in fields.items() if v is not None})
-    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(body, use_bin_type=True)
 
 
 def unpack(frame: bytes) -> dict[str, Any]:

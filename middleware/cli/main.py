@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-ms", type=float)
     p.add_argument("--max-batch", type=int)
     p.add_argument("--metrics-port", type=int)
+    p.add_argument("--shared", action="store_const", const=False, dest="exclusive",
+                   help="one of several verifiers on this prefix (scale-out): claim sessions through "
+                        "the shared open subscription and answer only those")
 
     p = add("node", "Run a device node: drafts locally, verifies through the verifier.",
             "mw-cli node --id pi-1 --drafter ngram --prompt 'What is MQTT?'")
@@ -136,7 +139,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "verifier": {"id": a.get("verifier_id"), "model": a.get("model"),
                      "device": a.get("torch_device"), "dtype": a.get("dtype"),
                      "batch_policy": a.get("batch_policy"), "batch_window_ms": a.get("batch_window_ms"),
-                     "max_batch": a.get("max_batch"), "metrics_port": a.get("metrics_port")},
+                     "max_batch": a.get("max_batch"), "metrics_port": a.get("metrics_port"),
+                     "exclusive": a.get("exclusive")},
         "node": {"id": a.get("device_id"), "drafter": a.get("drafter"), "tokenizer": a.get("tokenizer"),
                  "mode": a.get("mode"), "seed": a.get("seed"), "temperature": a.get("temperature"),
                  "top_k": a.get("top_k"), "top_p": a.get("top_p"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from middleware.nodes.service import NodeConfig, NodeService
 from middleware.nodes.service import offline_status_payload as device_will
 from middleware.nodes.session import SessionConfig
 from middleware.protocol import SamplingParams, Topics
+from middleware.systemd import notify_ready, notify_stopping, watchdog_loop
 from middleware.verifier.batcher import BatchConfig
 from middleware.verifier.service import VerifierConfig, VerifierService
 from middleware.verifier.service import offline_status_payload as verifier_will
@@ -39,6 +41,7 @@ def verifier_config(cfg: Config) -> VerifierConfig:
     v = cfg.verifier
     return VerifierConfig(
         verifier_id=v.id, prefix=cfg.bus.prefix, max_draft=v.max_draft, max_sessions=v.max_sessions,
+        exclusive=v.exclusive,
         batch=BatchConfig(policy=v.batch_policy, window=v.batch_window_ms / 1000.0,  # type: ignore[arg-type]
                           max_batch=v.max_batch))
 
@@ -60,6 +63,7 @@ def verifier_bus(cfg: Config) -> Bus:
 
 
 async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
+    stop_on_sigterm()
     loaded, engine = await asyncio.to_thread(build_engine, cfg.verifier)
     registry = Registry()
     async with verifier_bus(cfg) as bus, contextlib.AsyncExitStack() as stack:
@@ -69,19 +73,30 @@ async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
             log.info("metrics_endpoint", url=f"http://{cfg.verifier.metrics_host}:{port}/metrics")
         service = VerifierService(bus, engine, tokenizer_fingerprint=loaded.fingerprint,
                                   model_name=loaded.name, config=verifier_config(cfg), registry=registry)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(service.run(), name="verifier")
-            tg.create_task(_notify_when_ready(service.ready), name="sd-notify")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(service.run(), name="verifier")
+                tg.create_task(_notify_when_ready(service.ready), name="sd-notify")
+        finally:
+            notify_stopping()
     return 0
 
 
 async def _notify_when_ready(ready: asyncio.Event) -> None:
-    """Tell systemd (Type=notify) once connected and subscribed, when run under it."""
+    """Under systemd (Type=notify): READY=1 once connected and subscribed, then watchdog
+    pings from this event loop (a stalled loop stops them and systemd restarts us)."""
     await ready.wait()
-    with contextlib.suppress(ImportError):
-        from middleware.systemd import notify_ready  # added with the deployment issue
+    notify_ready()
+    await watchdog_loop()
 
-        notify_ready()
+
+def stop_on_sigterm() -> None:
+    """``systemctl stop`` cancels the main task, so buses close cleanly (no last will)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
 
 
 # --- node -------------------------------------------------------------------------
@@ -136,6 +151,7 @@ def node_bus(cfg: Config) -> Bus:
 
 
 async def run_node(cfg: Config, args: argparse.Namespace) -> int:
+    stop_on_sigterm()
     n = cfg.node
     factory, tok = await asyncio.to_thread(drafter_factory, n.drafter, policy_config(n))
     tokenizer, fp = await asyncio.to_thread(load_tokenizer, n.tokenizer)
@@ -146,7 +162,7 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
                            drafter_name=n.drafter, config=node_cfg)
         async with asyncio.TaskGroup() as tg:
             runner = tg.create_task(node.run(), name="node")
-            tg.create_task(_notify_when_ready(node.ready), name="sd-notify")
+            notifier = tg.create_task(_notify_when_ready(node.ready), name="sd-notify")
             await node.ready.wait()
             if args.prompt:
                 outs = await asyncio.gather(*(node.submit(p) for p in args.prompt))
@@ -157,4 +173,6 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
                           file=sys.stderr)
                 if not args.serve:
                     runner.cancel()
+                    notifier.cancel()
+    notify_stopping()
     return 0

@@ -10,17 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 
 import structlog
 
 from middleware.broker_bridge.bus import CONTENT_MSGPACK, Bus, Subscription
 from middleware.errors import BusClosedError, BusError, ProtocolError, TopicError
-from middleware.protocol import CloseSession, Draft, OpenSession, SessionState, Topics, Verdict, decode
+from middleware.protocol import (
+    CloseSession,
+    Draft,
+    OpenSession,
+    SessionState,
+    Topics,
+    Verdict,
+    VerifierStatus,
+    decode,
+)
 
 log = structlog.get_logger("middleware.node.link")
 
 DRAFT_EXPIRY_S = 30.0
 QUEUE_MAX = 256
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerLost:
+    """Delivered in place of a verdict: the verifier owning the session went offline (last will)."""
+
+    verifier_id: str
 
 
 class BusLink:
@@ -30,7 +47,8 @@ class BusLink:
         self.bus = bus
         self.topics = topics
         self.malformed = 0
-        self._queues: dict[str, asyncio.Queue[Verdict]] = {}
+        self._queues: dict[str, asyncio.Queue[Verdict | OwnerLost]] = {}
+        self._owners: dict[str, str] = {}  # session -> verifier that opened it
         self._sub: Subscription | None = None
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -41,9 +59,13 @@ class BusLink:
                 await sub.add(self.topics.session(sid, "verdict"))
             if ready is not None:
                 ready.set()
+            await sub.add(self.topics.all_verifier_status())
             async for msg in sub:
                 try:
                     ref = self.topics.parse(msg.topic)
+                    if ref.root == "verifier":
+                        self._verifier_status(decode(msg.payload, expect=VerifierStatus))
+                        continue
                     v = decode(msg.payload, expect=Verdict)
                     if v.session_id != ref.ident:
                         raise ProtocolError("verdict session id does not match its topic")
@@ -51,13 +73,26 @@ class BusLink:
                     self.malformed += 1
                     log.warning("verdict_dropped", topic=msg.topic, error=str(exc)[:200])
                     continue
-                q = self._queues.get(v.session_id)
-                if q is None:
-                    continue
-                if q.full():
-                    with contextlib.suppress(asyncio.QueueEmpty):
-                        q.get_nowait()
-                q.put_nowait(v)
+                if v.kind == "opened":
+                    self._owners[v.session_id] = v.verifier_id
+                self._deliver(v.session_id, v)
+
+    def _deliver(self, session_id: str, item: Verdict | OwnerLost) -> None:
+        q = self._queues.get(session_id)
+        if q is None:
+            return
+        if q.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                q.get_nowait()
+        q.put_nowait(item)
+
+    def _verifier_status(self, st: VerifierStatus) -> None:
+        if st.online:
+            return
+        for sid, owner in list(self._owners.items()):
+            if owner == st.verifier_id:
+                log.warning("verifier_offline", verifier=owner, session=sid)
+                self._deliver(sid, OwnerLost(owner))
 
     async def attach(self, session_id: str) -> None:
         """Start receiving this session's verdicts (before its open is sent)."""
@@ -67,6 +102,7 @@ class BusLink:
 
     async def detach(self, session_id: str) -> None:
         self._queues.pop(session_id, None)
+        self._owners.pop(session_id, None)
         if self._sub is not None:
             with contextlib.suppress(BusClosedError):
                 await self._sub.remove(self.topics.session(session_id, "verdict"))
@@ -80,7 +116,7 @@ class BusLink:
             await self.bus.publish(t.session(msg.session_id, "draft"), msg.encode(), qos=1,
                                    content_type=CONTENT_MSGPACK, expiry=DRAFT_EXPIRY_S)
 
-    async def next_verdict(self, session_id: str, timeout: float) -> Verdict | None:
+    async def next_verdict(self, session_id: str, timeout: float) -> Verdict | OwnerLost | None:
         q = self._queues.get(session_id)
         if q is None:
             raise KeyError(f"session {session_id!r} is not attached")

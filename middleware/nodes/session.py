@@ -33,6 +33,7 @@ import structlog
 
 from middleware.errors import BusError, SessionError
 from middleware.nodes.drafters.base import Drafter, Proposal
+from middleware.nodes.link import OwnerLost
 from middleware.protocol import CloseSession, Draft, OpenSession, SamplingParams, Verdict
 
 log = structlog.get_logger("middleware.node")
@@ -44,8 +45,9 @@ class Link(Protocol):
     async def send(self, msg: OpenSession | Draft | CloseSession) -> None:
         """Publish (QoS 1).  Raises BusError when the transport is down."""
 
-    async def next_verdict(self, session_id: str, timeout: float) -> Verdict | None:
-        """The next verdict for this session, or None on timeout."""
+    async def next_verdict(self, session_id: str, timeout: float) -> Verdict | OwnerLost | None:
+        """The next verdict for this session, ``OwnerLost`` when its verifier's last will
+        arrives, or None on timeout."""
 
     async def reconcile(self, session_id: str, timeout: float) -> tuple[int, tuple[int, ...]] | None:
         """The retained state's (epoch, committed tokens), if any arrives in time."""
@@ -130,6 +132,10 @@ class SessionStats:
 
 class LinkDown(Exception):
     """Internal: too many consecutive failures; switch to offline mode."""
+
+
+class Reopen(Exception):
+    """Internal: the owning verifier is gone; open the session again (any verifier)."""
 
 
 class DeviceSession:
@@ -240,7 +246,8 @@ class DeviceSession:
         if len(committed) > len(self.committed) and tuple(committed[:len(self.committed)]) == tuple(self.committed):
             self._commit(len(self.committed), committed[len(self.committed):], accepted=None)
 
-    async def _await(self, want: object, sent: float, *, measure: bool = True) -> Verdict | None:
+    async def _await(self, want: object, sent: float, *, measure: bool = True,
+                     reopen_on_loss: bool = False) -> Verdict | None:
         """Wait for a verdict of this epoch satisfying ``want``; None after the RTO.
 
         ``measure=False`` keeps the RTT out of the RTO estimate (opens are cheap,
@@ -253,6 +260,10 @@ class DeviceSession:
                 return None
             v = await self.link.next_verdict(self.session_id, remaining)
             if v is None:
+                continue
+            if isinstance(v, OwnerLost):
+                if v.verifier_id == self.verifier_id and reopen_on_loss:
+                    raise Reopen
                 continue
             if v.epoch != self.epoch:
                 continue  # a straggler from an earlier epoch
@@ -296,8 +307,7 @@ class DeviceSession:
         if len(draft) > len(self.speculative):
             self.speculative = list(draft)
         # Draft ahead while the verdict is outstanding.
-        waiter = asyncio.ensure_future(self._await(lambda v: v.seq == seq or (
-            v.kind in ("catchup", "resync") and v.seq == seq), sent))
+        waiter = asyncio.ensure_future(self._await(lambda v: v.seq == seq, sent, reopen_on_loss=True))
         try:
             while not waiter.done() and len(self.speculative) - len(draft) < cfg.max_ahead \
                     and cfg.sampling.mode != "rejection":
@@ -307,7 +317,13 @@ class DeviceSession:
                     break
                 if self.speculative == before and len(self.committed) == clen:
                     self.speculative += p.tokens  # else a verdict moved the context meanwhile
-            v = await waiter
+            try:
+                v = await waiter
+            except Reopen:
+                self._log.warning("owner_lost_reopening", verifier=self.verifier_id)
+                self.stats.reopens += 1
+                await self._open()
+                return
         finally:
             if not waiter.done():
                 waiter.cancel()

@@ -49,6 +49,12 @@ class VerifierConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     max_draft: int = 64
     max_sessions: int = 1024
+    # exclusive: the only verifier on this prefix.  It subscribes to every session's drafts
+    # and answers drafts of sessions it does not know with ``resync``, so devices recover at
+    # once after a verifier restart.  Several verifiers (scale-out) set it False: each then
+    # subscribes only to the sessions it claimed through the shared open subscription and
+    # stays silent about the others; devices recover through timeouts and last wills.
+    exclusive: bool = True
     status_interval: float = 5.0
     limits: Limits = DEFAULT_LIMITS
 
@@ -102,7 +108,7 @@ class VerifierService:
         """Serve until cancelled."""
         t = self.topics
         async with self.bus.subscribe(t.shared_open(self.config.share_group)) as opens, \
-                self.bus.subscribe() as drafts:  # per-session draft filters are added on open
+                self.bus.subscribe(t.all_sessions("draft") if self.config.exclusive else "") as drafts:
             self._drafts = drafts
             await self._publish_status("online")
             self.ready.set()
@@ -178,7 +184,7 @@ class VerifierService:
         s = VerifierSession.from_open(m)
         s.last_active = self._clock()
         self.sessions[m.session_id] = s
-        if old is None:
+        if old is None and not self.config.exclusive:
             assert self._drafts is not None
             await self._drafts.add(self.topics.session(m.session_id, "draft"))
         else:
@@ -219,7 +225,7 @@ class VerifierService:
             return
         del self.sessions[c.session_id]
         self._closing.append(c.session_id)
-        if self._drafts is not None:
+        if self._drafts is not None and not self.config.exclusive:
             await self._drafts.remove(self.topics.session(c.session_id, "draft"))
         self.metrics.sessions.set(len(self.sessions))
         log.info("session_closed", session=c.session_id, reason=c.reason)

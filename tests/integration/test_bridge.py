@@ -43,17 +43,17 @@ async def drain(sub: Subscription, settle: float = 0.3) -> list[BusMessage]:
             return got
 
 
-async def next_new(sub: Subscription, seen: set[bytes], timeout: float = 30.0) -> bytes:
+async def next_new(sub: Subscription, seen: set[bytes], limit: float = 30.0) -> bytes:
     """The next payload not seen before (at-least-once relays may repeat one)."""
     while True:
-        payload = (await sub.get(timeout)).payload
+        payload = (await sub.get(limit)).payload
         if payload not in seen:
             seen.add(payload)
             return payload
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
+async def until(predicate: Callable[[], bool], limit: float = 20.0) -> None:
+    async with asyncio.timeout(limit):
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
 
@@ -64,18 +64,21 @@ async def test_relays_both_ways_keeping_properties(mosquitto: Any, hub: ZmqHub,
     async with MqttBus(mq(mosquitto)) as m, ZmqBus(zq(hub)) as z, \
             MqttBus(mq(mosquitto)) as m_obs, ZmqBus(zq(hub)) as z_obs:
         async with Bridge(m, z, prefix=unique_prefix, bridge_id="b1") as bridge, \
-                m_obs.subscribe(t.everything()) as on_mqtt, z_obs.subscribe(t.everything()) as on_zmq:
+                m_obs.subscribe(t.everything()) as on_mqtt, \
+                z_obs.subscribe(t.everything()) as on_zmq:
             draft = t.session("s1", "draft")
             verdict = t.session("s1", "verdict")
             await m_obs.publish(draft, b"\x00draft", qos=1, content_type=CONTENT_MSGPACK,
-                                expiry=30, user_properties={"trace": "abc"}, correlation=b"\x01\x02")
+                                expiry=30, user_properties={"trace": "abc"},
+                                correlation=b"\x01\x02")
             await z_obs.publish(verdict, b"\x00verdict", qos=1, content_type=CONTENT_MSGPACK,
                                 user_properties={"trace": "def"}, correlation=b"\x03")
             await z_obs.publish(t.session("s1", "text"), b"qos0", qos=0)
             got_z, got_m = await drain(on_zmq), await drain(on_mqtt)
     relayed_draft = next(x for x in got_z if x.topic == draft)
     assert relayed_draft.payload == b"\x00draft" and relayed_draft.qos == 1
-    assert relayed_draft.content_type == CONTENT_MSGPACK and relayed_draft.correlation == b"\x01\x02"
+    assert relayed_draft.content_type == CONTENT_MSGPACK
+    assert relayed_draft.correlation == b"\x01\x02"
     assert dict(relayed_draft.user_properties) == {"trace": "abc", MARK: "b1"}
     assert relayed_draft.expiry is not None and 0 < relayed_draft.expiry <= 30
     relayed_verdict = next(x for x in got_m if x.topic == verdict)

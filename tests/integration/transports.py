@@ -75,7 +75,8 @@ async def open_rig(path: str, prefix: str, broker: Any | None) -> AsyncIterator[
             return
         if path != "bridge":
             raise ValueError(f"unknown path {path!r}")
-        async with _mqtt(broker, prefix)("bridge", None) as m, _zmq(hub, prefix)("bridge", None) as z, \
+        async with _mqtt(broker, prefix)("bridge", None) as m, \
+                _zmq(hub, prefix)("bridge", None) as z, \
                 Bridge(m, z, prefix=prefix, bridge_id="conformance") as bridge:
             yield Rig(path, topics, _zmq(hub, prefix), _mqtt(broker, prefix), bridge)
 
@@ -109,10 +110,10 @@ class HandDevice:
                                Draft(self.session_id, epoch, seq, base, tuple(tokens)).encode(),
                                qos=1, content_type=CONTENT_MSGPACK)
 
-    async def verdict(self, seq: int, timeout: float = 30.0) -> Verdict:
+    async def verdict(self, seq: int, limit: float = 30.0) -> Verdict:
         """The next verdict answering ``seq`` (others are skipped)."""
         assert self._sub is not None
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit):
             while True:
                 v = decode((await self._sub.get()).payload, expect=Verdict)
                 if v.seq == seq:

@@ -36,9 +36,9 @@ def cfg(hub: ZmqHub, **kw: Any) -> ZmqSettings:
     return ZmqSettings(port=hub.port, **{**FAST, **kw})
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
     """Poll a condition driven by another party (hub sweep, reconnect)."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit):
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
@@ -138,7 +138,8 @@ async def test_first_connect_fails_without_a_hub() -> None:
 # --- retained messages -------------------------------------------------------------------
 async def test_retained_delivered_to_new_subscribers_and_deleted_by_empty(hub: ZmqHub) -> None:
     async with ZmqBus(cfg(hub)) as pub, ZmqBus(cfg(hub)) as late:
-        await pub.publish("r/state", b"v1", retain=True, content_type="x", user_properties={"k": "v"})
+        await pub.publish("r/state", b"v1", retain=True, content_type="x",
+                          user_properties={"k": "v"})
         await pub.publish("r/state", b"v2", retain=True)
         await pub.publish("r/short", b"expires", retain=True, expiry=0.05)
         await asyncio.sleep(0.1)  # let r/short's expiry pass

@@ -1,0 +1,219 @@
+"""The verifier's answers to every kind of awkward input, driven by hand over the in-memory bus.
+
+A "device" here publishes raw protocol messages and reads the verdicts, so each
+rule of the protocol (duplicate, behind, unknown, refused, malformed) is checked
+directly, and other sessions keep being served meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator
+
+import pytest
+
+from middleware.broker_bridge.bus import Subscription
+from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
+from middleware.metrics import Registry, serve_metrics
+from middleware.protocol import Draft, OpenSession, SessionState, Topics, Verdict, decode
+from middleware.verifier.engine import TargetEngine
+from middleware.verifier.reference import reference_greedy
+from middleware.verifier.service import VerifierConfig, VerifierService
+from tests.unit.tiny import EOS, VOCAB, tiny_llama
+
+T = Topics()
+PROMPT = (1, 5, 9, 13)
+
+
+class Harness:
+    def __init__(self, bus: InMemoryBus, verdicts: Subscription, verifier: VerifierService) -> None:
+        self.bus, self.verdicts, self.verifier = bus, verdicts, verifier
+
+    async def send(self, msg: OpenSession | Draft) -> None:
+        leaf = "open" if isinstance(msg, OpenSession) else "draft"
+        await self.bus.publish(T.session(msg.session_id, leaf), msg.encode())
+
+    async def raw(self, topic: str, payload: bytes) -> None:
+        await self.bus.publish(topic, payload)
+
+    async def verdict(self, sid: str, timeout: float = 10.0) -> Verdict:
+        while True:
+            msg = await self.verdicts.get(timeout)
+            v = decode(msg.payload, expect=Verdict)
+            if v.session_id == sid:
+                return v
+
+    async def open(self, sid: str, epoch: int = 1, committed: tuple[int, ...] = (), **kw: object) -> Verdict:
+        await self.send(OpenSession(session_id=sid, device_id="dev", epoch=epoch, seq=0, tokenizer="tiny",
+                                    prompt=PROMPT, committed=committed, max_new_tokens=32,
+                                    stop_ids=(EOS,), **kw))  # type: ignore[arg-type]
+        return await self.verdict(sid)
+
+    def rejected(self, reason: str) -> float:
+        return self.verifier.metrics.rejected.get(reason=reason)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture
+async def h(model) -> AsyncIterator[Harness]:
+    broker = InMemoryBroker()
+    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
+        verifier = VerifierService(vbus, TargetEngine(model), tokenizer_fingerprint="tiny",
+                                   config=VerifierConfig(verifier_id="v1", max_draft=16), registry=Registry())
+        async with asyncio.TaskGroup() as tg, dbus.subscribe(T.all_sessions("verdict")) as verdicts:
+            task = tg.create_task(verifier.run())
+            await verifier.ready.wait()
+            yield Harness(dbus, verdicts, verifier)
+            task.cancel()
+
+
+async def test_open_then_draft_is_verified(h: Harness, model) -> None:
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    assert (await h.open("s1")).kind == "opened"
+    await h.send(Draft("s1", 1, 1, 0, tuple(ref[:3])))
+    v = await h.verdict("s1")
+    assert (v.kind, v.accepted, v.tokens, v.committed_len) == ("accept", 3, tuple(ref[:4]), 4)
+
+
+async def test_duplicate_draft_gets_the_same_verdict(h: Harness, model) -> None:
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    await h.open("s1")
+    d = Draft("s1", 1, 1, 0, (ref[0], (ref[1] + 1) % VOCAB))
+    await h.send(d)
+    first = await h.verdict("s1")
+    await h.send(d)  # QoS 1 redelivery
+    again = await h.verdict("s1")
+    assert first == again and first.accepted == 1
+    assert h.verifier.sessions["s1"].committed == list(ref[:2])  # took effect once
+
+
+async def test_lost_verdict_heals_with_catchup(h: Harness, model) -> None:
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    await h.open("s1")
+    await h.send(Draft("s1", 1, 1, 0, tuple(ref[:2])))
+    await h.verdict("s1")  # pretend this verdict was lost on the way
+    await h.send(Draft("s1", 1, 2, 0, tuple(ref[:4])))  # the device resends on the same base
+    v = await h.verdict("s1")
+    assert (v.kind, v.base, v.tokens, v.committed_len) == ("catchup", 0, tuple(ref[:3]), 3)
+
+
+async def test_unknown_session_stale_epoch_and_ahead_base_get_resync(h: Harness) -> None:
+    await h.send(Draft("ghost", 1, 1, 0, (3,)))
+    assert (await h.verdict("ghost")).kind == "resync"
+    await h.open("s1", epoch=2)
+    await h.send(Draft("s1", 1, 5, 0, (3,)))
+    v = await h.verdict("s1")
+    assert v.kind == "resync" and "stale epoch" in v.reason
+    await h.send(Draft("s1", 2, 6, 7, (3,)))
+    v = await h.verdict("s1")
+    assert v.kind == "resync" and "ahead" in v.reason
+    assert h.rejected("stale_epoch") == 1 and h.rejected("ahead") == 1
+
+
+async def test_reopen_with_committed_rebuilds_by_prefill(h: Harness, model) -> None:
+    ref = reference_greedy(model, PROMPT, 10, (EOS,))
+    v = await h.open("s1", epoch=3, committed=tuple(ref[:5]))
+    assert (v.kind, v.committed_len) == ("opened", 5)
+    await h.send(Draft("s1", 3, 1, 5, tuple(ref[5:8])))
+    v = await h.verdict("s1")
+    assert v.tokens == tuple(ref[5:9])
+
+
+async def test_refusals_tokenizer_vocab_and_length(h: Harness) -> None:
+    await h.send(OpenSession(session_id="bad", device_id="dev", epoch=1, seq=0, tokenizer="other",
+                             prompt=PROMPT))
+    v = await h.verdict("bad")
+    assert v.kind == "refused" and "tokenizer" in v.reason
+    await h.send(OpenSession(session_id="bad2", device_id="dev", epoch=1, seq=0, tokenizer="tiny",
+                             prompt=(1, VOCAB + 5)))
+    assert (await h.verdict("bad2")).kind == "refused"
+    await h.open("s1")
+    await h.send(Draft("s1", 1, 1, 0, (VOCAB + 1,)))
+    v = await h.verdict("s1")
+    assert v.kind == "refused" and "vocabulary" in v.reason
+    await h.send(Draft("s1", 1, 2, 0, (3,) * 17))
+    assert (await h.verdict("s1")).kind == "refused"
+    assert h.rejected("tokenizer_mismatch") == 1 and h.rejected("token_out_of_range") == 2
+    assert h.rejected("draft_too_long") == 1
+    assert h.verifier.sessions["s1"].committed == []  # nothing was committed by refused drafts
+
+
+async def test_malformed_payloads_are_counted_and_dropped_others_still_served(h: Harness, model) -> None:
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    await h.open("s1")
+    garbage = [b"", b"\xc1", b"{not json", b"\x93\x01\x02\x03", b"\x81\xa1v\x02",
+               Draft("other", 1, 1, 0, (1,)).encode()]  # session id not matching the topic
+    for g in garbage:
+        await h.raw(T.session("s1", "draft"), g)
+    await h.raw(T.session("s1", "open"), Draft("s1", 1, 1, 0, (1,)).encode())  # wrong leaf
+    await h.send(Draft("s1", 1, 1, 0, tuple(ref[:2])))
+    v = await h.verdict("s1")
+    assert v.kind == "accept" and v.tokens == tuple(ref[:3])
+    assert h.rejected("malformed") == len(garbage) + 1
+
+
+async def test_retained_state_tracks_committed(h: Harness, model) -> None:
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    await h.open("s1")
+    await h.send(Draft("s1", 1, 1, 0, tuple(ref[:3])))
+    await h.verdict("s1")
+    async with h.bus.subscribe(T.session("s1", "state")) as sub:
+        st = decode((await sub.get(5)).payload, expect=SessionState)
+    assert (st.owner, st.epoch, st.committed, st.status) == ("v1", 1, tuple(ref[:4]), "open")
+
+
+async def test_metrics_endpoint_serves_prometheus_text(h: Harness, model) -> None:
+    ref = reference_greedy(model, PROMPT, 4, (EOS,))
+    await h.open("s1")
+    await h.send(Draft("s1", 1, 1, 0, tuple(ref[:2])))
+    await h.verdict("s1")
+    async with serve_metrics(h.verifier.metrics.registry, port=0) as port:
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+    for name in ("mw_verifier_forward_passes_total", "mw_verifier_batch_size", "mw_verifier_accepted_tokens_total",
+                 "mw_verifier_queue_wait_seconds", "mw_verifier_live_sessions", "mw_verifier_kv_evictions",
+                 "mw_verifier_rejected_messages_total", "mw_verifier_forward_seconds"):
+        assert f"# TYPE {name}" in body, name
+    assert "mw_verifier_accepted_tokens_total 2.0" in body
+
+
+class PoisonedEngine(TargetEngine):
+    """Fails any forward that contains the poisoned session (a stand-in for a bad input
+    that breaks the model); everything else is the real engine."""
+
+    poison = "bad-session"
+
+    def verify_batch(self, items):  # type: ignore[no-untyped-def]
+        if any(i.session_key == self.poison for i in items):
+            raise RuntimeError("simulated kernel failure")
+        return super().verify_batch(items)
+
+
+async def test_a_failing_session_does_not_stall_the_batch(model) -> None:
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    broker = InMemoryBroker()
+    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
+        verifier = VerifierService(vbus, PoisonedEngine(model), tokenizer_fingerprint="tiny",
+                                   config=VerifierConfig(verifier_id="v1"))
+        async with asyncio.TaskGroup() as tg, dbus.subscribe(T.all_sessions("verdict")) as verdicts:
+            task = tg.create_task(verifier.run())
+            await verifier.ready.wait()
+            h = Harness(dbus, verdicts, verifier)
+            await h.open("good")
+            await h.open(PoisonedEngine.poison)
+            await h.send(Draft(PoisonedEngine.poison, 1, 1, 0, (3,)))
+            await h.send(Draft("good", 1, 1, 0, tuple(ref[:2])))
+            got = {}
+            for _ in range(2):
+                msg = await verdicts.get(10)
+                v = decode(msg.payload, expect=Verdict)
+                got[v.session_id] = v
+            task.cancel()
+    assert got["good"].kind == "accept" and got["good"].tokens == tuple(ref[:3])
+    assert got[PoisonedEngine.poison].kind == "refused"
+    assert verifier.metrics.rejected.get(reason="verify_failed") == 1
