@@ -14,6 +14,7 @@ import pytest
 
 from middleware.broker_bridge.bus import Will
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
+from middleware.nodes.drafters import make_drafter
 from middleware.nodes.drafters.hf import HFDrafter
 from middleware.nodes.service import NodeConfig, NodeService, encode_prompt, stop_ids_of
 from middleware.nodes.service import offline_status_payload as device_will
@@ -104,3 +105,68 @@ async def _until(cond, timeout: float) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
+
+
+async def _fleet_run(host: str, port: int, prefix: str, smollm2, fault) -> tuple[list, list, VerifierService]:
+    """Two sessions with the n-gram drafter; ``fault(ctx)`` is awaited once 4 tokens are committed."""
+    tok = smollm2.tokenizer
+    stops = stop_ids_of(tok)
+    ids = [encode_prompt(tok, p) for p in ("Name two colours.", "What is a cloud?")]
+    refs = [reference_greedy(smollm2.model, i, MAX_NEW, stops) for i in ids]
+    t = Topics(prefix)
+    vsettings = MqttSettings(host=host, port=port, client_id="v-fault", reconnect_max=0.5)
+    dsettings = MqttSettings(host=host, port=port, client_id="d-fault", clean_start=False, session_expiry=60,
+                             reconnect_max=0.5, request_timeout=3.0,
+                             will=Will(t.device_status("d"), device_will("d"), delay=5.0))
+    ctx: dict = {}
+    async with MqttBus(vsettings) as vbus, MqttBus(dsettings) as dbus:
+        verifier = VerifierService(vbus, TargetEngine(smollm2.model), tokenizer_fingerprint=smollm2.fingerprint,
+                                   config=VerifierConfig(verifier_id="v1", prefix=prefix))
+        node = NodeService(dbus, tokenizer=tok, tokenizer_fp=smollm2.fingerprint,
+                           drafter_factory=lambda: make_drafter("ngram"), drafter_name="ngram",
+                           config=NodeConfig(device_id="d", prefix=prefix,
+                                             session=SessionConfig(max_new_tokens=MAX_NEW, stop_ids=stops,
+                                                                   probe_interval=0.5)))
+        async with asyncio.TaskGroup() as tg:
+            ctx.update(tg=tg, verifier=verifier, vtask=tg.create_task(verifier.run()), vbus=vbus)
+            ntask = tg.create_task(node.run())
+            await verifier.ready.wait()
+            await node.ready.wait()
+            gens = [tg.create_task(node.generate_ids(i, session_id=f"f-{n}")) for n, i in enumerate(ids)]
+            await _until(lambda: verifier.metrics.committed.total() >= 4, 120)
+            await fault(ctx)
+            outs = await asyncio.wait_for(asyncio.gather(*gens), 240)
+            ctx["vtask"].cancel()
+            ntask.cancel()
+    return refs, outs, ctx["verifier"]
+
+
+async def test_broker_killed_and_restarted_mid_generation(fresh_mosquitto, unique_prefix, smollm2) -> None:
+    async def fault(ctx: dict) -> None:
+        fresh_mosquitto.kill()  # SIGKILL: persistence has at most 1 s of autosave lag
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(fresh_mosquitto.restart)
+
+    refs, outs, _ = await _fleet_run(fresh_mosquitto.host, fresh_mosquitto.port, unique_prefix, smollm2, fault)
+    for ref, o in zip(refs, outs, strict=True):
+        assert list(o.tokens) == ref
+
+
+async def test_verifier_restarted_mid_generation_devices_resync(mosquitto, unique_prefix, smollm2) -> None:
+    async def fault(ctx: dict) -> None:
+        ctx["vbus"].crash()
+        ctx["vtask"].cancel()
+        new_bus = MqttBus(MqttSettings(host=mosquitto.host, port=mosquitto.port, client_id="v-fault-2"))
+        await new_bus.__aenter__()
+        ctx["new_bus"] = new_bus
+        fresh = VerifierService(new_bus, TargetEngine(ctx["verifier"].engine.model),
+                                tokenizer_fingerprint=ctx["verifier"].fingerprint,
+                                config=VerifierConfig(verifier_id="v1", prefix=unique_prefix))
+        ctx["verifier"] = fresh  # a fresh process: no sessions, no KV caches
+        ctx["vtask"] = ctx["tg"].create_task(fresh.run())
+
+    refs, outs, fresh = await _fleet_run(mosquitto.host, mosquitto.port, unique_prefix, smollm2, fault)
+    for ref, o in zip(refs, outs, strict=True):
+        assert list(o.tokens) == ref
+    assert sum(o.stats["reopens"] for o in outs) >= 1
+    assert fresh.metrics.answers.get(kind="resync") >= 1 or fresh.metrics.answers.get(kind="opened") >= 1
