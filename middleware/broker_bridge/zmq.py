@@ -32,9 +32,12 @@ Reliability, after the ZeroMQ guide's reliable patterns (Paranoid Pirate):
 * Messages keep topic, QoS, retain flag (as published), content type, expiry,
   user properties and correlation data (msgpack header, payload frame as is).
 
-After a hub restart retained messages are gone unless the hub persists them
-(``HubSettings.persist_path``); the services republish their retained state
-and status on their next round or status tick.
+The hub keeps no sessions (like MQTT with a clean start): a client's
+subscriptions exist while it is connected, and what is published while it
+reconnects is not queued for it; the session protocol heals such losses by
+retry.  After a hub restart retained messages are gone unless the hub
+persists them (``HubSettings.persist_path``); the services republish their
+retained state and status on their next round or status tick.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ from middleware.cli.services import (
     build_engine,
     drafter_factory,
     policy_config,
-    progress,
     session_config,
     verifier_config,
 )
