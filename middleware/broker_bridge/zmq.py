@@ -119,8 +119,10 @@ class _Conn:
     """
 
     def __init__(self, sock: zmq.Socket[bytes], loop: asyncio.AbstractEventLoop,
-                 on_frames: Callable[[_Conn, list[bytes]], None]) -> None:
+                 on_frames: Callable[[_Conn, list[bytes]], None],
+                 on_lost: Callable[[_Conn], None]) -> None:
         self.loop = loop
+        self._on_lost = on_lost
         self.lost: asyncio.Future[str] = loop.create_future()
         self.last_heard = loop.time()
         self.linger_ms = 0
@@ -169,6 +171,7 @@ class _Conn:
         if self.lost.done():
             return
         self.lost.set_result(reason)
+        self._on_lost(self)  # no one may pick this connection for a send from now on
         for fut in list(self._bound):
             if not fut.done():
                 fut.set_exception(_Lost(reason))
@@ -379,7 +382,7 @@ class ZmqBus(Bus):
         delay = s.reconnect_min
         give_up_at = loop.time() + s.connect_timeout
         while True:
-            conn = _Conn(self._new_socket(), loop, self._on_frames)
+            conn = _Conn(self._new_socket(), loop, self._on_frames, self._on_lost)
             up_since: float | None = None
             try:
                 up_since = await self._session(conn, first, give_up_at)
@@ -463,11 +466,14 @@ class ZmqBus(Bus):
             else:
                 self._live.add(f)
 
-    def _end_session(self, conn: _Conn) -> None:
+    def _on_lost(self, conn: _Conn) -> None:
         if self._conn is conn:
             self._conn = None
             self._connected.clear()
             self._live.clear()
+
+    def _end_session(self, conn: _Conn) -> None:
+        self._on_lost(conn)
         conn.close()
 
     def _on_frames(self, conn: _Conn, frames: list[bytes]) -> None:
@@ -535,8 +541,9 @@ class ZmqBus(Bus):
         loop = self._require_loop()
         while True:
             self._check_open()
-            if self._connected.is_set() and self._conn is not None:
-                return self._conn
+            conn = self._conn
+            if self._connected.is_set() and conn is not None and not conn.lost.done():
+                return conn
             if self._task is None:
                 raise BusError(f"{self.client_id}: not connected (call connect() first)")
             if deadline is not None and loop.time() >= deadline:
