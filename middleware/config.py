@@ -33,6 +33,8 @@ class BusSection:
     tls_key: str = ""
     keepalive: int = 15
     session_expiry: int = 300  # seconds the broker keeps a device's session while offline
+    zmq_host: str = "127.0.0.1"  # mw-cli bridge: the ZeroMQ hub it relays to; mw-cli hub: bind address
+    zmq_port: int = 5555
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,17 +32,23 @@ retained whatever the flag says.
 
 Delivery guarantee, per direction: messages are relayed one at a time in
 arrival order; each relay publish (QoS >= 1) returns only after the other
-side acknowledged it (hub ``puback`` or MQTT PUBACK), and a failed relay is
-retried with backoff until it succeeds or the bridge closes, so order is kept
-and the bridge moves on to the next message only once the current one is
-taken.  The source side, however, acknowledges a message to its broker as
-soon as it is queued on the bridge's subscription (paho acknowledges when the
-message callback returns; the hub needs no acknowledgement from receivers).
-Hence: while the bridge process lives every received message is relayed at
-least once, across restarts of either side; messages queued in the bridge
-(at most ``maxsize`` per direction, the oldest dropped and counted beyond
-that) are lost if the bridge process itself dies.  Ending that window needs
-manual acknowledgement in the source bus (acknowledge after the relay's ack).
+side acknowledged it (hub ``puback`` or MQTT PUBACK), and the bridge moves on
+to the next message only then, so order is kept.  A relay that fails while
+the other side is disconnected is retried with backoff for as long as the
+outage lasts; one that fails ``max_attempts`` times while it is connected
+(refused, too large for the broker) is logged, counted in ``failed`` and
+skipped.  The source side, however, acknowledges a message as soon as it is
+queued on the bridge's subscription (paho acknowledges when the message
+callback returns; the hub needs no acknowledgement from receivers).  Hence:
+while the bridge process lives, every message it received is relayed at least
+once (duplicates are possible after a timeout), across restarts of either
+side; what sits in its queue (at most ``maxsize`` per direction, the oldest
+dropped and counted beyond that) is lost if the bridge process dies.  Closing
+that window needs manual acknowledgement in the source bus (acknowledge after
+the relay's ack).  What is published on a side while the bridge is not
+connected to it reaches the bridge only if that side queues it: give the
+bridge's MqttBus a persistent session (``clean_start=False``); the hub keeps
+no sessions.
 """
 
 from __future__ import annotations

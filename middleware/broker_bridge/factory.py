@@ -1,4 +1,4 @@
-"""Build the configured transport for a role (verifier, device, tool)."""
+"""Build the configured transport for a role (verifier, device, tool): MQTT 5 or ZeroMQ."""
 
 from __future__ import annotations
 
@@ -22,4 +22,8 @@ def make_bus(cfg: BusSection, client_id: str, *, will: Will | None = None,
             username=cfg.username or None, password=cfg.password or None, tls=tls,
             keepalive=cfg.keepalive, clean_start=not persistent,
             session_expiry=cfg.session_expiry if persistent else 0, will=will))
-    raise ConfigError(f"unknown transport {cfg.transport!r} (expected 'mqtt')")
+    if cfg.transport == "zmq":
+        from middleware.broker_bridge.zmq import ZmqBus, ZmqSettings
+
+        return ZmqBus(ZmqSettings(host=cfg.host, port=cfg.port, client_id=client_id, will=will))
+    raise ConfigError(f"unknown transport {cfg.transport!r} (expected 'mqtt' or 'zmq')")

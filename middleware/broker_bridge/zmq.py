@@ -111,6 +111,10 @@ class _Lost(Exception):
     """Internal: the connection ended while a request waited."""
 
 
+class _Refused(BusError):
+    """The hub refused the session for a reason retrying will not fix."""
+
+
 class _Conn:
     """One DEALER socket and what depends on it; replaced on every reconnect.
 
@@ -389,7 +393,7 @@ class ZmqBus(Bus):
             except Exception as exc:  # whatever failed, keep reconnecting
                 err = _as_bus_error(exc)
                 if not first.done():
-                    if loop.time() + delay >= give_up_at:
+                    if isinstance(err, _Refused) or loop.time() + delay >= give_up_at:
                         first.set_exception(err)
                         return
                 log.warning("zmq.connect_failed", client_id=self.client_id, error=str(err),
@@ -442,6 +446,8 @@ class ZmqBus(Bus):
         except _Lost as exc:
             raise BusError(f"{self.client_id}: connection to {s.endpoint} lost in "
                            "handshake") from exc
+        if "err" in head:
+            raise _Refused(f"{self.client_id}: hub at {s.endpoint} refused: {head['err']}")
         hub = str(head.get("hub", ""))
         if self.hub_id and hub != self.hub_id:
             self.hub_restarts += 1

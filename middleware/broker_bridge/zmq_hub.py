@@ -19,6 +19,8 @@ broker keeps, so the middleware runs unchanged on a LAN with no broker:
   ``bye`` (clean close) discards the will.  Stopping the hub publishes no wills;
 * acknowledgements: a QoS >= 1 ``pub`` is answered with ``puback`` once it
   has been routed, i.e. queued towards every subscriber (PUBACK semantics).
+  Deliveries carry the publisher's QoS; the hub-to-client leg is not
+  acknowledged (a client that dies loses what was queued towards it).
 
 Flow control (the ZeroMQ guide's reliable patterns): sends to clients never
 block the hub.  When a client's queue is at the high-water mark (``sndhwm``
@@ -309,8 +311,9 @@ class ZmqHub:
         if not isinstance(cid, str) or not 0 < len(cid) <= _MAX_CLIENT_ID:
             raise ProtocolError("hello without a valid client id")
         if head.get("v") != w.VERSION:
-            raise ProtocolError(f"client {cid!r} speaks protocol {head.get('v')!r}, "
-                                f"not {w.VERSION}")
+            err = f"client {cid!r} speaks protocol {head.get('v')!r}, not {w.VERSION}"
+            self._send(ident, [w.pack(w.WELCOME, hub=self.hub_id, v=w.VERSION, err=err)])
+            raise ProtocolError(err)
         will = w.will_from_wire(head.get("will"))
         hb = w.positive(head, "hb", 1.0, _MAX_HEARTBEAT)
         live = int(w.positive(head, "live", 3, _MAX_LIVENESS))

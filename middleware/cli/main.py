@@ -34,6 +34,8 @@ examples:
   mw-cli generate "What is MQTT?" --device pi-1
   mw-cli sessions                              # live table from the retained state
   mw-cli stats                                 # verifier and device figures
+  mw-cli hub --zmq-port 5555                   # broker-less ZeroMQ transport
+  mw-cli bridge --zmq-host hub.local           # join MQTT devices and a ZeroMQ verifier
 
 exit codes: 0 ok, 1 failure, 2 usage/config error, 3 broker unreachable,
             4 model error, 130 interrupted
@@ -46,6 +48,7 @@ def _bus_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", help="MQTT broker host")
     g.add_argument("--port", type=int, help="MQTT broker port")
     g.add_argument("--prefix", help="topic prefix (default mw/v1)")
+    g.add_argument("--transport", choices=["mqtt", "zmq"], help="mqtt (broker) or zmq (hub)")
     g.add_argument("--username")
     g.add_argument("--password")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -102,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="generate for this prompt (repeatable)")
     p.add_argument("--serve", action="store_true", help="keep serving the inbox after --prompt")
 
+    p = add("hub", "Run a ZeroMQ hub: the broker-less transport for a LAN.",
+            "mw-cli hub --zmq-host 0.0.0.0 --zmq-port 5555")
+    p.add_argument("--zmq-host", help="bind address (default from [bus] zmq_host)")
+    p.add_argument("--zmq-port", type=int)
+
+    p = add("bridge", "Relay the topic tree both ways between the MQTT broker and a ZeroMQ hub.",
+            "mw-cli bridge --host broker.local --zmq-host hub.local --zmq-port 5555")
+    p.add_argument("--zmq-host", help="the ZeroMQ hub to relay to")
+    p.add_argument("--zmq-port", type=int)
+
     p = add("tail", "Print messages of a session, a device, a verifier or everything.",
             "mw-cli tail session/123 --tokenizer smollm2")
     p.add_argument("spec", nargs="?", default="all", help="session/ID, device/ID, verifier/ID or all")
@@ -134,6 +147,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     a = vars(args)
     overrides: dict[str, dict[str, Any]] = {
         "bus": {"host": a.get("host"), "port": a.get("port"), "prefix": a.get("prefix"),
+                "transport": a.get("transport"), "zmq_host": a.get("zmq_host"), "zmq_port": a.get("zmq_port"),
                 "username": a.get("username"), "password": a.get("password")},
         "log": {"level": a.get("log_level"), "json": a.get("log_json")},
         "verifier": {"id": a.get("verifier_id"), "model": a.get("model"),
@@ -154,7 +168,7 @@ def _commands() -> dict[str, Callable[[Config, argparse.Namespace], Coroutine[An
 
     return {"demo": demo.run, "verifier": services.run_verifier, "node": services.run_node,
             "tail": tools.tail, "sessions": tools.sessions, "stats": tools.stats,
-            "generate": tools.generate}
+            "generate": tools.generate, "hub": services.run_hub, "bridge": services.run_bridge}
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
@@ -180,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_commands()[args.command](cfg, args))
         except BaseExceptionGroup as group:  # a TaskGroup failed: report its first real cause
             raise _first_leaf(group) from group
+    except asyncio.CancelledError:  # SIGTERM (systemctl stop): a clean, deliberate stop
+        return EXIT_OK
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -8,6 +8,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -175,4 +176,41 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
                     runner.cancel()
                     notifier.cancel()
     notify_stopping()
+    return 0
+
+
+# --- ZeroMQ hub and bridge ----------------------------------------------------------
+async def run_hub(cfg: Config, args: argparse.Namespace) -> int:
+    from middleware.broker_bridge.zmq_hub import serve_hub
+
+    stop_on_sigterm()
+    ready = asyncio.Event()
+    log.info("hub_starting", bind=f"{cfg.bus.zmq_host}:{cfg.bus.zmq_port}")
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(serve_hub(cfg.bus.zmq_host, cfg.bus.zmq_port, ready=ready), name="hub")
+            tg.create_task(_notify_when_ready(ready), name="sd-notify")
+    finally:
+        notify_stopping()
+    return 0
+
+
+async def run_bridge(cfg: Config, args: argparse.Namespace) -> int:
+    from middleware.broker_bridge.bridge import Bridge
+
+    stop_on_sigterm()
+    mqtt_cfg = replace(cfg.bus, transport="mqtt")
+    zmq_cfg = replace(cfg.bus, transport="zmq", host=cfg.bus.zmq_host, port=cfg.bus.zmq_port)
+    bridge_id = f"bridge-{cfg.bus.zmq_host}-{cfg.bus.zmq_port}".replace(".", "-").replace(":", "-")
+    ready = asyncio.Event()
+    async with make_bus(mqtt_cfg, f"mw-{bridge_id}") as m, make_bus(zmq_cfg, f"mw-{bridge_id}") as z:
+        async with Bridge(m, z, prefix=cfg.bus.prefix, bridge_id=bridge_id):
+            log.info("bridge_ready", mqtt=f"{cfg.bus.host}:{cfg.bus.port}",
+                     zmq=f"{cfg.bus.zmq_host}:{cfg.bus.zmq_port}", prefix=cfg.bus.prefix)
+            ready.set()
+            try:
+                await _notify_when_ready(ready)
+                await asyncio.Event().wait()  # until cancelled (SIGTERM, Ctrl-C)
+            finally:
+                notify_stopping()
     return 0

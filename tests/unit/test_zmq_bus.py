@@ -348,6 +348,17 @@ async def test_hub_that_forgot_the_client_triggers_a_new_hello(hub: ZmqHub) -> N
         assert bus.hub_restarts == 0
 
 
+async def test_hub_refuses_another_protocol_version(hub: ZmqHub) -> None:
+    sock = raw_dealer(hub.port)
+    try:
+        await sock.send_multipart([w.pack(w.HELLO, id="future", v=w.VERSION + 1)])
+        head = w.unpack((await asyncio.wait_for(sock.recv_multipart(), 5))[0])
+    finally:
+        sock.close(linger=0)
+    assert head["c"] == w.WELCOME and "err" in head
+    assert "future" not in hub.clients
+
+
 async def test_malformed_frames_are_counted_and_ignored(hub: ZmqHub) -> None:
     sock = raw_dealer(hub.port)
     try:
