@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 import socket
 import threading
 import uuid
@@ -59,6 +58,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from middleware.broker_bridge._aio import backoff as _backoff
+from middleware.broker_bridge._aio import cancel_and_wait as _cancel
 from middleware.broker_bridge.bus import Bus, BusMessage, Will
 from middleware.errors import BusClosedError, BusError, ConfigError, TopicError
 from middleware.protocol.topics import strip_share
@@ -783,21 +784,3 @@ def _as_bus_error(exc: Exception) -> BusError:
     err = BusError(f"unexpected {type(exc).__name__}: {exc}")
     err.__cause__ = exc
     return err
-
-
-async def _backoff(delay: float, max_delay: float) -> float:
-    """Sleep a jittered ``delay`` (50-100 %) and return the next, doubled, capped one."""
-    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-    return min(delay * 2, max_delay)
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is None or task.done():
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise  # we are being cancelled ourselves, not just the task we stopped

@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import random
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -55,6 +54,8 @@ import structlog
 import zmq
 
 from middleware.broker_bridge import zmq_wire as w
+from middleware.broker_bridge._aio import backoff as _backoff
+from middleware.broker_bridge._aio import cancel_and_wait as _cancel
 from middleware.broker_bridge.bus import Bus, Will
 from middleware.broker_bridge.mqtt import check_filter, check_topic
 from middleware.broker_bridge.zmq_hub import DEFAULT_PORT, HubSettings, HubStats, ZmqHub, serve_hub
@@ -602,21 +603,3 @@ def _as_bus_error(exc: BaseException) -> BusError:
     err = BusError(f"unexpected {type(exc).__name__}: {exc}")
     err.__cause__ = exc
     return err
-
-
-async def _backoff(delay: float, max_delay: float) -> float:
-    """Sleep a jittered ``delay`` (50-100 %) and return the next, doubled, capped one."""
-    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-    return min(delay * 2, max_delay)
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is None or task.done():
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
