@@ -22,11 +22,6 @@ from middleware.broker_bridge.bus import Bus, Will
 from middleware.broker_bridge.embedded import MosquittoProcess, mosquitto_available
 from middleware.broker_bridge.factory import make_bus
 from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
-from middleware.config import Config
-from middleware.errors import ProtocolError
-from middleware.metrics import Registry
-from middleware.nodes.service import NodeConfig, NodeService, Outcome, encode_prompt, stop_ids_of
-from middleware.protocol import TextChunk, Topics, decode
 from middleware.cli.services import (
     build_engine,
     drafter_factory,
@@ -34,7 +29,12 @@ from middleware.cli.services import (
     session_config,
     verifier_config,
 )
+from middleware.config import Config
+from middleware.errors import ProtocolError
+from middleware.metrics import Registry
+from middleware.nodes.service import NodeConfig, NodeService, Outcome, encode_prompt, stop_ids_of
 from middleware.nodes.service import offline_status_payload as device_will
+from middleware.protocol import TextChunk, Topics, decode
 from middleware.verifier.service import VerifierService
 from middleware.verifier.service import offline_status_payload as verifier_will
 

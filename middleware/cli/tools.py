@@ -12,6 +12,7 @@ from typing import Any
 
 from middleware.broker_bridge.bus import CONTENT_JSON, Bus
 from middleware.broker_bridge.factory import make_bus
+from middleware.cli.render import describe, human_line
 from middleware.config import Config
 from middleware.errors import ProtocolError
 from middleware.protocol import (
@@ -24,7 +25,6 @@ from middleware.protocol import (
     VerifierStatus,
     decode,
 )
-from middleware.cli.render import describe, human_line
 
 
 def tool_bus(cfg: Config, role: str) -> Bus:

@@ -26,6 +26,7 @@ from middleware.protocol import (
     VerifierStatus,
     decode,
 )
+from middleware.protocol.session import trace_id
 
 log = structlog.get_logger("middleware.node.link")
 
@@ -109,12 +110,14 @@ class BusLink:
 
     async def send(self, msg: OpenSession | Draft | CloseSession) -> None:
         t = self.topics
+        trace = {"trace": trace_id(msg.session_id, msg.epoch, msg.seq)}
         if isinstance(msg, OpenSession):
             await self.bus.publish(t.session(msg.session_id, "open"), msg.encode(), qos=1,
-                                   content_type=CONTENT_MSGPACK)
+                                   content_type=CONTENT_MSGPACK, user_properties=trace)
         else:
             await self.bus.publish(t.session(msg.session_id, "draft"), msg.encode(), qos=1,
-                                   content_type=CONTENT_MSGPACK, expiry=DRAFT_EXPIRY_S)
+                                   content_type=CONTENT_MSGPACK, expiry=DRAFT_EXPIRY_S,
+                                   user_properties=trace)
 
     async def next_verdict(self, session_id: str, timeout: float) -> Verdict | OwnerLost | None:
         q = self._queues.get(session_id)

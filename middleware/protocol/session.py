@@ -32,6 +32,11 @@ MAX_SEQ = (1 << 62) - 1
 MAX_EPOCH = (1 << 31) - 1
 
 
+def trace_id(session_id: str, epoch: int, seq: int) -> str:
+    """The MQTT 5 user property ``trace`` of a request and of the verdict answering it."""
+    return f"{session_id}/{epoch}/{seq}"
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How tokens are chosen.  ``greedy`` ignores the rest."""

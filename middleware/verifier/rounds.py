@@ -13,7 +13,11 @@ import torch
 
 from middleware.protocol import Draft, SamplingParams
 from middleware.sampling import STREAM_REJECTION, process_logits, seeded_generator
-from middleware.verifier.acceptance import coupled_accept, greedy_accept, speculative_sampling_accept
+from middleware.verifier.acceptance import (
+    coupled_accept,
+    greedy_accept,
+    speculative_sampling_accept,
+)
 from middleware.verifier.engine import TargetEngine, VerifyItem
 from middleware.verifier.sessions import clip_commit
 

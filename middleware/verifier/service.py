@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from middleware.broker_bridge.bus import CONTENT_JSON, CONTENT_MSGPACK, Bus, BusMessage, Subscription
+from middleware.broker_bridge.bus import (
+    CONTENT_JSON,
+    CONTENT_MSGPACK,
+    Bus,
+    BusMessage,
+    Subscription,
+)
 from middleware.errors import ProtocolError, TopicError
 from middleware.metrics import Registry
 from middleware.protocol import (
@@ -29,6 +35,7 @@ from middleware.protocol import (
     VerifierStatus,
     decode,
 )
+from middleware.protocol.session import trace_id
 from middleware.protocol.topics import DEFAULT_SHARE_GROUP
 from middleware.verifier.batcher import BatchConfig, Batcher
 from middleware.verifier.engine import TargetEngine
@@ -311,7 +318,8 @@ class VerifierService:
     async def _send_verdict(self, v: Verdict) -> None:
         self.metrics.answers.inc(kind=v.kind)
         await self.bus.publish(self.topics.session(v.session_id, "verdict"), v.encode(), qos=1,
-                               content_type=CONTENT_MSGPACK)
+                               content_type=CONTENT_MSGPACK,
+                               user_properties={"trace": trace_id(v.session_id, v.epoch, v.seq)})
 
     async def _publish_state(self, s: VerifierSession) -> None:
         await self.bus.publish(self.topics.session(s.session_id, "state"),
