@@ -217,3 +217,15 @@ async def test_a_failing_session_does_not_stall_the_batch(model) -> None:
     assert got["good"].kind == "accept" and got["good"].tokens == tuple(ref[:3])
     assert got[PoisonedEngine.poison].kind == "refused"
     assert verifier.metrics.rejected.get(reason="verify_failed") == 1
+
+
+async def test_verdicts_carry_the_trace_id_of_their_request(h: Harness, model) -> None:
+    await h.open("s1")
+    await h.send(Draft("s1", 1, 7, 0, (3,)))
+    while True:
+        msg = await h.verdicts.get(10)
+        v = decode(msg.payload, expect=Verdict)
+        if v.seq == 7:
+            break
+    assert msg.user_properties["trace"] == "s1/1/7"
+    assert msg.content_type == "application/msgpack"
