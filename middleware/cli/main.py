@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         json_logs = {"auto": None, "true": True, "false": False}.get(cfg.log.json)
-        configure_logging(json=json_logs, level=cfg.log.level)
+        level = cfg.log.level
+        if args.command == "demo" and not args.log_level:
+            level = "warning"  # the demo shows its own progress; service logs would drown it
+        configure_logging(json=json_logs, level=level)
         try:
             return asyncio.run(_commands()[args.command](cfg, args))
         except BaseExceptionGroup as group:  # a TaskGroup failed: report its first real cause
