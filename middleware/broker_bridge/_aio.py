@@ -22,3 +22,29 @@ async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise  # we are being cancelled ourselves, not just the task we stopped
+
+
+class Wakeup:
+    """Tasks waiting for a state change (e.g. "connected") until woken or a deadline passes."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    async def wait(self, deadline: float | None) -> None:
+        """Return when :meth:`wake` is called or at ``deadline`` (loop time), whichever is first."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(waiter)
+
+    def wake(self) -> None:
+        """Wake every waiter; they re-check the state they wait for."""
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()

@@ -58,6 +58,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from middleware.broker_bridge._aio import Wakeup
 from middleware.broker_bridge._aio import backoff as _backoff
 from middleware.broker_bridge._aio import cancel_and_wait as _cancel
 from middleware.broker_bridge.bus import Bus, BusMessage, Will
@@ -159,7 +160,7 @@ class MqttBus(Bus):
         self._connack: asyncio.Future[bool] | None = None
         self._first: asyncio.Future[None] | None = None  # resolved by the first CONNACK
         self._fd: int | None = None
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._wakeup = Wakeup()
         self._pub_acks: dict[int, asyncio.Future[None]] = {}
         self._sub_acks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._unsub_acks: dict[int, asyncio.Future[None]] = {}
@@ -468,21 +469,10 @@ class MqttBus(Bus):
             if deadline is not None and loop.time() >= deadline:
                 raise BusError(f"{self.client_id}: no connection to "
                                f"{self.settings.host}:{self.settings.port} in time")
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.add(waiter)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await waiter
-            except TimeoutError:
-                pass
-            finally:
-                self._waiters.discard(waiter)
+            await self._wakeup.wait(deadline)
 
     def _wake(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters.clear()
+        self._wakeup.wake()
 
     # --- paho client and its callbacks ----------------------------------------------
     def _make_client(self) -> paho.Client:

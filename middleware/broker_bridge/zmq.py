@@ -54,6 +54,7 @@ import structlog
 import zmq
 
 from middleware.broker_bridge import zmq_wire as w
+from middleware.broker_bridge._aio import Wakeup
 from middleware.broker_bridge._aio import backoff as _backoff
 from middleware.broker_bridge._aio import cancel_and_wait as _cancel
 from middleware.broker_bridge.bus import Bus, Will
@@ -210,7 +211,7 @@ class ZmqBus(Bus):
         self._first: asyncio.Future[None] | None = None
         self._conn: _Conn | None = None
         self._connected = asyncio.Event()
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._wakeup = Wakeup()
         self._mids = itertools.count(1)
         self._rids = itertools.count(1)
         self._acks: dict[int, asyncio.Future[None]] = {}
@@ -556,21 +557,10 @@ class ZmqBus(Bus):
             if deadline is not None and loop.time() >= deadline:
                 raise BusError(f"{self.client_id}: no connection to {self.settings.endpoint} "
                                "in time")
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.add(waiter)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await waiter
-            except TimeoutError:
-                pass
-            finally:
-                self._waiters.discard(waiter)
+            await self._wakeup.wait(deadline)
 
     def _wake(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters.clear()
+        self._wakeup.wake()
 
     def _fail_pending(self, exc: BusError) -> None:
         for table in (self._acks, self._requests):

@@ -21,7 +21,7 @@ from middleware.nodes.service import encode_prompt, stop_ids_of
 from middleware.nodes.session import SessionConfig
 from middleware.verifier.reference import reference_greedy
 from tests.integration.transports import PATHS, Fleet, Rig, fleet, open_rig
-from tests.unit.tiny import EOS, TinyTokenizer, tiny_llama
+from tests.unit.tiny import EOS, TinyTokenizer, noisy_copy, tiny_llama
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -38,12 +38,7 @@ def target() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def draft_model() -> torch.nn.Module:
     """The target with noisy weights: it agrees often, not always (partial acceptance)."""
-    model = tiny_llama(seed=0)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.35 * p.abs().mean())
-    return model
+    return noisy_copy(seed=0)
 
 
 @pytest.fixture(scope="module")

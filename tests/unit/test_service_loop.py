@@ -20,7 +20,7 @@ from middleware.protocol import SamplingParams
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy, reference_sample
 from middleware.verifier.service import VerifierConfig, VerifierService
-from tests.unit.tiny import EOS, TinyTokenizer, tiny_llama
+from tests.unit.tiny import EOS, TinyTokenizer, noisy_copy, tiny_llama
 
 PROMPTS = [[1, 5, 9, 13], [1, 7, 7, 7, 3, 22, 40], [1, 30], [1, 11, 12, 13, 14, 15, 16, 17, 18]]
 
@@ -33,12 +33,7 @@ def target() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def draft_model() -> torch.nn.Module:
     """The target with noisy weights: it agrees often, not always (partial acceptance)."""
-    model = tiny_llama(seed=0)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.35 * p.abs().mean())
-    return model
+    return noisy_copy(seed=0)
 
 
 async def _run(target, factory, sampling: SamplingParams, prompts, max_new: int = 24,

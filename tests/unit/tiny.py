@@ -37,3 +37,13 @@ class TinyTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [int(w[1:]) % VOCAB for w in text.split() if w[1:].isdigit()] or [1]
+
+
+def noisy_copy(seed: int = 0, noise: float = 0.35, noise_seed: int = 7) -> torch.nn.Module:
+    """``tiny_llama(seed)`` with noisy weights: a drafter that agrees often, not always."""
+    model = tiny_llama(seed=seed)
+    gen = torch.Generator().manual_seed(noise_seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * noise * p.abs().mean())
+    return model
