@@ -65,35 +65,38 @@ command -v mosquitto_passwd >/dev/null || die "mosquitto_passwd not found (apt-g
 
 p=$prefix
 case "$role" in
-  device) rules="topic write $p/session/+/open
-topic write $p/session/+/draft
-topic write $p/session/+/text
-topic write $p/session/+/result
-topic read $p/session/+/verdict
-topic read $p/session/+/state" ;;
+  # A device's rights come from the ACL's `pattern` lines (%u = its username =
+  # its device id): its own status and inbox, and its own sessions
+  # ($p/session/<id>/+/...).  Its block only records that it was provisioned.
+  device) rules="# device: rights from the pattern lines (own status, inbox, sessions)" ;;
   verifier) rules="topic deny $p/device/$id/#
-topic read $p/session/+/open
-topic read $p/session/+/draft
-topic write $p/session/+/verdict
-topic write $p/session/+/state
+topic deny $p/session/$id/#
+topic read $p/session/+/+/open
+topic read $p/session/+/+/draft
+topic write $p/session/+/+/verdict
+topic write $p/session/+/+/state
 topic write $p/verifier/$id/status" ;;
   monitor) rules="topic deny $p/device/$id/#
+topic deny $p/session/$id/#
 topic read $p/#
 topic read \$SYS/#" ;;
   operator) rules="topic deny $p/device/$id/#
+topic deny $p/session/$id/#
 topic read $p/#
 topic write $p/device/+/inbox" ;;
   bridge) rules="topic deny $p/device/$id/#
-topic write $p/session/+/open
-topic write $p/session/+/draft
-topic write $p/session/+/text
-topic write $p/session/+/result
-topic read $p/session/+/verdict
-topic read $p/session/+/state
+topic deny $p/session/$id/#
+topic write $p/session/+/+/open
+topic write $p/session/+/+/draft
+topic write $p/session/+/+/text
+topic write $p/session/+/+/result
+topic read $p/session/+/+/verdict
+topic read $p/session/+/+/state
 topic write $p/device/+/status
 topic read $p/device/+/inbox
 topic read $p/verifier/+/status" ;;
   relay) rules="topic deny $p/device/$id/#
+topic deny $p/session/$id/#
 topic readwrite $p/#" ;;
   *) die "unknown role '$role' (device, verifier, monitor, operator, bridge, relay)" ;;
 esac

@@ -29,7 +29,8 @@ examples:
   mw-cli demo                                  # the whole system on this machine
   mw-cli verifier --model smollm2 --host broker.local
   mw-cli node --id pi-1 --drafter quant4:smollm2
-  mw-cli tail session/123                      # every message of one session
+  mw-cli tail session/123                      # every message of one session (any device)
+  mw-cli tail device/pi-1/sessions             # every session of one device
   mw-cli tail device/pi-1 --json | jq .        # one JSON object per line
   mw-cli generate "What is MQTT?" --device pi-1
   mw-cli sessions                              # live table from the retained state
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("tail", "Print messages of a session, a device, a verifier or everything.",
             "mw-cli tail session/123 --tokenizer smollm2")
-    p.add_argument("spec", nargs="?", default="all", help="session/ID, device/ID, verifier/ID or all")
+    p.add_argument("spec", nargs="?", default="all", help="session/ID, session/DEVICE/ID[/LEAF], device/ID[/sessions], verifier/ID or all")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--raw", action="store_true", help="payloads as received")
     p.add_argument("--type", action="append", default=[], help="only these message types (repeatable)")

@@ -146,7 +146,8 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
     sid = args.session or f"gen-{uuid.uuid4().hex[:8]}"
     req = PromptRequest(prompt=args.prompt, session_id=sid, max_new_tokens=args.max_new_tokens)
     async with tool_bus(cfg, "generate") as bus, \
-            bus.subscribe(t.session(sid, "text")) as text, bus.subscribe(t.session(sid, "result")) as res:
+            bus.subscribe(t.session(args.device, sid, "text")) as text, \
+            bus.subscribe(t.session(args.device, sid, "result")) as res:
         await bus.publish(t.device_inbox(args.device), req.encode(), qos=1, content_type=CONTENT_JSON)
         print(f"# session {sid} on device {args.device}", file=sys.stderr, flush=True)
         deadline = time.monotonic() + args.timeout

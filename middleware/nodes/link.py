@@ -27,6 +27,7 @@ from middleware.protocol import (
     decode,
 )
 from middleware.protocol.session import trace_id
+from middleware.protocol.topics import SessionLeaf
 
 log = structlog.get_logger("middleware.node.link")
 
@@ -44,9 +45,10 @@ class OwnerLost:
 class BusLink:
     """Implements :class:`middleware.nodes.session.Link` over any :class:`Bus`."""
 
-    def __init__(self, bus: Bus, topics: Topics) -> None:
+    def __init__(self, bus: Bus, topics: Topics, device_id: str) -> None:
         self.bus = bus
         self.topics = topics
+        self.device_id = device_id
         self.malformed = 0
         self._queues: dict[str, asyncio.Queue[Verdict | OwnerLost]] = {}
         self._owners: dict[str, str] = {}  # session -> verifier that opened it
@@ -57,7 +59,7 @@ class BusLink:
         async with self.bus.subscribe() as sub:  # session filters are added on attach
             self._sub = sub
             for sid in self._queues:
-                await sub.add(self.topics.session(sid, "verdict"))
+                await sub.add(self._topic(sid, "verdict"))
             if ready is not None:
                 ready.set()
             await sub.add(self.topics.all_verifier_status())
@@ -68,7 +70,7 @@ class BusLink:
                         self._verifier_status(decode(msg.payload, expect=VerifierStatus))
                         continue
                     v = decode(msg.payload, expect=Verdict)
-                    if v.session_id != ref.ident:
+                    if v.session_id != ref.ident or ref.device != self.device_id:
                         raise ProtocolError("verdict session id does not match its topic")
                 except (ProtocolError, TopicError) as exc:
                     self.malformed += 1
@@ -77,6 +79,9 @@ class BusLink:
                 if v.kind == "opened":
                     self._owners[v.session_id] = v.verifier_id
                 self._deliver(v.session_id, v)
+
+    def _topic(self, session_id: str, leaf: SessionLeaf) -> str:
+        return self.topics.session(self.device_id, session_id, leaf)
 
     def _deliver(self, session_id: str, item: Verdict | OwnerLost) -> None:
         q = self._queues.get(session_id)
@@ -99,23 +104,22 @@ class BusLink:
         """Start receiving this session's verdicts (before its open is sent)."""
         self._queues.setdefault(session_id, asyncio.Queue(QUEUE_MAX))
         if self._sub is not None:
-            await self._sub.add(self.topics.session(session_id, "verdict"))
+            await self._sub.add(self._topic(session_id, "verdict"))
 
     async def detach(self, session_id: str) -> None:
         self._queues.pop(session_id, None)
         self._owners.pop(session_id, None)
         if self._sub is not None:
             with contextlib.suppress(BusClosedError):
-                await self._sub.remove(self.topics.session(session_id, "verdict"))
+                await self._sub.remove(self._topic(session_id, "verdict"))
 
     async def send(self, msg: OpenSession | Draft | CloseSession) -> None:
-        t = self.topics
         trace = {"trace": trace_id(msg.session_id, msg.epoch, msg.seq)}
         if isinstance(msg, OpenSession):
-            await self.bus.publish(t.session(msg.session_id, "open"), msg.encode(), qos=1,
+            await self.bus.publish(self._topic(msg.session_id, "open"), msg.encode(), qos=1,
                                    content_type=CONTENT_MSGPACK, user_properties=trace)
         else:
-            await self.bus.publish(t.session(msg.session_id, "draft"), msg.encode(), qos=1,
+            await self.bus.publish(self._topic(msg.session_id, "draft"), msg.encode(), qos=1,
                                    content_type=CONTENT_MSGPACK, expiry=DRAFT_EXPIRY_S,
                                    user_properties=trace)
 
@@ -133,7 +137,7 @@ class BusLink:
         if timeout <= 0:
             return None
         try:
-            async with self.bus.subscribe(self.topics.session(session_id, "state"), maxsize=4) as sub:
+            async with self.bus.subscribe(self._topic(session_id, "state"), maxsize=4) as sub:
                 msg = await sub.get(timeout)
         except (TimeoutError, BusError):
             return None

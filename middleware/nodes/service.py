@@ -79,7 +79,7 @@ class NodeService:
         self.drafter_name = drafter_name
         self.config = config or NodeConfig()
         self.topics = Topics(self.config.prefix)
-        self.link = BusLink(bus, self.topics)
+        self.link = BusLink(bus, self.topics, self.config.device_id)
         self.ready = asyncio.Event()
         self.outcomes: list[Outcome] = []
         self.active: set[str] = set()
@@ -172,7 +172,8 @@ class NodeService:
         (text released offline reaches the topic once the link is back, still in order)."""
         while True:
             item = await self._text.get()
-            topic = self.topics.session(item.session_id, "result" if isinstance(item, Result) else "text")
+            topic = self.topics.session(item.device_id, item.session_id,
+                                        "result" if isinstance(item, Result) else "text")
             delay = 0.1
             while True:
                 try:

@@ -267,7 +267,7 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class SessionState:
-    """Verifier -> retained ``session/{id}/state``: the durable committed truth.
+    """Verifier -> retained ``session/{device}/{id}/state``: the durable committed truth.
 
     A reconnecting device reads it to reconcile; a verifier taking over a
     session reads the owner and epoch from it.

@@ -1,6 +1,6 @@
 """Human-facing session output and prompts (UTF-8 JSON).
 
-``session/{id}/text`` carries :class:`TextChunk` values.  Every chunk says
+``session/{device}/{id}/text`` carries :class:`TextChunk` values.  Every chunk says
 whether its text is ``verified`` (committed by the target model),
 ``provisional`` (released by an offline device, not yet verified) or a
 ``correction`` (replaces provisional text from token position ``pos`` on).
@@ -67,7 +67,7 @@ class TextChunk:
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """Retained ``session/{id}/result``: the final text and per-session figures."""
+    """Retained ``session/{device}/{id}/result``: the final text and per-session figures."""
 
     TYPE: ClassVar[str] = "result"
 

@@ -2,15 +2,21 @@
 
 Every topic lives under a configurable prefix (default ``mw/v1``)::
 
-    {prefix}/session/{sid}/open      device -> verifiers (shared subscription)  msgpack
-    {prefix}/session/{sid}/draft     device -> owning verifier                  msgpack
-    {prefix}/session/{sid}/verdict   owning verifier -> device                  msgpack
-    {prefix}/session/{sid}/state     owning verifier, retained                  msgpack
-    {prefix}/session/{sid}/text      device, text stream                        JSON
-    {prefix}/session/{sid}/result    device, retained final result              JSON
-    {prefix}/device/{did}/status     device, retained, last will                JSON
-    {prefix}/device/{did}/inbox      anyone -> device, prompts                  JSON or text
-    {prefix}/verifier/{vid}/status   verifier, retained, last will              JSON
+    {prefix}/session/{did}/{sid}/open     device -> verifiers (shared subscription)  msgpack
+    {prefix}/session/{did}/{sid}/draft    device -> owning verifier                  msgpack
+    {prefix}/session/{did}/{sid}/verdict  owning verifier -> device                  msgpack
+    {prefix}/session/{did}/{sid}/state    owning verifier, retained                  msgpack
+    {prefix}/session/{did}/{sid}/text     device, text stream                        JSON
+    {prefix}/session/{did}/{sid}/result   device, retained final result              JSON
+    {prefix}/device/{did}/status          device, retained, last will                JSON
+    {prefix}/device/{did}/inbox           anyone -> device, prompts                  JSON or text
+    {prefix}/verifier/{vid}/status        verifier, retained, last will              JSON
+
+Session topics carry the owning device's id as a whole level (``{did}``) so
+that a broker ACL can bind a session to its device (Mosquitto substitutes
+``%u`` only for whole levels: ``pattern write mw/v1/session/%u/+/draft``).
+Session ids are unique per verifier; the verifier binds a session to the
+device that opened it and refuses the same id from another device.
 """
 
 from __future__ import annotations
@@ -38,11 +44,29 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 @dataclass(frozen=True, slots=True)
 class TopicRef:
-    """A parsed topic: which subtree (``session``/``device``/``verifier``), whose id, which leaf."""
+    """A parsed topic: which subtree (``session``/``device``/``verifier``), whose id, which leaf.
+
+    For session topics ``ident`` is the session id and ``device`` the owning
+    device's id; for the other subtrees ``device`` is empty.
+    """
 
     root: str
     ident: str
     leaf: str
+    device: str = ""
+
+
+def _checked(ident: str, what: str) -> str:
+    try:
+        check_id(ident, what)
+    except ProtocolError as exc:
+        raise TopicError(str(exc)) from exc
+    return ident
+
+
+def _level(part: str, what: str) -> str:
+    """One level of a filter spec: an id, or ``*``/``+`` for any."""
+    return "+" if part in ("*", "+") else _checked(part, what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,17 +80,15 @@ class Topics:
             raise TopicError(f"invalid topic prefix {self.prefix!r}: use letters, digits, _.- and /")
 
     def _build(self, root: str, ident: str, leaf: str) -> str:
-        try:
-            check_id(ident, f"{root} id")
-        except ProtocolError as exc:
-            raise TopicError(str(exc)) from exc
-        return f"{self.prefix}/{root}/{ident}/{leaf}"
+        return f"{self.prefix}/{root}/{_checked(ident, f'{root} id')}/{leaf}"
 
     # --- concrete topics -------------------------------------------------
-    def session(self, session_id: str, leaf: SessionLeaf) -> str:
+    def session(self, device_id: str, session_id: str, leaf: SessionLeaf) -> str:
+        """``{prefix}/session/{device_id}/{session_id}/{leaf}``."""
         if leaf not in SESSION_LEAVES:
             raise TopicError(f"unknown session leaf {leaf!r}")
-        return self._build("session", session_id, leaf)
+        did = _checked(device_id, "device id")
+        return f"{self.prefix}/session/{did}/{_checked(session_id, 'session id')}/{leaf}"
 
     def device_status(self, device_id: str) -> str:
         return self._build("device", device_id, "status")
@@ -79,17 +101,20 @@ class Topics:
 
     # --- filters -----------------------------------------------------------
     def all_sessions(self, leaf: SessionLeaf | Literal["#"]) -> str:
+        """One leaf (or everything) of every session of every device."""
         if leaf != "#" and leaf not in SESSION_LEAVES:
             raise TopicError(f"unknown session leaf {leaf!r}")
-        return f"{self.prefix}/session/+/{leaf}"
+        return f"{self.prefix}/session/+/+/{leaf}"
+
+    def device_sessions(self, device_id: str, leaf: SessionLeaf | Literal["#"]) -> str:
+        """One leaf (or everything) of every session of one device."""
+        if leaf != "#" and leaf not in SESSION_LEAVES:
+            raise TopicError(f"unknown session leaf {leaf!r}")
+        return f"{self.prefix}/session/{_checked(device_id, 'device id')}/+/{leaf}"
 
     def shared_open(self, group: str = DEFAULT_SHARE_GROUP) -> str:
         """MQTT 5 shared subscription: each open reaches exactly one verifier of the group."""
-        try:
-            check_id(group, "share group")
-        except ProtocolError as exc:
-            raise TopicError(str(exc)) from exc
-        return f"$share/{group}/{self.prefix}/session/+/open"
+        return f"$share/{_checked(group, 'share group')}/{self.prefix}/session/+/+/open"
 
     def all_device_status(self) -> str:
         return f"{self.prefix}/device/+/status"
@@ -101,45 +126,67 @@ class Topics:
         return f"{self.prefix}/#"
 
     def subtree(self, spec: str) -> str:
-        """Filter for a CLI spec: ``session/123``, ``device/pi-1``, ``verifier/v1`` or ``all``."""
+        """Filter for a CLI spec.
+
+        ``all``; ``session/SID`` (that session, whichever device owns it);
+        ``session/SID/LEAF``; ``session/DID/SID``; ``session/DID/SID/LEAF``;
+        ``device/DID`` (its status and inbox; ``device/DID/sessions`` for all its
+        sessions); ``device/DID/LEAF``; ``verifier/VID``; ``*`` or ``+`` for any id.
+        """
         if spec in ("", "all", "#"):
             return self.everything()
         parts = spec.strip("/").split("/")
-        if parts[0] not in ROOTS or len(parts) > 3:
-            raise TopicError(f"expected session/ID, device/ID, verifier/ID or all; got {spec!r}")
+        root = parts[0]
+        if root not in ROOTS or len(parts) > (4 if root == "session" else 3):
+            raise TopicError("expected session/ID, session/DEVICE/ID, device/ID, verifier/ID or all;"
+                             f" got {spec!r}")
         if len(parts) == 1:
-            return f"{self.prefix}/{parts[0]}/#"
-        ident = "+" if parts[1] in ("*", "+") else parts[1]
-        if ident != "+":
-            try:
-                check_id(ident, f"{parts[0]} id")
-            except ProtocolError as exc:
-                raise TopicError(str(exc)) from exc
+            return f"{self.prefix}/{root}/#"
+        if root == "session":
+            rest = parts[1:]
+            leaf = "#"
+            if len(rest) > 1 and rest[-1] in SESSION_LEAVES:
+                leaf = rest.pop()
+            if len(rest) == 1:
+                did, sid = "+", _level(rest[0], "session id")
+            elif len(rest) == 2:
+                did, sid = _level(rest[0], "device id"), _level(rest[1], "session id")
+            else:
+                raise TopicError(f"unknown session leaf {parts[-1]!r}")
+            return f"{self.prefix}/session/{did}/{sid}/{leaf}"
+        ident = _level(parts[1], f"{root} id")
         if len(parts) == 3:
-            if parts[2] not in ROOTS[parts[0]]:
-                raise TopicError(f"unknown {parts[0]} leaf {parts[2]!r}")
-            return f"{self.prefix}/{parts[0]}/{ident}/{parts[2]}"
-        return f"{self.prefix}/{parts[0]}/{ident}/#"
+            if root == "device" and parts[2] == "sessions":
+                return f"{self.prefix}/session/{ident}/+/#"
+            if parts[2] not in ROOTS[root]:
+                raise TopicError(f"unknown {root} leaf {parts[2]!r}")
+            return f"{self.prefix}/{root}/{ident}/{parts[2]}"
+        return f"{self.prefix}/{root}/{ident}/#"
 
     # --- parsing -----------------------------------------------------------
     def parse(self, topic: str) -> TopicRef:
-        """Split a concrete topic into (root, id, leaf); raise TopicError if foreign."""
+        """Split a concrete topic into (root, id, leaf[, device]); raise TopicError if foreign."""
         head = self.prefix + "/"
         if not topic.startswith(head):
             raise TopicError(f"topic {topic!r} is outside prefix {self.prefix!r}")
         parts = topic[len(head):].split("/")
+        if parts[0] == "session":
+            if len(parts) != 4 or parts[3] not in SESSION_LEAVES:
+                raise TopicError(f"topic {topic!r} is not in the topic tree")
+            return TopicRef("session", _checked(parts[2], "session id"), parts[3],
+                            _checked(parts[1], "device id"))
         if len(parts) != 3 or parts[0] not in ROOTS or parts[2] not in ROOTS[parts[0]]:
             raise TopicError(f"topic {topic!r} is not in the topic tree")
-        try:
-            check_id(parts[1], f"{parts[0]} id")
-        except ProtocolError as exc:
-            raise TopicError(str(exc)) from exc
-        return TopicRef(parts[0], parts[1], parts[2])
+        return TopicRef(parts[0], _checked(parts[1], f"{parts[0]} id"), parts[2])
 
     def all_patterns(self) -> list[str]:
-        """Every concrete topic shape, with ``{id}`` placeholders (for the AsyncAPI check)."""
-        return [f"{self.prefix}/{root}/{{id}}/{leaf}" for root, leaves in ROOTS.items()
-                for leaf in leaves]
+        """Every concrete topic shape, with ``{id}`` placeholders (for the AsyncAPI check).
+
+        Session shapes are ``{prefix}/session/{device}/{id}/{leaf}``.
+        """
+        return [f"{self.prefix}/{root}/{{device}}/{{id}}/{leaf}" if root == "session"
+                else f"{self.prefix}/{root}/{{id}}/{leaf}"
+                for root, leaves in ROOTS.items() for leaf in leaves]
 
 
 def strip_share(filter_: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -151,11 +151,20 @@ class VerifierService:
         if value.session_id != ref.ident:
             raise ProtocolError(f"session id {value.session_id!r} does not match topic {msg.topic!r}")
         if isinstance(value, OpenSession) and ref.leaf == "open":
+            if value.device_id != ref.device:
+                raise ProtocolError(f"device id {value.device_id!r} does not match topic {msg.topic!r}")
             await self._open(value)
-        elif isinstance(value, Draft) and ref.leaf == "draft":
-            await self._draft(value)
-        elif isinstance(value, CloseSession) and ref.leaf == "draft":
-            await self._close(value)
+            return
+        if ref.leaf == "draft" and isinstance(value, Draft | CloseSession):
+            s = self.sessions.get(value.session_id)
+            if s is not None and s.device_id != ref.device:
+                # Session ids are bound to the device that opened them: a draft or close
+                # from another device's topic is refused without an answer.
+                self._reject("foreign_session", msg.topic, f"session owned by {s.device_id!r}")
+            elif isinstance(value, Draft):
+                await self._draft(value, ref.device)
+            else:
+                await self._close(value)
         else:
             raise ProtocolError(f"{type(value).__name__} not allowed on {ref.leaf}")
 
@@ -166,43 +175,50 @@ class VerifierService:
             return Verdict(session_id=m.session_id, epoch=m.epoch, seq=m.seq, kind=kind,  # type: ignore[arg-type]
                            reason=reason, committed_len=clen, verifier_id=vid, echo_ts=m.sent_at)
 
+        def send(v: Verdict) -> Awaitable[None]:
+            return self._send_verdict(v, m.device_id)
+
         if m.tokenizer != self.fingerprint:
             self._reject("tokenizer_mismatch", m.session_id, m.tokenizer)
-            await self._send_verdict(answer("refused", f"tokenizer {m.tokenizer!r} != verifier's "
+            await send(answer("refused", f"tokenizer {m.tokenizer!r} != verifier's "
                                                        f"{self.fingerprint!r}"))
             return
         bad = next((t for t in (*m.prompt, *m.committed) if t >= self.engine.vocab_size), None)
         if bad is not None:
             self._reject("token_out_of_range", m.session_id, str(bad))
-            await self._send_verdict(answer("refused", f"token id {bad} outside vocabulary"))
+            await send(answer("refused", f"token id {bad} outside vocabulary"))
             return
         old = self.sessions.get(m.session_id)
+        if old is not None and old.device_id != m.device_id:
+            self._reject("session_taken", m.session_id, f"{m.device_id} vs {old.device_id}")
+            await send(answer("refused", "session id in use by another device"))
+            return
         if old is not None and m.epoch < old.epoch:
-            await self._send_verdict(answer("resync", f"stale epoch {m.epoch} < {old.epoch}",
+            await send(answer("resync", f"stale epoch {m.epoch} < {old.epoch}",
                                             len(old.committed)))
             return
         if old is not None and m.epoch == old.epoch:  # duplicate open
-            await self._send_verdict(answer("opened", clen=len(old.committed)))
+            await send(answer("opened", clen=len(old.committed)))
             return
         if old is None and len(self.sessions) >= self.config.max_sessions:
             self._reject("too_many_sessions", m.session_id, str(len(self.sessions)))
-            await self._send_verdict(answer("refused", "verifier at its session limit"))
+            await send(answer("refused", "verifier at its session limit"))
             return
         s = VerifierSession.from_open(m)
         s.last_active = self._clock()
         self.sessions[m.session_id] = s
         if old is None and not self.config.exclusive:
             assert self._drafts is not None
-            await self._drafts.add(self.topics.session(m.session_id, "draft"))
+            await self._drafts.add(self.topics.session(m.device_id, m.session_id, "draft"))
         else:
             self._closing.append(m.session_id)  # drop the old epoch's KV cache before reuse
         self.metrics.sessions.set(len(self.sessions))
         log.info("session_opened", session=m.session_id, device=m.device_id, epoch=m.epoch,
                  mode=m.sampling.mode, committed=len(m.committed), drafter=m.drafter)
         await self._publish_state(s)
-        await self._send_verdict(answer("opened", clen=len(s.committed)))
+        await send(answer("opened", clen=len(s.committed)))
 
-    async def _draft(self, d: Draft) -> None:
+    async def _draft(self, d: Draft, device_id: str) -> None:
         s = self.sessions.get(d.session_id)
         tri = triage(s, d, vocab_size=self.engine.vocab_size, verifier_id=self.config.verifier_id,
                      max_draft=self.config.max_draft)
@@ -224,7 +240,7 @@ class VerifierService:
         if tri.action in ("refuse", "resync"):
             self._reject(tri.reason, d.session_id, tri.verdict.reason if tri.verdict else "")
         assert tri.verdict is not None
-        await self._send_verdict(tri.verdict)
+        await self._send_verdict(tri.verdict, device_id)
 
     async def _close(self, c: CloseSession) -> None:
         s = self.sessions.get(c.session_id)
@@ -233,7 +249,7 @@ class VerifierService:
         del self.sessions[c.session_id]
         self._closing.append(c.session_id)
         if self._drafts is not None and not self.config.exclusive:
-            await self._drafts.remove(self.topics.session(c.session_id, "draft"))
+            await self._drafts.remove(self.topics.session(s.device_id, c.session_id, "draft"))
         self.metrics.sessions.set(len(self.sessions))
         log.info("session_closed", session=c.session_id, reason=c.reason)
 
@@ -253,7 +269,7 @@ class VerifierService:
                     continue
                 s.pending = False
                 if d.base != len(s.committed) or s.done:  # state moved while it waited
-                    await self._draft(d)
+                    await self._draft(d, s.device_id)
                     continue
                 self.metrics.queue_wait.observe(now - p.arrived)
                 inputs.append(RoundInput(s.session_id, s.prompt, tuple(s.committed), d, s.sampling,
@@ -276,10 +292,12 @@ class VerifierService:
             self.engine.close(inp.session_id)
             self._reject("verify_failed", inp.session_id, repr(exc))
             s = self.sessions.get(inp.session_id)
-            await self._send_verdict(Verdict(
-                session_id=inp.session_id, epoch=inp.draft.epoch, seq=inp.draft.seq, kind="refused",
-                reason=f"verification failed: {type(exc).__name__}",
-                committed_len=len(s.committed) if s else 0, verifier_id=self.config.verifier_id))
+            if s is not None:
+                await self._send_verdict(Verdict(
+                    session_id=inp.session_id, epoch=inp.draft.epoch, seq=inp.draft.seq,
+                    kind="refused", reason=f"verification failed: {type(exc).__name__}",
+                    committed_len=len(s.committed), verifier_id=self.config.verifier_id),
+                    s.device_id)
             return
         await self._apply(result)
 
@@ -310,19 +328,20 @@ class VerifierService:
                         committed_len=len(s.committed), done=s.done, finish_reason=s.finish_reason,
                         verifier_id=self.config.verifier_id)
             s.remember(v)
-            sends.append(self._send_verdict(v))
+            sends.append(self._send_verdict(v, s.device_id))
             sends.append(self._publish_state(s))
         await asyncio.gather(*sends)
 
     # --- publishing --------------------------------------------------------------
-    async def _send_verdict(self, v: Verdict) -> None:
+    async def _send_verdict(self, v: Verdict, device_id: str) -> None:
         self.metrics.answers.inc(kind=v.kind)
-        await self.bus.publish(self.topics.session(v.session_id, "verdict"), v.encode(), qos=1,
+        await self.bus.publish(self.topics.session(device_id, v.session_id, "verdict"), v.encode(),
+                               qos=1,
                                content_type=CONTENT_MSGPACK,
                                user_properties={"trace": trace_id(v.session_id, v.epoch, v.seq)})
 
     async def _publish_state(self, s: VerifierSession) -> None:
-        await self.bus.publish(self.topics.session(s.session_id, "state"),
+        await self.bus.publish(self.topics.session(s.device_id, s.session_id, "state"),
                                s.state(self.config.verifier_id).encode(), qos=1, retain=True,
                                content_type=CONTENT_MSGPACK)
 

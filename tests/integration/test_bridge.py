@@ -66,14 +66,14 @@ async def test_relays_both_ways_keeping_properties(mosquitto: Any, hub: ZmqHub,
         async with Bridge(m, z, prefix=unique_prefix, bridge_id="b1") as bridge, \
                 m_obs.subscribe(t.everything()) as on_mqtt, \
                 z_obs.subscribe(t.everything()) as on_zmq:
-            draft = t.session("s1", "draft")
-            verdict = t.session("s1", "verdict")
+            draft = t.session("d1", "s1", "draft")
+            verdict = t.session("d1", "s1", "verdict")
             await m_obs.publish(draft, b"\x00draft", qos=1, content_type=CONTENT_MSGPACK,
                                 expiry=30, user_properties={"trace": "abc"},
                                 correlation=b"\x01\x02")
             await z_obs.publish(verdict, b"\x00verdict", qos=1, content_type=CONTENT_MSGPACK,
                                 user_properties={"trace": "def"}, correlation=b"\x03")
-            await z_obs.publish(t.session("s1", "text"), b"qos0", qos=0)
+            await z_obs.publish(t.session("d1", "s1", "text"), b"qos0", qos=0)
             got_z, got_m = await drain(on_zmq), await drain(on_mqtt)
     relayed_draft = next(x for x in got_z if x.topic == draft)
     assert relayed_draft.payload == b"\x00draft" and relayed_draft.qos == 1
@@ -84,11 +84,11 @@ async def test_relays_both_ways_keeping_properties(mosquitto: Any, hub: ZmqHub,
     relayed_verdict = next(x for x in got_m if x.topic == verdict)
     assert (relayed_verdict.payload, relayed_verdict.correlation) == (b"\x00verdict", b"\x03")
     assert dict(relayed_verdict.user_properties) == {"trace": "def", MARK: "b1"}
-    text = next(x for x in got_m if x.topic == t.session("s1", "text"))
+    text = next(x for x in got_m if x.topic == t.session("d1", "s1", "text"))
     assert (text.payload, text.qos) == (b"qos0", 0)
     # each side saw each message exactly once: the originals and one relay each, no echo
-    assert sorted(x.topic for x in got_z) == sorted([draft, verdict, t.session("s1", "text")])
-    assert sorted(x.topic for x in got_m) == sorted([draft, verdict, t.session("s1", "text")])
+    assert sorted(x.topic for x in got_z) == sorted([draft, verdict, t.session("d1", "s1", "text")])
+    assert sorted(x.topic for x in got_m) == sorted([draft, verdict, t.session("d1", "s1", "text")])
     assert bridge.stats["to_zmq"]["relayed"] == 1 and bridge.stats["to_mqtt"]["relayed"] == 2
     assert bridge.stats["to_zmq"]["echoes"] == 2 and bridge.stats["to_mqtt"]["echoes"] == 1
 
@@ -100,8 +100,8 @@ async def test_retained_state_reaches_late_subscribers_on_both_sides(
             MqttBus(mq(mosquitto)) as dev, ZmqBus(zq(hub)) as ver:
         async with Bridge(m, z, prefix=unique_prefix), \
                 dev.subscribe(t.device_status("pi-1")) as seen_z, \
-                ver.subscribe(t.session("s1", "state")) as seen_m:
-            await ver.publish(t.session("s1", "state"), b"state-v1", retain=True)
+                ver.subscribe(t.session("d1", "s1", "state")) as seen_m:
+            await ver.publish(t.session("d1", "s1", "state"), b"state-v1", retain=True)
             await dev.publish(t.device_status("pi-1"), b"online", retain=True)
             await seen_z.get(10)  # both relayed (the bridge works sequentially)
             await seen_m.get(10)
@@ -122,7 +122,7 @@ async def test_shared_opens_reach_one_verifier_across_the_bridge(
         async with v1.subscribe(t.shared_open()) as o1, v2.subscribe(t.shared_open()) as o2, \
                 Bridge(m, z, prefix=unique_prefix):
             for i in range(6):
-                await dev.publish(t.session(f"s{i}", "open"), b"%d" % i)
+                await dev.publish(t.session("d1", f"s{i}", "open"), b"%d" % i)
             got1, got2 = await drain(o1), await drain(o2)
     assert len(got1) == len(got2) == 3
     assert sorted(x.payload for x in got1 + got2) == [b"%d" % i for i in range(6)]
@@ -132,7 +132,7 @@ async def test_a_cycle_of_bridges_cannot_loop(mosquitto: Any, hub: ZmqHub,
                                               unique_prefix: str) -> None:
     """Two bridges over the same pair form a cycle: each copy stops after one round."""
     t = Topics(unique_prefix)
-    topic = t.session("s1", "draft")
+    topic = t.session("d1", "s1", "draft")
     async with MqttBus(mq(mosquitto)) as ma, ZmqBus(zq(hub)) as za, \
             MqttBus(mq(mosquitto)) as mb, ZmqBus(zq(hub)) as zb, \
             MqttBus(mq(mosquitto)) as m_obs, ZmqBus(zq(hub)) as z_obs:
@@ -148,7 +148,7 @@ async def test_a_cycle_of_bridges_cannot_loop(mosquitto: Any, hub: ZmqHub,
 async def test_survives_broker_and_hub_restarts(fresh_mosquitto: MosquittoProcess,
                                                 unique_prefix: str) -> None:
     t = Topics(unique_prefix)
-    topic_m, topic_z = t.session("s1", "verdict"), t.session("s1", "draft")
+    topic_m, topic_z = t.session("d1", "s1", "verdict"), t.session("d1", "s1", "draft")
     dev_id = f"{unique_prefix}-dev".replace("/", "-")
     at_dev: set[bytes] = set()
     at_ver: set[bytes] = set()

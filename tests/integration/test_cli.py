@@ -109,7 +109,7 @@ def test_generate_and_tail_round_trip(services, smollm2, tmp_path: Path) -> None
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]
     types = {d["type"] for d in lines}
     assert {"open", "draft", "verdict", "state", "text", "result"} <= types, types
-    assert all(d["topic"].endswith(f"/session/{sid}/" + d["topic"].rsplit("/", 1)[1]) for d in lines)
+    assert all(d["topic"].endswith(f"/session/pi-cli/{sid}/" + d["topic"].rsplit("/", 1)[1]) for d in lines)
     result = next(d for d in lines if d["type"] == "result")
     assert result["msg"]["text"].strip() == expected.strip()
     verdicts = [d["msg"] for d in lines if d["type"] == "verdict" and d["msg"]["kind"] == "accept"]
@@ -126,8 +126,8 @@ def test_tail_human_output_and_sessions_table(services, tmp_path: Path) -> None:
     tail = subprocess.run([*CLI, "tail", f"session/{sid}", *services, "--timeout", "3"],
                           capture_output=True, text=True, env=_env(), timeout=60)
     # Only retained messages remain: the state and the result, decoded for people.
-    assert f'/session/{sid}/state state [retained] status="done" owner="v-cli"' in tail.stdout, tail.stdout
-    assert f"/session/{sid}/result result [retained]" in tail.stdout
+    assert f'/session/pi-cli/{sid}/state state [retained] status="done" owner="v-cli"' in tail.stdout, tail.stdout
+    assert f"/session/pi-cli/{sid}/result result [retained]" in tail.stdout
     table = subprocess.run([*CLI, "sessions", *services, "--wait", "2"], capture_output=True, text=True,
                            env=_env(), timeout=60)
     assert table.returncode == 0

@@ -58,8 +58,8 @@ async def test_link_cut_goes_offline_then_confirms_or_corrects(mosquitto, unique
                                                                    max_failures=2, probe_interval=0.5)))
         local: list[TextChunk] = []
         node.on_text = local.append  # what the device's user sees, even while offline
-        text_sub = await watch.subscribe(t.session(sid, "text"))
-        result_sub = await watch.subscribe(t.session(sid, "result"))
+        text_sub = await watch.subscribe(t.session("pi-cut", sid, "text"))
+        result_sub = await watch.subscribe(t.session("pi-cut", sid, "result"))
 
         async def collect() -> None:
             async for msg in text_sub:

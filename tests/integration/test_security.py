@@ -258,46 +258,48 @@ async def test_tls_connection_with_the_generated_ca(secure: Secure) -> None:
 ALLOWED, DENIED = "allowed", "denied"
 PUBLISH_RIGHTS: list[tuple[str, str, str]] = [
     # a device: its sessions' device-side leaves and its own status ...
-    ("pi-a", T.session("pi-a-1", "open"), ALLOWED),
-    ("pi-a", T.session("pi-a-1", "draft"), ALLOWED),
-    ("pi-a", T.session("pi-a-1", "text"), ALLOWED),
-    ("pi-a", T.session("pi-a-1", "result"), ALLOWED),
+    ("pi-a", T.session("pi-a", "pi-a-1", "open"), ALLOWED),
+    ("pi-a", T.session("pi-a", "pi-a-1", "draft"), ALLOWED),
+    ("pi-a", T.session("pi-a", "pi-a-1", "text"), ALLOWED),
+    ("pi-a", T.session("pi-a", "pi-a-1", "result"), ALLOWED),
     ("pi-a", T.device_status("pi-a"), ALLOWED),
     # ... never verdicts or state, not even for its own sessions ...
-    ("pi-a", T.session("pi-a-1", "verdict"), DENIED),
-    ("pi-a", T.session("pi-a-1", "state"), DENIED),
-    ("pi-a", T.session("pi-b-1", "verdict"), DENIED),
+    ("pi-a", T.session("pi-a", "pi-a-1", "verdict"), DENIED),
+    ("pi-a", T.session("pi-a", "pi-a-1", "state"), DENIED),
+    ("pi-a", T.session("pi-b", "pi-b-1", "verdict"), DENIED),
     # ... nothing of another device, no inbox (not even its own), no verifier status.
     ("pi-a", T.device_inbox("pi-b"), DENIED),
     ("pi-a", T.device_status("pi-b"), DENIED),
     ("pi-a", T.device_inbox("pi-a"), DENIED),
     ("pi-a", T.verifier_status("verifier-1"), DENIED),
     ("pi-a", T.verifier_status("pi-a"), DENIED),
-    # KNOWN GAP of the current topic tree (see deploy/mosquitto/acl): session ids
-    # carry no device level, so another device's session leaves are writable.
-    ("pi-a", T.session("pi-b-1", "text"), ALLOWED),
+    # ... and no session leaf of another device's sessions (the device level of the topic).
+    ("pi-a", T.session("pi-b", "pi-b-1", "text"), DENIED),
+    ("pi-a", T.session("pi-b", "pi-b-1", "open"), DENIED),
+    ("pi-a", T.session("pi-b", "pi-b-1", "draft"), DENIED),
+    ("pi-a", T.session("pi-b", "pi-b-1", "result"), DENIED),
     # a verifier: verdict, state and its own status only
-    ("verifier-1", T.session("pi-a-1", "verdict"), ALLOWED),
-    ("verifier-1", T.session("pi-a-1", "state"), ALLOWED),
+    ("verifier-1", T.session("pi-a", "pi-a-1", "verdict"), ALLOWED),
+    ("verifier-1", T.session("pi-a", "pi-a-1", "state"), ALLOWED),
     ("verifier-1", T.verifier_status("verifier-1"), ALLOWED),
     ("verifier-1", T.verifier_status("verifier-2"), DENIED),
-    ("verifier-1", T.session("pi-a-1", "open"), DENIED),
-    ("verifier-1", T.session("pi-a-1", "draft"), DENIED),
-    ("verifier-1", T.session("pi-a-1", "result"), DENIED),
+    ("verifier-1", T.session("pi-a", "pi-a-1", "open"), DENIED),
+    ("verifier-1", T.session("pi-a", "pi-a-1", "draft"), DENIED),
+    ("verifier-1", T.session("pi-a", "pi-a-1", "result"), DENIED),
     ("verifier-1", T.device_inbox("pi-a"), DENIED),
     ("verifier-1", T.device_status("verifier-1"), DENIED),  # the deny line beats the pattern
     # the monitor is read-only, also under its own name
     ("monitor", T.device_status("monitor"), DENIED),
-    ("monitor", T.session("pi-a-1", "text"), DENIED),
+    ("monitor", T.session("pi-a", "pi-a-1", "text"), DENIED),
     ("monitor", T.device_inbox("pi-a"), DENIED),
     ("monitor", T.verifier_status("monitor"), DENIED),
     # the operator sends prompts and nothing else
     ("ops", T.device_inbox("pi-a"), ALLOWED),
-    ("ops", T.session("pi-a-1", "verdict"), DENIED),
+    ("ops", T.session("pi-a", "pi-a-1", "verdict"), DENIED),
     ("ops", T.device_status("ops"), DENIED),
     # the MQTT<->ZeroMQ bridge relays everything both ways, except as a device itself
-    ("relay-1", T.session("pi-a-1", "draft"), ALLOWED),
-    ("relay-1", T.session("pi-a-1", "verdict"), ALLOWED),
+    ("relay-1", T.session("pi-a", "pi-a-1", "draft"), ALLOWED),
+    ("relay-1", T.session("pi-a", "pi-a-1", "verdict"), ALLOWED),
     ("relay-1", T.device_inbox("pi-a"), ALLOWED),
     ("relay-1", T.device_status("relay-1"), DENIED),
 ]
@@ -341,19 +343,23 @@ async def test_a_device_cannot_read_another_devices_inbox(secure: Secure) -> Non
     assert got_b[-1].topic == T.device_inbox("pi-b")
 
 
-async def test_a_device_reads_no_other_device_status_and_no_drafts(secure: Secure) -> None:
-    """Reads outside the device role (other devices' status, drafts, opens) never arrive."""
+async def test_a_device_reads_nothing_of_another_device(secure: Secure) -> None:
+    """Reads outside the device role (other devices' status, drafts, opens, verdicts, state)
+    never arrive."""
     async with connected(secure.settings("pi-a")) as pi_a, \
             connected(secure.settings("pi-b")) as pi_b:
         async with pi_a.subscribe("mw/v1/#") as everything:
             await pi_b.publish(T.device_status("pi-b"), b"pi-b status", qos=1)
-            await pi_b.publish(T.session("pi-b-7", "draft"), b"pi-b draft", qos=1)
-            await pi_b.publish(T.session("pi-b-7", "open"), b"pi-b open", qos=1)
-            # The session-level gap: verdicts of any session are readable (see the ACL).
+            await pi_b.publish(T.session("pi-b", "pi-b-7", "draft"), b"pi-b draft", qos=1)
+            await pi_b.publish(T.session("pi-b", "pi-b-7", "open"), b"pi-b open", qos=1)
             async with connected(secure.settings("verifier-1")) as ver:
-                await ver.publish(T.session("pi-b-7", "verdict"), b"sentinel-read", qos=1)
+                await ver.publish(T.session("pi-b", "pi-b-7", "verdict"), b"pi-b verdict", qos=1)
+                await ver.publish(T.session("pi-b", "pi-b-7", "state"), b"pi-b state", qos=1)
+                # ... while its own session's verdicts do arrive (and end the wait)
+                await ver.publish(T.session("pi-a", "pi-a-7", "verdict"), b"sentinel-read", qos=1)
             got = await until(everything, b"sentinel-read")
     assert [m.payload for m in got if m.payload.startswith(b"pi-b")] == []
+    assert got[-1].topic == T.session("pi-a", "pi-a-7", "verdict")
 
 
 async def test_a_last_will_cannot_speak_for_another_device(secure: Secure) -> None:
@@ -397,7 +403,7 @@ async def test_generation_end_to_end_over_the_secured_broker(secure: Secure) -> 
                            config=NodeConfig(device_id="pi-a", session=SessionConfig(
                                max_new_tokens=max_new, stop_ids=(EOS,))))
         async with asyncio.TaskGroup() as tg, \
-                ops.subscribe(T.session("pi-a-inbox", "result")) as res:
+                ops.subscribe(T.session("pi-a", "pi-a-inbox", "result")) as res:
             services = [tg.create_task(verifier.run(), name="verifier"),
                         tg.create_task(node.run(), name="node")]
             await asyncio.wait_for(verifier.ready.wait(), WAIT)
@@ -443,16 +449,16 @@ async def test_edge_broker_bridges_sessions_to_the_secured_broker(secure: Secure
                 connected(secure.settings("monitor")) as mon, \
                 connected(secure.settings("pi-e", **on_edge)) as dev:
             # central -> edge: retained state reaches the device once the bridge is up
-            await ver.publish(T.session("pi-e-1", "state"), b"state-from-central", qos=1,
+            await ver.publish(T.session("pi-e", "pi-e-1", "state"), b"state-from-central", qos=1,
                               retain=True)
-            async with dev.subscribe(T.session("pi-e-1", "state")) as state:
+            async with dev.subscribe(T.session("pi-e", "pi-e-1", "state")) as state:
                 down = await until(state, b"state-from-central")
             # edge -> central: the device's open reaches the verifiers' side
-            async with mon.subscribe(T.session("pi-e-1", "open")) as opens:
-                await dev.publish(T.session("pi-e-1", "open"), b"open-from-edge", qos=1)
+            async with mon.subscribe(T.session("pi-e", "pi-e-1", "open")) as opens:
+                await dev.publish(T.session("pi-e", "pi-e-1", "open"), b"open-from-edge", qos=1)
                 got = await until(opens, b"open-from-edge")
-            await ver.publish(T.session("pi-e-1", "state"), b"", qos=1, retain=True)  # clear it
+            await ver.publish(T.session("pi-e", "pi-e-1", "state"), b"", qos=1, retain=True)  # clear it
     finally:
         await asyncio.to_thread(edge.stop)
-    assert down[-1].topic == T.session("pi-e-1", "state")
-    assert got[-1].topic == T.session("pi-e-1", "open")
+    assert down[-1].topic == T.session("pi-e", "pi-e-1", "state")
+    assert got[-1].topic == T.session("pi-e", "pi-e-1", "open")

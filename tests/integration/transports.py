@@ -91,7 +91,7 @@ class HandDevice:
         self._sub: Subscription | None = None
 
     async def __aenter__(self) -> HandDevice:
-        self._sub = await self.bus.subscribe(self.topics.session(self.session_id, "verdict"))
+        self._sub = await self.bus.subscribe(self.topics.session("hand", self.session_id, "verdict"))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -99,14 +99,14 @@ class HandDevice:
             await self._sub.close()
 
     async def open(self, epoch: int, seq: int, committed: Sequence[int] = ()) -> Verdict:
-        await self.bus.publish(self.topics.session(self.session_id, "open"), OpenSession(
+        await self.bus.publish(self.topics.session("hand", self.session_id, "open"), OpenSession(
             session_id=self.session_id, device_id="hand", epoch=epoch, seq=seq,
             tokenizer=self.fingerprint, prompt=self.prompt, committed=tuple(committed),
             max_new_tokens=self.max_new).encode(), qos=1, content_type=CONTENT_MSGPACK)
         return await self.verdict(seq)
 
     async def draft(self, epoch: int, seq: int, base: int, tokens: Sequence[int]) -> None:
-        await self.bus.publish(self.topics.session(self.session_id, "draft"),
+        await self.bus.publish(self.topics.session("hand", self.session_id, "draft"),
                                Draft(self.session_id, epoch, seq, base, tuple(tokens)).encode(),
                                qos=1, content_type=CONTENT_MSGPACK)
 

@@ -248,8 +248,9 @@ def test_channels_are_exactly_the_topic_tree(doc: dict[str, Any]) -> None:
     topics = Topics()
     expected = set()
     for pattern in topics.all_patterns():
-        root = pattern.split("/")[-3]
-        expected.add(pattern.replace("{id}", "{" + PARAM_FOR_ROOT[root] + "}"))
+        root = pattern.split("/")[2]
+        expected.add(pattern.replace("{id}", "{" + PARAM_FOR_ROOT[root] + "}")
+                     .replace("{device}", "{deviceId}"))
     addresses = {ch["address"] for ch in doc["channels"].values()}
     assert addresses == expected
     assert len(addresses) == len(doc["channels"])  # no topic described twice
@@ -259,14 +260,21 @@ def test_channel_addresses_are_real_topics(doc: dict[str, Any]) -> None:
     topics = Topics()
     for name, ch in doc["channels"].items():
         params = re.findall(r"{(\w+)}", ch["address"])
-        assert len(params) == 1, name
+        own = params[-1]  # the id of the subtree; session topics also carry {deviceId} first
+        assert len(params) == (2 if ch["address"].startswith("mw/v1/session/") else 1), name
         assert set(ch["parameters"]) == set(params), name
-        assert ch["parameters"][params[0]]["$ref"] == f"#/components/parameters/{params[0]}"
-        topic = ch["address"].replace("{" + params[0] + "}", "x-1")
+        for param in params:
+            assert ch["parameters"][param]["$ref"] == f"#/components/parameters/{param}"
+        topic = ch["address"]
+        for i, param in enumerate(params):
+            topic = topic.replace("{" + param + "}", f"x-{i}")
         ref = topics.parse(topic)  # raises TopicError for anything outside the tree
-        assert PARAM_FOR_ROOT[ref.root] == params[0], name
-        for example in resolve(doc, ch["parameters"][params[0]]).get("examples", []):
-            assert topics.parse(ch["address"].replace("{" + params[0] + "}", example))
+        assert PARAM_FOR_ROOT[ref.root] == own, name
+        if ref.root == "session":
+            assert (ref.device, ref.ident) == ("x-0", "x-1"), name
+        for example in resolve(doc, ch["parameters"][own]).get("examples", []):
+            filled = ch["address"].replace("{" + own + "}", example).replace("{deviceId}", "pi-1")
+            assert topics.parse(filled).ident == example
         assert ch.get("description"), f"{name} needs a description"
     assert set(doc["components"]["parameters"]) == set(PARAM_FOR_ROOT.values())
 
@@ -277,7 +285,7 @@ def test_protocol_semantics_are_described(doc: dict[str, Any]) -> None:
     for word in ("base", "epoch", "seq", "catchup", "duplicate", "resync", "30 s"):
         assert word in draft, word
     opening = ch["sessionOpen"]["description"]
-    assert f"$share/{DEFAULT_SHARE_GROUP}/mw/v1/session/+/open" in opening
+    assert f"$share/{DEFAULT_SHARE_GROUP}/mw/v1/session/+/+/open" in opening
     assert Topics().shared_open() in opening
     for word in ("epoch", "committed", "resync", "duplicate"):
         assert word in opening, word

@@ -44,10 +44,10 @@ async def test_is_a_bus(broker: InMemoryBroker) -> None:
 async def test_publish_subscribe_with_metadata(broker: InMemoryBroker) -> None:
     async with InMemoryBus(broker, "a") as a, InMemoryBus(broker, "b") as b:
         async with b.subscribe(T.all_sessions("draft")) as sub:
-            topic = T.session("s1", "draft")
+            topic = T.session("d1", "s1", "draft")
             await a.publish(topic, b"x", qos=1, content_type="application/msgpack", expiry=30.0,
                             user_properties={"trace": "t1"}, correlation=b"c1")
-            await a.publish(T.session("s1", "verdict"), b"not for sub")
+            await a.publish(T.session("d1", "s1", "verdict"), b"not for sub")
             msg = await sub.get(timeout=5)
             assert msg == BusMessage(topic, b"x", 1, False, "application/msgpack", 30.0,
                                      {"trace": "t1"}, b"c1")
@@ -68,11 +68,11 @@ async def test_async_for_and_delivered_count(broker: InMemoryBroker) -> None:
 async def test_fan_out_to_every_matching_subscription(broker: InMemoryBroker) -> None:
     async with InMemoryBus(broker, "pub") as pub, InMemoryBus(broker, "c1") as c1, \
             InMemoryBus(broker, "c2") as c2:
-        s1 = await c1.subscribe("mw/v1/session/+/text")
-        s2 = await c1.subscribe("mw/v1/session/s1/#")
+        s1 = await c1.subscribe("mw/v1/session/+/+/text")
+        s2 = await c1.subscribe("mw/v1/session/d1/s1/#")
         s3 = await c2.subscribe("mw/v1/#")
         s4 = await c2.subscribe("mw/v1/device/+/status")
-        await pub.publish(T.session("s1", "text"), b"t")
+        await pub.publish(T.session("d1", "s1", "text"), b"t")
         assert payloads(drain(s1)) == [b"t"]
         assert payloads(drain(s2)) == [b"t"]
         assert payloads(drain(s3)) == [b"t"]
@@ -82,10 +82,10 @@ async def test_fan_out_to_every_matching_subscription(broker: InMemoryBroker) ->
 
 async def test_retained_delivered_to_late_subscribers(broker: InMemoryBroker) -> None:
     async with InMemoryBus(broker, "v") as v, InMemoryBus(broker, "d") as d:
-        state = T.session("s1", "state")
+        state = T.session("d1", "s1", "state")
         await v.publish(state, b"old", retain=True)
         await v.publish(state, b"new", retain=True)
-        await v.publish(T.session("s1", "verdict"), b"not retained")
+        await v.publish(T.session("d1", "s1", "verdict"), b"not retained")
         assert set(broker.retained) == {state}
         late = await d.subscribe(T.subtree("session/s1"))
         got = drain(late)
@@ -96,7 +96,7 @@ async def test_retained_delivered_to_late_subscribers(broker: InMemoryBroker) ->
 
 async def test_empty_retained_payload_clears(broker: InMemoryBroker) -> None:
     async with InMemoryBus(broker) as bus:
-        topic = T.session("s1", "result")
+        topic = T.session("d1", "s1", "result")
         await bus.publish(topic, b"final", retain=True)
         live = await bus.subscribe(topic)
         assert payloads(drain(live)) == [b"final"]
@@ -109,7 +109,7 @@ async def test_empty_retained_payload_clears(broker: InMemoryBroker) -> None:
 
 async def test_retained_not_sent_to_shared_subscriptions(broker: InMemoryBroker) -> None:
     async with InMemoryBus(broker) as bus:
-        await bus.publish(T.session("s1", "open"), b"o", retain=True)
+        await bus.publish(T.session("d1", "s1", "open"), b"o", retain=True)
         shared = await bus.subscribe(T.shared_open())
         assert drain(shared) == []  # MQTT 5: no retained messages for shared subscriptions
 
@@ -159,7 +159,7 @@ async def test_shared_subscription_round_robin(broker: InMemoryBroker) -> None:
             subs.append(await b.subscribe(T.shared_open("verifiers")))
         monitor = await dev.subscribe(T.all_sessions("open"))  # a plain subscriber sees all
         for i in range(30):
-            await dev.publish(T.session(f"s{i}", "open"), str(i).encode())
+            await dev.publish(T.session("d1", f"s{i}", "open"), str(i).encode())
         counts = [len(drain(s)) for s in subs]
         assert counts == [10, 10, 10]
         assert len(drain(monitor)) == 30
@@ -179,7 +179,7 @@ async def test_two_share_groups_each_round_robin(broker: InMemoryBroker) -> None
                 buses.append(b)
                 members[group].append(await b.subscribe(T.shared_open(group)))
         for i in range(20):
-            await dev.publish(T.session(f"s{i}", "open"), b"o")
+            await dev.publish(T.session("d1", f"s{i}", "open"), b"o")
         for group, subs in members.items():
             assert [len(drain(s)) for s in subs] == [10, 10], group
         for b in buses:
@@ -195,7 +195,7 @@ async def test_shared_member_that_leaves_gets_nothing(broker: InMemoryBroker) ->
         await s_a.close()
         await s_b.close()
         for i in range(6):
-            await dev.publish(T.session(f"s{i}", "open"), b"o")
+            await dev.publish(T.session("d1", f"s{i}", "open"), b"o")
         assert len(drain(keep)) == 6  # nothing lost to the client that left the group
 
 
@@ -203,11 +203,11 @@ async def test_bounded_queue_drops_oldest_and_counts(broker: InMemoryBroker) -> 
     async with InMemoryBus(broker) as bus:
         sub = await bus.subscribe("mw/v1/#", maxsize=3)
         for i in range(10):
-            await bus.publish(T.session("s", "draft"), str(i).encode())
+            await bus.publish(T.session("d1", "s", "draft"), str(i).encode())
         assert sub.dropped == 7
         assert bus.dropped == 7
         assert payloads(drain(sub)) == [b"7", b"8", b"9"]
-        await bus.publish(T.session("s", "draft"), b"10")
+        await bus.publish(T.session("d1", "s", "draft"), b"10")
         assert payloads(drain(sub)) == [b"10"] and sub.dropped == 7
 
 
@@ -284,25 +284,25 @@ async def test_unsubscribed_filters_stop_delivery(broker: InMemoryBroker) -> Non
         sub = await b.subscribe(T.all_sessions("draft"))
         await sub.close()
         assert b._filters == []
-        await a.publish(T.session("s", "draft"), b"x")
+        await a.publish(T.session("d1", "s", "draft"), b"x")
         assert drain(sub) == []
 
 
 async def test_filters_added_and_removed_on_one_subscription(broker: InMemoryBroker) -> None:
     async with InMemoryBus(broker, "v") as v, InMemoryBus(broker, "d") as d:
-        await v.publish(T.session("s1", "state"), b"retained", retain=True)
+        await v.publish(T.session("d1", "s1", "state"), b"retained", retain=True)
         sub = await d.subscribe()  # starts empty
-        await v.publish(T.session("s1", "verdict"), b"before")
+        await v.publish(T.session("d1", "s1", "verdict"), b"before")
         assert drain(sub) == []
-        await sub.add(T.session("s1", "verdict"))
-        await sub.add(T.session("s1", "state"))
+        await sub.add(T.session("d1", "s1", "verdict"))
+        await sub.add(T.session("d1", "s1", "state"))
         assert payloads(drain(sub)) == [b"retained"]
-        await v.publish(T.session("s1", "verdict"), b"v1")
-        await v.publish(T.session("s2", "verdict"), b"other session")
+        await v.publish(T.session("d1", "s1", "verdict"), b"v1")
+        await v.publish(T.session("d1", "s2", "verdict"), b"other session")
         assert payloads(drain(sub)) == [b"v1"]
-        await sub.remove(T.session("s1", "verdict"))
-        await v.publish(T.session("s1", "verdict"), b"after")
+        await sub.remove(T.session("d1", "s1", "verdict"))
+        await v.publish(T.session("d1", "s1", "verdict"), b"after")
         assert drain(sub) == []
-        assert d._filters == [T.session("s1", "state")]
+        assert d._filters == [T.session("d1", "s1", "state")]
         await sub.close()
         assert d._filters == []

@@ -35,7 +35,7 @@ def test_default_prefix() -> None:
 
 def test_documented_shapes() -> None:
     for leaf in SESSION_LEAVES:
-        assert T.session("abc-1", leaf) == f"mw/v1/session/abc-1/{leaf}"  # type: ignore[arg-type]
+        assert T.session("pi-1", "abc-1", leaf) == f"mw/v1/session/pi-1/abc-1/{leaf}"  # type: ignore[arg-type]
     assert T.device_status("pi-1") == "mw/v1/device/pi-1/status"
     assert T.device_inbox("pi-1") == "mw/v1/device/pi-1/inbox"
     assert T.verifier_status("v1") == "mw/v1/verifier/v1/status"
@@ -44,10 +44,12 @@ def test_documented_shapes() -> None:
 
 
 def test_filters() -> None:
-    assert T.all_sessions("draft") == "mw/v1/session/+/draft"
-    assert T.all_sessions("#") == "mw/v1/session/+/#"
-    assert T.shared_open() == f"$share/{DEFAULT_SHARE_GROUP}/mw/v1/session/+/open"
-    assert T.shared_open("g1") == "$share/g1/mw/v1/session/+/open"
+    assert T.all_sessions("draft") == "mw/v1/session/+/+/draft"
+    assert T.all_sessions("#") == "mw/v1/session/+/+/#"
+    assert T.device_sessions("pi-1", "verdict") == "mw/v1/session/pi-1/+/verdict"
+    assert T.device_sessions("pi-1", "#") == "mw/v1/session/pi-1/+/#"
+    assert T.shared_open() == f"$share/{DEFAULT_SHARE_GROUP}/mw/v1/session/+/+/open"
+    assert T.shared_open("g1") == "$share/g1/mw/v1/session/+/+/open"
     assert T.all_device_status() == "mw/v1/device/+/status"
     assert T.all_verifier_status() == "mw/v1/verifier/+/status"
     assert T.everything() == "mw/v1/#"
@@ -55,7 +57,7 @@ def test_filters() -> None:
 
 def test_custom_prefix() -> None:
     t = Topics("site-a/edge/mw_v1")
-    assert t.session("s", "verdict") == "site-a/edge/mw_v1/session/s/verdict"
+    assert t.session("d", "s", "verdict") == "site-a/edge/mw_v1/session/d/s/verdict"
     assert t.parse("site-a/edge/mw_v1/device/d/inbox") == TopicRef("device", "d", "inbox")
     assert t.everything() == "site-a/edge/mw_v1/#"
 
@@ -69,7 +71,8 @@ def test_invalid_prefix(prefix: str) -> None:
 
 @pytest.mark.parametrize("bad", BAD_IDS)
 def test_builders_reject_bad_ids(bad: str) -> None:
-    for build in (lambda i: T.session(i, "draft"), T.device_status, T.device_inbox,
+    for build in (lambda i: T.session("d", i, "draft"), lambda i: T.session(i, "s", "draft"),
+                  lambda i: T.device_sessions(i, "draft"), T.device_status, T.device_inbox,
                   T.verifier_status, T.shared_open):
         with pytest.raises(TopicError):
             build(bad)
@@ -77,19 +80,21 @@ def test_builders_reject_bad_ids(bad: str) -> None:
 
 def test_unknown_leaves() -> None:
     with pytest.raises(TopicError):
-        T.session("s", "status")  # type: ignore[arg-type]
+        T.session("d", "s", "status")  # type: ignore[arg-type]
     with pytest.raises(TopicError):
         T.all_sessions("+")  # type: ignore[arg-type]
+    with pytest.raises(TopicError):
+        T.device_sessions("d", "+")  # type: ignore[arg-type]
 
 
 # --- parse ----------------------------------------------------------------------------
 
 
 @PROPS
-@given(ids, st.sampled_from(SESSION_LEAVES))
-def test_parse_round_trips_session(ident: str, leaf: str) -> None:
-    topic = T.session(ident, leaf)  # type: ignore[arg-type]
-    assert T.parse(topic) == TopicRef("session", ident, leaf)
+@given(ids, ids, st.sampled_from(SESSION_LEAVES))
+def test_parse_round_trips_session(device: str, ident: str, leaf: str) -> None:
+    topic = T.session(device, ident, leaf)  # type: ignore[arg-type]
+    assert T.parse(topic) == TopicRef("session", ident, leaf, device)
 
 
 @PROPS
@@ -101,11 +106,13 @@ def test_parse_round_trips_device_and_verifier(ident: str) -> None:
 
 
 @pytest.mark.parametrize("topic", [
-    "mw/v2/session/s/draft", "other/session/s/draft", "mw/v1", "mw/v1/", "mw/v1/session",
-    "mw/v1/session/s", "mw/v1/session/s/draft/x", "mw/v1/session//draft", "mw/v1/session/+/draft",
-    "mw/v1/session/#", "mw/v1/session/a+b/draft", "mw/v1/session/s/status",
-    "mw/v1/device/d/draft", "mw/v1/verifier/v/inbox", "mw/v1/box/x/status",
-    "$share/g/mw/v1/session/s/open", "mw/v1x/session/s/draft", "mw/v1/session/s/draft\n",
+    "mw/v2/session/d/s/draft", "other/session/d/s/draft", "mw/v1", "mw/v1/", "mw/v1/session",
+    "mw/v1/session/s", "mw/v1/session/s/draft", "mw/v1/session/d/s/draft/x",
+    "mw/v1/session/d//draft", "mw/v1/session//s/draft", "mw/v1/session/d/+/draft",
+    "mw/v1/session/+/s/draft", "mw/v1/session/#", "mw/v1/session/d/a+b/draft",
+    "mw/v1/session/d/s/status", "mw/v1/device/d/draft", "mw/v1/verifier/v/inbox",
+    "mw/v1/box/x/status", "mw/v1/device/d/s/status", "$share/g/mw/v1/session/d/s/open",
+    "mw/v1x/session/d/s/draft", "mw/v1/session/d/s/draft\n",
 ])
 def test_parse_rejects(topic: str) -> None:
     with pytest.raises(TopicError):
@@ -120,7 +127,11 @@ def test_parse_only_raises_topic_error(topic: str) -> None:
     except TopicError:
         return
     assert ref.leaf in ROOTS[ref.root]
-    assert topic == f"{T.prefix}/{ref.root}/{ref.ident}/{ref.leaf}"
+    if ref.root == "session":
+        assert topic == f"{T.prefix}/session/{ref.device}/{ref.ident}/{ref.leaf}"
+    else:
+        assert ref.device == ""
+        assert topic == f"{T.prefix}/{ref.root}/{ref.ident}/{ref.leaf}"
 
 
 def test_all_patterns_cover_the_tree() -> None:
@@ -128,9 +139,9 @@ def test_all_patterns_cover_the_tree() -> None:
     assert len(pats) == len(set(pats)) == sum(len(v) for v in ROOTS.values()) == 9
     for p in pats:
         root = p.split("/")[2]
-        topic = p.replace("{id}", "x1")
+        topic = p.replace("{id}", "x1").replace("{device}", "d1")
         assert T.parse(topic).root == root
-    assert "mw/v1/session/{id}/draft" in pats
+    assert "mw/v1/session/{device}/{id}/draft" in pats
     assert "mw/v1/device/{id}/inbox" in pats
     assert "mw/v1/verifier/{id}/status" in pats
 
@@ -139,7 +150,12 @@ def test_all_patterns_cover_the_tree() -> None:
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
-    ("session/123", "mw/v1/session/123/#"),
+    ("session/123", "mw/v1/session/+/123/#"),
+    ("session/pi-1/123", "mw/v1/session/pi-1/123/#"),
+    ("session/pi-1/123/text", "mw/v1/session/pi-1/123/text"),
+    ("session/*/123/text", "mw/v1/session/+/123/text"),
+    ("session/pi-1/*", "mw/v1/session/pi-1/+/#"),
+    ("device/pi-1/sessions", "mw/v1/session/pi-1/+/#"),
     ("device/pi-1", "mw/v1/device/pi-1/#"),
     ("verifier/v1", "mw/v1/verifier/v1/#"),
     ("all", "mw/v1/#"),
@@ -147,30 +163,35 @@ def test_all_patterns_cover_the_tree() -> None:
     ("#", "mw/v1/#"),
     ("session", "mw/v1/session/#"),
     ("/device/", "mw/v1/device/#"),
-    ("session/*", "mw/v1/session/+/#"),
-    ("session/+/draft", "mw/v1/session/+/draft"),
-    ("session/123/verdict", "mw/v1/session/123/verdict"),
+    ("session/*", "mw/v1/session/+/+/#"),
+    ("session/+/draft", "mw/v1/session/+/+/draft"),
+    ("session/123/verdict", "mw/v1/session/+/123/verdict"),
     ("device/pi-1/inbox", "mw/v1/device/pi-1/inbox"),
 ])
 def test_subtree(spec: str, expected: str) -> None:
     assert T.subtree(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["sessions/1", "session/a/b/c", "session/a#", "device/a/draft",
-                                  "verifier/v/inbox", "session/a b", "x", "session//draft"])
+@pytest.mark.parametrize("spec", ["sessions/1", "session/a/b/c", "session/a/b/c/text",
+                                  "session/a#", "device/a/draft", "verifier/v/inbox",
+                                  "session/a b", "x", "session//draft", "verifier/v/sessions"])
 def test_subtree_rejects(spec: str) -> None:
     with pytest.raises(TopicError):
         T.subtree(spec)
 
 
 def test_subtree_filters_match_their_topics() -> None:
-    assert matches(T.subtree("session/123"), T.session("123", "draft"))
-    assert matches(T.subtree("session/123"), T.session("123", "result"))
-    assert not matches(T.subtree("session/123"), T.session("1234", "draft"))
+    assert matches(T.subtree("session/123"), T.session("pi-1", "123", "draft"))
+    assert matches(T.subtree("session/123"), T.session("pi-2", "123", "result"))
+    assert not matches(T.subtree("session/123"), T.session("pi-1", "1234", "draft"))
+    assert matches(T.subtree("session/pi-1/123"), T.session("pi-1", "123", "draft"))
+    assert not matches(T.subtree("session/pi-1/123"), T.session("pi-2", "123", "draft"))
+    assert matches(T.subtree("device/pi-1/sessions"), T.session("pi-1", "9", "text"))
+    assert not matches(T.subtree("device/pi-1/sessions"), T.session("pi-2", "9", "text"))
     assert not matches(T.subtree("session/123"), T.device_status("123"))
     assert matches(T.subtree("device/pi-1"), T.device_inbox("pi-1"))
     assert not matches(T.subtree("device/pi-1"), T.device_inbox("pi-2"))
-    for topic in (T.session("s", "open"), T.device_status("d"), T.verifier_status("v")):
+    for topic in (T.session("d", "s", "open"), T.device_status("d"), T.verifier_status("v")):
         assert matches(T.subtree("all"), topic)
     assert not matches(T.subtree("all"), "mw/v2/session/s/open")
 
@@ -217,13 +238,19 @@ def test_strip_share() -> None:
 
 
 @PROPS
-@given(ids, st.sampled_from(SESSION_LEAVES), ids)
-def test_builders_and_filters_agree(sid: str, leaf: str, other: str) -> None:
-    topic = T.session(sid, leaf)  # type: ignore[arg-type]
+@given(ids, ids, st.sampled_from(SESSION_LEAVES), ids)
+def test_builders_and_filters_agree(did: str, sid: str, leaf: str, other: str) -> None:
+    topic = T.session(did, sid, leaf)  # type: ignore[arg-type]
+    assert matches(T.device_sessions(did, leaf), topic)  # type: ignore[arg-type]
+    assert matches(T.device_sessions(other, "#"), topic) is (other == did)
+    assert matches(T.subtree(f"device/{did}/sessions"), topic)
     assert matches(T.all_sessions(leaf), topic)  # type: ignore[arg-type]
     assert matches(T.all_sessions("#"), topic)
     assert matches(T.everything(), topic)
     assert matches(T.shared_open(), topic) is (leaf == "open")
-    assert matches(T.subtree(f"session/{sid}"), topic)
-    assert matches(T.subtree(f"session/{other}"), topic) is (other == sid)
+    if sid not in SESSION_LEAVES:  # a session id spelled like a leaf reads as a leaf in a spec
+        assert matches(T.subtree(f"session/{sid}"), topic)
+        assert matches(T.subtree(f"session/{did}/{sid}"), topic)
+    if other not in SESSION_LEAVES:
+        assert matches(T.subtree(f"session/{other}"), topic) is (other == sid)
     assert not matches(T.all_device_status(), topic)

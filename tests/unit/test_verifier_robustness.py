@@ -16,7 +16,7 @@ import pytest
 from middleware.broker_bridge.bus import Subscription
 from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
 from middleware.metrics import Registry, serve_metrics
-from middleware.protocol import Draft, OpenSession, SessionState, Topics, Verdict, decode
+from middleware.protocol import CloseSession, Draft, OpenSession, SessionState, Topics, Verdict, decode
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy
 from middleware.verifier.service import VerifierConfig, VerifierService
@@ -32,7 +32,7 @@ class Harness:
 
     async def send(self, msg: OpenSession | Draft) -> None:
         leaf = "open" if isinstance(msg, OpenSession) else "draft"
-        await self.bus.publish(T.session(msg.session_id, leaf), msg.encode())
+        await self.bus.publish(T.session("dev", msg.session_id, leaf), msg.encode())
 
     async def raw(self, topic: str, payload: bytes) -> None:
         await self.bus.publish(topic, payload)
@@ -65,7 +65,7 @@ async def h(model) -> AsyncIterator[Harness]:
     async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
         verifier = VerifierService(vbus, TargetEngine(model), tokenizer_fingerprint="tiny",
                                    config=VerifierConfig(verifier_id="v1", max_draft=16), registry=Registry())
-        async with asyncio.TaskGroup() as tg, dbus.subscribe(T.all_sessions("verdict")) as verdicts:
+        async with asyncio.TaskGroup() as tg, dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts:
             task = tg.create_task(verifier.run())
             await verifier.ready.wait()
             yield Harness(dbus, verdicts, verifier)
@@ -149,12 +149,42 @@ async def test_malformed_payloads_are_counted_and_dropped_others_still_served(h:
     garbage = [b"", b"\xc1", b"{not json", b"\x93\x01\x02\x03", b"\x81\xa1v\x02",
                Draft("other", 1, 1, 0, (1,)).encode()]  # session id not matching the topic
     for g in garbage:
-        await h.raw(T.session("s1", "draft"), g)
-    await h.raw(T.session("s1", "open"), Draft("s1", 1, 1, 0, (1,)).encode())  # wrong leaf
+        await h.raw(T.session("dev", "s1", "draft"), g)
+    await h.raw(T.session("dev", "s1", "open"), Draft("s1", 1, 1, 0, (1,)).encode())  # wrong leaf
     await h.send(Draft("s1", 1, 1, 0, tuple(ref[:2])))
     v = await h.verdict("s1")
     assert v.kind == "accept" and v.tokens == tuple(ref[:3])
     assert h.rejected("malformed") == len(garbage) + 1
+
+
+async def test_sessions_are_bound_to_the_device_that_opened_them(h: Harness, model) -> None:
+    """The device level of the topic is the session's owner: others cannot open over it,
+    draft into it or close it, and an open whose device id disagrees with its topic is dropped."""
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    await h.open("s1")  # device "dev"
+    mallory = OpenSession(session_id="s1", device_id="mallory", epoch=9, seq=0, tokenizer="tiny",
+                          prompt=(2, 2, 2))
+    async with h.bus.subscribe(T.session("mallory", "s1", "verdict")) as to_mallory:
+        await h.raw(T.session("mallory", "s1", "open"), mallory.encode())
+        v = decode((await to_mallory.get(5)).payload, expect=Verdict)
+        assert (v.kind, v.reason) == ("refused", "session id in use by another device")
+        await h.raw(T.session("mallory", "s1", "draft"), Draft("s1", 1, 1, 0, (3, 3)).encode())
+        await h.raw(T.session("mallory", "s1", "draft"),
+                    CloseSession("s1", 1, 2, "hijack").encode())
+        # an open claiming to be "dev" on mallory's topic, and one for a new id
+        await h.raw(T.session("mallory", "s9", "open"), OpenSession(
+            session_id="s9", device_id="dev", epoch=1, seq=0, tokenizer="tiny",
+            prompt=PROMPT).encode())
+        await h.send(Draft("s1", 1, 1, 0, tuple(ref[:3])))  # the owner goes on undisturbed
+        v = await h.verdict("s1")
+        assert (v.kind, v.tokens) == ("accept", tuple(ref[:4]))
+        with pytest.raises(TimeoutError):
+            await to_mallory.get(0.2)  # mallory got nothing but its refusal
+    assert h.verifier.sessions["s1"].device_id == "dev"
+    assert h.verifier.sessions["s1"].committed == list(ref[:4])
+    assert "s9" not in h.verifier.sessions
+    assert h.rejected("session_taken") == 1 and h.rejected("foreign_session") == 2
+    assert h.rejected("malformed") == 1  # the open whose device id disagrees with its topic
 
 
 async def test_retained_state_tracks_committed(h: Harness, model) -> None:
@@ -162,7 +192,7 @@ async def test_retained_state_tracks_committed(h: Harness, model) -> None:
     await h.open("s1")
     await h.send(Draft("s1", 1, 1, 0, tuple(ref[:3])))
     await h.verdict("s1")
-    async with h.bus.subscribe(T.session("s1", "state")) as sub:
+    async with h.bus.subscribe(T.session("dev", "s1", "state")) as sub:
         st = decode((await sub.get(5)).payload, expect=SessionState)
     assert (st.owner, st.epoch, st.committed, st.status) == ("v1", 1, tuple(ref[:4]), "open")
 
@@ -200,7 +230,7 @@ async def test_a_failing_session_does_not_stall_the_batch(model) -> None:
     async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
         verifier = VerifierService(vbus, PoisonedEngine(model), tokenizer_fingerprint="tiny",
                                    config=VerifierConfig(verifier_id="v1"))
-        async with asyncio.TaskGroup() as tg, dbus.subscribe(T.all_sessions("verdict")) as verdicts:
+        async with asyncio.TaskGroup() as tg, dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts:
             task = tg.create_task(verifier.run())
             await verifier.ready.wait()
             h = Harness(dbus, verdicts, verifier)
