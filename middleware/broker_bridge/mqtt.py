@@ -278,6 +278,7 @@ class MqttBus(Bus):
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 raise BusError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
             break
+        self._flush()
         if qos == 0:
             return
         # No read can run between client.publish() and here, so the PUBACK cannot be missed.
@@ -631,6 +632,18 @@ class MqttBus(Bus):
         except Exception as exc:  # paho or ssl failed mid-packet: start over
             log.exception("mqtt.read_failed", client_id=self.client_id)
             self._abort_connection(f"read failed: {exc!r}")
+            return
+        self._flush()  # the acks (and answers) queued while reading
+
+    def _flush(self) -> None:
+        """Write what paho has queued now, not one event-loop turn later.
+
+        paho defers every write to the writer callback when an external loop is
+        registered; under load that turn is a good part of a round trip.  What
+        the socket does not take at once stays queued for the writer callback.
+        """
+        if self._fd is not None and self._client is not None and self._client.want_write():
+            self._on_writable()
 
     def _on_writable(self) -> None:
         client = self._require_client()
@@ -693,22 +706,65 @@ class MqttBus(Bus):
 def publish_properties(content_type: str | None, expiry: float | None,
                        user_properties: Mapping[str, str] | None,
                        correlation: bytes | None) -> Properties | None:
-    """MQTT 5 PUBLISH properties, or None when there are none.  ``expiry`` is
-    rounded up to whole seconds (the protocol's unit)."""
+    """MQTT 5 PUBLISH properties, encoded once, or None when there are none.  ``expiry``
+    is rounded up to whole seconds (the protocol's unit)."""
     if content_type is None and expiry is None and not user_properties and correlation is None:
         return None
-    props = Properties(PacketTypes.PUBLISH)
-    if content_type is not None:
-        props.ContentType = content_type
+    body = bytearray()
     if expiry is not None:
         if not 0 < expiry <= _MAX_UINT32:
             raise BusError(f"message expiry {expiry!r}s out of range (0, 2^32-1]")
-        props.MessageExpiryInterval = max(1, math.ceil(expiry))
-    if user_properties:
-        props.UserProperty = [(str(k), str(v)) for k, v in user_properties.items()]
+        body += b"\x02" + max(1, math.ceil(expiry)).to_bytes(4, "big")
+    if content_type is not None:
+        body += b"\x03" + _utf8(content_type)
     if correlation is not None:
-        props.CorrelationData = bytes(correlation)
-    return props
+        corr = bytes(correlation)
+        if len(corr) > 65535:
+            raise BusError("correlation data over 65535 bytes")
+        body += b"\x09" + len(corr).to_bytes(2, "big") + corr
+    for k, v in (user_properties or {}).items():
+        body += b"\x26" + _utf8(str(k)) + _utf8(str(v))
+    return PackedProperties(bytes(body))
+
+
+class PackedProperties(Properties):
+    """PUBLISH properties encoded once, at construction.
+
+    paho's :class:`Properties` re-derives every property id by name on each
+    ``pack()`` (thousands of string operations per message); the bus hands
+    paho this subclass instead, whose ``pack()`` returns the stored bytes.
+    Only ``pack()`` is used on outgoing messages.
+    """
+
+    def __init__(self, body: bytes) -> None:  # noqa: D107 - no Properties.__init__ on purpose
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "_wire", _varint(len(body)) + body)
+
+    def pack(self) -> bytes:
+        return self._wire  # type: ignore[no-any-return]
+
+    def isEmpty(self) -> bool:  # noqa: N802 - paho's name
+        return self._wire == b"\x00"  # type: ignore[no-any-return]
+
+
+def _utf8(text: str) -> bytes:
+    """An MQTT UTF-8 string: no U+0000 (the broker would drop the connection), <= 65535 bytes."""
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError as exc:
+        raise BusError(f"MQTT string property is not valid UTF-8: {exc}") from exc
+    if "\x00" in text or len(raw) > 65535:
+        raise BusError("MQTT string property contains U+0000 or is over 65535 bytes")
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def will_properties(will: Will) -> Properties | None:

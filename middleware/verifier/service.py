@@ -22,7 +22,7 @@ from middleware.broker_bridge.bus import (
     BusMessage,
     Subscription,
 )
-from middleware.errors import ProtocolError, TopicError
+from middleware.errors import BusError, ProtocolError, TopicError
 from middleware.metrics import Registry
 from middleware.protocol import (
     DEFAULT_LIMITS,
@@ -63,6 +63,11 @@ class VerifierConfig:
     # stays silent about the others; devices recover through timeouts and last wills.
     exclusive: bool = True
     status_interval: float = 5.0
+    # The retained session state is published when a session opens or finishes and, while
+    # it runs, at most every ``state_interval`` seconds (0: after every round).  It is the
+    # recovery point, not the verdict: a device holds every committed token it was told,
+    # and a lagging state only means a re-opening device is answered with ``catchup``.
+    state_interval: float = 0.05
     limits: Limits = DEFAULT_LIMITS
 
 
@@ -109,6 +114,7 @@ class VerifierService:
         self._batcher: Batcher[Draft] = Batcher(self.config.batch, self._expected_senders)
         self._closing: list[str] = []
         self._newer: dict[str, Draft] = {}  # resends that arrived while the first copy was queued
+        self._dirty: dict[str, VerifierSession] = {}  # sessions whose state is not yet published
 
     # --- lifecycle -------------------------------------------------------------
     async def run(self) -> None:
@@ -125,6 +131,8 @@ class VerifierService:
                 tg.create_task(self._receive(drafts), name="receive-draft")
                 tg.create_task(self._batch_loop(), name="batch")
                 tg.create_task(self._status_loop(), name="status")
+                if self.config.state_interval > 0:
+                    tg.create_task(self._state_loop(), name="state")
 
     def _expected_senders(self) -> int:
         now = self._clock()
@@ -329,7 +337,11 @@ class VerifierService:
                         verifier_id=self.config.verifier_id)
             s.remember(v)
             sends.append(self._send_verdict(v, s.device_id))
-            sends.append(self._publish_state(s))
+            if s.done or self.config.state_interval <= 0:
+                self._dirty.pop(s.session_id, None)
+                sends.append(self._publish_state(s))
+            else:
+                self._dirty[s.session_id] = s
         await asyncio.gather(*sends)
 
     # --- publishing --------------------------------------------------------------
@@ -365,6 +377,20 @@ class VerifierService:
         await self.bus.publish(self.topics.verifier_status(self.config.verifier_id),
                                self.status(state).encode(), qos=1, retain=True,
                                content_type=CONTENT_JSON)
+
+    async def _state_loop(self) -> None:
+        """Publish the state of sessions that committed tokens since their last publish."""
+        while True:
+            await asyncio.sleep(self.config.state_interval)
+            dirty, self._dirty = self._dirty, {}
+            live = [s for sid, s in dirty.items() if self.sessions.get(sid) is s]
+            results = await asyncio.gather(*(self._publish_state(s) for s in live),
+                                           return_exceptions=True)
+            for s, r in zip(live, results, strict=True):
+                if isinstance(r, BusError):  # the broker is away: try again next time
+                    self._dirty.setdefault(s.session_id, s)
+                elif isinstance(r, BaseException):
+                    raise r
 
     async def _status_loop(self) -> None:
         while True:
