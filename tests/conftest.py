@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Mosquitto for integration tests and per-test topic prefixes.
+"""Shared fixtures: a real Mosquitto for integration tests, per-test topic prefixes, and
+the real SmolLM2-135M model (loaded once per run, shared by tests/integration and tests/faults).
 
 ``mosquitto`` (session) is one broker for the whole run; ``fresh_mosquitto``
 (function) is a private broker a test may kill and restart.  Both skip only
@@ -71,3 +72,19 @@ def mqtt_settings(mosquitto: Broker) -> Callable[..., MqttSettings]:
         return MqttSettings(**base)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Any:
+    """The real SmolLM2-135M target, loaded once per test session."""
+    from middleware.models.loading import load_causal_lm
+
+    return load_causal_lm("smollm2")
+
+
+@pytest.fixture(scope="session")
+def quant4(smollm2: Any) -> Any:
+    """A 4-bit copy of SmolLM2 (made once): a realistic, imperfect drafter."""
+    from middleware.nodes.drafters.quantized import quantize_model
+
+    return quantize_model(smollm2.model, 4)
