@@ -52,6 +52,10 @@ class VerifierSection:
     exclusive: bool = True  # the only verifier on the prefix; false for scale-out (several verifiers)
     metrics_port: int = 0  # 0: no endpoint
     metrics_host: str = "127.0.0.1"
+    # Opt-in and LOSSY (output differs from the target alone; marked lossy everywhere).
+    relaxed_lossy: bool = False
+    relaxed_ratio: float = 0.5
+    relaxed_confidence: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import structlog
 from middleware.broker_bridge.bus import Bus, Will
 from middleware.broker_bridge.factory import make_bus
 from middleware.config import Config, NodeSection, VerifierSection
+from middleware.errors import ConfigError
 from middleware.metrics import Registry, serve_metrics
 from middleware.nodes.drafters.base import Drafter
 from middleware.nodes.drafters.policy import PolicyConfig
@@ -24,6 +25,7 @@ from middleware.nodes.service import offline_status_payload as device_will
 from middleware.nodes.session import SessionConfig
 from middleware.protocol import SamplingParams, Topics
 from middleware.systemd import notify_ready, notify_stopping, watchdog_loop
+from middleware.verifier.acceptance import RelaxedAcceptance
 from middleware.verifier.batcher import BatchConfig
 from middleware.verifier.service import VerifierConfig, VerifierService
 from middleware.verifier.service import offline_status_payload as verifier_will
@@ -44,7 +46,17 @@ def verifier_config(cfg: Config) -> VerifierConfig:
         verifier_id=v.id, prefix=cfg.bus.prefix, max_draft=v.max_draft, max_sessions=v.max_sessions,
         exclusive=v.exclusive,
         batch=BatchConfig(policy=v.batch_policy, window=v.batch_window_ms / 1000.0,  # type: ignore[arg-type]
-                          max_batch=v.max_batch))
+                          max_batch=v.max_batch),
+        relaxed=_relaxed(v))
+
+
+def _relaxed(v: VerifierSection) -> RelaxedAcceptance | None:
+    if not v.relaxed_lossy:
+        return None
+    try:
+        return RelaxedAcceptance(v.relaxed_ratio, v.relaxed_confidence)
+    except ValueError as exc:
+        raise ConfigError(f"[verifier] relaxed_*: {exc}") from exc
 
 
 def build_engine(v: VerifierSection, loaded: Any = None) -> tuple[Any, Any]:

@@ -151,7 +151,7 @@ class NodeService:
             self._text.put_nowait(Result(session_id=session_id, device_id=self.config.device_id,
                                          text=outcome.text, n_tokens=len(tokens),
                                          finish_reason=outcome.finish_reason, verified=True,
-                                         stats=stats))
+                                         stats=stats, lossy=stream.lossy))
             log.info("session_done", session=session_id, tokens=len(tokens),
                      acceptance=round(stats["acceptance_rate"], 3), tps=round(stats["tokens_per_s"], 1))
             return outcome

@@ -35,6 +35,7 @@ from middleware.errors import BusError, SessionError
 from middleware.nodes.drafters.base import Drafter, Proposal
 from middleware.nodes.link import OwnerLost
 from middleware.protocol import CloseSession, Draft, OpenSession, SamplingParams, Verdict
+from middleware.protocol.session import MAX_MS
 
 log = structlog.get_logger("middleware.node")
 
@@ -64,6 +65,9 @@ class Sink(Protocol):
 
     def finished(self, reason: str, committed: Sequence[int]) -> None:
         """The session is over."""
+
+    lossy: bool
+    """Set by the session when the verifier accepts lossily (opt-in relaxed mode)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +165,9 @@ class DeviceSession:
         self.stats = SessionStats()
         self._rto = Rto(self.config.rto_initial, self.config.rto_min, self.config.rto_max)
         self._failures = 0
+        # Reported in each draft for the verifier's latency model.
+        self._verdict_at: float | None = None  # when the last awaited verdict arrived
+        self._token_s = 0.0  # drafting time per token (EWMA)
         self._log = log.bind(session=session_id, device=device_id)
 
     # --- public ------------------------------------------------------------------
@@ -268,9 +275,13 @@ class DeviceSession:
             if v.epoch != self.epoch:
                 continue  # a straggler from an earlier epoch
             self._failures = 0  # the link works, whatever this verdict answers
+            if v.lossy and not self.sink.lossy:
+                self._log.warning("verifier_is_lossy", verifier=v.verifier_id)
+                self.sink.lossy = True
             if want(v):  # type: ignore[operator]
+                self._verdict_at = time.monotonic()
                 if measure:
-                    self._rto.observe(time.monotonic() - sent)
+                    self._rto.observe(self._verdict_at - sent)
                 return v
             if v.kind in ("accept", "catchup"):
                 self._apply(v, ())  # an older seq's verdict still carries truth
@@ -280,8 +291,13 @@ class DeviceSession:
         if max_tokens <= 0:
             return Proposal()
         position = len(self.committed) + len(after)
-        return await asyncio.to_thread(self.drafter.propose, list(self.committed), list(after),
-                                       max_tokens, position)
+        t0 = time.monotonic()
+        p = await asyncio.to_thread(self.drafter.propose, list(self.committed), list(after),
+                                    max_tokens, position)
+        if p.tokens:
+            per_token = (time.monotonic() - t0) / len(p.tokens)
+            self._token_s = per_token if not self._token_s else 0.8 * self._token_s + 0.2 * per_token
+        return p
 
     async def _round(self) -> None:
         """One draft/verdict exchange, drafting ahead while waiting."""
@@ -302,8 +318,10 @@ class DeviceSession:
         base = len(self.committed)
         seq = self._next_seq()
         sent = time.monotonic()
+        think = sent - self._verdict_at if self._verdict_at is not None else 0.0
         await self._send(Draft(self.session_id, self.epoch, seq, base, tuple(draft), q,
-                               time.time() * 1000))
+                               time.time() * 1000, think_ms=min(think * 1000, MAX_MS),
+                               token_ms=min(self._token_s * 1000, MAX_MS)))
         if len(draft) > len(self.speculative):
             self.speculative = list(draft)
         # Draft ahead while the verdict is outstanding.

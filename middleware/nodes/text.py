@@ -25,6 +25,7 @@ class TextStream:
         self.tokens: list[int] = []  # committed
         self.shown: list[int] = []  # provisional tokens, continuing `committed`
         self.finish_reason = ""
+        self.lossy = False  # the verifier runs the opt-in relaxed (lossy) acceptance
 
     def decode(self, tokens: Sequence[int]) -> str:
         return str(self._tok.decode(list(tokens), skip_special_tokens=True))
@@ -37,7 +38,8 @@ class TextStream:
     def _chunk(self, kind: str, pos: int, n: int, text: str, final: bool = False) -> None:
         self._seq += 1
         self._emit(TextChunk(session_id=self.session_id, device_id=self.device_id, seq=self._seq,
-                             kind=kind, pos=pos, n_tokens=n, text=text, final=final))  # type: ignore[arg-type]
+                             kind=kind, pos=pos, n_tokens=n, text=text, final=final,  # type: ignore[arg-type]
+                             lossy=self.lossy))
 
     # --- the Sink protocol (middleware.nodes.session.Sink) ---------------------------
     def committed(self, pos: int, tokens: Sequence[int], kind: str) -> None:

@@ -30,6 +30,7 @@ VERDICT_KINDS: tuple[str, ...] = ("opened", "accept", "catchup", "resync", "refu
 
 MAX_SEQ = (1 << 62) - 1
 MAX_EPOCH = (1 << 31) - 1
+MAX_MS = 3_600_000.0  # bound of the latency fields (ms)
 
 
 def trace_id(session_id: str, epoch: int, seq: int) -> str:
@@ -164,9 +165,15 @@ class Draft:
     tokens: tuple[int, ...]
     q: tuple[SparseDist, ...] = ()  # rejection mode only: one per draft token
     sent_at: float = 0.0
+    # For the verifier's latency model (0 = unknown): ms between the verdict this draft
+    # follows and its sending, and the device's drafting time per token in ms.
+    think_ms: float = 0.0
+    token_ms: float = 0.0
 
     def __post_init__(self) -> None:
         check_id(self.session_id, "draft.session_id")
+        if not 0.0 <= self.think_ms <= MAX_MS or not 0.0 <= self.token_ms <= MAX_MS:
+            raise ProtocolError("draft: think/tms out of range")
         if not 0 <= self.epoch <= MAX_EPOCH or not 0 <= self.seq <= MAX_SEQ:
             raise ProtocolError("draft: epoch or seq out of range")
         if self.base < 0:
@@ -177,6 +184,10 @@ class Draft:
     def encode(self) -> bytes:
         body: dict[str, Any] = {"sid": self.session_id, "epoch": self.epoch, "seq": self.seq,
                                 "base": self.base, "tokens": list(self.tokens), "ts": self.sent_at}
+        if self.think_ms:
+            body["think"] = self.think_ms
+        if self.token_ms:
+            body["tms"] = self.token_ms
         if self.q:
             body["q"] = [[list(d.ids), list(d.probs)] for d in self.q]
         return pack(self.TYPE, body)
@@ -199,6 +210,7 @@ class Draft:
             session_id=f.id("sid"), epoch=f.int("epoch", 0, MAX_EPOCH),
             seq=f.int("seq", 0, MAX_SEQ), base=f.int("base", 0, limits.max_context_tokens),
             tokens=tokens, q=tuple(q), sent_at=f.float("ts", 0.0, 1e16, 0.0),
+            think_ms=f.float("think", 0.0, MAX_MS, 0.0), token_ms=f.float("tms", 0.0, MAX_MS, 0.0),
         )
 
 

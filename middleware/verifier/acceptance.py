@@ -19,11 +19,14 @@ tokens and always makes progress.
   2023 ("Fast Inference from Transformers via Speculative Decoding") and Chen et
   al. 2023 ("Accelerating LLM Decoding with Speculative Sampling"); output is
   distributed exactly as target-only sampling.
+- :func:`relaxed_accept` (opt-in, LOSSY): greedy acceptance that also takes a
+  close second where the target is unsure; output differs from the target's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -108,3 +111,51 @@ def speculative_sampling_accept(draft: Sequence[int], q: Sequence[SparseDist],
             residual = p[i]  # p <= q everywhere: only reachable through rounding
         return i, int(torch.multinomial(residual, 1, generator=rng).item())
     return len(draft), int(torch.multinomial(p[len(draft)], 1, generator=rng).item())
+
+
+# --- opt-in, LOSSY ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RelaxedAcceptance:
+    """Parameters of the opt-in relaxed (lossy) acceptance rule; see :func:`relaxed_accept`.
+
+    ``confidence``: a position whose target top probability is at least this is
+    *important* (the target is sure) and needs an exact match.  ``ratio``: at an
+    unimportant position a draft token is accepted when the target gives it at
+    least ``ratio`` times its top probability.
+    """
+
+    ratio: float = 0.5
+    confidence: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0 or not 0.0 < self.confidence <= 1.0:
+            raise ValueError("relaxed acceptance: ratio and confidence must be in (0, 1]")
+
+
+def relaxed_accept(draft: Sequence[int], target_logits: torch.Tensor,
+                   rule: RelaxedAcceptance) -> tuple[int, int, int]:
+    """LOSSY greedy acceptance with thresholds by token importance.
+
+    After decentralized speculative decoding's relaxed verification: a draft
+    token equal to the target's argmax is accepted as in :func:`greedy_accept`;
+    one that differs is still accepted where the target is unsure (top
+    probability under ``rule.confidence``) and rates it at least ``rule.ratio``
+    times its top choice.  Output is no longer what the target alone would
+    produce.  Returns ``(n_accepted, next_token, n_relaxed)``: ``n_relaxed``
+    counts the accepted tokens that differ from the target's argmax.
+    """
+    _check_shapes(draft, target_logits.shape[0])
+    probs = torch.softmax(target_logits.float(), dim=-1)  # [k+1, V]
+    top_p, top_i = probs.max(dim=-1)  # [k+1]
+    relaxed = 0
+    for i, token in enumerate(draft):
+        x = int(token)
+        if x == int(top_i[i]):
+            continue
+        best = float(top_p[i])
+        if 0 <= x < probs.shape[-1] and best < rule.confidence \
+                and float(probs[i, x]) >= rule.ratio * best:
+            relaxed += 1
+            continue
+        return i, int(top_i[i]), relaxed
+    return len(draft), int(top_i[len(draft)]), relaxed

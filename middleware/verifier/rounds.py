@@ -14,8 +14,10 @@ import torch
 from middleware.protocol import Draft, SamplingParams
 from middleware.sampling import STREAM_REJECTION, process_logits, seeded_generator
 from middleware.verifier.acceptance import (
+    RelaxedAcceptance,
     coupled_accept,
     greedy_accept,
+    relaxed_accept,
     speculative_sampling_accept,
 )
 from middleware.verifier.engine import TargetEngine, VerifyItem
@@ -31,6 +33,7 @@ class RoundInput:
     sampling: SamplingParams
     max_new_tokens: int
     stop_ids: frozenset[int]
+    relaxed: RelaxedAcceptance | None = None  # opt-in LOSSY rule (greedy sessions only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,7 @@ class RoundOutput:
     accepted: int  # draft tokens accepted (before clipping)
     tokens: tuple[int, ...]  # to commit, clipped at stop/length
     finish_reason: str
+    relaxed: int = 0  # accepted tokens the target would not have chosen (relaxed mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,18 +60,20 @@ def rejection_rng(seed: int, position: int) -> torch.Generator:
     return seeded_generator(seed, position, STREAM_REJECTION)
 
 
-def accept_one(inp: RoundInput, logits: torch.Tensor) -> tuple[int, int]:
-    """(n_accepted, next_token) for one draft given target logits [k+1, V]."""
+def accept_one(inp: RoundInput, logits: torch.Tensor) -> tuple[int, int, int]:
+    """(n_accepted, next_token, n_relaxed) for one draft given target logits [k+1, V]."""
     draft = list(inp.draft.tokens)
     mode = inp.sampling.mode
     position = len(inp.committed)
+    if mode == "greedy" and inp.relaxed is not None:
+        return relaxed_accept(draft, logits, inp.relaxed)
     if mode == "greedy":
-        return greedy_accept(draft, logits.argmax(dim=-1).tolist())
+        return (*greedy_accept(draft, logits.argmax(dim=-1).tolist()), 0)
     logprobs = process_logits(logits, inp.sampling)  # [k+1, V]
     if mode == "coupled":
-        return coupled_accept(draft, logprobs, inp.sampling.seed, position)
-    return speculative_sampling_accept(draft, list(inp.draft.q), logprobs.exp(),
-                                       rejection_rng(inp.sampling.seed, position))
+        return (*coupled_accept(draft, logprobs, inp.sampling.seed, position), 0)
+    return (*speculative_sampling_accept(draft, list(inp.draft.q), logprobs.exp(),
+                                         rejection_rng(inp.sampling.seed, position)), 0)
 
 
 def run_round(engine: TargetEngine, inputs: list[RoundInput]) -> RoundResult:
@@ -78,7 +84,7 @@ def run_round(engine: TargetEngine, inputs: list[RoundInput]) -> RoundResult:
     forward_s = time.perf_counter() - t0
     outputs = []
     for inp, lg in zip(inputs, logits, strict=True):
-        n, nxt = accept_one(inp, lg)
+        n, nxt, relaxed = accept_one(inp, lg)
         tokens, fin = clip_commit([*inp.draft.tokens[:n], nxt], len(inp.committed),
                                   inp.max_new_tokens, inp.stop_ids)
         new_len = len(inp.prompt) + len(inp.committed) + len(tokens)
@@ -87,5 +93,5 @@ def run_round(engine: TargetEngine, inputs: list[RoundInput]) -> RoundResult:
         else:
             engine.commit(inp.session_id, new_len)
         outputs.append(RoundOutput(inp.session_id, inp.draft.seq, len(inp.draft.tokens), n,
-                                   tuple(tokens), fin))
+                                   tuple(tokens), fin, relaxed))
     return RoundResult(outputs, forward_s, len(inputs), sum(len(i.draft) + 1 for i in items))

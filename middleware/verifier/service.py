@@ -9,6 +9,7 @@ the verifier offline when it dies).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from middleware.protocol import (
 )
 from middleware.protocol.session import trace_id
 from middleware.protocol.topics import DEFAULT_SHARE_GROUP
+from middleware.verifier.acceptance import RelaxedAcceptance
 from middleware.verifier.batcher import BatchConfig, Batcher
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.rounds import RoundInput, RoundResult, run_round
@@ -68,6 +70,10 @@ class VerifierConfig:
     # recovery point, not the verdict: a device holds every committed token it was told,
     # and a lagging state only means a re-opening device is answered with ``catchup``.
     state_interval: float = 0.05
+    # Opt-in, LOSSY: relaxed acceptance for greedy sessions (None = off, the default).  Output
+    # then differs from the target model alone; every verdict, text chunk and result of such
+    # a session says ``lossy: true`` and mw_verifier_relaxed_tokens_total counts the tokens.
+    relaxed: RelaxedAcceptance | None = None
     limits: Limits = DEFAULT_LIMITS
 
 
@@ -91,6 +97,9 @@ class VerifierMetrics:
         self.forward_time = r.summary("mw_verifier_forward_seconds", "Forward pass duration")
         self.sessions = r.gauge("mw_verifier_live_sessions", "Sessions owned by this verifier")
         self.evictions = r.gauge("mw_verifier_kv_evictions", "KV caches evicted under the memory budget")
+        self.relaxed = r.counter("mw_verifier_relaxed_tokens_total",
+                                 "LOSSY relaxed mode: accepted tokens the target would not have chosen")
+        self.lossy = r.gauge("mw_verifier_lossy_mode", "1 when relaxed (lossy) acceptance is on")
 
 
 class VerifierService:
@@ -107,6 +116,10 @@ class VerifierService:
         self.config = config or VerifierConfig()
         self.topics = Topics(self.config.prefix)
         self.metrics = VerifierMetrics(registry or Registry())
+        self.metrics.lossy.set(1.0 if self.config.relaxed is not None else 0.0)
+        if self.config.relaxed is not None:
+            log.warning("relaxed_acceptance_on_output_is_lossy", ratio=self.config.relaxed.ratio,
+                        confidence=self.config.relaxed.confidence)
         self.sessions: dict[str, VerifierSession] = {}
         self.ready = asyncio.Event()
         self._clock = clock
@@ -281,7 +294,8 @@ class VerifierService:
                     continue
                 self.metrics.queue_wait.observe(now - p.arrived)
                 inputs.append(RoundInput(s.session_id, s.prompt, tuple(s.committed), d, s.sampling,
-                                         s.max_new_tokens, s.stop_ids))
+                                         s.max_new_tokens, s.stop_ids,
+                                         self.config.relaxed if self._lossy(s) else None))
             if not inputs:
                 continue
             await self._verify(inputs)
@@ -307,18 +321,20 @@ class VerifierService:
                     committed_len=len(s.committed), verifier_id=self.config.verifier_id),
                     s.device_id)
             return
-        await self._apply(result)
+        await self._apply(result, inputs)
 
-    async def _apply(self, result: RoundResult) -> None:
+    async def _apply(self, result: RoundResult, inputs: list[RoundInput]) -> None:
         m = self.metrics
         m.forwards.inc()
         m.batch_size.observe(result.batch_size)
         m.forward_time.observe(result.forward_s)
         m.evictions.set(float(getattr(self.engine, "evictions", 0)))
         sends = []
-        for out in result.outputs:
+        for inp, out in zip(inputs, result.outputs, strict=True):
             s = self.sessions.get(out.session_id)
-            if s is None:
+            if s is None or s.epoch != inp.draft.epoch or len(s.committed) != len(inp.committed):
+                # Closed or re-opened while the forward ran: these tokens continue a context
+                # the session no longer has.  The device resends on its new epoch.
                 continue
             base = len(s.committed)
             s.commit(list(out.tokens), out.finish_reason)
@@ -328,6 +344,8 @@ class VerifierService:
             m.rounds.inc()
             m.proposed.inc(out.proposed)
             m.accepted.inc(out.accepted)
+            if out.relaxed:
+                m.relaxed.inc(out.relaxed)
             m.accepted_len.observe(out.accepted)
             m.committed.inc(len(out.tokens))
             m.tokens_per_round.observe(len(out.tokens))
@@ -345,8 +363,13 @@ class VerifierService:
         await asyncio.gather(*sends)
 
     # --- publishing --------------------------------------------------------------
+    def _lossy(self, s: VerifierSession | None) -> bool:
+        return self.config.relaxed is not None and s is not None and s.sampling.mode == "greedy"
+
     async def _send_verdict(self, v: Verdict, device_id: str) -> None:
         self.metrics.answers.inc(kind=v.kind)
+        if not v.lossy and self._lossy(self.sessions.get(v.session_id)):
+            v = dataclasses.replace(v, lossy=True)
         await self.bus.publish(self.topics.session(device_id, v.session_id, "verdict"), v.encode(),
                                qos=1,
                                content_type=CONTENT_MSGPACK,
@@ -368,6 +391,8 @@ class VerifierService:
                                 if proposed else 0.0),
             "mean_batch_size": snap.get("mw_verifier_batch_size_mean", 0.0),
             "rejected_messages": snap.get("mw_verifier_rejected_messages_total", 0.0),
+            "lossy_mode": 1.0 if self.config.relaxed is not None else 0.0,
+            "relaxed_tokens": snap.get("mw_verifier_relaxed_tokens_total", 0.0),
         }
         return VerifierStatus(verifier_id=self.config.verifier_id, state=state,  # type: ignore[arg-type]
                               model=self.model_name, tokenizer=self.fingerprint,

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from middleware.protocol.session import SamplingParams, SparseDist
 from middleware.sampling import (
@@ -17,8 +19,10 @@ from middleware.sampling import (
     seeded_generator,
 )
 from middleware.verifier.acceptance import (
+    RelaxedAcceptance,
     coupled_accept,
     greedy_accept,
+    relaxed_accept,
     speculative_sampling_accept,
 )
 
@@ -229,3 +233,34 @@ def test_rejection_first_token_is_distributed_as_target(q_kind: str) -> None:
     ids = torch.tensor(q.ids)
     expected = float(torch.minimum(p[0, ids], torch.tensor(q.probs)).sum())
     assert abs(accepted / trials - expected) < 4 * math.sqrt(expected * (1 - expected) / trials)
+
+
+# --- relaxed (opt-in, lossy) -------------------------------------------------------------
+def _logits(rows: list[list[float]]) -> torch.Tensor:
+    return torch.log(torch.tensor(rows, dtype=torch.float32))
+
+
+def test_relaxed_accepts_a_close_second_only_where_the_target_is_unsure() -> None:
+    rule = RelaxedAcceptance(ratio=0.5, confidence=0.6)
+    unsure = [0.40, 0.35, 0.25]  # top 0.40 < 0.6; token 1 has 0.875 x top
+    sure = [0.90, 0.06, 0.04]  # top 0.90 >= 0.6: exact match required
+    far = [0.45, 0.10, 0.45]  # token 1 has 0.22 x top < 0.5
+    assert relaxed_accept([1, 0], _logits([unsure, sure, sure]), rule) == (2, 0, 1)
+    assert relaxed_accept([1, 1], _logits([unsure, sure, sure]), rule) == (1, 0, 1)
+    assert relaxed_accept([1], _logits([far, sure]), rule) == (0, 0, 0)
+    assert relaxed_accept([0, 0], _logits([sure, unsure, far]), rule) == (2, 0, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 7), min_size=0, max_size=6), st.integers(0, 2**31 - 1))
+def test_relaxed_with_no_slack_is_greedy(draft: list[int], seed: int) -> None:
+    """ratio 1 and the tiniest confidence accept exactly what greedy accepts."""
+    logits = torch.randn(len(draft) + 1, 8, generator=torch.Generator().manual_seed(seed))
+    n, nxt, relaxed = relaxed_accept(draft, logits, RelaxedAcceptance(ratio=1.0, confidence=1e-9))
+    assert (n, nxt) == greedy_accept(draft, logits.argmax(dim=-1).tolist()) and relaxed == 0
+
+
+def test_relaxed_rule_bounds() -> None:
+    for ratio, conf in ((0.0, 0.5), (1.5, 0.5), (0.5, 0.0), (0.5, 1.1)):
+        with pytest.raises(ValueError):
+            RelaxedAcceptance(ratio, conf)

@@ -69,7 +69,7 @@ FULL: dict[str, Any] = {
                         sampling=SamplingParams("coupled", 7, 0.8, 40, 0.9), max_new_tokens=64,
                         stop_ids=(2,), drafter="ngram", sent_at=12.5),
     "draft": Draft("s-1", 2, 6, 3, (4, 5), q=(SparseDist((4, 9), (0.5, 0.25)),
-                                               SparseDist((5,), (0.9,))), sent_at=13.0),
+                                               SparseDist((5,), (0.9,))), sent_at=13.0, think_ms=1.5, token_ms=12.0),
     "close": CloseSession("s-1", 2, 7, reason="done"),
     "verdict": Verdict("s-1", 2, 6, "resync", reason="stale", committed_len=9, verifier_id="v-1",
                        echo_ts=13.0),

@@ -94,7 +94,8 @@ def drafts(draw: st.DrawFn) -> Draft:
     if toks and len(toks) <= 8 and draw(st.booleans()):
         q = tuple(draw(sparse_dist()) for _ in toks)
     return Draft(session_id=draw(ids), epoch=draw(epochs), seq=draw(seqs), base=draw(ctx),
-                 tokens=toks, q=q, sent_at=draw(floats(0.0, 1e16)))
+                 tokens=toks, q=q, sent_at=draw(floats(0.0, 1e16)),
+                 think_ms=draw(floats(0.0, 3.6e6)), token_ms=draw(floats(0.0, 3.6e6)))
 
 
 @st.composite
@@ -249,7 +250,8 @@ WIRE_KEYS = {
 def test_wire_field_names_are_stable(msg: Any) -> None:
     data = msg.encode()
     env = msgpack.unpackb(data, raw=False) if msg.TYPE in MSGPACK_TYPES else json.loads(data)
-    optional = {"draft": {"q"}, "prompt": {"session", "max_new_tokens"}}.get(msg.TYPE, set())
+    optional = {"draft": {"q", "think", "tms"},
+                "prompt": {"session", "max_new_tokens"}}.get(msg.TYPE, set())
     assert WIRE_KEYS[msg.TYPE] <= set(env) <= WIRE_KEYS[msg.TYPE] | optional
     if msg.TYPE == "open":
         assert set(env["sampling"]) == {"mode", "seed", "temperature", "top_k", "top_p"}

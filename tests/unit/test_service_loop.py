@@ -17,6 +17,7 @@ from middleware.nodes.drafters.hf import HFDrafter
 from middleware.nodes.service import NodeConfig, NodeService
 from middleware.nodes.session import SessionConfig
 from middleware.protocol import SamplingParams
+from middleware.verifier.acceptance import RelaxedAcceptance
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy, reference_sample
 from middleware.verifier.service import VerifierConfig, VerifierService
@@ -37,10 +38,11 @@ def draft_model() -> torch.nn.Module:
 
 
 async def _run(target, factory, sampling: SamplingParams, prompts, max_new: int = 24,
-               memory_budget: int = 65536):
+               memory_budget: int = 65536, relaxed: RelaxedAcceptance | None = None,
+               texts: list | None = None):
     broker = InMemoryBroker()
     engine = TargetEngine(target, memory_budget_tokens=memory_budget)
-    vcfg = VerifierConfig(verifier_id="v1")
+    vcfg = VerifierConfig(verifier_id="v1", relaxed=relaxed)
     async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "d") as dbus:
         verifier = VerifierService(vbus, engine, tokenizer_fingerprint="tiny", config=vcfg)
         node = NodeService(dbus, tokenizer=TinyTokenizer(), tokenizer_fp="tiny", drafter_factory=factory,
@@ -48,6 +50,8 @@ async def _run(target, factory, sampling: SamplingParams, prompts, max_new: int 
                            config=NodeConfig(device_id="dev-1", max_concurrent=len(prompts),
                                              session=SessionConfig(max_new_tokens=max_new,
                                                                    sampling=sampling, stop_ids=(EOS,))))
+        if texts is not None:
+            node.on_text = texts.append
         async with asyncio.TaskGroup() as tg:
             vt = tg.create_task(verifier.run())
             nt = tg.create_task(node.run())
@@ -92,3 +96,26 @@ async def test_eviction_rebuilds_sessions_by_prefill(target, draft_model) -> Non
     assert verifier.engine.evictions > 0
     for p, o in zip(PROMPTS, outs, strict=True):
         assert list(o.tokens) == reference_greedy(target, p, 24, (EOS,))
+
+
+async def test_relaxed_mode_is_lossy_and_says_so_everywhere(target, draft_model) -> None:
+    """Opt-in relaxed acceptance: more tokens per round, and every verdict, text chunk and
+    result of the session is marked lossy; the lossless default is never marked."""
+    texts: list = []
+    rule = RelaxedAcceptance(ratio=0.05, confidence=1.0)  # very loose: deviations are certain
+    outs, verifier = await _run(target, lambda: HFDrafter(draft_model), SamplingParams(), PROMPTS,
+                                relaxed=rule, texts=texts)
+    m = verifier.metrics
+    assert m.lossy.get() == 1.0 and m.relaxed.total() > 0
+    refs = [reference_greedy(target, p, 24, (EOS,)) for p in PROMPTS]
+    assert any(list(o.tokens) != r for o, r in zip(outs, refs, strict=True))  # it is lossy
+    assert m.answers.get(kind="accept") > 0
+    assert texts and all(t.lossy for t in texts)
+    assert verifier.status().stats["lossy_mode"] == 1.0
+
+    plain: list = []
+    outs, verifier = await _run(target, lambda: HFDrafter(draft_model), SamplingParams(), PROMPTS,
+                                texts=plain)
+    assert [list(o.tokens) for o in outs] == refs
+    assert plain and not any(t.lossy for t in plain)
+    assert verifier.metrics.lossy.get() == 0.0 and verifier.metrics.relaxed.total() == 0
