@@ -43,7 +43,7 @@ class VerifierSection:
     model: str = "smollm2"
     device: str = "cpu"
     dtype: str = "float32"
-    batch_policy: str = "adaptive"  # adaptive | fixed | none
+    batch_policy: str = "adaptive"  # adaptive | fixed | none | planned (speculation control)
     batch_window_ms: float = 5.0
     max_batch: int = 16
     max_draft: int = 64

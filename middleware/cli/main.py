@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--device", dest="torch_device", help="cpu, cuda, cuda:0 ...")
     p.add_argument("--dtype")
-    p.add_argument("--batch-policy", choices=["adaptive", "fixed", "none"])
+    p.add_argument("--batch-policy", choices=["adaptive", "fixed", "none", "planned"])
     p.add_argument("--batch-window-ms", type=float)
     p.add_argument("--max-batch", type=int)
     p.add_argument("--metrics-port", type=int)

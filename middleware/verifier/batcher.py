@@ -7,6 +7,10 @@ Policies:
   longer than ``window``.  A lone draft on an idle model goes at once.
 - ``fixed``: SLED's static batch: wait until ``max_batch`` drafts or ``window``.
 - ``none``: one draft per forward pass.
+- ``planned``: a controller decides (``decide``, supplied by the verifier from
+  its latency model and planner, :mod:`middleware.verifier.planner`): verify a
+  chosen subset of the waiting drafts now, or wait for predicted arrivals.
+  ``window`` stays a hard bound on any draft's wait.
 
 The batcher holds at most one draft per session per batch; later drafts of
 the same session wait for the next batch (they are usually answered from the
@@ -17,14 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 from middleware.errors import ConfigError
 
-Policy = Literal["adaptive", "fixed", "none"]
+Policy = Literal["adaptive", "fixed", "none", "planned"]
+POLICIES: tuple[str, ...] = ("adaptive", "fixed", "none", "planned")
 T = TypeVar("T")
+# (waiting drafts, now) -> (session keys to verify now, or none and how long to wait at most)
+Decide = Callable[[Sequence["Pending[T]"], float], tuple[Collection[str], float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +42,9 @@ class BatchConfig:
     max_queue: int = 4096
 
     def __post_init__(self) -> None:
-        if self.policy not in ("adaptive", "fixed", "none"):
-            raise ConfigError(f"batch policy must be adaptive, fixed or none, not {self.policy!r}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"batch policy must be one of {', '.join(POLICIES)}, "
+                              f"not {self.policy!r}")
         if not 0 <= self.window <= 10 or not 1 <= self.max_batch <= 1024:
             raise ConfigError("batch window must be within [0, 10] s and max_batch within [1, 1024]")
 
@@ -56,9 +64,13 @@ class Batcher(Generic[T]):
     waiting once that many drafts are in the batch.
     """
 
-    def __init__(self, config: BatchConfig, expected: Callable[[], int]) -> None:
+    def __init__(self, config: BatchConfig, expected: Callable[[], int],
+                 decide: Decide[T] | None = None) -> None:
+        if config.policy == "planned" and decide is None:
+            raise ConfigError("the planned batch policy needs a decide callback")
         self.config = config
         self._expected = expected
+        self._decide = decide
         self._queue: asyncio.Queue[Pending[T]] = asyncio.Queue()
         self._carry: list[Pending[T]] = []
         self.dropped = 0
@@ -92,6 +104,8 @@ class Batcher(Generic[T]):
             add(p)
         if not batch:
             add(await self._queue.get())
+        if cfg.policy == "planned":
+            return await self._planned(batch, add)
         limit = 1 if cfg.policy == "none" else cfg.max_batch
         while len(batch) < limit and not self._queue.empty():
             add(self._queue.get_nowait())
@@ -109,6 +123,30 @@ class Batcher(Generic[T]):
             except TimeoutError:
                 break
         return self._trim(batch, limit)
+
+    async def _planned(self, batch: list[Pending[T]],
+                       add: Callable[[Pending[T]], None]) -> list[Pending[T]]:
+        assert self._decide is not None
+        cfg = self.config
+        while True:
+            while not self._queue.empty():
+                add(self._queue.get_nowait())
+            now = time.monotonic()
+            overdue = now - min(p.arrived for p in batch) >= cfg.window
+            take, wait = (set(), 0.0) if overdue else self._decide(batch, now)
+            if overdue or (not take and wait <= 0):
+                take = {p.key for p in batch}  # the hard bound, or a planner with no opinion
+            if take:
+                chosen = [p for p in batch if p.key in take][:cfg.max_batch]
+                picked = {id(p) for p in chosen}
+                self._carry = [p for p in batch if id(p) not in picked] + self._carry
+                return chosen
+            oldest = min(p.arrived for p in batch)
+            wait = min(wait, oldest + cfg.window - now)
+            try:
+                add(await asyncio.wait_for(self._queue.get(), max(wait, 0.0)))
+            except TimeoutError:
+                pass
 
     def _trim(self, batch: list[Pending[T]], limit: int) -> list[Pending[T]]:
         if len(batch) > limit:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -39,8 +39,10 @@ from middleware.protocol import (
 from middleware.protocol.session import trace_id
 from middleware.protocol.topics import DEFAULT_SHARE_GROUP
 from middleware.verifier.acceptance import RelaxedAcceptance
-from middleware.verifier.batcher import BatchConfig, Batcher
+from middleware.verifier.batcher import BatchConfig, Batcher, Pending
+from middleware.verifier.control import Controller
 from middleware.verifier.engine import TargetEngine
+from middleware.verifier.planner import JointPlanner, PlannerConfig
 from middleware.verifier.rounds import RoundInput, RoundResult, run_round
 from middleware.verifier.sessions import VerifierSession, triage
 
@@ -124,7 +126,15 @@ class VerifierService:
         self.ready = asyncio.Event()
         self._clock = clock
         self._drafts: Subscription | None = None
-        self._batcher: Batcher[Draft] = Batcher(self.config.batch, self._expected_senders)
+        # Speculation control (batch policy "planned"): latency model + joint planner.
+        self.control: Controller | None = None
+        if self.config.batch.policy == "planned":
+            self.control = Controller(JointPlanner(PlannerConfig(
+                max_batch=self.config.batch.max_batch, max_wait_s=self.config.batch.window,
+                k_max=min(16, self.config.max_draft))))
+        self._batcher: Batcher[Draft] = Batcher(
+            self.config.batch, self._expected_senders,
+            self._decide if self.control is not None else None)
         self._closing: list[str] = []
         self._newer: dict[str, Draft] = {}  # resends that arrived while the first copy was queued
         self._dirty: dict[str, VerifierSession] = {}  # sessions whose state is not yet published
@@ -146,6 +156,11 @@ class VerifierService:
                 tg.create_task(self._status_loop(), name="status")
                 if self.config.state_interval > 0:
                     tg.create_task(self._state_loop(), name="state")
+
+    def _decide(self, waiting: Sequence[Pending[Draft]], now: float) -> tuple[Collection[str], float]:
+        assert self.control is not None
+        idle = (sid for sid, s in self.sessions.items() if not s.pending and not s.done)
+        return self.control.decide(waiting, now, idle)
 
     def _expected_senders(self) -> int:
         now = self._clock()
@@ -215,6 +230,7 @@ class VerifierService:
             await send(answer("refused", "session id in use by another device"))
             return
         if old is not None and m.epoch < old.epoch:
+            self._reject("stale_epoch", m.session_id, f"open epoch {m.epoch} < {old.epoch}")
             await send(answer("resync", f"stale epoch {m.epoch} < {old.epoch}",
                                             len(old.committed)))
             return
@@ -241,6 +257,8 @@ class VerifierService:
 
     async def _draft(self, d: Draft, device_id: str) -> None:
         s = self.sessions.get(d.session_id)
+        if self.control is not None and s is not None and d.epoch == s.epoch:
+            self.control.on_draft(d.session_id, d, time.monotonic())
         tri = triage(s, d, vocab_size=self.engine.vocab_size, verifier_id=self.config.verifier_id,
                      max_draft=self.config.max_draft)
         if s is not None:
@@ -268,6 +286,8 @@ class VerifierService:
         if s is None or c.epoch != s.epoch:
             return
         del self.sessions[c.session_id]
+        if self.control is not None:
+            self.control.forget(c.session_id)
         self._closing.append(c.session_id)
         if self._drafts is not None and not self.config.exclusive:
             await self._drafts.remove(self.topics.session(s.device_id, c.session_id, "draft"))
@@ -325,6 +345,10 @@ class VerifierService:
 
     async def _apply(self, result: RoundResult, inputs: list[RoundInput]) -> None:
         m = self.metrics
+        now = time.monotonic()
+        if self.control is not None and result.batch_size:
+            self.control.on_forward(result.batch_size, -(-result.tokens_in // result.batch_size),
+                                    result.forward_s)
         m.forwards.inc()
         m.batch_size.observe(result.batch_size)
         m.forward_time.observe(result.forward_s)
@@ -349,10 +373,14 @@ class VerifierService:
             m.accepted_len.observe(out.accepted)
             m.committed.inc(len(out.tokens))
             m.tokens_per_round.observe(len(out.tokens))
+            hint = 0
+            if self.control is not None:
+                self.control.on_round(s.session_id, out.proposed, out.accepted, now)
+                hint = self.control.hint(s.session_id)
             v = Verdict(session_id=s.session_id, epoch=s.epoch, seq=out.seq, kind="accept",
                         base=base, accepted=out.accepted, tokens=out.tokens,
                         committed_len=len(s.committed), done=s.done, finish_reason=s.finish_reason,
-                        verifier_id=self.config.verifier_id)
+                        next_len=hint, verifier_id=self.config.verifier_id)
             s.remember(v)
             sends.append(self._send_verdict(v, s.device_id))
             if s.done or self.config.state_interval <= 0:
@@ -370,6 +398,8 @@ class VerifierService:
         self.metrics.answers.inc(kind=v.kind)
         if not v.lossy and self._lossy(self.sessions.get(v.session_id)):
             v = dataclasses.replace(v, lossy=True)
+        if self.control is not None and v.kind in ("opened", "catchup"):
+            self.control.on_answer(v.session_id, time.monotonic())  # a draft follows
         await self.bus.publish(self.topics.session(device_id, v.session_id, "verdict"), v.encode(),
                                qos=1,
                                content_type=CONTENT_MSGPACK,

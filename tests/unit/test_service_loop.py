@@ -18,6 +18,7 @@ from middleware.nodes.service import NodeConfig, NodeService
 from middleware.nodes.session import SessionConfig
 from middleware.protocol import SamplingParams
 from middleware.verifier.acceptance import RelaxedAcceptance
+from middleware.verifier.batcher import BatchConfig
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy, reference_sample
 from middleware.verifier.service import VerifierConfig, VerifierService
@@ -39,10 +40,10 @@ def draft_model() -> torch.nn.Module:
 
 async def _run(target, factory, sampling: SamplingParams, prompts, max_new: int = 24,
                memory_budget: int = 65536, relaxed: RelaxedAcceptance | None = None,
-               texts: list | None = None):
+               texts: list | None = None, batch: BatchConfig | None = None):
     broker = InMemoryBroker()
     engine = TargetEngine(target, memory_budget_tokens=memory_budget)
-    vcfg = VerifierConfig(verifier_id="v1", relaxed=relaxed)
+    vcfg = VerifierConfig(verifier_id="v1", relaxed=relaxed, batch=batch or BatchConfig())
     async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "d") as dbus:
         verifier = VerifierService(vbus, engine, tokenizer_fingerprint="tiny", config=vcfg)
         node = NodeService(dbus, tokenizer=TinyTokenizer(), tokenizer_fp="tiny", drafter_factory=factory,
@@ -119,3 +120,31 @@ async def test_relaxed_mode_is_lossy_and_says_so_everywhere(target, draft_model)
     assert [list(o.tokens) for o in outs] == refs
     assert plain and not any(t.lossy for t in plain)
     assert verifier.metrics.lossy.get() == 0.0 and verifier.metrics.relaxed.total() == 0
+
+
+async def test_planned_policy_stays_lossless_and_sends_length_hints(target, draft_model) -> None:
+    """Speculation control on: batches and draft lengths come from the planner; the output is
+    still the target's own, and devices receive (and honour) the planner's hints."""
+    hints: list[int] = []
+    outs, verifier = await _run(target, lambda: _Recording(draft_model, hints),
+                                SamplingParams(), PROMPTS,
+                                batch=BatchConfig(policy="planned", window=0.02))
+    for p, o in zip(PROMPTS, outs, strict=True):
+        assert list(o.tokens) == reference_greedy(target, p, 24, (EOS,))
+    control = verifier.control
+    assert control is not None and control.plans > 0
+    assert hints and all(1 <= h <= 16 for h in hints)
+    assert len(control.model.forward) > 0  # forward passes observed
+    assert len(control.model) == 0  # finished sessions are forgotten
+
+
+class _Recording(HFDrafter):
+    """An HF drafter that records the verifier's hints."""
+
+    def __init__(self, model, hints: list[int]) -> None:
+        super().__init__(model)
+        self._hints_seen = hints
+
+    def hint(self, next_len: int) -> None:
+        self._hints_seen.append(next_len)
+        super().hint(next_len)

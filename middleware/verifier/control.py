@@ -1,0 +1,95 @@
+"""Speculation control: the verifier's live latency model driving the planner.
+
+Glue between the verifier service and two pure pieces,
+:class:`~middleware.verifier.latency.LatencyModel` and a
+:class:`~middleware.verifier.planner.Planner`.  It keeps, per session, when
+its last verdict left and the draft-length hint it was given, feeds the model
+from what the protocol carries (a draft's ``think`` and ``tms`` fields, the
+accepted length of each round, the duration of each forward pass) and turns
+the batcher's waiting drafts plus the sessions expected to send into a plan.
+
+Keys are session ids: a device running several sessions at once has one
+entry per session (they share its link but draft separately).  No I/O and no
+clock of its own: every method takes ``now``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterable, Sequence
+
+from middleware.protocol import Draft
+from middleware.verifier.batcher import Pending
+from middleware.verifier.latency import LatencyModel
+from middleware.verifier.planner import ExpectedArrival, Planner, WaitingDraft
+
+
+class Controller:
+    """Decides batches and draft-length hints for the ``planned`` batch policy."""
+
+    def __init__(self, planner: Planner, model: LatencyModel | None = None, *,
+                 default_k: int = 4) -> None:
+        self.planner = planner
+        self.model = model or LatencyModel()
+        self.default_k = default_k
+        self.plans = 0
+        self._sent: dict[str, float] = {}  # session -> when its last verdict was published
+        self._hints: dict[str, int] = {}  # session -> the draft length it was told
+
+    # --- observations ----------------------------------------------------------------
+    def on_draft(self, session_id: str, draft: Draft, now: float) -> None:
+        """A draft arrived: its gap since our last verdict is round trip + think time."""
+        n = len(draft.tokens)
+        if draft.token_ms > 0 and n:
+            self.model.observe_draft(session_id, draft.token_ms / 1000.0 * n, n)
+        sent = self._sent.get(session_id)
+        if sent is not None and now >= sent:
+            self.model.observe_rtt(session_id, max(0.0, now - sent - draft.think_ms / 1000.0))
+
+    def on_round(self, session_id: str, proposed: int, accepted: int, now: float) -> None:
+        """A verdict for a verified draft is being published."""
+        self.model.observe_round(session_id, proposed, accepted)
+        self._sent[session_id] = now
+
+    def on_answer(self, session_id: str, now: float) -> None:
+        """Any other verdict (opened, catchup) that the device will answer with a draft."""
+        self._sent[session_id] = now
+
+    def on_forward(self, rows: int, tokens_per_row: int, seconds: float) -> None:
+        self.model.forward.observe(rows, tokens_per_row, seconds)
+
+    def forget(self, session_id: str) -> None:
+        self._sent.pop(session_id, None)
+        self._hints.pop(session_id, None)
+        if session_id in self.model:
+            self.model.forget(session_id)
+
+    def calibrate(self, measure: Callable[[int, int], float]) -> None:
+        """Time the target's forward for a few shapes (at start-up)."""
+        self.model.forward.calibrate(measure)
+
+    # --- decisions ----------------------------------------------------------------------
+    def hint(self, session_id: str) -> int:
+        """The draft length to ask of this session in its next verdict (0: none yet)."""
+        return self._hints.get(session_id, 0)
+
+    def decide(self, waiting: Sequence[Pending[Draft]], now: float,
+               idle: Iterable[str]) -> tuple[Collection[str], float]:
+        """(sessions to verify now, or none and how long to wait at most)."""
+        self.plans += 1
+        keys = {p.key for p in waiting}
+        drafts = [WaitingDraft(p.key, max(1, len(p.item.tokens)), max(0.0, now - p.arrived))
+                  for p in waiting]
+        expected = []
+        for sid in idle:
+            sent = self._sent.get(sid)
+            if sid in keys or sent is None:
+                continue
+            k = self._hints.get(sid, self.default_k)
+            eta = sent + self.model.device(sid).turnaround_s(k) - now
+            expected.append(ExpectedArrival(sid, max(eta, 0.0), k))
+        plan = self.planner.plan(drafts, expected, self.model)
+        self._hints.update(plan.k)
+        if plan.batch:
+            return plan.batch, 0.0
+        return (), (plan.wait_s if math.isfinite(plan.wait_s) else 0.0)
