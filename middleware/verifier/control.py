@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 
 from middleware.protocol import Draft
 from middleware.verifier.batcher import Pending
-from middleware.verifier.latency import LatencyModel
+from middleware.verifier.latency import ForwardCoefficients, LatencyModel
 from middleware.verifier.planner import ExpectedArrival, Planner, WaitingDraft
 
 
@@ -64,9 +64,9 @@ class Controller:
         if session_id in self.model:
             self.model.forget(session_id)
 
-    def calibrate(self, measure: Callable[[int, int], float]) -> None:
+    def calibrate(self, measure: Callable[[int, int], float]) -> ForwardCoefficients:
         """Time the target's forward for a few shapes (at start-up)."""
-        self.model.forward.calibrate(measure)
+        return self.model.forward.calibrate(measure)
 
     # --- decisions ----------------------------------------------------------------------
     def hint(self, session_id: str) -> int:

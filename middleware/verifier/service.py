@@ -41,7 +41,7 @@ from middleware.protocol.topics import DEFAULT_SHARE_GROUP
 from middleware.verifier.acceptance import RelaxedAcceptance
 from middleware.verifier.batcher import BatchConfig, Batcher, Pending
 from middleware.verifier.control import Controller
-from middleware.verifier.engine import TargetEngine
+from middleware.verifier.engine import TargetEngine, VerifyItem
 from middleware.verifier.planner import JointPlanner, PlannerConfig
 from middleware.verifier.rounds import RoundInput, RoundResult, run_round
 from middleware.verifier.sessions import VerifierSession, triage
@@ -146,6 +146,8 @@ class VerifierService:
         async with self.bus.subscribe(t.shared_open(self.config.share_group)) as opens, \
                 self.bus.subscribe(t.all_sessions("draft") if self.config.exclusive else "") as drafts:
             self._drafts = drafts
+            if self.control is not None:
+                await self._calibrate()
             await self._publish_status("online")
             self.ready.set()
             log.info("verifier_ready", verifier=self.config.verifier_id, model=self.model_name)
@@ -161,6 +163,30 @@ class VerifierService:
         assert self.control is not None
         idle = (sid for sid, s in self.sessions.items() if not s.pending and not s.done)
         return self.control.decide(waiting, now, idle)
+
+    async def _calibrate(self) -> None:
+        """Time the target's forward for a few batch shapes before serving (planned policy)."""
+        assert self.control is not None
+        try:
+            coef = await asyncio.to_thread(self.control.calibrate, self._measure_forward)
+        except Exception as exc:  # the online fit takes over; never fatal
+            log.warning("forward_calibration_failed", error=repr(exc)[:200])
+            return
+        log.info("forward_calibrated", a_ms=round(coef.a * 1e3, 3), b_ms=round(coef.b * 1e3, 3),
+                 c_ms=round(coef.c * 1e3, 3))
+
+    def _measure_forward(self, rows: int, tokens: int) -> float:
+        """Seconds of one verify forward of ``rows`` rows of ``tokens`` tokens (warm caches)."""
+        items = [VerifyItem(("__calibrate__", i), [1] * 8, [1] * max(tokens - 1, 0))
+                 for i in range(rows)]
+        try:
+            self.engine.verify_batch(items)  # prefill, so the timed pass is a verify pass
+            t0 = time.perf_counter()
+            self.engine.verify_batch(items)
+            return time.perf_counter() - t0
+        finally:
+            for it in items:
+                self.engine.close(it.session_key)
 
     def _expected_senders(self) -> int:
         now = self._clock()

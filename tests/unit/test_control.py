@@ -1,0 +1,49 @@
+"""The controller feeding the latency model from protocol fields and planning batches."""
+
+from __future__ import annotations
+
+import pytest
+
+from middleware.protocol import Draft
+from middleware.verifier.batcher import Pending
+from middleware.verifier.control import Controller
+from middleware.verifier.planner import JointPlanner, PlannerConfig
+
+
+def test_round_trip_is_gap_minus_think_time_and_drafting_time_is_reported() -> None:
+    c = Controller(JointPlanner())
+    c.on_answer("s1", now=10.0)
+    c.on_draft("s1", Draft("s1", 1, 1, 0, (1, 2, 3, 4), think_ms=30.0, token_ms=5.0), now=10.050)
+    est = c.model.device("s1")
+    assert est.rtt_s == pytest.approx(0.020, abs=1e-9)  # 50 ms gap - 30 ms thinking
+    assert est.draft_s == pytest.approx(0.005, rel=1e-6)
+    c.on_round("s1", proposed=4, accepted=4, now=11.0)
+    assert c.model.device("s1").alpha > c.model.priors.alpha  # all accepted: alpha goes up
+    c.forget("s1")
+    assert "s1" not in c.model and c.hint("s1") == 0
+
+
+def test_lone_waiting_draft_goes_now_and_every_session_gets_a_hint() -> None:
+    c = Controller(JointPlanner(PlannerConfig(k_max=8)))
+    waiting = [Pending("s1", Draft("s1", 1, 1, 0, (1, 2)), arrived=99.0)]
+    take, wait = c.decide(waiting, now=100.0, idle=[])
+    assert list(take) == ["s1"] and wait == 0.0
+    assert 1 <= c.hint("s1") <= 8
+
+
+def test_waits_for_a_session_about_to_arrive_but_never_past_the_bound() -> None:
+    c = Controller(JointPlanner(PlannerConfig(max_wait_s=0.05)))
+    for sid in ("a", "b"):  # two fast sessions, known round trips of ~2 ms
+        for t in range(20):
+            c.on_answer(sid, now=t)
+            c.on_draft(sid, Draft(sid, 1, t + 1, 0, (1, 2), token_ms=0.1), now=t + 0.002)
+    c.on_answer("b", now=100.0)  # b's verdict just left: its draft is ~2 ms away
+    waiting = [Pending("a", Draft("a", 1, 99, 0, (1, 2)), arrived=100.0)]
+    take, wait = c.decide(waiting, now=100.0, idle=["b"])
+    assert not take and 0 < wait <= 0.05  # batching b with a is worth ~2 ms of waiting
+    assert c.plans == 1
+    # Told it drafts slowly (20 ms a token), b is far off: a goes alone, now.
+    for t in range(20):
+        c.on_draft("b", Draft("b", 1, 50 + t, 0, (1, 2), token_ms=20.0), now=100.0)
+    take, wait = c.decide(waiting, now=100.0, idle=["b"])
+    assert list(take) == ["a"] and wait == 0.0
