@@ -1,0 +1,57 @@
+"""A target engine that costs (almost) nothing: for measuring the middleware alone.
+
+It accepts every draft token and proposes ``last + 1`` as the bonus token, so
+a verify round commits ``k + 1`` tokens.  It implements the part of
+:class:`middleware.verifier.engine.TargetEngine` the verifier service uses;
+its logits are one-hot rows over a small vocabulary, so the acceptance code
+still runs on real tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from middleware.verifier.engine import EngineStats, VerifyItem
+
+
+class NoopEngine:
+    """Accept everything; one tiny tensor per draft."""
+
+    def __init__(self, vocab_size: int = 64) -> None:
+        self.vocab_size = vocab_size
+        self.evictions = 0
+        self.forwards = 0
+        self._lens: dict[Hashable, int] = {}
+
+    def verify_batch(self, items: Sequence[VerifyItem]) -> list[torch.Tensor]:
+        self.forwards += 1
+        out = []
+        for it in items:
+            wanted = [*it.draft, ((it.draft or it.context)[-1] + 1) % self.vocab_size]
+            rows = torch.zeros(len(wanted), self.vocab_size)
+            rows[torch.arange(len(wanted)), torch.tensor(wanted)] = 1.0
+            out.append(rows)
+            self._lens[it.session_key] = len(it.context)
+        return out
+
+    def commit(self, session_key: Hashable, new_len: int) -> None:
+        self._lens[session_key] = new_len
+
+    def close(self, session_key: Hashable) -> None:
+        self._lens.pop(session_key, None)
+
+    def __contains__(self, session_key: Hashable) -> bool:
+        return session_key in self._lens
+
+    def cached_len(self, session_key: Hashable) -> int:
+        return self._lens.get(session_key, 0)
+
+    def cached_tokens(self) -> int:
+        return sum(self._lens.values())
+
+    def stats(self) -> EngineStats:
+        return EngineStats(sessions=len(self._lens), cached_tokens=self.cached_tokens(),
+                           evictions=0, prefills=0, prefill_tokens=0, forward_passes=self.forwards,
+                           last_batch_size=0, forward_time_s=0.0)
