@@ -48,6 +48,10 @@ class VerifierSection:
     max_batch: int = 16
     max_draft: int = 64
     memory_budget_tokens: int = 65_536
+    # A batch's drafts of different lengths are split into forwards of similar lengths when
+    # that saves more padded token slots than this (one forward's fixed cost in tokens; CPU
+    # ~8, a GPU far more).
+    forward_overhead_tokens: int = 8
     max_sessions: int = 1024
     exclusive: bool = True  # the only verifier on the prefix; false for scale-out (several verifiers)
     metrics_port: int = 0  # 0: no endpoint

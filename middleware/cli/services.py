@@ -65,7 +65,8 @@ def build_engine(v: VerifierSection, loaded: Any = None) -> tuple[Any, Any]:
     from middleware.verifier.engine import TargetEngine
 
     loaded = loaded or load_causal_lm(v.model, v.device, v.dtype, progress=progress)
-    engine = TargetEngine(loaded.model, memory_budget_tokens=v.memory_budget_tokens)
+    engine = TargetEngine(loaded.model, memory_budget_tokens=v.memory_budget_tokens,
+                          forward_overhead_tokens=v.forward_overhead_tokens)
     return loaded, engine
 
 

@@ -40,6 +40,7 @@ Supported models: Hugging Face causal LMs with a standard per-layer KV cache
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -128,14 +129,23 @@ class TargetEngine:
     """
 
     def __init__(self, model: Any, *, memory_budget_tokens: int = 65536,
-                 max_batch_tokens: int = 4096, device: str | torch.device | None = None) -> None:
+                 max_batch_tokens: int = 4096, device: str | torch.device | None = None,
+                 forward_overhead_tokens: int = 8) -> None:
         """``memory_budget_tokens``: cached tokens kept over all sessions before LRU eviction.
 
         ``max_batch_tokens``: most (padded) new tokens per forward; longer
         prefills are chunked and larger verify batches split.
+
+        ``forward_overhead_tokens``: what one more forward pass costs, in padded
+        token slots.  A verify batch whose drafts differ in length is split into
+        forwards of similar lengths when that saves more padding than this (each
+        row is padded to the longest draft of its forward); 0 never pads, a large
+        value never splits.
         """
-        if memory_budget_tokens < 1 or max_batch_tokens < 1:
+        if memory_budget_tokens < 1 or max_batch_tokens < 1 or forward_overhead_tokens < 0:
             raise ValueError("memory_budget_tokens and max_batch_tokens must be positive")
+        self.forward_overhead_tokens = forward_overhead_tokens
+        self.padded_tokens = 0  # padding slots computed in verify forwards (for metrics)
         _check_supported(model)
         self.model = model
         self.device = (torch.device(device) if device is not None
@@ -240,14 +250,19 @@ class TargetEngine:
             self._prefill(missing)
             rows = [_Row(s, [int(item.context[-1]), *map(int, item.draft)])
                     for s, item in zip(sessions, items, strict=True)]
-            logits: list[torch.Tensor] = []
-            for chunk in self._split(rows):
+            logits: list[torch.Tensor | None] = [None] * len(rows)
+            for group in self._split(rows):
+                chunk = [rows[i] for i in group]
                 out = self._forward(chunk, keep_all_logits=True)  # [B, T, V]
-                logits.extend(out[b, : len(row.tokens)] for b, row in enumerate(chunk))
+                width = max(len(r.tokens) for r in chunk)
+                self.padded_tokens += sum(width - len(r.tokens) for r in chunk)
+                for b, i in enumerate(group):
+                    logits[i] = out[b, : len(rows[i].tokens)]
             self.last_batch_size = len(items)
             self._evict()
         with torch.inference_mode(False):
-            return [lg.to(device="cpu", dtype=torch.float32).clone() for lg in logits]
+            return [lg.to(device="cpu", dtype=torch.float32).clone()
+                    for lg in logits if lg is not None]
 
     def _check_vocab(self, tokens: Sequence[int], session_key: Hashable) -> None:
         bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
@@ -277,14 +292,31 @@ class TargetEngine:
                     self._forward([_Row(r.session, r.tokens[start:start + step]) for r in batch],
                                   keep_all_logits=False)
 
-    def _split(self, rows: list[_Row]) -> list[list[_Row]]:
-        chunks: list[list[_Row]] = [[]]
-        for row in rows:
-            widest = max([len(r.tokens) for r in chunks[-1]] + [len(row.tokens)])
-            if chunks[-1] and widest * (len(chunks[-1]) + 1) > self.max_batch_tokens:
-                chunks.append([])
-            chunks[-1].append(row)
-        return chunks
+    def _split(self, rows: list[_Row]) -> list[list[int]]:
+        """Row indices per forward: rows sorted by width, cut where it saves padding.
+
+        Minimises ``sum over forwards (overhead + rows x widest)`` over the cuts of
+        the width-sorted rows (a small DP), each forward within ``max_batch_tokens``.
+        """
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens))
+        widths = [len(rows[i].tokens) for i in order]
+        n, over = len(order), self.forward_overhead_tokens
+        best = [0.0] + [math.inf] * n  # best[j]: cost of the first j sorted rows
+        cut = [0] * (n + 1)
+        for j in range(1, n + 1):
+            for i in range(j - 1, -1, -1):  # forward = sorted rows i..j-1, widest widths[j-1]
+                padded = (j - i) * widths[j - 1]
+                if padded > self.max_batch_tokens and j - i > 1:
+                    break
+                cost = best[i] + over + padded
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        groups: list[list[int]] = []
+        j = n
+        while j > 0:
+            groups.append(order[cut[j]:j])
+            j = cut[j]
+        return groups[::-1]
 
     # -- the forward pass --------------------------------------------------
 

@@ -169,6 +169,26 @@ def test_small_max_batch_tokens_chunks_prefill_and_splits_batches(model: LlamaFo
         assert_same_logits(b, a)
 
 
+def test_mixed_draft_lengths_split_into_forwards_by_width(model: LlamaForCausalLM) -> None:
+    """Rows are grouped by draft length when that saves more padding than a forward costs;
+    the logits come back in the items' order, equal to one padded forward's."""
+    lengths = (1, 12, 0, 11, 1, 12)
+    items = [VerifyItem(i, PROMPTS[i % len(PROMPTS)], random_tokens(k, 50 + i))
+             for i, k in enumerate(lengths)]
+    one = TargetEngine(model, forward_overhead_tokens=10_000)  # never splits
+    split = TargetEngine(model, forward_overhead_tokens=4)
+    for engine in (one, split):
+        engine.verify_batch(items)  # prefill (its forwards batch by prompt length)
+        engine.forward_passes = engine.padded_tokens = 0
+    a, b = one.verify_batch(items), split.verify_batch(items)  # caches warm: verify only
+    assert one.padded_tokens == sum(13 - (k + 1) for k in lengths)
+    assert split.padded_tokens < one.padded_tokens / 4
+    assert split.forward_passes == 2 and one.forward_passes == 1
+    for x, y, k in zip(a, b, lengths, strict=True):
+        assert x.shape == y.shape == (k + 1, VOCAB)
+        assert_same_logits(y, x)
+
+
 # -- lossless decoding --------------------------------------------------------------
 
 def generate_greedy(model: LlamaForCausalLM, prompt: list[int], max_new: int,
