@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +27,8 @@ from middleware.nodes.text import TextStream
 from middleware.protocol import DeviceStatus, PromptRequest, Result, TextChunk, Topics
 
 log = structlog.get_logger("middleware.node")
+
+OUTCOMES_KEPT = 256  # NodeService.outcomes keeps the latest ones only
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,9 @@ class NodeService:
         self.topics = Topics(self.config.prefix)
         self.link = BusLink(bus, self.topics, self.config.device_id)
         self.ready = asyncio.Event()
-        self.outcomes: list[Outcome] = []
+        # The latest outcomes only: a node runs for months, one Outcome per session would pile up.
+        self.outcomes: deque[Outcome] = deque(maxlen=OUTCOMES_KEPT)
+        self.sessions_done = 0
         self.active: set[str] = set()
         self._text: asyncio.Queue[TextChunk | Result] = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
@@ -148,6 +153,7 @@ class NodeService:
             self._totals["tokens"] += len(tokens)
             outcome = Outcome(session_id, tuple(tokens), stream.text, session.finish_reason, stats)
             self.outcomes.append(outcome)
+            self.sessions_done += 1
             self._text.put_nowait(Result(session_id=session_id, device_id=self.config.device_id,
                                          text=outcome.text, n_tokens=len(tokens),
                                          finish_reason=outcome.finish_reason, verified=True,
@@ -195,7 +201,7 @@ class NodeService:
         stats = {
             "acceptance_rate": t["accepted"] / t["proposed"] if t["proposed"] else 0.0,
             "mean_accepted": t["accepted"] / t["rounds"] if t["rounds"] else 0.0,
-            "sessions_done": float(len(self.outcomes)), "tokens": t["tokens"],
+            "sessions_done": float(self.sessions_done), "tokens": t["tokens"],
         }
         return DeviceStatus(device_id=self.config.device_id, state=state,  # type: ignore[arg-type]
                             drafter=self.drafter_name, tokenizer=self.fingerprint,

@@ -23,8 +23,9 @@ import time
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int, host: str = "127.0.0.1",
-                 seed: int = 0) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, host: str = "127.0.0.1", seed: int = 0
+    ) -> None:
         self.target = (target_host, target_port)
         self.host = host
         self.port = 0
@@ -41,13 +42,18 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, reuse_address=True
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def cut(self) -> None:
         """Drop every connection and refuse new ones until :meth:`restore`."""
         self.cuts += 1
+        await self._shut()
+
+    async def _shut(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -65,7 +71,7 @@ class TcpProxy:
         return self._abort_all() // 2
 
     async def close(self) -> None:
-        await self.cut()
+        await self._shut()
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):

@@ -1,8 +1,14 @@
-"""Intermittent links between a device and the broker (a TCP proxy the test controls).
+"""Faults with the real SmolLM2-135M target and drafters (moved here from tests/integration).
 
-The device goes offline, releases provisional text, comes back, and every
-provisional token is confirmed or corrected; the final text equals the target
-model alone.
+- A link between a device and the broker cut mid-generation (a TCP proxy the test
+  controls): the device goes offline, releases provisional text, comes back, and
+  every provisional token is confirmed or corrected.
+- The broker SIGKILLed and restarted from its persistence mid-generation.
+- The verifier crashed mid-generation (no DISCONNECT, its state gone) and replaced
+  by a fresh one: devices resync and re-open.
+
+In each the final text equals the target model alone.  The tiny-model tests in
+this folder repeat these faults with more sessions and more kinds of fault.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from middleware.protocol import Result, TextChunk, Topics, decode
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy
 from middleware.verifier.service import VerifierConfig, VerifierService
+from tests.faults.audit import audit
 from tests.integration.proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -32,7 +39,7 @@ MAX_NEW = 40
 
 
 async def test_link_cut_goes_offline_then_confirms_or_corrects(mosquitto, unique_prefix, smollm2,
-                                                               quant4) -> None:
+                                                               quant4, fault_report) -> None:
     tok = smollm2.tokenizer
     stops = stop_ids_of(tok)
     ids = encode_prompt(tok, PROMPT)
@@ -98,6 +105,9 @@ async def test_link_cut_goes_offline_then_confirms_or_corrects(mosquitto, unique
     print({k: v for k, v in outcome.stats.items() if k in ("timeouts", "resends", "reopens",
                                                              "offline_periods", "provisional", "corrections")})
     assert outcome.stats["offline_periods"] >= 1
+    fault_report.record(faults=1, audits=[audit(sid, ref, outcome.tokens, local, tok)],
+                        **{k: int(outcome.stats[k]) for k in ("timeouts", "offline_periods", "provisional",
+                                                               "corrections")})
 
 
 async def _until(cond, timeout: float) -> None:
@@ -107,8 +117,10 @@ async def _until(cond, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _fleet_run(host: str, port: int, prefix: str, smollm2, fault) -> tuple[list, list, VerifierService]:
-    """Two sessions with the n-gram drafter; ``fault(ctx)`` is awaited once 4 tokens are committed."""
+async def _fleet_run(host: str, port: int, prefix: str, smollm2, fault,
+                     chunks: list[TextChunk]) -> tuple[list, list, VerifierService]:
+    """Two sessions with the n-gram drafter; ``fault(ctx)`` is awaited once 4 tokens are committed.
+    Every text chunk the device's user sees is appended to ``chunks``."""
     tok = smollm2.tokenizer
     stops = stop_ids_of(tok)
     ids = [encode_prompt(tok, p) for p in ("Name two colours.", "What is a cloud?")]
@@ -127,6 +139,7 @@ async def _fleet_run(host: str, port: int, prefix: str, smollm2, fault) -> tuple
                            config=NodeConfig(device_id="d", prefix=prefix,
                                              session=SessionConfig(max_new_tokens=MAX_NEW, stop_ids=stops,
                                                                    probe_interval=0.5)))
+        node.on_text = chunks.append
         async with asyncio.TaskGroup() as tg:
             ctx.update(tg=tg, verifier=verifier, vtask=tg.create_task(verifier.run()), vbus=vbus)
             ntask = tg.create_task(node.run())
@@ -141,18 +154,24 @@ async def _fleet_run(host: str, port: int, prefix: str, smollm2, fault) -> tuple
     return refs, outs, ctx["verifier"]
 
 
-async def test_broker_killed_and_restarted_mid_generation(fresh_mosquitto, unique_prefix, smollm2) -> None:
+async def test_broker_killed_and_restarted_mid_generation(fresh_mosquitto, unique_prefix, smollm2,
+                                                          fault_report) -> None:
     async def fault(ctx: dict) -> None:
         fresh_mosquitto.kill()  # SIGKILL: persistence has at most 1 s of autosave lag
         await asyncio.sleep(1.0)
         await asyncio.to_thread(fresh_mosquitto.restart)
 
-    refs, outs, _ = await _fleet_run(fresh_mosquitto.host, fresh_mosquitto.port, unique_prefix, smollm2, fault)
+    chunks: list[TextChunk] = []
+    refs, outs, _ = await _fleet_run(fresh_mosquitto.host, fresh_mosquitto.port, unique_prefix, smollm2, fault,
+                                     chunks)
     for ref, o in zip(refs, outs, strict=True):
         assert list(o.tokens) == ref
+    fault_report.record(faults=1, audits=[audit(o.session_id, ref, o.tokens, chunks, smollm2.tokenizer)
+                                          for ref, o in zip(refs, outs, strict=True)])
 
 
-async def test_verifier_restarted_mid_generation_devices_resync(mosquitto, unique_prefix, smollm2) -> None:
+async def test_verifier_restarted_mid_generation_devices_resync(mosquitto, unique_prefix, smollm2,
+                                                               fault_report) -> None:
     async def fault(ctx: dict) -> None:
         ctx["vbus"].crash()
         ctx["vtask"].cancel()
@@ -165,8 +184,12 @@ async def test_verifier_restarted_mid_generation_devices_resync(mosquitto, uniqu
         ctx["verifier"] = fresh  # a fresh process: no sessions, no KV caches
         ctx["vtask"] = ctx["tg"].create_task(fresh.run())
 
-    refs, outs, fresh = await _fleet_run(mosquitto.host, mosquitto.port, unique_prefix, smollm2, fault)
+    chunks: list[TextChunk] = []
+    refs, outs, fresh = await _fleet_run(mosquitto.host, mosquitto.port, unique_prefix, smollm2, fault, chunks)
     for ref, o in zip(refs, outs, strict=True):
         assert list(o.tokens) == ref
     assert sum(o.stats["reopens"] for o in outs) >= 1
     assert fresh.metrics.answers.get(kind="resync") >= 1 or fresh.metrics.answers.get(kind="opened") >= 1
+    fault_report.record(faults=1, audits=[audit(o.session_id, ref, o.tokens, chunks, smollm2.tokenizer)
+                                          for ref, o in zip(refs, outs, strict=True)],
+                        reopens=int(sum(o.stats["reopens"] for o in outs)))

@@ -1,6 +1,8 @@
 """Two verifiers on one broker: sessions claimed through the shared open subscription;
 one verifier dies mid-generation (its last will fires) and its devices re-open on the
-other, which rebuilds the sessions by prefill.  Outputs stay identical to target-only."""
+other, which rebuilds the sessions by prefill.  Outputs stay identical to target-only.
+(Moved here from tests/integration; the tiny-model variant with a SIGKILLed verifier
+process is in test_verifier_faults.py.)"""
 
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from middleware.nodes.drafters import make_drafter
 from middleware.nodes.service import NodeConfig, NodeService, encode_prompt, stop_ids_of
 from middleware.nodes.service import offline_status_payload as device_will
 from middleware.nodes.session import SessionConfig
-from middleware.protocol import Topics
+from middleware.protocol import TextChunk, Topics
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy
 from middleware.verifier.service import VerifierConfig, VerifierService
 from middleware.verifier.service import offline_status_payload as verifier_will
+from tests.faults.audit import audit
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -27,7 +30,8 @@ PROMPTS = ["What is a verifier?", "Name a fruit.", "Count to five.", "What is ra
 MAX_NEW = 24
 
 
-async def test_second_verifier_takes_over_when_one_dies(mosquitto, unique_prefix, smollm2) -> None:
+async def test_second_verifier_takes_over_when_one_dies(mosquitto, unique_prefix, smollm2,
+                                                       fault_report) -> None:
     tok = smollm2.tokenizer
     stops = stop_ids_of(tok)
     ids = [encode_prompt(tok, p) for p in PROMPTS]
@@ -50,6 +54,8 @@ async def test_second_verifier_takes_over_when_one_dies(mosquitto, unique_prefix
                            drafter_factory=lambda: make_drafter("ngram"), drafter_name="ngram",
                            config=NodeConfig(device_id="dev", prefix=unique_prefix, max_concurrent=8,
                                              session=SessionConfig(max_new_tokens=MAX_NEW, stop_ids=stops)))
+        chunks: list[TextChunk] = []
+        node.on_text = chunks.append
         async with asyncio.TaskGroup() as tg:
             vtasks = {v: tg.create_task(s.run(), name=v) for v, s in verifiers.items()}
             ntask = tg.create_task(node.run())
@@ -74,3 +80,6 @@ async def test_second_verifier_takes_over_when_one_dies(mosquitto, unique_prefix
     assert moved and all(o.stats["reopens"] >= 1 for o in moved)
     assert set(verifiers["v2"].sessions) | {o.session_id for o in outs} >= owned_by_v1
     print(f"\nv1 owned {sorted(owned_by_v1)}; reopens: {[o.stats['reopens'] for o in outs]}")
+    fault_report.record(faults=1, audits=[audit(o.session_id, ref, o.tokens, chunks, tok)
+                                          for ref, o in zip(refs, outs, strict=True)],
+                        sessions_moved=len(moved))
