@@ -41,7 +41,7 @@ from typing import Any
 from middleware.broker_bridge.bus import Bus
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.nodes.drafters.base import Drafter, Proposal
-from middleware.nodes.drafters.policy import DraftPolicy
+from middleware.nodes.drafters.policy import DraftPolicy, PolicyConfig
 from middleware.nodes.link import BusLink, OwnerLost
 from middleware.nodes.service import NodeConfig, NodeService, Outcome
 from middleware.nodes.session import SessionConfig
@@ -75,6 +75,8 @@ class LinkProfile:
 DRAFT_PROFILES: dict[str, DraftProfile] = {
     "pi5": DraftProfile("pi5", 0.060),
     "jetson": DraftProfile("jetson", 0.015),
+    # An n-gram / prompt-lookup drafter on any device: about a millisecond a token.
+    "ngram": DraftProfile("ngram", 0.001),
 }
 # Assumed one-way delays between a device and the edge server's broker.
 LINK_PROFILES: dict[str, LinkProfile] = {
@@ -153,6 +155,7 @@ class LatencyRecorder:
     """Per committed token: from sending the draft whose verdict committed it to that verdict."""
 
     samples: list[float] = field(default_factory=list)
+    by_session: dict[str, list[float]] = field(default_factory=dict)
     _sent: dict[tuple[str, int], float] = field(default_factory=dict)
     _committed: dict[str, int] = field(default_factory=dict)
 
@@ -169,6 +172,7 @@ class LatencyRecorder:
             return
         self._committed[v.session_id] = end
         self.samples.extend([at - sent] * (end - have))
+        self.by_session.setdefault(v.session_id, []).extend([at - sent] * (end - have))
 
 
 class TimedLink(BusLink):
@@ -214,10 +218,16 @@ class SimNode(NodeService):
 # --- the fleet ---------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Job:
+    """One device with one session.  ``profile``, ``link`` and ``alpha``, when set, override
+    the fleet's (:class:`FleetSpec`) for this device: a heterogeneous fleet."""
+
     device_id: str
     session_id: str
     prompt: tuple[int, ...]
     reference: tuple[int, ...]
+    profile: str | None = None
+    link: str | None = None
+    alpha: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +248,8 @@ class FleetSpec:
     stop_ids: tuple[int, ...]
     jobs: tuple[Job, ...]
     timeout_s: float = 600.0
+    # PolicyConfig fields for every device's DraftPolicy (None: the default policy).
+    policy: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -246,8 +258,8 @@ class FleetSpec:
     def from_json(cls, text: str) -> FleetSpec:
         d = json.loads(text)
         d["stop_ids"] = tuple(d["stop_ids"])
-        d["jobs"] = tuple(Job(j["device_id"], j["session_id"], tuple(j["prompt"]),
-                              tuple(j["reference"])) for j in d["jobs"])
+        d["jobs"] = tuple(Job(**{**j, "prompt": tuple(j["prompt"]),
+                                 "reference": tuple(j["reference"])}) for j in d["jobs"])
         return cls(**d)
 
 
@@ -277,21 +289,25 @@ async def run_fleet(spec: FleetSpec) -> dict[str, Any]:
     loop.set_default_executor(ThreadPoolExecutor(max_workers=len(spec.jobs) + 8,
                                                  thread_name_prefix="draft"))
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
-    draft, link = DRAFT_PROFILES[spec.profile], LINK_PROFILES[spec.link]
     session_cfg = SessionConfig(max_new_tokens=spec.max_new_tokens, stop_ids=spec.stop_ids)
     recorder = LatencyRecorder()
     async with contextlib.AsyncExitStack() as stack:
         nodes: list[SimNode] = []
         for i, job in enumerate(spec.jobs):
+            draft = DRAFT_PROFILES[job.profile or spec.profile]
+            link = LINK_PROFILES[job.link or spec.link]
+            alpha = spec.alpha if job.alpha is None else job.alpha
             client_id = f"{spec.prefix}-{job.device_id}".replace("/", "-")
             bus = await stack.enter_async_context(
                 MqttBus(MqttSettings(host=spec.host, port=spec.port, client_id=client_id)))
 
-            def factory(job: Job = job, i: int = i) -> Drafter:
-                return ReplayDrafter(job.reference, alpha=spec.alpha,
+            def factory(job: Job = job, i: int = i, draft: DraftProfile = draft,
+                        alpha: float = alpha) -> Drafter:
+                policy = DraftPolicy(PolicyConfig(**spec.policy)) if spec.policy else None
+                return ReplayDrafter(job.reference, alpha=alpha,
                                      seconds_per_token=draft.seconds_per_token,
                                      vocab_size=spec.vocab_size, seed=spec.seed * 7919 + i,
-                                     name=f"replay-{draft.name}")
+                                     policy=policy, name=f"replay-{draft.name}")
 
             nodes.append(SimNode(
                 bus, link, random.Random(spec.seed * 104_729 + i), recorder,
@@ -321,6 +337,15 @@ async def run_fleet(spec: FleetSpec) -> dict[str, Any]:
         "lossless": not mismatched, "mismatched_sessions": mismatched,
         "latency_s": recorder.samples, "sessions": _session_totals(outcomes),
         "fleet_cpu_s": cpu1 - cpu0,
+        "per_session": [{"session_id": j.session_id, "device_id": j.device_id,
+                         "profile": j.profile or spec.profile, "link": j.link or spec.link,
+                         "alpha": spec.alpha if j.alpha is None else j.alpha,
+                         "tokens": len(o.tokens), "elapsed_s": o.stats.get("elapsed_s", 0.0),
+                         "rounds": o.stats.get("rounds", 0.0),
+                         "proposed": o.stats.get("proposed", 0.0),
+                         "accepted": o.stats.get("accepted", 0.0),
+                         "latency_s": recorder.by_session.get(j.session_id, [])}
+                        for o, j in zip(outcomes, spec.jobs, strict=True)],
     }
 
 

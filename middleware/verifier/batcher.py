@@ -133,7 +133,9 @@ class Batcher(Generic[T]):
                 add(self._queue.get_nowait())
             now = time.monotonic()
             overdue = now - min(p.arrived for p in batch) >= cfg.window
-            take, wait = (set(), 0.0) if overdue else self._decide(batch, now)
+            # Always consult the controller, also when the bound decides: it updates every
+            # session's draft-length hint (forwards can last far longer than the window).
+            take, wait = self._decide(batch, now)
             if overdue or (not take and wait <= 0):
                 take = {p.key for p in batch}  # the hard bound, or a planner with no opinion
             if take:

@@ -35,6 +35,10 @@ class Controller:
         self.plans = 0
         self._sent: dict[str, float] = {}  # session -> when its last verdict was published
         self._hints: dict[str, int] = {}  # session -> the draft length it was told
+        self._verified: set[str] = set()  # sessions past their first verified round
+        # The last round's forward, observed once its sessions are known (see on_forward).
+        self._forward: tuple[int, int, float] | None = None
+        self._forward_prefilled = False
 
     # --- observations ----------------------------------------------------------------
     def on_draft(self, session_id: str, draft: Draft, now: float) -> None:
@@ -48,6 +52,9 @@ class Controller:
 
     def on_round(self, session_id: str, proposed: int, accepted: int, now: float) -> None:
         """A verdict for a verified draft is being published."""
+        if session_id not in self._verified:  # its round also prefilled its prompt
+            self._verified.add(session_id)
+            self._forward_prefilled = True
         self.model.observe_round(session_id, proposed, accepted)
         self._sent[session_id] = now
 
@@ -56,17 +63,40 @@ class Controller:
         self._sent[session_id] = now
 
     def on_forward(self, rows: int, tokens_per_row: int, seconds: float) -> None:
-        self.model.forward.observe(rows, tokens_per_row, seconds)
+        """A round's forward took ``seconds``; called before that round's :meth:`on_round`s.
+
+        The observation is held until the next round or plan: a round holding a
+        session's first draft also timed the prefill of its prompt, which is no
+        verify cost of that shape, and is left out of the fit.
+        """
+        self._observe_forward()
+        self._forward = (rows, tokens_per_row, seconds)
+        self._forward_prefilled = False
+
+    def _observe_forward(self) -> None:
+        if self._forward is not None and not self._forward_prefilled:
+            self.model.forward.observe(*self._forward)
+        self._forward = None
 
     def forget(self, session_id: str) -> None:
         self._sent.pop(session_id, None)
         self._hints.pop(session_id, None)
+        self._verified.discard(session_id)
         if session_id in self.model:
             self.model.forget(session_id)
 
     def calibrate(self, measure: Callable[[int, int], float]) -> ForwardCoefficients:
         """Time the target's forward for a few shapes (at start-up)."""
         return self.model.forward.calibrate(measure)
+
+    def overhead_tokens(self) -> int | None:
+        """One forward's fixed cost in token slots (fitted ``a / c``), or None before a fit."""
+        if len(self.model.forward) == 0:
+            return None
+        coef = self.model.forward.coefficients()
+        if coef.c <= 0:
+            return None
+        return max(1, min(4096, round(coef.a / coef.c)))
 
     # --- decisions ----------------------------------------------------------------------
     def hint(self, session_id: str) -> int:
@@ -77,6 +107,7 @@ class Controller:
                idle: Iterable[str]) -> tuple[Collection[str], float]:
         """(sessions to verify now, or none and how long to wait at most)."""
         self.plans += 1
+        self._observe_forward()
         keys = {p.key for p in waiting}
         drafts = [WaitingDraft(p.key, max(1, len(p.item.tokens)), max(0.0, now - p.arrived))
                   for p in waiting]

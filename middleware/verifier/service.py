@@ -233,9 +233,12 @@ class VerifierService:
     async def _open(self, m: OpenSession) -> None:
         vid = self.config.verifier_id
 
+        first = self.control.default_k if self.control is not None else 0  # first round's length
+
         def answer(kind: str, reason: str = "", clen: int = 0) -> Verdict:
             return Verdict(session_id=m.session_id, epoch=m.epoch, seq=m.seq, kind=kind,  # type: ignore[arg-type]
-                           reason=reason, committed_len=clen, verifier_id=vid, echo_ts=m.sent_at)
+                           reason=reason, committed_len=clen, verifier_id=vid, echo_ts=m.sent_at,
+                           next_len=first if kind == "opened" else 0)
 
         def send(v: Verdict) -> Awaitable[None]:
             return self._send_verdict(v, m.device_id)
@@ -375,6 +378,11 @@ class VerifierService:
         if self.control is not None and result.batch_size:
             self.control.on_forward(result.batch_size, -(-result.tokens_in // result.batch_size),
                                     result.forward_s)
+            # Split batches by draft length only where that saves more than a forward costs,
+            # as the fitted forward-time model says (fixed cost over per-token cost).
+            overhead = self.control.overhead_tokens()
+            if overhead is not None and hasattr(self.engine, "forward_overhead_tokens"):
+                self.engine.forward_overhead_tokens = overhead
         m.forwards.inc()
         m.batch_size.observe(result.batch_size)
         m.forward_time.observe(result.forward_s)

@@ -47,3 +47,33 @@ def test_waits_for_a_session_about_to_arrive_but_never_past_the_bound() -> None:
         c.on_draft("b", Draft("b", 1, 50 + t, 0, (1, 2), token_ms=20.0), now=100.0)
     take, wait = c.decide(waiting, now=100.0, idle=["b"])
     assert list(take) == ["a"] and wait == 0.0
+
+
+def test_a_round_holding_a_sessions_first_draft_is_left_out_of_the_forward_fit() -> None:
+    """That round also timed the prefill of the session's prompt: no verify cost of its shape."""
+    c = Controller(JointPlanner())
+    c.on_forward(rows=2, tokens_per_row=3, seconds=5.0)  # s1's first round: prompt prefill
+    c.on_round("s1", proposed=2, accepted=2, now=1.0)
+    c.on_round("s2", proposed=2, accepted=1, now=1.0)
+    c.on_forward(rows=2, tokens_per_row=3, seconds=0.1)  # both verified before: a verify cost
+    c.on_round("s1", proposed=2, accepted=2, now=2.0)
+    c.on_round("s2", proposed=2, accepted=2, now=2.0)
+    c.decide([], now=3.0, idle=[])  # a plan takes in the last round's observation
+    assert len(c.model.forward) == 1
+    assert c.model.forward.predict(2, 3) == pytest.approx(0.1, rel=1e-2)  # not ~2.5 s
+    c.forget("s1")  # a session opened again under the same id prefills again
+    c.on_forward(rows=1, tokens_per_row=3, seconds=4.0)
+    c.on_round("s1", proposed=2, accepted=0, now=4.0)
+    c.on_forward(rows=1, tokens_per_row=3, seconds=0.05)
+    assert len(c.model.forward) == 1
+
+
+def test_split_threshold_follows_the_fitted_forward_cost() -> None:
+    """overhead_tokens = fixed cost / per-token cost of the fitted forward model."""
+    c = Controller(JointPlanner())
+    assert c.overhead_tokens() is None  # nothing observed yet
+    a, b, per_token = 0.120, 0.002, 0.006  # s: fixed, per row, per row-token
+    for rows, tokens in ((1, 1), (4, 3), (8, 5), (16, 2), (2, 9), (12, 4), (1, 1)):
+        c.on_forward(rows, tokens, a + b * rows + per_token * rows * tokens)
+    c.on_forward(1, 1, a + b + per_token)  # flushes the held observation
+    assert c.overhead_tokens() == round(a / per_token)

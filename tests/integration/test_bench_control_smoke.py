@@ -1,0 +1,61 @@
+"""Smoke test of the speculation-control benchmark's quick mode (``bench/control.py``).
+
+No timing assertions: the figures depend on the machine; this only checks that
+the comparison runs end to end on a heterogeneous fleet, writes its JSON, held
+the lossless guarantee in every configuration and measured positive figures,
+and that the controller was consulted and sent draft-length hints.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.control import CLASSES, all_lossless, parse_args, run
+from middleware.broker_bridge.embedded import mosquitto_available
+
+pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
+
+
+@pytest.mark.skipif(not mosquitto_available(), reason="the benchmark starts a mosquitto binary")
+def test_quick_control_benchmark_is_lossless_with_positive_figures(smollm2, tmp_path) -> None:
+    settings = parse_args(["--quick", "--out-dir", str(tmp_path), "--no-cache"])
+    report, written = run(settings, loaded=smollm2)
+
+    assert (tmp_path / "control.json") in written
+    on_disk = json.loads((tmp_path / "control.json").read_text())
+    assert [r["case"] for r in on_disk["results"]] == [c.name for c in settings.cases()]
+    assert all_lossless(report) and all(r["median"]["lossless"] for r in on_disk["results"])
+
+    names = {r["case"] for r in report["results"]}
+    assert {"controller", "uniform-k4", "max-batch", "arrival-window"} <= names
+    budget = settings.devices * settings.tokens
+    for row in report["results"]:
+        md = row["median"]
+        assert md["committed_tokens"] == budget, row["case"]  # no early stop in 8 tokens
+        assert md["wstgr"] > 0 and md["ms_per_token"] > 0
+        assert 0 < md["latency"]["p50_ms"] <= md["latency"]["p95_ms"]
+        assert 0 < md["verify_rounds_per_token"] <= 1 and md["verify_forwards_per_token"] > 0
+        assert md["mean_batch"] >= 1
+        for c in CLASSES:  # the fleet is heterogeneous: two devices of each kind
+            assert md["by_class"][c.name]["sessions"] == settings.devices // len(CLASSES)
+            assert md["by_class"][c.name]["ms_per_token"] > 0
+
+    uniform = next(r for r in report["results"] if r["case"] == "uniform-k4")
+    for session in uniform["runs"][0]["sessions"]:  # exactly k a round, less only near the end
+        assert session["proposed"] <= 4 * session["rounds"]
+
+    wide = next(r for r in report["results"] if r["case"].startswith("controller-w")
+                and not r["case"].endswith("exact"))
+    probe = wide["runs"][0]["controller"]
+    assert probe["plans"] > 0 and probe["decisions"].get("verify", 0) > 0
+    hints = [int(h) for c in CLASSES for h, n in probe["by_class"][c.name]["hints"].items()
+             for _ in range(n)]
+    assert hints and any(h > 0 for h in hints) and max(hints) <= 16
+    assert probe["forward_model"]["observations"] > 0
+
+    comparison = report["comparison"]
+    assert set(comparison["controller"]) == names - {n for n in names
+                                                     if n.startswith("controller")}
+    assert comparison["best_uniform_by_latency"] == "uniform-k4"
