@@ -53,6 +53,8 @@ class VerifierSection:
     # ~8, a GPU far more).
     forward_overhead_tokens: int = 8
     max_sessions: int = 1024
+    max_sessions_per_device: int = 64
+    session_idle_timeout_s: float = 900.0  # drop sessions silent this long; 0 keeps them
     exclusive: bool = True  # the only verifier on the prefix; false for scale-out (several verifiers)
     metrics_port: int = 0  # 0: no endpoint
     metrics_host: str = "127.0.0.1"

@@ -44,6 +44,8 @@ def verifier_config(cfg: Config) -> VerifierConfig:
     v = cfg.verifier
     return VerifierConfig(
         verifier_id=v.id, prefix=cfg.bus.prefix, max_draft=v.max_draft, max_sessions=v.max_sessions,
+        max_sessions_per_device=v.max_sessions_per_device,
+        session_idle_timeout=v.session_idle_timeout_s,
         exclusive=v.exclusive,
         batch=BatchConfig(policy=v.batch_policy, window=v.batch_window_ms / 1000.0,  # type: ignore[arg-type]
                           max_batch=v.max_batch),

@@ -60,6 +60,11 @@ class VerifierConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     max_draft: int = 64
     max_sessions: int = 1024
+    max_sessions_per_device: int = 64  # one device cannot take the whole verifier
+    # Sessions with no message for this long are dropped (their device, if it comes back,
+    # is answered ``resync`` and re-opens with its committed tokens: nothing is lost).
+    # 0 disables.  Without it, abandoned sessions would pile up to ``max_sessions``.
+    session_idle_timeout: float = 900.0
     # exclusive: the only verifier on this prefix.  It subscribes to every session's drafts
     # and answers drafts of sessions it does not know with ``resync``, so devices recover at
     # once after a verifier restart.  Several verifiers (scale-out) set it False: each then
@@ -102,6 +107,7 @@ class VerifierMetrics:
         self.relaxed = r.counter("mw_verifier_relaxed_tokens_total",
                                  "LOSSY relaxed mode: accepted tokens the target would not have chosen")
         self.lossy = r.gauge("mw_verifier_lossy_mode", "1 when relaxed (lossy) acceptance is on")
+        self.expired = r.counter("mw_verifier_sessions_expired_total", "Sessions dropped as idle")
 
 
 class VerifierService:
@@ -158,6 +164,8 @@ class VerifierService:
                 tg.create_task(self._status_loop(), name="status")
                 if self.config.state_interval > 0:
                     tg.create_task(self._state_loop(), name="state")
+                if self.config.session_idle_timeout > 0:
+                    tg.create_task(self._expire_loop(), name="expire")
 
     def _decide(self, waiting: Sequence[Pending[Draft]], now: float) -> tuple[Collection[str], float]:
         assert self.control is not None
@@ -270,6 +278,11 @@ class VerifierService:
             self._reject("too_many_sessions", m.session_id, str(len(self.sessions)))
             await send(answer("refused", "verifier at its session limit"))
             return
+        if old is None and sum(1 for x in self.sessions.values() if x.device_id == m.device_id) \
+                >= self.config.max_sessions_per_device:
+            self._reject("device_session_limit", m.session_id, m.device_id)
+            await send(answer("refused", "device at its session limit on this verifier"))
+            return
         s = VerifierSession.from_open(m)
         s.last_active = self._clock()
         self.sessions[m.session_id] = s
@@ -314,14 +327,32 @@ class VerifierService:
         s = self.sessions.get(c.session_id)
         if s is None or c.epoch != s.epoch:
             return
-        del self.sessions[c.session_id]
+        await self._drop(s, c.reason)
+
+    async def _drop(self, s: VerifierSession, reason: str) -> None:
+        """Forget a session: its state, its KV cache (at the next batch), its subscription."""
+        if self.sessions.get(s.session_id) is not s:
+            return
+        del self.sessions[s.session_id]
+        self._dirty.pop(s.session_id, None)
         if self.control is not None:
-            self.control.forget(c.session_id)
-        self._closing.append(c.session_id)
+            self.control.forget(s.session_id)
+        self._closing.append(s.session_id)
         if self._drafts is not None and not self.config.exclusive:
-            await self._drafts.remove(self.topics.session(s.device_id, c.session_id, "draft"))
+            await self._drafts.remove(self.topics.session(s.device_id, s.session_id, "draft"))
         self.metrics.sessions.set(len(self.sessions))
-        log.info("session_closed", session=c.session_id, reason=c.reason)
+        log.info("session_closed", session=s.session_id, reason=reason)
+
+    async def _expire_loop(self) -> None:
+        """Drop sessions idle for longer than ``session_idle_timeout``."""
+        timeout = self.config.session_idle_timeout
+        while True:
+            await asyncio.sleep(min(60.0, timeout / 4))
+            now = self._clock()
+            for s in [s for s in self.sessions.values()
+                      if not s.pending and now - s.last_active > timeout]:
+                self.metrics.expired.inc()
+                await self._drop(s, "idle")
 
     # --- batches ---------------------------------------------------------------
     async def _batch_loop(self) -> None:

@@ -60,11 +60,16 @@ def model():
 
 
 @pytest.fixture
-async def h(model) -> AsyncIterator[Harness]:
+def config() -> VerifierConfig:
+    return VerifierConfig(verifier_id="v1", max_draft=16)
+
+
+@pytest.fixture
+async def h(model, config: VerifierConfig) -> AsyncIterator[Harness]:
     broker = InMemoryBroker()
     async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
         verifier = VerifierService(vbus, TargetEngine(model), tokenizer_fingerprint="tiny",
-                                   config=VerifierConfig(verifier_id="v1", max_draft=16), registry=Registry())
+                                   config=config, registry=Registry())
         async with asyncio.TaskGroup() as tg, dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts:
             task = tg.create_task(verifier.run())
             await verifier.ready.wait()
@@ -265,3 +270,35 @@ async def test_verdicts_carry_the_trace_id_of_their_request(h: Harness, model) -
             break
     assert msg.user_properties["trace"] == "s1/1/7"
     assert msg.content_type == "application/msgpack"
+
+
+@pytest.mark.parametrize("config", [VerifierConfig(verifier_id="v1", max_draft=16,
+                                                   max_sessions_per_device=2)])
+async def test_one_device_cannot_take_every_session(h: Harness, model) -> None:
+    assert (await h.open("a")).kind == "opened"
+    assert (await h.open("b")).kind == "opened"
+    v = await h.open("c")
+    assert v.kind == "refused" and "device" in v.reason
+    assert h.rejected("device_session_limit") == 1 and set(h.verifier.sessions) == {"a", "b"}
+    assert (await h.open("a")).kind == "opened"  # a duplicate open of a held session still works
+
+
+@pytest.mark.parametrize("config", [VerifierConfig(verifier_id="v1", max_draft=16,
+                                                   session_idle_timeout=0.3)])
+async def test_idle_sessions_expire_and_their_device_recovers_losslessly(h: Harness, model) -> None:
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    await h.open("s1")
+    await h.send(Draft("s1", 1, 1, 0, tuple(ref[:2])))
+    assert (await h.verdict("s1")).committed_len == 3
+    for _ in range(40):  # the expiry check runs every timeout / 4
+        if "s1" not in h.verifier.sessions:
+            break
+        await asyncio.sleep(0.05)
+    assert "s1" not in h.verifier.sessions and h.verifier.metrics.expired.total() == 1
+    await h.send(Draft("s1", 1, 2, 3, tuple(ref[3:5])))  # the device comes back
+    assert (await h.verdict("s1")).kind == "resync"
+    v = await h.open("s1", epoch=2, committed=tuple(ref[:3]))  # re-open with what it holds
+    assert (v.kind, v.committed_len) == ("opened", 3)
+    await h.send(Draft("s1", 2, 1, 3, tuple(ref[3:5])))
+    v = await h.verdict("s1")
+    assert v.tokens == tuple(ref[3:6])  # nothing lost, nothing changed
