@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -109,3 +112,22 @@ def process_cpu_seconds(pid: int) -> float:
         return 0.0
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def say(msg: str) -> None:
+    """Progress for people, on stderr (stdout carries the table)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: ``"1,4,16"`` -> (1, 4, 16)."""
+    values = tuple(int(x) for x in text.split(",") if x.strip())
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("expected positive integers, e.g. 1,4,16")
+    return values

@@ -80,14 +80,15 @@ from bench.common import (
     latency_summary,
     machine_info,
     median_of,
-    process_cpu_seconds,
+    positive_ints,
     pyplot,
+    say,
     utc_now,
     write_json,
 )
 from bench.probe import CountingEngine
 from bench.simdevice import DRAFT_PROFILES, LINK_PROFILES, FleetSpec, Job
-from bench.wstgr import PROMPTS, Context, _cpu_seconds, references, run_fleet_process
+from bench.wstgr import PROMPTS, Context, references, serve_fleet
 
 # --- the fleet (assumptions) --------------------------------------------------------------------
 
@@ -399,10 +400,8 @@ def _session_figures(fleet: dict[str, Any], classes: dict[str, str]) -> dict[str
 async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
                    repeat: int) -> dict[str, Any]:
     """One verifier (this process) in ``case``'s configuration and the fleet (a child process)."""
-    from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
-    from middleware.metrics import Registry
     from middleware.verifier.batcher import BatchConfig
-    from middleware.verifier.service import VerifierConfig, VerifierService
+    from middleware.verifier.service import VerifierConfig
 
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
     jobs = fleet_jobs(ctx, s.devices)
@@ -418,30 +417,27 @@ async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
     batch = BatchConfig(policy=case.policy, window=case.window,  # type: ignore[arg-type]
                         max_batch=s.devices)
     config = VerifierConfig(verifier_id="bench-verifier", prefix=prefix, batch=batch)
-    bus = MqttBus(MqttSettings(host=ctx.host, port=ctx.port,
-                               client_id=f"{prefix}-verifier".replace("/", "-")))
     probe: ControlProbe | None = None
-    async with bus:
-        verifier = VerifierService(bus, engine, tokenizer_fingerprint=ctx.loaded.fingerprint,
-                                   model_name=ctx.loaded.name, config=config, registry=Registry())
+    calibration = (0, 0, 0)
+
+    def created(verifier: Any) -> None:
+        nonlocal probe
         if verifier.control is not None:
             probe = ControlProbe(verifier.control, classes)
             probe.install()
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(verifier.run(), name="verifier")
-            await asyncio.wait_for(verifier.ready.wait(), 60)
-            calibration = (engine.verify.forwards, engine.verify.padded_tokens,
-                           engine.forward_passes)  # start-up timing of the planned policy
-            cpu0 = _cpu_seconds()
-            mq0 = process_cpu_seconds(ctx.broker_pid) if ctx.broker_pid else 0.0
-            fleet = await run_fleet_process(spec, workdir)
-            cpu1 = _cpu_seconds()
-            mq1 = process_cpu_seconds(ctx.broker_pid) if ctx.broker_pid else 0.0
-            if probe is not None:
-                for sid in classes:  # sessions whose close has not arrived yet
-                    probe.snapshot(sid)
-            task.cancel()
-    m = verifier.metrics
+
+    def ready(verifier: Any) -> None:
+        nonlocal calibration  # start-up timing of the planned policy: not part of the run
+        calibration = (engine.verify.forwards, engine.verify.padded_tokens, engine.forward_passes)
+
+    def done(verifier: Any) -> None:
+        if probe is not None:
+            for sid in classes:  # sessions whose close has not arrived yet
+                probe.snapshot(sid)
+
+    served = await serve_fleet(ctx, spec, engine, config, workdir, ready_timeout=60,
+                               on_created=created, on_ready=ready, on_done=done)
+    fleet, m = served.fleet, served.verifier.metrics
     committed = fleet["committed_tokens"]
 
     def per_token(x: float) -> float:
@@ -467,8 +463,7 @@ async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
         "draft_len": (fleet["sessions"]["proposed"] / fleet["sessions"]["rounds"]
                       if fleet["sessions"]["rounds"] else 0.0),
         "timeouts": fleet["sessions"]["timeouts"], "resends": fleet["sessions"]["resends"],
-        "cpu_s": {"verifier_process": cpu1 - cpu0, "fleet_process": fleet["fleet_cpu_s"],
-                  "mosquitto": mq1 - mq0},
+        "cpu_s": served.cpu_s,
     }
     if probe is not None:
         out["controller"] = probe.report()
@@ -476,10 +471,6 @@ async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
 
 
 # --- the comparison ---------------------------------------------------------------------------
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _pct(new: float, old: float) -> float:
@@ -518,7 +509,7 @@ def measure(ctx: Context, s: Settings, workdir: Path) -> dict[str, Any]:
     for r in range(s.repeats):
         order = cases if r % 2 == 0 else cases[::-1]  # interleaved, alternating order
         for case in order:
-            _say(f"[control] repeat {r + 1}/{s.repeats}: {case.name}")
+            say(f"[control] repeat {r + 1}/{s.repeats}: {case.name}")
             runs[case.name].append(asyncio.run(run_case(ctx, s, case, workdir, r)))
     rows = []
     for case in cases:
@@ -595,7 +586,7 @@ def table(report: dict[str, Any]) -> str:
 def plot(report: dict[str, Any], out_dir: Path) -> Path | None:
     plt = pyplot()
     if plt is None:
-        _say("[control] matplotlib not installed: no plot")
+        say("[control] matplotlib not installed: no plot")
         return None
     rows = report["results"]
     names = [r["case"] for r in rows]
@@ -628,20 +619,13 @@ def plot(report: dict[str, Any], out_dir: Path) -> Path | None:
 # --- command line -----------------------------------------------------------------------------
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    values = tuple(int(x) for x in text.split(",") if x.strip())
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("expected positive integers, e.g. 2,4,8")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None) -> Settings:
     p = argparse.ArgumentParser(prog="python -m bench.control",
                                 description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--devices", type=int, default=None, help="fleet size (default 24)")
     p.add_argument("--tokens", type=int, default=None, help="new tokens per session (default 32)")
     p.add_argument("--repeats", type=int, default=None, help="repeats; medians (default 3)")
-    p.add_argument("--ks", type=_ints, default=None, help="uniform draft lengths (default 2,4,8)")
+    p.add_argument("--ks", type=positive_ints, default=None, help="uniform draft lengths (default 2,4,8)")
     p.add_argument("--planned-window", type=float, default=0.02,
                    help="planned policy: hard bound on a draft's wait, and the planner's "
                         "max_wait_s (s)")
@@ -698,11 +682,11 @@ def run(s: Settings, loaded: Any = None) -> tuple[dict[str, Any], list[Path]]:
     try:
         started = time.monotonic()
         if loaded is None:
-            _say("[control] loading SmolLM2-135M")
+            say("[control] loading SmolLM2-135M")
             loaded = load_causal_lm("smollm2")
         prompts = [encode_prompt(loaded.tokenizer, p) for p in PROMPTS[:s.devices]]
         stops = stop_ids_of(loaded.tokenizer)
-        _say(f"[control] target-only references for {s.devices} prompts x {s.tokens} tokens")
+        say(f"[control] target-only references for {s.devices} prompts x {s.tokens} tokens")
         refs = references(loaded, prompts, s.tokens, stops, s.cache)
         with tempfile.TemporaryDirectory(prefix="mw-bench-") as tmp, \
                 MosquittoProcess() as broker:

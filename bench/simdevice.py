@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import random
-import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import own_cpu_seconds
 from middleware.broker_bridge.bus import Bus
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.nodes.drafters.base import Drafter, Proposal
@@ -263,11 +263,6 @@ class FleetSpec:
         return cls(**d)
 
 
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def _session_totals(outcomes: Sequence[Outcome]) -> dict[str, float]:
     keys = ("rounds", "proposed", "accepted", "timeouts", "resends", "reopens",
             "offline_periods", "provisional", "corrections")
@@ -320,11 +315,11 @@ async def run_fleet(spec: FleetSpec) -> dict[str, Any]:
                         for n, j in zip(nodes, spec.jobs, strict=True)]
             for n in nodes:
                 await asyncio.wait_for(n.ready.wait(), 60)
-            cpu0, t0 = _cpu_seconds(), time.monotonic()
+            cpu0, t0 = own_cpu_seconds(), time.monotonic()
             outcomes = await asyncio.wait_for(asyncio.gather(*(
                 n.generate_ids(j.prompt, session_id=j.session_id)
                 for n, j in zip(nodes, spec.jobs, strict=True))), spec.timeout_s)
-            t1, cpu1 = time.monotonic(), _cpu_seconds()
+            t1, cpu1 = time.monotonic(), own_cpu_seconds()
             for s in services:
                 s.cancel()
     committed = sum(len(o.tokens) for o in outcomes)

@@ -54,7 +54,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench.common import machine_info
 from bench.noop_engine import NoopEngine
 from bench.transport_overhead import raw_paho, summary
-from middleware.broker_bridge.bus import CONTENT_MSGPACK
 from middleware.broker_bridge.embedded import MosquittoProcess
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.logs import configure_logging

@@ -51,13 +51,12 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import sys
 import tempfile
 import time
 import typing
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +67,11 @@ from bench.common import (
     latency_summary,
     machine_info,
     median_of,
+    own_cpu_seconds,
+    positive_ints,
     process_cpu_seconds,
     pyplot,
+    say,
     utc_now,
     write_json,
 )
@@ -161,11 +163,6 @@ def references(loaded: Any, prompts: list[list[int]], max_new: int, stops: tuple
 
 
 # --- one speculative case ----------------------------------------------------------------------
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 async def run_fleet_process(spec: FleetSpec, workdir: Path) -> dict[str, Any]:
     """Run ``bench.simdevice`` in a child process on ``spec``; its report, or RuntimeError."""
     tag = uuid.uuid4().hex[:8]
@@ -192,13 +189,59 @@ async def run_fleet_process(spec: FleetSpec, workdir: Path) -> dict[str, Any]:
     return report
 
 
+@dataclass
+class Served:
+    """What :func:`serve_fleet` leaves: the verifier (its metrics), the fleet's report, CPU."""
+
+    verifier: Any
+    fleet: dict[str, Any]
+    cpu_s: dict[str, float]
+
+
+async def serve_fleet(ctx: Context, spec: FleetSpec, engine: Any, config: Any, workdir: Path, *,
+                      ready_timeout: float = 30.0,
+                      on_created: Callable[[Any], None] | None = None,
+                      on_ready: Callable[[Any], None] | None = None,
+                      on_done: Callable[[Any], None] | None = None) -> Served:
+    """Serve ``spec``'s fleet (a child process) with one verifier in this process.
+
+    The hooks see the :class:`VerifierService` once built, once ready, and once the fleet
+    is done (before it stops).
+    """
+    from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
+    from middleware.metrics import Registry
+    from middleware.verifier.service import VerifierService
+
+    bus = MqttBus(MqttSettings(host=ctx.host, port=ctx.port,
+                               client_id=f"{spec.prefix}-verifier".replace("/", "-")))
+    async with bus:
+        verifier = VerifierService(bus, engine, tokenizer_fingerprint=ctx.loaded.fingerprint,
+                                   model_name=ctx.loaded.name, config=config, registry=Registry())
+        if on_created is not None:
+            on_created(verifier)
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(verifier.run(), name="verifier")
+            await asyncio.wait_for(verifier.ready.wait(), ready_timeout)
+            if on_ready is not None:
+                on_ready(verifier)
+            cpu0 = own_cpu_seconds()
+            mq0 = process_cpu_seconds(ctx.broker_pid) if ctx.broker_pid else 0.0
+            fleet = await run_fleet_process(spec, workdir)
+            cpu1 = own_cpu_seconds()
+            mq1 = process_cpu_seconds(ctx.broker_pid) if ctx.broker_pid else 0.0
+            if on_done is not None:
+                on_done(verifier)
+            task.cancel()
+    return Served(verifier, fleet, {"verifier_process": cpu1 - cpu0,
+                                    "fleet_process": fleet["fleet_cpu_s"],
+                                    "mosquitto": mq1 - mq0})
+
+
 async def run_speculative(ctx: Context, s: Settings, devices: int, profile: str, policy: str,
                           workdir: Path, repeat: int) -> dict[str, Any]:
     """One verifier (this process) and ``devices`` simulated devices (a child process)."""
-    from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
-    from middleware.metrics import Registry
     from middleware.verifier.batcher import BatchConfig
-    from middleware.verifier.service import VerifierConfig, VerifierService
+    from middleware.verifier.service import VerifierConfig
 
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
     jobs = tuple(Job(f"dev-{i}", f"dev-{i}-s0", tuple(ctx.prompts[i]), tuple(ctx.references[i]))
@@ -211,21 +254,8 @@ async def run_speculative(ctx: Context, s: Settings, devices: int, profile: str,
     engine = CountingEngine(ctx.loaded.model)
     batch = BatchConfig(policy=policy, window=s.window, max_batch=s.max_batch)  # type: ignore[arg-type]
     config = VerifierConfig(verifier_id="bench-verifier", prefix=prefix, batch=batch)
-    bus = MqttBus(MqttSettings(host=ctx.host, port=ctx.port,
-                               client_id=f"{prefix}-verifier".replace("/", "-")))
-    async with bus:
-        verifier = VerifierService(bus, engine, tokenizer_fingerprint=ctx.loaded.fingerprint,
-                                   model_name=ctx.loaded.name, config=config, registry=Registry())
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(verifier.run(), name="verifier")
-            await asyncio.wait_for(verifier.ready.wait(), 30)
-            cpu0 = _cpu_seconds()
-            mq0 = process_cpu_seconds(ctx.broker_pid) if ctx.broker_pid else 0.0
-            fleet = await run_fleet_process(spec, workdir)
-            cpu1 = _cpu_seconds()
-            mq1 = process_cpu_seconds(ctx.broker_pid) if ctx.broker_pid else 0.0
-            task.cancel()
-    m = verifier.metrics
+    served = await serve_fleet(ctx, spec, engine, config, workdir)
+    fleet, m = served.fleet, served.verifier.metrics
     committed = fleet["committed_tokens"]
 
     def per_token(x: float) -> float:
@@ -251,8 +281,7 @@ async def run_speculative(ctx: Context, s: Settings, devices: int, profile: str,
         "tokens_per_round": sessions["tokens_per_round"],
         "timeouts": sessions["timeouts"], "resends": sessions["resends"],
         "provisional": sessions["provisional"],
-        "cpu_s": {"verifier_process": cpu1 - cpu0, "fleet_process": fleet["fleet_cpu_s"],
-                  "mosquitto": mq1 - mq0},
+        "cpu_s": served.cpu_s,
     }
 
 
@@ -272,26 +301,22 @@ def run_baseline(ctx: Context, s: Settings, devices: int) -> dict[str, Any]:
 
 
 # --- the sweep -----------------------------------------------------------------------------------
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def measure(ctx: Context, s: Settings, workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     base_runs: dict[int, list[dict[str, Any]]] = {}
     spec_runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     batch_runs: dict[str, list[dict[str, Any]]] = {}
     for r in range(s.repeats):
         for n in s.devices:
-            _say(f"[wstgr] repeat {r + 1}/{s.repeats}: centralized, {n} sessions")
+            say(f"[wstgr] repeat {r + 1}/{s.repeats}: centralized, {n} sessions")
             base_runs.setdefault(n, []).append(run_baseline(ctx, s, n))
             for profile in s.profiles:
-                _say(f"[wstgr] repeat {r + 1}/{s.repeats}: speculative, {n} devices ({profile})")
+                say(f"[wstgr] repeat {r + 1}/{s.repeats}: speculative, {n} devices ({profile})")
                 spec_runs.setdefault((profile, n), []).append(asyncio.run(
                     run_speculative(ctx, s, n, profile, "adaptive", workdir, r)))
         if s.policies and s.batch_devices not in s.devices:
             base_runs.setdefault(s.batch_devices, []).append(run_baseline(ctx, s, s.batch_devices))
         for policy in s.policies:
-            _say(f"[wstgr] repeat {r + 1}/{s.repeats}: batching {policy}, {s.batch_devices} "
+            say(f"[wstgr] repeat {r + 1}/{s.repeats}: batching {policy}, {s.batch_devices} "
                  f"devices ({s.batch_profile})")
             batch_runs.setdefault(policy, []).append(asyncio.run(
                 run_speculative(ctx, s, s.batch_devices, s.batch_profile, policy, workdir, r)))
@@ -392,7 +417,7 @@ def table(wstgr: dict[str, Any], batching: dict[str, Any]) -> str:
 def plot(wstgr: dict[str, Any], batching: dict[str, Any], out_dir: Path) -> list[Path]:
     plt = pyplot()
     if plt is None:
-        _say("[wstgr] matplotlib not installed: no plots (pip install matplotlib)")
+        say("[wstgr] matplotlib not installed: no plots (pip install matplotlib)")
         return []
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     rows = wstgr["results"]
@@ -445,13 +470,6 @@ def plot(wstgr: dict[str, Any], batching: dict[str, Any], out_dir: Path) -> list
 
 
 # --- command line ------------------------------------------------------------------------------
-def _ints(text: str) -> tuple[int, ...]:
-    values = tuple(int(x) for x in text.split(",") if x.strip())
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("expected positive integers, e.g. 1,4,16")
-    return values
-
-
 def _names(choices: Sequence[str]) -> Any:
     def parse(text: str) -> tuple[str, ...]:
         values = tuple(x.strip() for x in text.split(",") if x.strip())
@@ -465,7 +483,7 @@ def _names(choices: Sequence[str]) -> Any:
 def parse_args(argv: Sequence[str] | None) -> Settings:
     p = argparse.ArgumentParser(prog="python -m bench.wstgr",
                                 description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--devices", type=_ints, default=None, help="fleet sizes (default 1,4,16,32,64)")
+    p.add_argument("--devices", type=positive_ints, default=None, help="fleet sizes (default 1,4,16,32,64)")
     p.add_argument("--tokens", type=int, default=None, help="new tokens per session (default 32)")
     p.add_argument("--repeats", type=int, default=None, help="repeats; medians (default 1)")
     p.add_argument("--alpha", type=float, default=0.8,
@@ -520,12 +538,12 @@ def run(s: Settings, loaded: Any = None) -> tuple[dict[str, Any], dict[str, Any]
     try:
         started = time.monotonic()
         if loaded is None:
-            _say("[wstgr] loading SmolLM2-135M")
+            say("[wstgr] loading SmolLM2-135M")
             loaded = load_causal_lm("smollm2")
         n_max = max(*s.devices, s.batch_devices)
         prompts = [encode_prompt(loaded.tokenizer, p) for p in PROMPTS[:n_max]]
         stops = stop_ids_of(loaded.tokenizer)
-        _say(f"[wstgr] target-only references for {n_max} prompts x {s.tokens} tokens")
+        say(f"[wstgr] target-only references for {n_max} prompts x {s.tokens} tokens")
         refs = references(loaded, prompts, s.tokens, stops, s.cache)
         with tempfile.TemporaryDirectory(prefix="mw-bench-") as tmp, \
                 MosquittoProcess() as broker:
