@@ -30,6 +30,7 @@ from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy
 from middleware.verifier.service import VerifierConfig, VerifierService
 from tests.faults.audit import audit
+from tests.faults.verifiers import die
 from tests.integration.proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -173,8 +174,7 @@ async def test_broker_killed_and_restarted_mid_generation(fresh_mosquitto, uniqu
 async def test_verifier_restarted_mid_generation_devices_resync(mosquitto, unique_prefix, smollm2,
                                                                fault_report) -> None:
     async def fault(ctx: dict) -> None:
-        ctx["vbus"].crash()
-        ctx["vtask"].cancel()
+        await die(ctx["vtask"], ctx["vbus"])
         new_bus = MqttBus(MqttSettings(host=mosquitto.host, port=mosquitto.port, client_id="v-fault-2"))
         await new_bus.__aenter__()
         ctx["new_bus"] = new_bus

@@ -23,6 +23,7 @@ from middleware.verifier.reference import reference_greedy
 from middleware.verifier.service import VerifierConfig, VerifierService
 from middleware.verifier.service import offline_status_payload as verifier_will
 from tests.faults.audit import audit
+from tests.faults.verifiers import die
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -68,9 +69,8 @@ async def test_second_verifier_takes_over_when_one_dies(mosquitto, unique_prefix
                        and verifiers["v1"].metrics.committed.total() >= 4):
                 assert time.monotonic() < deadline, "sessions were not spread over both verifiers"
                 await asyncio.sleep(0.05)
-            owned_by_v1 = set(verifiers["v1"].sessions)
-            buses["v1"].crash()  # the process dies: no DISCONNECT, the broker fires its will
-            vtasks["v1"].cancel()
+            await die(vtasks["v1"], buses["v1"])  # no DISCONNECT: the broker fires its will
+            owned_by_v1 = {sid for sid, s in verifiers["v1"].sessions.items() if not s.done}
             outs = await asyncio.wait_for(asyncio.gather(*gens), 240)
             vtasks["v2"].cancel()
             ntask.cancel()

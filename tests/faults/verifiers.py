@@ -44,11 +44,22 @@ def verifier_settings(host: str, port: int, prefix: str, verifier_id: str) -> Mq
     )
 
 
+async def die(task: asyncio.Task[Any] | None, bus: MqttBus) -> None:
+    """A process death simulated in this process: the service's tasks stop first (a dead
+    process runs nothing more; crashing the bus first would let a forward that was finishing
+    publish into a closed bus), then the connection drops without DISCONNECT, so the broker
+    fires the last will."""
+    if task is not None:
+        task.cancel()
+        await asyncio.wait([task])
+    bus.crash()
+
+
 class InProcessVerifier:
     """A :class:`VerifierService` on its own MQTT connection in this process.
 
     :meth:`crash` is a process death as the broker sees it (no DISCONNECT: the last
-    will fires) and as the service sees it (its task is cancelled, its state gone)."""
+    will fires) and as the service sees it (its task stops, its state gone)."""
 
     def __init__(
         self,
@@ -82,10 +93,8 @@ class InProcessVerifier:
         await asyncio.wait_for(self.service.ready.wait(), 30)
         return self
 
-    def crash(self) -> None:
-        self.bus.crash()
-        if self.task is not None:
-            self.task.cancel()
+    async def crash(self) -> None:
+        await die(self.task, self.bus)
 
     async def stop(self) -> None:
         if self.task is not None:
