@@ -37,7 +37,9 @@ Target forward time (:class:`ForwardModel`)::
 
 fitted by non-negative least squares over the last ``window`` observations
 (exact: the best feasible solution of the normal equations over the 7
-non-empty sets of free coefficients; pure Python, O(1) an observation).
+non-empty sets of free coefficients; pure Python, O(1) an observation),
+plus the start-up calibration's shapes, which stay in the fit for good as
+anchors weighing ``anchor_weight`` observations each.
 While the observed shapes do not identify all three coefficients (fewer than
 three shapes that span them, e.g. a lone session always drafting 4 tokens),
 prior pseudo-observations at three shapes that do are added with a small
@@ -258,18 +260,21 @@ class ForwardModel:
     """
 
     def __init__(self, prior: ForwardCoefficients | None = None, *, window: int = 256,
-                 prior_weight: float = 1e-3) -> None:
-        if window < 1 or prior_weight <= 0:
-            raise ConfigError("forward model window must be >= 1 and prior_weight > 0")
+                 prior_weight: float = 1e-3, anchor_weight: float = 8.0) -> None:
+        if window < 1 or prior_weight <= 0 or anchor_weight <= 0:
+            raise ConfigError("forward model window must be >= 1, prior_weight and "
+                              "anchor_weight > 0")
         self.prior = prior or LatencyPriors().forward
         self.prior_weight = prior_weight
+        self.anchor_weight = anchor_weight
+        self._anchors: list[tuple[int, int, float]] = []  # calibration: never leave the window
         self._obs: deque[tuple[int, int, float]] = deque(maxlen=window)
         self._sums = [0.0] * 9
         self._since_rebuild = 0
         self._fit: ForwardCoefficients | None = self.prior
 
     def __len__(self) -> int:
-        return len(self._obs)
+        return len(self._obs) + len(self._anchors)
 
     def observe(self, rows: int, tokens_per_row: int, seconds: float) -> None:
         """A measured forward of ``rows`` rows padded to ``tokens_per_row`` tokens.
@@ -294,14 +299,20 @@ class ForwardModel:
     def calibrate(self, measure: Callable[[int, int], float],
                   shapes: Iterable[tuple[int, int]] = DEFAULT_CALIBRATION_SHAPES, *,
                   repeats: int = 3) -> ForwardCoefficients:
-        """Time each ``(rows, tokens)`` shape ``repeats`` times and observe the median.
+        """Time each ``(rows, tokens)`` shape ``repeats`` times; the medians become anchors.
 
         ``measure(rows, tokens)`` runs one forward of that shape and returns its
-        seconds (the caller owns the clock and any warm-up).
+        seconds (the caller owns the clock and any warm-up).  Anchors stay in the
+        fit for good, each weighing ``anchor_weight`` observations: serving
+        sees a narrow band of shapes (drafts of 2-5 tokens), along which the
+        per-row and per-token costs are nearly collinear, and the calibration's
+        spread of shapes (1 to 16 rows, 1 to 8 tokens) keeps them apart.
         """
         for rows, tokens in shapes:
             times = [measure(rows, tokens) for _ in range(max(1, repeats))]
-            self.observe(rows, tokens, statistics.median(times))
+            if rows > 0 and tokens > 0:
+                self._anchors.append((rows, tokens, max(0.0, statistics.median(times))))
+        self._fit = None
         return self.coefficients()
 
     def coefficients(self) -> ForwardCoefficients:
@@ -314,7 +325,9 @@ class ForwardModel:
 
     def _solve(self) -> ForwardCoefficients:
         sums = list(self._sums)
-        if not self._obs or not _identified(_gram(sums)):
+        for obs in self._anchors:
+            _accumulate(sums, *obs, self.anchor_weight)
+        if not len(self) or not _identified(_gram(sums)):
             # the data leave a direction open: the prior fills it
             for r, t in _PRIOR_SHAPES:
                 _accumulate(sums, r, t, self.prior.predict(r, t), self.prior_weight)

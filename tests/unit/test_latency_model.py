@@ -268,6 +268,24 @@ def test_calibrate_times_each_shape_and_takes_the_median() -> None:
     assert (co.a, co.b, co.c) == pytest.approx((TRUE.a, TRUE.b, TRUE.c), rel=1e-2)
 
 
+def test_calibration_anchors_outlast_the_window_and_separate_collinear_costs() -> None:
+    # Serving sees one band of shapes: here always 3 tokens a row, along which the per-row
+    # and per-token costs cannot be told apart.  Calibrated shapes keep them apart for good;
+    # the same shapes observed online leave the window and the prior fills the gap.
+    true = ForwardCoefficients(a=0.105, b=0.0, c=0.0065)
+    anchored, online = ForwardModel(window=64), ForwardModel(window=64)
+    anchored.calibrate(true.predict, repeats=1)
+    for rows, tokens in DEFAULT_CALIBRATION_SHAPES:
+        online.observe(rows, tokens, true.predict(rows, tokens))
+    for i in range(200):
+        rows = 2 + i % 19
+        anchored.observe(rows, 3, true.predict(rows, 3))
+        online.observe(rows, 3, true.predict(rows, 3))
+    assert len(anchored) == 64 + len(DEFAULT_CALIBRATION_SHAPES) and len(online) == 64
+    assert anchored.predict(8, 10) == pytest.approx(true.predict(8, 10), rel=0.01)
+    assert abs(online.predict(8, 10) / true.predict(8, 10) - 1) > 0.2
+
+
 def test_latency_model_owns_a_forward_model() -> None:
     model = LatencyModel(LatencyPriors(forward=ForwardCoefficients(0.05, 0.0, 0.0)))
     assert model.forward.predict(3, 3) == pytest.approx(0.05)
