@@ -8,9 +8,10 @@ from what the protocol carries (a draft's ``think`` and ``tms`` fields, the
 accepted length of each round, the duration of each forward pass) and turns
 the batcher's waiting drafts plus the sessions expected to send into a plan.
 
-Keys are session ids: a device running several sessions at once has one
-entry per session (they share its link but draft separately).  No I/O and no
-clock of its own: every method takes ``now``.
+Keys are session ids; :meth:`Controller.bind` ties a session to its device,
+whose estimates (link, drafting speed, acceptance) its sessions share, one
+after another or at once, so a device's next session starts from what its
+last one taught.  No I/O and no clock of its own: every method takes ``now``.
 """
 
 from __future__ import annotations
@@ -35,12 +36,19 @@ class Controller:
         self.plans = 0
         self._sent: dict[str, float] = {}  # session -> when its last verdict was published
         self._hints: dict[str, int] = {}  # session -> the draft length it was told
+        self._device_of: dict[str, str] = {}  # session -> its device (see bind)
+        self._device_hint: dict[str, int] = {}  # device -> the last hint any session of it got
         self._verified: set[str] = set()  # sessions past their first verified round
         # The last round's forward, observed once its sessions are known (see on_forward).
         self._forward: tuple[int, int, float] | None = None
         self._forward_prefilled = False
 
     # --- observations ----------------------------------------------------------------
+    def bind(self, session_id: str, device_id: str) -> None:
+        """``session_id`` belongs to ``device_id``: it reads and feeds that device's estimates."""
+        self._device_of[session_id] = device_id
+        self.model.alias(session_id, device_id)
+
     def on_draft(self, session_id: str, draft: Draft, now: float) -> None:
         """A draft arrived: its gap since our last verdict is round trip + think time."""
         n = len(draft.tokens)
@@ -79,11 +87,12 @@ class Controller:
         self._forward = None
 
     def forget(self, session_id: str) -> None:
+        """The session ended; what was learnt about its device stays."""
         self._sent.pop(session_id, None)
         self._hints.pop(session_id, None)
         self._verified.discard(session_id)
-        if session_id in self.model:
-            self.model.forget(session_id)
+        self._device_of.pop(session_id, None)
+        self.model.forget(session_id)
 
     def calibrate(self, measure: Callable[[int, int], float]) -> ForwardCoefficients:
         """Time the target's forward for a few shapes (at start-up)."""
@@ -103,6 +112,10 @@ class Controller:
         """The draft length to ask of this session in its next verdict (0: none yet)."""
         return self._hints.get(session_id, 0)
 
+    def first_hint(self, device_id: str) -> int:
+        """The draft length for a new session's first round: its device's last, or the default."""
+        return self._device_hint.get(device_id, self.default_k)
+
     def decide(self, waiting: Sequence[Pending[Draft]], now: float,
                idle: Iterable[str]) -> tuple[Collection[str], float]:
         """(sessions to verify now, or none and how long to wait at most)."""
@@ -116,11 +129,18 @@ class Controller:
             sent = self._sent.get(sid)
             if sid in keys or sent is None:
                 continue
-            k = self._hints.get(sid, self.default_k)
+            k = self._hints.get(sid) or self.first_hint(self._device_of.get(sid, sid))
             eta = sent + self.model.device(sid).turnaround_s(k) - now
             expected.append(ExpectedArrival(sid, max(eta, 0.0), k))
         plan = self.planner.plan(drafts, expected, self.model)
         self._hints.update(plan.k)
+        for sid, k in plan.k.items():
+            did = self._device_of.get(sid)
+            if did is not None:
+                self._device_hint.pop(did, None)  # re-insert: dict order is recency
+                self._device_hint[did] = k
+        while len(self._device_hint) > self.model.max_devices:
+            del self._device_hint[next(iter(self._device_hint))]
         if plan.batch:
             return plan.batch, 0.0
         return (), (plan.wait_s if math.isfinite(plan.wait_s) else 0.0)

@@ -171,9 +171,11 @@ class _Device:
 class LatencyModel:
     """Per-device link, drafting and acceptance estimates plus the target's forward model.
 
-    Unknown devices read as the priors.  Call :meth:`forget` when a device's
-    last session closes; the model keeps at most ``max_devices`` devices and
-    drops the least recently observed beyond that.
+    Unknown devices read as the priors.  A key may be an :meth:`alias` of a
+    device (a session of it): it is observed and read as that device, so a
+    device's sessions, one after another or at once, share what was learnt
+    about its link, drafter and acceptance.  The model keeps at most
+    ``max_devices`` devices and drops the least recently observed beyond that.
     """
 
     def __init__(self, priors: LatencyPriors | None = None, *, alpha_decay: float = 0.98,
@@ -185,8 +187,15 @@ class LatencyModel:
         self.forward = forward or ForwardModel(self.priors.forward)
         self.max_devices = max_devices
         self._devices: dict[str, _Device] = {}
+        self._alias: dict[str, str] = {}  # key (a session) -> its device
 
-    def _get(self, device_id: str) -> _Device:
+    def alias(self, key: str, device_id: str) -> None:
+        """Observe and read ``key`` as ``device_id`` until :meth:`forget` of ``key``."""
+        if key != device_id:
+            self._alias[key] = device_id
+
+    def _get(self, key: str) -> _Device:
+        device_id = self._alias.get(key, key)
         dev = self._devices.pop(device_id, None)  # re-insert: dict order is recency
         if dev is None:
             dev = _Device(self.priors)
@@ -224,13 +233,16 @@ class LatencyModel:
         dev.failures = g * dev.failures + (1.0 if accepted < proposed else 0.0)
         dev.rounds = g * dev.rounds + 1.0
 
-    def forget(self, device_id: str) -> None:
-        self._devices.pop(device_id, None)
+    def forget(self, key: str) -> None:
+        """Drop an alias (its device's estimates stay), or a device's estimates."""
+        if self._alias.pop(key, None) is None:
+            self._devices.pop(key, None)
 
     def device(self, device_id: str) -> DeviceEstimate:
-        """The current estimate for a device (the priors if never observed)."""
+        """The current estimate for a device or alias (the priors if never observed),
+        labelled with the key asked for."""
         p = self.priors
-        dev = self._devices.get(device_id)
+        dev = self._devices.get(self._alias.get(device_id, device_id))
         if dev is None:
             return DeviceEstimate(device_id, p.rtt_s, p.rtt_s / 2, p.draft_s, p.alpha, 0.0)
         prior_a = p.alpha * p.alpha_strength
@@ -239,8 +251,8 @@ class LatencyModel:
         return DeviceEstimate(device_id, dev.rtt.value, dev.rtt.spread, dev.draft.value, alpha,
                               dev.rounds)
 
-    def __contains__(self, device_id: object) -> bool:
-        return device_id in self._devices
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._alias.get(key, key) in self._devices
 
     def __len__(self) -> int:
         return len(self._devices)

@@ -241,7 +241,8 @@ class VerifierService:
     async def _open(self, m: OpenSession) -> None:
         vid = self.config.verifier_id
 
-        first = self.control.default_k if self.control is not None else 0  # first round's length
+        # The first round's length: what the device's sessions were last told (or the default).
+        first = self.control.first_hint(m.device_id) if self.control is not None else 0
 
         def answer(kind: str, reason: str = "", clen: int = 0) -> Verdict:
             return Verdict(session_id=m.session_id, epoch=m.epoch, seq=m.seq, kind=kind,  # type: ignore[arg-type]
@@ -286,6 +287,8 @@ class VerifierService:
         s = VerifierSession.from_open(m)
         s.last_active = self._clock()
         self.sessions[m.session_id] = s
+        if self.control is not None:
+            self.control.bind(m.session_id, m.device_id)
         if old is None and not self.config.exclusive:
             assert self._drafts is not None
             await self._drafts.add(self.topics.session(m.device_id, m.session_id, "draft"))

@@ -77,3 +77,25 @@ def test_split_threshold_follows_the_fitted_forward_cost() -> None:
         c.on_forward(rows, tokens, a + b * rows + per_token * rows * tokens)
     c.on_forward(1, 1, a + b + per_token)  # flushes the held observation
     assert c.overhead_tokens() == round(a / per_token)
+
+
+def test_a_devices_next_session_starts_from_what_its_last_one_taught() -> None:
+    c = Controller(JointPlanner(PlannerConfig(k_max=8)), default_k=4)
+    c.bind("d1-s1", "d1")
+    for t in range(30):  # a slow link, a drafter the target rarely agrees with
+        c.on_answer("d1-s1", now=float(t))
+        c.on_draft("d1-s1", Draft("d1-s1", 1, t + 1, 0, (1, 2), token_ms=2.0), now=t + 0.080)
+        c.on_round("d1-s1", proposed=2, accepted=0, now=t + 0.5)
+    learnt = c.model.device("d1-s1")
+    assert learnt.device_id == "d1-s1" and learnt.rtt_s > 0.05 and learnt.alpha < 0.2
+    c.decide([Pending("d1-s1", Draft("d1-s1", 1, 31, 0, (1, 2)), arrived=40.0)], now=40.0,
+             idle=[])
+    told = c.hint("d1-s1")
+    c.forget("d1-s1")
+    assert c.hint("d1-s1") == 0 and "d1-s1" not in c.model
+    assert c.first_hint("d1") == told and c.first_hint("d2") == 4  # unknown device: default
+    c.bind("d1-s2", "d1")  # the device's next session: same link, same drafter
+    again = c.model.device("d1-s2")
+    assert (again.device_id, again.rtt_s, again.alpha) == ("d1-s2", learnt.rtt_s, learnt.alpha)
+    c.bind("d2-s1", "d2")
+    assert c.model.device("d2-s1").alpha == c.model.priors.alpha  # other devices: the priors

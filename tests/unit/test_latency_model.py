@@ -291,3 +291,20 @@ def test_latency_model_owns_a_forward_model() -> None:
     assert model.forward.predict(3, 3) == pytest.approx(0.05)
     model.forward.observe(3, 3, 0.01)
     assert model.forward.predict(3, 3) == pytest.approx(0.01, rel=0.05)
+
+
+def test_aliases_read_and_feed_their_device() -> None:
+    model = LatencyModel()
+    model.alias("s1", "dev")
+    model.alias("s2", "dev")
+    model.observe_round("s1", proposed=4, accepted=4)
+    model.observe_rtt("s2", 0.2)
+    one, two, dev = model.device("s1"), model.device("s2"), model.device("dev")
+    assert (one.device_id, two.device_id, dev.device_id) == ("s1", "s2", "dev")
+    assert one.alpha == two.alpha == dev.alpha > model.priors.alpha
+    assert one.rtt_s == dev.rtt_s != model.priors.rtt_s
+    assert len(model) == 1 and "s1" in model
+    model.forget("s1")  # the session ends: its device's estimates stay
+    assert "s1" not in model and "dev" in model and model.device("s2").alpha == dev.alpha
+    model.forget("dev")
+    assert "dev" not in model and "s2" not in model
