@@ -32,24 +32,42 @@ real engine; devices are real node code in a second process; the broker is a
 real Mosquitto.  Every session's tokens are checked against the target-only
 reference (lossless).
 
-Per configuration: WSTGR (committed tokens/s of the fleet), mean per-token
-latency (the mean over sessions of session wall time / its tokens), per-token
-latency p50/p95 as ``bench/wstgr.py`` defines it (draft sent -> verdict that
-committed the token received), verify rounds and engine verify forwards per
-committed token, mean batch size (drafts per round), and per device class the
-same latency, draft length and acceptance.  For the controller, diagnostics:
-the hints it sent, the drafts it got back, the batches it formed, its latency
-model's estimates at each session's close against the modelled truth, its
-arrival predictions against the arrivals, its forward-time model against the
-measured rounds.
+Steady state (the default, ``--duration 40 --warmup 8``): every device runs
+its session (``--tokens`` new tokens at most) again and again, back to back
+(a closed loop: a serving fleet whose devices always have the next request),
+for ``--duration`` seconds; the sessions in flight then run to their end.  The
+figures are those of the window from ``--warmup`` to ``--duration`` seconds:
+the tokens whose verdict reached their device inside it.  With one session
+per device (``--duration 0``, the one-shot mode) a run of 32-token sessions
+lasts some 18 s and is dominated by its start-up (every device's prompt
+prefill at once) and its tail (the slowest sessions finishing alone in small
+batches): it measures a batch job's makespan, not a serving fleet, and moves
+by +-10% from run to run.
+
+Per configuration: WSTGR (committed tokens/s of the fleet: in steady state the
+tokens committed in the window / its length; one-shot, all tokens / the time
+to the last session's end), mean per-token latency (steady: the mean over
+devices of window / the tokens the device committed in it, a device with none
+counting as the whole window; one-shot: the mean over sessions of session wall
+time / its tokens), per-token latency p50/p95 as ``bench/wstgr.py`` defines it
+(draft sent -> verdict that committed the token received; steady: of the
+window's tokens), verify rounds and engine verify forwards per committed token
+(whole run), mean batch size (drafts per round), and per device class the same
+latency, draft length and acceptance (the last two over every session run).
+The whole run's figures, as the one-shot mode defines them, are kept under
+``run``.  For the controller, diagnostics (whole run): the hints it sent, the
+drafts it got back, the batches it formed, its latency model's estimates at
+each session's close against the modelled truth, its arrival predictions
+against the arrivals, its forward-time model against the measured rounds.
 
 This machine has 2 cores shared with other work; verifier, broker and the whole
 fleet share them, so figures are noisy: compare configurations within a run.
 
 Usage (from the repository root)::
 
-    python -m bench.control                  # 24 devices, 32 tokens, 3 repeats
-    python -m bench.control --repeats 5 --tokens 48
+    python -m bench.control                  # 24 devices, 32 tokens, 40 s steady, 3 repeats
+    python -m bench.control --repeats 5 --tokens 48 --duration 60 --warmup 10
+    python -m bench.control --duration 0     # one session per device (one-shot)
     python -m bench.control --quick          # smoke run, well under 3 minutes
     python -m bench.control --cases controller-w1s,uniform-k2 --forward-overhead-tokens 4096
                                              # engine never splits a batch by draft length
@@ -139,8 +157,10 @@ EXACT_POLICY: dict[str, Any] = {"min_len": 1, "max_len": 16, "max_len_cap": 16, 
 @dataclass(frozen=True, slots=True)
 class Settings:
     devices: int
-    tokens: int
+    tokens: int  # max_new_tokens of every session
     repeats: int
+    duration: float  # steady state: seconds of back-to-back sessions (0: one session a device)
+    warmup: float  # steady state: seconds left out at the start of the window
     ks: tuple[int, ...]
     planned_window: float
     wide_window: float
@@ -154,6 +174,11 @@ class Settings:
     out_dir: Path
     cache: bool
     plots: bool
+
+    @property
+    def mode(self) -> str:
+        """The mode: "steady" (sessions back to back, figures of a window) or "one-shot"."""
+        return "steady" if self.duration > 0 else "one-shot"
 
     def cases(self) -> list[Case]:
         out = [Case("controller", "planned", self.planned_window,
@@ -189,6 +214,21 @@ def class_of(job: Job) -> str:
                 (job.profile, job.link, job.alpha))
 
 
+@dataclass(frozen=True, slots=True)
+class SessionClasses:
+    """Session id -> device class, for a job's session id and its steady-state repetitions
+    (``{session_id}-{n}``, see ``bench.simdevice.device_sessions``)."""
+
+    by_job: dict[str, str]
+
+    def get(self, sid: str, default: str = "") -> str:
+        """The class of session ``sid``; ``default`` for a session of no job."""
+        if sid in self.by_job:
+            return self.by_job[sid]
+        base, _, n = sid.rpartition("-")
+        return self.by_job.get(base, default) if n.isdigit() else default
+
+
 # --- looking inside the controller ------------------------------------------------------------
 
 
@@ -200,7 +240,7 @@ class ControlProbe:
     """
 
     control: Any
-    classes: dict[str, str]  # session id -> device class
+    classes: SessionClasses
     sent: dict[str, float] = field(default_factory=dict)
     eta: dict[str, float] = field(default_factory=dict)  # latest predicted arrival
     predicted_k: dict[str, int] = field(default_factory=dict)
@@ -372,9 +412,9 @@ def _mean_hist(c: Counter[int]) -> float:
 # --- one case ---------------------------------------------------------------------------------
 
 
-def _session_figures(fleet: dict[str, Any], classes: dict[str, str]) -> dict[str, Any]:
-    """Mean per-token latency (session wall / tokens) overall and per class, with per-class
-    draft length, acceptance and latency percentiles."""
+def _session_figures(fleet: dict[str, Any], classes: SessionClasses) -> dict[str, Any]:
+    """Over every session of the run: mean per-token latency (session wall / tokens) overall
+    and per class, with per-class draft length, acceptance and latency percentiles."""
     per = fleet["per_session"]
 
     def ms_per_token(rows: list[dict[str, Any]]) -> float:
@@ -387,6 +427,7 @@ def _session_figures(fleet: dict[str, Any], classes: dict[str, str]) -> dict[str
         proposed = sum(r["proposed"] for r in rows)
         rounds = sum(r["rounds"] for r in rows)
         by_class[c.name] = {
+            "devices": len({r["device_id"] for r in rows}),
             "sessions": len(rows), "ms_per_token": ms_per_token(rows),
             "latency": latency_summary([x for r in rows for x in r["latency_s"]]),
             "draft_len": proposed / rounds if rounds else 0.0,
@@ -397,6 +438,30 @@ def _session_figures(fleet: dict[str, Any], classes: dict[str, str]) -> dict[str
             "sessions": [{k: v for k, v in r.items() if k != "latency_s"} for r in per]}
 
 
+def _window_figures(steady: dict[str, Any], device_class: dict[str, str]) -> dict[str, Any]:
+    """The steady-state window's figures: per device, window / tokens it committed in the
+    window (a device with none counts as the whole window), meaned overall and per class."""
+    window = steady["window_s"]
+    tokens = steady["per_device"]
+
+    def ms_per_token(devices: list[str]) -> float:
+        vals = [window * 1e3 / tokens[d] if tokens[d] else window * 1e3 for d in devices]
+        return statistics.fmean(vals) if vals else 0.0
+
+    by_class = {}
+    for c in CLASSES:
+        devices = [d for d, k in device_class.items() if k == c.name]
+        by_class[c.name] = {
+            "ms_per_token": ms_per_token(devices),
+            "window_tokens": sum(tokens[d] for d in devices),
+            "latency": latency_summary([x for d in devices
+                                        for x in steady["latency_by_device"][d]]),
+        }
+    return {"ms_per_token": ms_per_token(list(device_class)), "by_class": by_class,
+            "devices_without_tokens": [d for d in device_class if not tokens[d]],
+            "per_device_tokens": dict(tokens)}
+
+
 async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
                    repeat: int) -> dict[str, Any]:
     """One verifier (this process) in ``case``'s configuration and the fleet (a child process)."""
@@ -405,13 +470,15 @@ async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
 
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
     jobs = fleet_jobs(ctx, s.devices)
-    classes = {j.session_id: class_of(j) for j in jobs}
+    classes = SessionClasses({j.session_id: class_of(j) for j in jobs})
+    device_class = {j.device_id: class_of(j) for j in jobs}
     spec = FleetSpec(host=ctx.host, port=ctx.port, prefix=prefix, tokenizer_dir=ctx.tokenizer_dir,
                      fingerprint=ctx.loaded.fingerprint,
                      vocab_size=int(ctx.loaded.model.config.vocab_size), profile="jetson",
                      link="wifi", alpha=0.8, seed=s.seed + 1000 * repeat,
                      max_new_tokens=s.tokens, stop_ids=ctx.stop_ids, jobs=jobs,
-                     policy=case.device_policy)
+                     policy=case.device_policy, timeout_s=600.0 + s.duration,
+                     duration_s=s.duration, warmup_s=s.warmup)
     engine = (CountingEngine(ctx.loaded.model) if s.forward_overhead_tokens is None else
               CountingEngine(ctx.loaded.model, forward_overhead_tokens=s.forward_overhead_tokens))
     batch = BatchConfig(policy=case.policy, window=case.window,  # type: ignore[arg-type]
@@ -432,23 +499,45 @@ async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
 
     def done(verifier: Any) -> None:
         if probe is not None:
-            for sid in classes:  # sessions whose close has not arrived yet
+            for sid in set(probe.verified):  # sessions whose close has not arrived yet
                 probe.snapshot(sid)
 
     served = await serve_fleet(ctx, spec, engine, config, workdir, ready_timeout=60,
                                on_created=created, on_ready=ready, on_done=done)
     fleet, m = served.fleet, served.verifier.metrics
-    committed = fleet["committed_tokens"]
+    committed = fleet["committed_tokens"]  # by every session of the run
 
     def per_token(x: float) -> float:
         return x / committed if committed else 0.0
 
+    sessions = _session_figures(fleet, classes)
+    whole_run = {"wall_s": fleet["wall_s"], "committed_tokens": committed,
+                 "sessions": len(fleet["per_session"]), "wstgr": fleet["wstgr"],
+                 "ms_per_token": sessions["ms_per_token"],
+                 "by_class_ms_per_token": {c: v["ms_per_token"]
+                                           for c, v in sessions["by_class"].items()},
+                 "latency": latency_summary(fleet["latency_s"])}
+    steady = fleet.get("steady")
+    if steady is None:  # one-shot: the headline figures are the whole run's
+        headline: dict[str, Any] = {
+            "mode": "one-shot", "wstgr": fleet["wstgr"], "window_s": fleet["wall_s"],
+            "committed_tokens": committed, "ms_per_token": sessions["ms_per_token"],
+            "latency": whole_run["latency"], "by_class": sessions["by_class"]}
+    else:  # steady: the window's, with the whole run's session diagnostics per class
+        window = _window_figures(steady, device_class)
+        headline = {
+            "mode": "steady", "wstgr": steady["wstgr"], "window_s": steady["window_s"],
+            "committed_tokens": steady["committed_tokens"],
+            "ms_per_token": window["ms_per_token"],
+            "latency": latency_summary(steady["latency_s"]),
+            "by_class": {c: {**sessions["by_class"][c], **window["by_class"][c]}
+                         for c in sessions["by_class"]},
+            "steady": {k: window[k] for k in ("devices_without_tokens", "per_device_tokens")}}
     out: dict[str, Any] = {
-        "case": case.name, "repeat": repeat,
-        "wstgr": fleet["wstgr"], "wall_s": fleet["wall_s"], "committed_tokens": committed,
+        "case": case.name, "repeat": repeat, **headline,
+        "wall_s": fleet["wall_s"], "run": whole_run,
         "lossless": fleet["lossless"], "mismatched_sessions": fleet["mismatched_sessions"],
-        **_session_figures(fleet, classes),
-        "latency": latency_summary(fleet["latency_s"]),
+        "sessions": sessions["sessions"],
         "verify_rounds": m.forwards.total(),
         "verify_rounds_per_token": per_token(m.forwards.total()),
         "verify_forwards_per_token": per_token(engine.verify.forwards - calibration[0]),
@@ -522,6 +611,7 @@ def measure(ctx: Context, s: Settings, workdir: Path) -> dict[str, Any]:
         "benchmark": "control", "when": utc_now(), "machine": machine_info(),
         "model": ctx.loaded.name,
         "config": {"devices": s.devices, "tokens": s.tokens, "repeats": s.repeats,
+                   "mode": s.mode, "duration_s": s.duration, "warmup_s": s.warmup,
                    "ks": list(s.ks), "planned_window_s": s.planned_window,
                    "wide_planned_window_s": s.wide_window,
                    "forward_overhead_tokens": s.forward_overhead_tokens,
@@ -551,9 +641,11 @@ def measure(ctx: Context, s: Settings, workdir: Path) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     cfg, m = report["config"], report["machine"]
+    steady = cfg["mode"] == "steady"
     lines = [f"speculation control, {cfg['devices']} devices (jetson/pi5/ngram thirds), "
-             f"{report['model']}, {cfg['tokens']} tokens/session, medians of {cfg['repeats']}; "
-             f"{m['cpu_count']} shared cpus, load {m['load_average']} (noisy)",
+             f"{report['model']}, {cfg['tokens']} tokens/session, {_mode_text(cfg)}, medians "
+             f"of {cfg['repeats']}; {m['cpu_count']} shared cpus, load {m['load_average']} "
+             "(noisy)",
              f"{'config':<17}{'WSTGR':>7}{'ms/tok':>8}{'p50':>6}{'p95':>7}{'rnd/t':>7}"
              f"{'fwd/t':>7}{'batch':>7}{'k':>6}{'acc':>6}"
              + "".join(f"{c.name[:6] + ' ms/t':>13}" for c in CLASSES) + f"{'lossless':>9}"]
@@ -566,10 +658,22 @@ def table(report: dict[str, Any]) -> str:
             f"{md['mean_batch']:>7.1f}{md['draft_len']:>6.1f}{md['acceptance_rate']:>6.2f}"
             + "".join(f"{md['by_class'][c.name]['ms_per_token']:>13.0f}" for c in CLASSES)
             + f"{'yes' if md['lossless'] else 'NO':>9}")
-    lines.append("WSTGR: committed tokens/s; ms/tok: mean over sessions of wall time / tokens; "
-                 "p50/p95: per-token latency (draft sent -> verdict), ms; rnd/t, fwd/t: verify "
-                 "rounds, engine verify forwards per committed token; batch: drafts per round; "
-                 "k: mean draft length; acc: acceptance")
+    if steady:
+        lines.append("WSTGR: tokens committed in the window / window; ms/tok: mean over devices "
+                     "of window / tokens the device committed in it; p50/p95: per-token latency "
+                     "(draft sent -> verdict) of the window's tokens, ms;")
+    else:
+        lines.append("WSTGR: committed tokens / wall time to the last session's end; ms/tok: "
+                     "mean over sessions of wall time / tokens; p50/p95: per-token latency "
+                     "(draft sent -> verdict), ms;")
+    lines.append("rnd/t, fwd/t: verify rounds, engine verify forwards per committed token (whole "
+                 "run); batch: drafts per round; k: mean draft length; acc: acceptance")
+    for row in report["results"]:
+        starved = {d for r in row["runs"] for d in r.get("steady", {})
+                   .get("devices_without_tokens", [])}
+        if starved:
+            lines.append(f"{row['case']}: no token in the window from {', '.join(sorted(starved))}"
+                         " (counted as the whole window)")
     comp = report["comparison"]
     for ctl in (n for n in comp if n.startswith("controller")):
         for other, d in comp[ctl].items():
@@ -583,6 +687,13 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _mode_text(cfg: dict[str, Any]) -> str:
+    if cfg["mode"] == "steady":
+        return (f"steady state ({cfg['duration_s']:g} s of back-to-back sessions, window "
+                f"{cfg['warmup_s']:g}-{cfg['duration_s']:g} s)")
+    return "one session per device"
+
+
 def plot(report: dict[str, Any], out_dir: Path) -> Path | None:
     plt = pyplot()
     if plt is None:
@@ -594,21 +705,25 @@ def plot(report: dict[str, Any], out_dir: Path) -> Path | None:
     colors = ["tab:red" if n.startswith("controller") else "tab:blue" for n in names]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
     ax.bar(x, [r["median"]["ms_per_token"] for r in rows], 0.6, color=colors, alpha=0.8,
-           label="all sessions")
+           label="all devices")
     for off, (c, mk) in enumerate(zip(CLASSES, ("^", "s", "o"), strict=True)):
         ax.plot([i + (off - 1) * 0.15 for i in x],
                 [r["median"]["by_class"][c.name]["ms_per_token"] for r in rows], mk,
                 color="k", ms=5, ls="none", label=c.name)
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="ms per token (session wall / tokens)", title="mean per-token latency")
+    steady = report["config"]["mode"] == "steady"
+    ax.set(ylabel="ms per token (window / device's tokens)" if steady else
+           "ms per token (session wall / tokens)", title="mean per-token latency")
     ax.legend(fontsize=7, loc="lower left")
     bx.bar(x, [r["median"]["wstgr"] for r in rows], 0.6, color=colors, alpha=0.8)
     bx.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-    bx.set(ylabel="committed tokens/s", title="whole-system token rate (WSTGR)")
+    bx.set(ylabel="committed tokens/s", title="whole-system token rate (WSTGR)"
+           + (", steady window" if steady else ""))
     cfg, m = report["config"], report["machine"]
     fig.suptitle(f"{cfg['devices']} simulated devices (thirds: jetson 15 ms/tok a0.8 wifi, pi5 "
-                 f"60 ms/tok a0.7 lte, ngram 1 ms/tok a0.35 ethernet), {cfg['tokens']} tokens, "
-                 f"medians of {cfg['repeats']}; {m['cpu_count']} shared CPUs (noisy)", fontsize=8)
+                 f"60 ms/tok a0.7 lte, ngram 1 ms/tok a0.35 ethernet),\n{cfg['tokens']} tokens, "
+                 f"{_mode_text(cfg)}, medians of {cfg['repeats']}; {m['cpu_count']} shared CPUs "
+                 "(noisy)", fontsize=8)
     fig.tight_layout()
     path = out_dir / "control.png"
     fig.savefig(path, dpi=110)
@@ -623,9 +738,16 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     p = argparse.ArgumentParser(prog="python -m bench.control",
                                 description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--devices", type=int, default=None, help="fleet size (default 24)")
-    p.add_argument("--tokens", type=int, default=None, help="new tokens per session (default 32)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="max new tokens per session (default 32)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="steady state: seconds every device runs sessions back to back (default "
+                        "40; 0: one session per device, figures over the whole run)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="steady state: seconds at the start left out of the figures (default 8)")
     p.add_argument("--repeats", type=int, default=None, help="repeats; medians (default 3)")
-    p.add_argument("--ks", type=positive_ints, default=None, help="uniform draft lengths (default 2,4,8)")
+    p.add_argument("--ks", type=positive_ints, default=None,
+                   help="uniform draft lengths (default 2,4,8)")
     p.add_argument("--planned-window", type=float, default=0.02,
                    help="planned policy: hard bound on a draft's wait, and the planner's "
                         "max_wait_s (s)")
@@ -649,14 +771,20 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     p.add_argument("--no-cache", action="store_true", help="recompute the references")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 6 devices, 8 tokens, 1 repeat, k=4 only")
+                   help="smoke run: 6 devices, 8 tokens, 1 repeat, k=4 only, 8 s steady state "
+                        "with a 2 s warm-up")
     ns = p.parse_args(argv)
     quick = ns.quick
     devices = ns.devices or (6 if quick else 24)
     if not len(CLASSES) <= devices <= len(PROMPTS):
         p.error(f"devices must be within [{len(CLASSES)}, {len(PROMPTS)}]")
+    duration = (8.0 if quick else 40.0) if ns.duration is None else ns.duration
+    warmup = (2.0 if quick else 8.0) if ns.warmup is None else ns.warmup
+    if duration < 0 or (duration > 0 and not 0 <= warmup < duration):
+        p.error("need --duration >= 0 and, when > 0, 0 <= --warmup < --duration")
     return Settings(devices=devices, tokens=ns.tokens or (8 if quick else 32),
                     repeats=max(1, ns.repeats or (1 if quick else 3)),
+                    duration=duration, warmup=warmup if duration > 0 else 0.0,
                     ks=ns.ks or ((4,) if quick else (2, 4, 8)),
                     planned_window=ns.planned_window, wide_window=ns.wide_window,
                     fixed_window=ns.fixed_window,

@@ -13,6 +13,12 @@ running a real :class:`DeviceSession`; only two things are modelled:
   in each direction (uplink before it is published, downlink before the session
   sees it).  The PUBACK's return leg is not modelled.
 
+Every device runs its job's session once, or (``FleetSpec.duration_s`` > 0, the
+steady state of a serving fleet) back to back until that many seconds have passed,
+each repetition with its own drafter seed; the report's ``steady`` part then holds
+the tokens whose verdict arrived within ``[warmup_s, duration_s]`` of the start,
+per device, with their latencies.
+
 The fleet runs in its own process (``python -m bench.simdevice SPEC.json OUT.json``),
 so the verifier's process is not slowed by the devices' Python work through the
 GIL; both still share this machine's cores, which a real fleet would not.
@@ -152,10 +158,15 @@ class ReplayDrafter(Drafter):
 
 @dataclass(slots=True)
 class LatencyRecorder:
-    """Per committed token: from sending the draft whose verdict committed it to that verdict."""
+    """Per committed token: from sending the draft whose verdict committed it to that verdict.
+
+    ``commits`` keeps, per verdict that committed tokens, (monotonic arrival time, session id,
+    tokens committed, their latency in seconds): what a time window is cut from.
+    """
 
     samples: list[float] = field(default_factory=list)
     by_session: dict[str, list[float]] = field(default_factory=dict)
+    commits: list[tuple[float, str, int, float]] = field(default_factory=list)
     _sent: dict[tuple[str, int], float] = field(default_factory=dict)
     _committed: dict[str, int] = field(default_factory=dict)
 
@@ -173,6 +184,11 @@ class LatencyRecorder:
         self._committed[v.session_id] = end
         self.samples.extend([at - sent] * (end - have))
         self.by_session.setdefault(v.session_id, []).extend([at - sent] * (end - have))
+        self.commits.append((at, v.session_id, end - have, at - sent))
+
+    def window(self, t_start: float, t_end: float) -> list[tuple[float, str, int, float]]:
+        """The ``commits`` whose verdict arrived within ``[t_start, t_end]``."""
+        return [c for c in self.commits if t_start <= c[0] <= t_end]
 
 
 class TimedLink(BusLink):
@@ -250,6 +266,17 @@ class FleetSpec:
     timeout_s: float = 600.0
     # PolicyConfig fields for every device's DraftPolicy (None: the default policy).
     policy: dict[str, Any] | None = None
+    # Steady state (closed loop): with duration_s > 0 every device runs its job's session back
+    # to back until duration_s has passed since the first sessions started (those in flight
+    # then run to their end), and the figures of [warmup_s, duration_s] are reported under
+    # "steady".  0: one session per device.
+    duration_s: float = 0.0
+    warmup_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.duration_s < 0 or (self.duration_s > 0
+                                   and not 0 <= self.warmup_s < self.duration_s):
+            raise ValueError("need duration_s >= 0 and, when > 0, 0 <= warmup_s < duration_s")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -274,8 +301,96 @@ def _session_totals(outcomes: Sequence[Outcome]) -> dict[str, float]:
     return totals
 
 
+# Repetition n of device i's session replays with drafter seed seed * 7919 + i + n * SEED_STRIDE:
+# distinct for every device and repetition of a run while devices < SEED_STRIDE.
+SEED_STRIDE = 104_723
+
+
+@dataclass(slots=True)
+class ReplayDrafters:
+    """One device's drafter factory; ``repetition`` (set before each session) picks the seed."""
+
+    reference: tuple[int, ...]
+    alpha: float
+    draft: DraftProfile
+    vocab_size: int
+    base_seed: int
+    policy: dict[str, Any] | None = None
+    repetition: int = 0
+
+    def __call__(self) -> Drafter:
+        policy = DraftPolicy(PolicyConfig(**self.policy)) if self.policy else None
+        return ReplayDrafter(self.reference, alpha=self.alpha,
+                             seconds_per_token=self.draft.seconds_per_token,
+                             vocab_size=self.vocab_size,
+                             seed=self.base_seed + self.repetition * SEED_STRIDE,
+                             policy=policy, name=f"replay-{self.draft.name}")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRun:
+    """One session a device ran: its job, repetition, outcome, monotonic start and end."""
+
+    job: Job
+    repetition: int
+    outcome: Outcome
+    start: float
+    end: float
+
+
+async def device_sessions(node: NodeService, job: Job, drafters: ReplayDrafters, t0: float,
+                          duration_s: float) -> list[SessionRun]:
+    """``job``'s session once (``duration_s`` 0), or back to back (ids ``{session_id}-{n}``)
+    until ``duration_s`` has passed since ``t0``; the last one runs to its end."""
+    runs: list[SessionRun] = []
+    n = 0
+    while n == 0 or (duration_s > 0 and time.monotonic() - t0 < duration_s):
+        drafters.repetition = n  # sessions of one device run one after another
+        sid = f"{job.session_id}-{n}" if duration_s > 0 else job.session_id
+        start = time.monotonic()
+        outcome = await node.generate_ids(job.prompt, session_id=sid)
+        runs.append(SessionRun(job, n, outcome, start, time.monotonic()))
+        n += 1
+    return runs
+
+
+def _session_record(spec: FleetSpec, r: SessionRun, recorder: LatencyRecorder,
+                    t0: float) -> dict[str, Any]:
+    """One session's figures; ``start_s``/``end_s`` from ``t0``."""
+    o, j = r.outcome, r.job
+    return {"session_id": o.session_id, "device_id": j.device_id,
+            "profile": j.profile or spec.profile, "link": j.link or spec.link,
+            "alpha": spec.alpha if j.alpha is None else j.alpha,
+            "tokens": len(o.tokens), "elapsed_s": o.stats.get("elapsed_s", 0.0),
+            "rounds": o.stats.get("rounds", 0.0), "proposed": o.stats.get("proposed", 0.0),
+            "accepted": o.stats.get("accepted", 0.0),
+            "repetition": r.repetition, "start_s": r.start - t0, "end_s": r.end - t0,
+            "latency_s": recorder.by_session.get(o.session_id, [])}
+
+
+def _steady(spec: FleetSpec, recorder: LatencyRecorder, runs: Sequence[SessionRun],
+            t0: float) -> dict[str, Any]:
+    """The window [t0 + warmup_s, t0 + duration_s]: tokens whose verdict arrived in it."""
+    t_start, t_end = t0 + spec.warmup_s, t0 + spec.duration_s
+    window_s = t_end - t_start
+    device_of = {r.outcome.session_id: r.job.device_id for r in runs}
+    per_device = {j.device_id: 0 for j in spec.jobs}
+    by_device: dict[str, list[float]] = {j.device_id: [] for j in spec.jobs}
+    latency: list[float] = []
+    for _, sid, count, lat in recorder.window(t_start, t_end):
+        device = device_of[sid]
+        per_device[device] += count
+        by_device[device].extend([lat] * count)
+        latency.extend([lat] * count)
+    tokens = sum(per_device.values())
+    return {"window_s": window_s, "t_start": t_start, "t_end": t_end,
+            "committed_tokens": tokens, "wstgr": tokens / window_s,
+            "per_device": per_device, "latency_s": latency, "latency_by_device": by_device}
+
+
 async def run_fleet(spec: FleetSpec) -> dict[str, Any]:
-    """Start one node per job, run every session at once, return figures and outcomes."""
+    """Start one node per job and run their sessions at once (one each, or back to back for
+    ``spec.duration_s``: see :class:`FleetSpec`); return figures and outcomes."""
     from transformers import AutoTokenizer
 
     # One drafting thread per device (each real device has its own processor); the default
@@ -288,6 +403,7 @@ async def run_fleet(spec: FleetSpec) -> dict[str, Any]:
     recorder = LatencyRecorder()
     async with contextlib.AsyncExitStack() as stack:
         nodes: list[SimNode] = []
+        factories: list[ReplayDrafters] = []
         for i, job in enumerate(spec.jobs):
             draft = DRAFT_PROFILES[job.profile or spec.profile]
             link = LINK_PROFILES[job.link or spec.link]
@@ -295,15 +411,9 @@ async def run_fleet(spec: FleetSpec) -> dict[str, Any]:
             client_id = f"{spec.prefix}-{job.device_id}".replace("/", "-")
             bus = await stack.enter_async_context(
                 MqttBus(MqttSettings(host=spec.host, port=spec.port, client_id=client_id)))
-
-            def factory(job: Job = job, i: int = i, draft: DraftProfile = draft,
-                        alpha: float = alpha) -> Drafter:
-                policy = DraftPolicy(PolicyConfig(**spec.policy)) if spec.policy else None
-                return ReplayDrafter(job.reference, alpha=alpha,
-                                     seconds_per_token=draft.seconds_per_token,
-                                     vocab_size=spec.vocab_size, seed=spec.seed * 7919 + i,
-                                     policy=policy, name=f"replay-{draft.name}")
-
+            factory = ReplayDrafters(job.reference, alpha, draft, spec.vocab_size,
+                                     spec.seed * 7919 + i, spec.policy)
+            factories.append(factory)
             nodes.append(SimNode(
                 bus, link, random.Random(spec.seed * 104_729 + i), recorder,
                 tokenizer=tokenizer, tokenizer_fp=spec.fingerprint, drafter_factory=factory,
@@ -316,32 +426,28 @@ async def run_fleet(spec: FleetSpec) -> dict[str, Any]:
             for n in nodes:
                 await asyncio.wait_for(n.ready.wait(), 60)
             cpu0, t0 = own_cpu_seconds(), time.monotonic()
-            outcomes = await asyncio.wait_for(asyncio.gather(*(
-                n.generate_ids(j.prompt, session_id=j.session_id)
-                for n, j in zip(nodes, spec.jobs, strict=True))), spec.timeout_s)
+            per_device = await asyncio.wait_for(asyncio.gather(*(
+                device_sessions(n, j, f, t0, spec.duration_s)
+                for n, j, f in zip(nodes, spec.jobs, factories, strict=True))), spec.timeout_s)
             t1, cpu1 = time.monotonic(), own_cpu_seconds()
             for s in services:
                 s.cancel()
+    runs = [r for device in per_device for r in device]
+    outcomes = [r.outcome for r in runs]
     committed = sum(len(o.tokens) for o in outcomes)
-    mismatched = [j.session_id for o, j in zip(outcomes, spec.jobs, strict=True)
-                  if tuple(o.tokens) != j.reference]
+    mismatched = [r.outcome.session_id for r in runs if tuple(r.outcome.tokens) != r.job.reference]
     wall = t1 - t0
-    return {
+    report: dict[str, Any] = {
         "wall_s": wall, "t0": t0, "t1": t1, "committed_tokens": committed,
         "wstgr": committed / wall if wall > 0 else 0.0,
         "lossless": not mismatched, "mismatched_sessions": mismatched,
         "latency_s": recorder.samples, "sessions": _session_totals(outcomes),
         "fleet_cpu_s": cpu1 - cpu0,
-        "per_session": [{"session_id": j.session_id, "device_id": j.device_id,
-                         "profile": j.profile or spec.profile, "link": j.link or spec.link,
-                         "alpha": spec.alpha if j.alpha is None else j.alpha,
-                         "tokens": len(o.tokens), "elapsed_s": o.stats.get("elapsed_s", 0.0),
-                         "rounds": o.stats.get("rounds", 0.0),
-                         "proposed": o.stats.get("proposed", 0.0),
-                         "accepted": o.stats.get("accepted", 0.0),
-                         "latency_s": recorder.by_session.get(j.session_id, [])}
-                        for o, j in zip(outcomes, spec.jobs, strict=True)],
+        "per_session": [_session_record(spec, r, recorder, t0) for r in runs],
     }
+    if spec.duration_s > 0:
+        report["steady"] = _steady(spec, recorder, runs, t0)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

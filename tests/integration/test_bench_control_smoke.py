@@ -1,14 +1,17 @@
 """Smoke test of the speculation-control benchmark's quick mode (``bench/control.py``).
 
 No timing assertions: the figures depend on the machine; this only checks that
-the comparison runs end to end on a heterogeneous fleet, writes its JSON, held
-the lossless guarantee in every configuration and measured positive figures,
-and that the controller was consulted and sent draft-length hints.
+the comparison runs end to end on a heterogeneous fleet in its steady-state
+mode (devices running sessions back to back), writes its JSON, held the
+lossless guarantee in every session of every configuration, measured positive
+figures in the window consistent with one another, and that the controller was
+consulted and sent draft-length hints.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -27,20 +30,38 @@ def test_quick_control_benchmark_is_lossless_with_positive_figures(smollm2, tmp_
     on_disk = json.loads((tmp_path / "control.json").read_text())
     assert [r["case"] for r in on_disk["results"]] == [c.name for c in settings.cases()]
     assert all_lossless(report) and all(r["median"]["lossless"] for r in on_disk["results"])
+    cfg = on_disk["config"]
+    assert cfg["mode"] == "steady" and cfg["duration_s"] == settings.duration > 0
+    assert 0 < cfg["warmup_s"] == settings.warmup < settings.duration
+    window = settings.duration - settings.warmup
 
     names = {r["case"] for r in report["results"]}
     assert {"controller", "uniform-k4", "max-batch", "arrival-window"} <= names
-    budget = settings.devices * settings.tokens
+    per_device = settings.devices // len(CLASSES)  # heterogeneous: two devices of each kind
     for row in report["results"]:
         md = row["median"]
-        assert md["committed_tokens"] == budget, row["case"]  # no early stop in 8 tokens
+        for one in row["runs"]:
+            assert one["lossless"] and not one["mismatched_sessions"], row["case"]
+            # Back to back: more sessions than devices, every one of them full length (no
+            # early stop in 8 tokens), and the window a part of the whole run.
+            assert one["run"]["sessions"] > settings.devices
+            assert one["run"]["committed_tokens"] == one["run"]["sessions"] * settings.tokens
+            assert all(x["tokens"] == settings.tokens for x in one["sessions"])
+            assert one["run"]["wall_s"] >= settings.duration
+            assert math.isclose(one["window_s"], window, rel_tol=1e-9)
+            assert 0 < one["committed_tokens"] < one["run"]["committed_tokens"]
+            assert math.isclose(one["wstgr"], one["committed_tokens"] / window, rel_tol=1e-9)
+            assert sum(one["steady"]["per_device_tokens"].values()) == one["committed_tokens"]
+            assert one["latency"]["n"] == one["committed_tokens"]
+        assert md["mode"] == "steady"
         assert md["wstgr"] > 0 and md["ms_per_token"] > 0
         assert 0 < md["latency"]["p50_ms"] <= md["latency"]["p95_ms"]
         assert 0 < md["verify_rounds_per_token"] <= 1 and md["verify_forwards_per_token"] > 0
         assert md["mean_batch"] >= 1
-        for c in CLASSES:  # the fleet is heterogeneous: two devices of each kind
-            assert md["by_class"][c.name]["sessions"] == settings.devices // len(CLASSES)
-            assert md["by_class"][c.name]["ms_per_token"] > 0
+        for c in CLASSES:
+            by_class = md["by_class"][c.name]
+            assert by_class["devices"] == per_device and by_class["sessions"] > per_device
+            assert by_class["ms_per_token"] > 0 and by_class["window_tokens"] > 0
 
     uniform = next(r for r in report["results"] if r["case"] == "uniform-k4")
     for session in uniform["runs"][0]["sessions"]:  # exactly k a round, less only near the end

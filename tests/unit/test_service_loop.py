@@ -135,7 +135,10 @@ async def test_planned_policy_stays_lossless_and_sends_length_hints(target, draf
     assert control is not None and control.plans > 0
     assert hints and all(1 <= h <= 16 for h in hints)
     assert len(control.model.forward) > 0  # forward passes observed
-    assert len(control.model) == 0  # finished sessions are forgotten
+    # Finished sessions are forgotten; what they taught about their device stays.
+    assert not any(o.session_id in control.model for o in outs)
+    assert len(control.model) == 1 and "dev-1" in control.model
+    assert 1 <= control.first_hint("dev-1") <= 16  # its next session starts from its last hint
 
 
 class _Recording(HFDrafter):
