@@ -38,6 +38,7 @@ class Controller:
         self._hints: dict[str, int] = {}  # session -> the draft length it was told
         self._device_of: dict[str, str] = {}  # session -> its device (see bind)
         self._device_hint: dict[str, int] = {}  # device -> the last hint any session of it got
+        self._told: dict[str, int] = {}  # session -> the hint its last verdict carried
         self._verified: set[str] = set()  # sessions past their first verified round
         # The last round's forward, observed once its sessions are known (see on_forward).
         self._forward: tuple[int, int, float] | None = None
@@ -54,6 +55,9 @@ class Controller:
         n = len(draft.tokens)
         if draft.token_ms > 0 and n:
             self.model.observe_draft(session_id, draft.token_ms / 1000.0 * n, n)
+        told = self._told.pop(session_id, 0)
+        if told > 0:  # how much of a hint the device's own confidence stop leaves
+            self.model.observe_fill(session_id, n, told)
         sent = self._sent.get(session_id)
         if sent is not None and now >= sent:
             self.model.observe_rtt(session_id, max(0.0, now - sent - draft.think_ms / 1000.0))
@@ -65,6 +69,8 @@ class Controller:
             self._forward_prefilled = True
         self.model.observe_round(session_id, proposed, accepted)
         self._sent[session_id] = now
+        # Its verdict carries hint(): the next draft is measured against it (see on_draft).
+        self._told[session_id] = self._hints.get(session_id, 0)
 
     def on_answer(self, session_id: str, now: float) -> None:
         """Any other verdict (opened, catchup) that the device will answer with a draft."""
@@ -92,6 +98,7 @@ class Controller:
         self._hints.pop(session_id, None)
         self._verified.discard(session_id)
         self._device_of.pop(session_id, None)
+        self._told.pop(session_id, None)
         self.model.forget(session_id)
 
     def calibrate(self, measure: Callable[[int, int], float]) -> ForwardCoefficients:
@@ -130,8 +137,9 @@ class Controller:
             if sid in keys or sent is None:
                 continue
             k = self._hints.get(sid) or self.first_hint(self._device_of.get(sid, sid))
-            eta = sent + self.model.device(sid).turnaround_s(k) - now
-            expected.append(ExpectedArrival(sid, max(eta, 0.0), k))
+            est = self.model.device(sid)  # the device may draft less than told: its fill
+            eta = sent + est.turnaround_s(k) - now
+            expected.append(ExpectedArrival(sid, max(eta, 0.0), max(1, round(est.drafted(k)))))
         plan = self.planner.plan(drafts, expected, self.model)
         self._hints.update(plan.k)
         for sid, k in plan.k.items():

@@ -143,6 +143,7 @@ class DeviceEstimate:
     draft_s: float  # per token
     alpha: float
     rounds: float  # effective (decayed) rounds behind alpha; 0 = prior only
+    fill: float = 1.0  # drafted / hinted length: a drafter's confidence stop cuts drafts short
 
     def expected_accepted(self, k: int) -> float:
         """``sum_{i=1..k} alpha^i``."""
@@ -152,17 +153,22 @@ class DeviceEstimate:
         """Tokens a ``k``-token round commits on average: accepted + 1."""
         return 1.0 + expected_accepted(self.alpha, k)
 
-    def turnaround_s(self, k: int) -> float:
-        """Predicted seconds from sending a verdict to receiving a ``k``-token draft."""
-        return self.rtt_s + k * self.draft_s
+    def drafted(self, hint: int) -> float:
+        """Tokens the device is expected to draft when told ``hint`` (at least 1)."""
+        return max(1.0, hint * self.fill)
+
+    def turnaround_s(self, hint: int) -> float:
+        """Predicted seconds from sending a verdict with ``hint`` to receiving the draft."""
+        return self.rtt_s + self.drafted(hint) * self.draft_s
 
 
 class _Device:
-    __slots__ = ("draft", "failures", "rounds", "rtt", "successes")
+    __slots__ = ("draft", "failures", "fill", "rounds", "rtt", "successes")
 
     def __init__(self, priors: LatencyPriors) -> None:
         self.rtt = Ewma(priors.rtt_s)
         self.draft = Ewma(priors.draft_s)
+        self.fill = Ewma(1.0)
         self.successes = 0.0
         self.failures = 0.0
         self.rounds = 0.0
@@ -223,6 +229,11 @@ class LatencyModel:
         gap = draft_arrived_at - verdict_sent_at - dev.rtt.value
         dev.draft.update(max(0.0, gap) / tokens)
 
+    def observe_fill(self, device_id: str, drafted: int, hint: int) -> None:
+        """A draft of ``drafted`` tokens answered a verdict whose hint was ``hint``."""
+        if hint > 0 and drafted > 0:
+            self._get(device_id).fill.update(min(1.0, drafted / hint))
+
     def observe_round(self, device_id: str, proposed: int, accepted: int) -> None:
         """A verified round: ``accepted`` of ``proposed`` draft tokens taken."""
         if proposed <= 0 or not 0 <= accepted <= proposed:
@@ -249,7 +260,7 @@ class LatencyModel:
         prior_b = (1.0 - p.alpha) * p.alpha_strength
         alpha = (prior_a + dev.successes) / (prior_a + prior_b + dev.successes + dev.failures)
         return DeviceEstimate(device_id, dev.rtt.value, dev.rtt.spread, dev.draft.value, alpha,
-                              dev.rounds)
+                              dev.rounds, min(1.0, max(0.0, dev.fill.value)))
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self._alias.get(key, key) in self._devices

@@ -7,7 +7,7 @@ import pytest
 from middleware.protocol import Draft
 from middleware.verifier.batcher import Pending
 from middleware.verifier.control import Controller
-from middleware.verifier.planner import JointPlanner, PlannerConfig
+from middleware.verifier.planner import JointPlanner, PlannerConfig, UniformPlanner
 
 
 def test_round_trip_is_gap_minus_think_time_and_drafting_time_is_reported() -> None:
@@ -99,3 +99,19 @@ def test_a_devices_next_session_starts_from_what_its_last_one_taught() -> None:
     assert (again.device_id, again.rtt_s, again.alpha) == ("d1-s2", learnt.rtt_s, learnt.alpha)
     c.bind("d2-s1", "d2")
     assert c.model.device("d2-s1").alpha == c.model.priors.alpha  # other devices: the priors
+
+
+def test_a_device_that_drafts_less_than_told_is_expected_sooner_and_shorter() -> None:
+    c = Controller(UniformPlanner(4))
+    c.bind("s", "dev")
+    for t in range(40):  # told 4 tokens each round, its confidence stop sends 2
+        draft = Draft("s", 1, t + 1, 0, (1, 2), token_ms=50.0)
+        assert c.decide([Pending("s", draft, arrived=float(t))], now=float(t), idle=[])[0]
+        c.on_round("s", proposed=2, accepted=2, now=float(t))
+        assert c.hint("s") == 4
+        c.on_draft("s", draft, now=t + 0.110)
+    est = c.model.device("s")
+    assert est.fill == pytest.approx(0.5, abs=0.01)
+    assert est.drafted(4) == pytest.approx(2.0, abs=0.05)
+    assert est.turnaround_s(4) == pytest.approx(est.rtt_s + 2 * 0.050, abs=0.005)
+    assert c.model.device("other").fill == 1.0  # unknown devices draft what they are told
