@@ -115,6 +115,27 @@ class Controller:
         return max(1, min(4096, round(coef.a / coef.c)))
 
     # --- decisions ----------------------------------------------------------------------
+    def verify_cap(self, rows: Sequence[tuple[str, int]]) -> int:
+        """The longest draft prefix worth verifying in a batch of ``(session, draft length)``.
+
+        Rows are padded to the longest draft, so one long draft makes every row
+        dearer.  The cap ``L`` minimises ``sum_i (V(rows, L + 1) + rtt_i) / T_i(min(L, n_i))``
+        (this round's seconds per committed token, summed over its sessions), the
+        longest ``L`` on ties.  Verifying a prefix is exact, so the cap is lossless: the
+        tokens past it count as not accepted and the device drafts on from the verdict.
+        """
+        longest = max((n for _, n in rows), default=0)
+        if longest <= 1 or len(self.model.forward) == 0:
+            return longest
+        ests = [(self.model.device(sid), n) for sid, n in rows]
+        best, best_cost = longest, math.inf
+        for cap in range(longest, 0, -1):
+            v = self.model.forward.predict(len(rows), cap + 1)
+            cost = sum((v + e.rtt_s) / e.expected_committed(min(cap, n)) for e, n in ests)
+            if cost < best_cost - 1e-12:
+                best, best_cost = cap, cost
+        return best
+
     def hint(self, session_id: str) -> int:
         """The draft length to ask of this session in its next verdict (0: none yet)."""
         return self._hints.get(session_id, 0)

@@ -108,6 +108,8 @@ class VerifierMetrics:
                                  "LOSSY relaxed mode: accepted tokens the target would not have chosen")
         self.lossy = r.gauge("mw_verifier_lossy_mode", "1 when relaxed (lossy) acceptance is on")
         self.expired = r.counter("mw_verifier_sessions_expired_total", "Sessions dropped as idle")
+        self.capped = r.counter("mw_verifier_capped_draft_tokens_total",
+                                "Draft tokens past the planned policy's verify cap (not verified)")
 
 
 class VerifierService:
@@ -381,7 +383,23 @@ class VerifierService:
                                          self.config.relaxed if self._lossy(s) else None))
             if not inputs:
                 continue
+            if self.control is not None:
+                inputs = self._capped(inputs)
             await self._verify(inputs)
+
+    def _capped(self, inputs: list[RoundInput]) -> list[RoundInput]:
+        """Verify at most the controller's cap of every draft (a prefix: still exact)."""
+        assert self.control is not None
+        cap = self.control.verify_cap([(i.session_id, len(i.draft.tokens)) for i in inputs])
+        out = []
+        for inp in inputs:
+            d = inp.draft
+            if len(d.tokens) > cap:
+                self.metrics.capped.inc(len(d.tokens) - cap)
+                d = dataclasses.replace(d, tokens=d.tokens[:cap], q=d.q[:cap])
+                inp = dataclasses.replace(inp, draft=d)
+            out.append(inp)
+        return out
 
     async def _verify(self, inputs: list[RoundInput]) -> None:
         """Run a round; if it fails, isolate the failing draft so the others still get answers."""

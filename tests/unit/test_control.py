@@ -115,3 +115,35 @@ def test_a_device_that_drafts_less_than_told_is_expected_sooner_and_shorter() ->
     assert est.drafted(4) == pytest.approx(2.0, abs=0.05)
     assert est.turnaround_s(4) == pytest.approx(est.rtt_s + 2 * 0.050, abs=0.005)
     assert c.model.device("other").fill == 1.0  # unknown devices draft what they are told
+
+
+def _fitted(c: Controller, a: float, b: float, per_token: float) -> None:
+    for rows, tokens in ((1, 2), (4, 3), (8, 5), (16, 2), (2, 9)):
+        c.model.forward.observe(rows, tokens, a + rows * (b + per_token * tokens))
+
+
+def test_verify_cap_trims_one_long_draft_that_pads_every_row_when_tokens_are_dear() -> None:
+    c = Controller(UniformPlanner(4))
+    _fitted(c, a=0.1, b=0.005, per_token=0.006)  # a CPU: every row-token costs
+    rows = [(f"s{i}", 1) for i in range(7)] + [("long", 8)]
+    for sid, _ in rows:  # a drafter the target agrees with half the time
+        for _ in range(30):
+            c.on_round(sid, proposed=4, accepted=1, now=0.0)
+    cap = c.verify_cap(rows)
+    assert 1 <= cap < 8
+
+    def cost(cap: int) -> float:  # the rule, computed independently
+        v = c.model.forward.predict(len(rows), cap + 1)
+        return sum((v + c.model.device(s).rtt_s) / c.model.device(s).expected_committed(min(cap, n))
+                   for s, n in rows)
+
+    assert cost(cap) == min(cost(k) for k in range(1, 9))
+
+
+def test_verify_cap_keeps_whole_drafts_when_a_forward_costs_the_same_for_any_length() -> None:
+    c = Controller(UniformPlanner(4))
+    _fitted(c, a=0.02, b=0.0, per_token=0.0)  # a GPU at small batch: length is free
+    rows = [("a", 1), ("b", 2), ("c", 12)]
+    assert c.verify_cap(rows) == 12
+    assert c.verify_cap([("a", 1)]) == 1 and c.verify_cap([]) == 0
+    assert Controller(UniformPlanner(4)).verify_cap(rows) == 12  # nothing fitted yet: no cap
