@@ -44,7 +44,8 @@ class VerifierSection:
     device: str = "cpu"
     dtype: str = "float32"
     batch_policy: str = "adaptive"  # adaptive | fixed | none | planned (speculation control)
-    batch_window_ms: float = 5.0
+    batch_window_ms: float = 5.0  # adaptive/fixed: the longest a draft waits for company
+    planned_max_wait_ms: float = 500.0  # planned: the bound on the planner's own waiting
     max_batch: int = 16
     max_draft: int = 64
     memory_budget_tokens: int = 65_536

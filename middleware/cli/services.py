@@ -47,7 +47,9 @@ def verifier_config(cfg: Config) -> VerifierConfig:
         max_sessions_per_device=v.max_sessions_per_device,
         session_idle_timeout=v.session_idle_timeout_s,
         exclusive=v.exclusive,
-        batch=BatchConfig(policy=v.batch_policy, window=v.batch_window_ms / 1000.0,  # type: ignore[arg-type]
+        batch=BatchConfig(policy=v.batch_policy,  # type: ignore[arg-type]
+                          window=(v.planned_max_wait_ms if v.batch_policy == "planned"
+                                  else v.batch_window_ms) / 1000.0,
                           max_batch=v.max_batch),
         relaxed=_relaxed(v))
 
