@@ -3,23 +3,21 @@
 One fleet, one invocation, several verifier/device configurations side by side
 (each repeat runs every configuration once, interleaved; figures are medians):
 
-- **controller** (``planned``, window ``--planned-window``): the verifier's
-  live latency model and joint batch/draft-length planner choose each batch and
-  send every session a draft-length hint (``Verdict.next_len``), which the
-  devices' :class:`DraftPolicy` honours (as a cap on its own adaptive length:
-  the deployed default).  The batcher consults the planner only while the
-  oldest waiting draft is younger than the window, so with forwards longer
-  than the window (a saturated verifier) it rarely plans;
-- **controller-w1s** (``planned``, window ``--wide-window``, 1 s): the same
-  with a window longer than a forward, so the planner is consulted on every
-  batch (it still chooses to wait only when its cost model says so);
-- **controller-w1s-exact** (``--exact``): as the last, but the devices draft
+- **controller** (``planned``, bound ``--planned-window``, default 0.5 s as the
+  service's ``planned_max_wait_ms``): the verifier's live latency model and
+  joint batch/draft-length planner choose each batch, cap the verified prefix
+  of its drafts and send every session a draft-length hint
+  (``Verdict.next_len``), which the devices' :class:`DraftPolicy` honours (as
+  a cap on its own adaptive length: the deployed default);
+- **controller-w<window>s** (``--wide-window``, off by default): the same with
+  another bound;
+- **controller-...-exact** (``--exact``, off by default): the devices draft
   exactly the hinted length (threshold 0, no adaptation of their own);
 - **uniform-k** (``adaptive`` batching): every device drafts exactly ``k``
   tokens a round (``min_len = max_len = k``, threshold 0), for each ``--ks``;
 - **max-batch** (``fixed``): SLED's static batch: wait for ``max_batch`` =
   fleet size drafts or ``--fixed-window``; devices draft adaptively;
-- **arrival-window** (``adaptive``, the default): take what is waiting and
+- **arrival-window** (``adaptive``, the default before ``planned``): take what is waiting and
   wait up to the window while expected senders are missing; devices draft
   adaptively (the default :class:`DraftPolicy`).
 
@@ -65,11 +63,11 @@ fleet share them, so figures are noisy: compare configurations within a run.
 
 Usage (from the repository root)::
 
-    python -m bench.control                  # 24 devices, 32 tokens, 40 s steady, 3 repeats
+    python -m bench.control                  # 24 devices, 32 tokens, 30 s steady, 3 repeats
     python -m bench.control --repeats 5 --tokens 48 --duration 60 --warmup 10
     python -m bench.control --duration 0     # one session per device (one-shot)
     python -m bench.control --quick          # smoke run, well under 3 minutes
-    python -m bench.control --cases controller-w1s,uniform-k2 --forward-overhead-tokens 4096
+    python -m bench.control --cases controller,uniform-k2 --forward-overhead-tokens 4096
                                              # engine never splits a batch by draft length
 
 Writes ``bench/results/control.json`` and ``bench/results/control.png``
@@ -742,22 +740,22 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
                    help="max new tokens per session (default 32)")
     p.add_argument("--duration", type=float, default=None,
                    help="steady state: seconds every device runs sessions back to back (default "
-                        "40; 0: one session per device, figures over the whole run)")
+                        "30; 0: one session per device, figures over the whole run)")
     p.add_argument("--warmup", type=float, default=None,
-                   help="steady state: seconds at the start left out of the figures (default 8)")
+                   help="steady state: seconds at the start left out of the figures (default 6)")
     p.add_argument("--repeats", type=int, default=None, help="repeats; medians (default 3)")
     p.add_argument("--ks", type=positive_ints, default=None,
-                   help="uniform draft lengths (default 2,4,8)")
-    p.add_argument("--planned-window", type=float, default=0.02,
+                   help="uniform draft lengths (default 1,2,4)")
+    p.add_argument("--planned-window", type=float, default=0.5,
                    help="planned policy: hard bound on a draft's wait, and the planner's "
                         "max_wait_s (s)")
-    p.add_argument("--wide-window", type=float, default=1.0,
+    p.add_argument("--wide-window", type=float, default=0.0,
                    help="also run the planned policy with this window (s; 0: not): longer than "
                         "a forward, so that the batcher consults the planner on every batch")
     p.add_argument("--fixed-window", type=float, default=0.05, help="fixed policy window (s)")
     p.add_argument("--arrival-window", type=float, default=0.005,
                    help="adaptive policy window (s; the default BatchConfig's)")
-    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=False,
                    help="also run controller-exact (devices draft exactly the hinted length)")
     p.add_argument("--cases", default="",
                    help="comma-separated configurations to run (default: all), e.g. "
@@ -778,14 +776,14 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     devices = ns.devices or (6 if quick else 24)
     if not len(CLASSES) <= devices <= len(PROMPTS):
         p.error(f"devices must be within [{len(CLASSES)}, {len(PROMPTS)}]")
-    duration = (8.0 if quick else 40.0) if ns.duration is None else ns.duration
-    warmup = (2.0 if quick else 8.0) if ns.warmup is None else ns.warmup
+    duration = (8.0 if quick else 30.0) if ns.duration is None else ns.duration
+    warmup = (2.0 if quick else 6.0) if ns.warmup is None else ns.warmup
     if duration < 0 or (duration > 0 and not 0 <= warmup < duration):
         p.error("need --duration >= 0 and, when > 0, 0 <= --warmup < --duration")
     return Settings(devices=devices, tokens=ns.tokens or (8 if quick else 32),
                     repeats=max(1, ns.repeats or (1 if quick else 3)),
                     duration=duration, warmup=warmup if duration > 0 else 0.0,
-                    ks=ns.ks or ((4,) if quick else (2, 4, 8)),
+                    ks=ns.ks or ((4,) if quick else (1, 2, 4)),
                     planned_window=ns.planned_window, wide_window=ns.wide_window,
                     fixed_window=ns.fixed_window,
                     arrival_window=ns.arrival_window, exact=ns.exact,

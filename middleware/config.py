@@ -43,7 +43,7 @@ class VerifierSection:
     model: str = "smollm2"
     device: str = "cpu"
     dtype: str = "float32"
-    batch_policy: str = "adaptive"  # adaptive | fixed | none | planned (speculation control)
+    batch_policy: str = "planned"  # planned (speculation control) | adaptive | fixed | none
     batch_window_ms: float = 5.0  # adaptive/fixed: the longest a draft waits for company
     planned_max_wait_ms: float = 500.0  # planned: the bound on the planner's own waiting
     max_batch: int = 16

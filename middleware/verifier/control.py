@@ -101,9 +101,11 @@ class Controller:
         self._told.pop(session_id, None)
         self.model.forget(session_id)
 
-    def calibrate(self, measure: Callable[[int, int], float]) -> ForwardCoefficients:
-        """Time the target's forward for a few shapes (at start-up)."""
-        return self.model.forward.calibrate(measure)
+    def calibrate(self, measure: Callable[[int, int], float], *,
+                  repeats: int = 1) -> ForwardCoefficients:
+        """Time the target's forward for a few shapes (at start-up, so kept short: one
+        timing a shape; the online fit refines it from every forward)."""
+        return self.model.forward.calibrate(measure, repeats=repeats)
 
     def overhead_tokens(self) -> int | None:
         """One forward's fixed cost in token slots (fitted ``a / c``), or None before a fit."""
