@@ -67,9 +67,8 @@ def test_quick_control_benchmark_is_lossless_with_positive_figures(smollm2, tmp_
     for session in uniform["runs"][0]["sessions"]:  # exactly k a round, less only near the end
         assert session["proposed"] <= 4 * session["rounds"]
 
-    wide = next(r for r in report["results"] if r["case"].startswith("controller-w")
-                and not r["case"].endswith("exact"))
-    probe = wide["runs"][0]["controller"]
+    controller = next(r for r in report["results"] if r["case"] == "controller")
+    probe = controller["runs"][0]["controller"]
     assert probe["plans"] > 0 and probe["decisions"].get("verify", 0) > 0
     hints = [int(h) for c in CLASSES for h, n in probe["by_class"][c.name]["hints"].items()
              for _ in range(n)]
