@@ -82,7 +82,6 @@ import logging
 import math
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -104,7 +103,7 @@ from bench.common import (
 )
 from bench.probe import CountingEngine
 from bench.simdevice import DRAFT_PROFILES, LINK_PROFILES, FleetSpec, Job
-from bench.wstgr import PROMPTS, Context, references, serve_fleet
+from bench.wstgr import PROMPTS, Context, bench_context, serve_fleet
 
 # --- the fleet (assumptions) --------------------------------------------------------------------
 
@@ -797,33 +796,11 @@ def run(s: Settings, loaded: Any = None) -> tuple[dict[str, Any], list[Path]]:
     """Measure, write ``control.json`` (and ``control.png``); the report and the paths written.
     ``loaded``: an already loaded SmolLM2 (else loaded here).  Torch's thread count is set to
     ``s.threads`` for the run and restored after it."""
-    import torch
-
-    from middleware.broker_bridge.embedded import MosquittoProcess
-    from middleware.models.loading import load_causal_lm
-    from middleware.nodes.service import encode_prompt, stop_ids_of
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(s.threads)
-    try:
-        started = time.monotonic()
-        if loaded is None:
-            say("[control] loading SmolLM2-135M")
-            loaded = load_causal_lm("smollm2")
-        prompts = [encode_prompt(loaded.tokenizer, p) for p in PROMPTS[:s.devices]]
-        stops = stop_ids_of(loaded.tokenizer)
-        say(f"[control] target-only references for {s.devices} prompts x {s.tokens} tokens")
-        refs = references(loaded, prompts, s.tokens, stops, s.cache)
-        with tempfile.TemporaryDirectory(prefix="mw-bench-") as tmp, \
-                MosquittoProcess() as broker:
-            workdir = Path(tmp)
-            loaded.tokenizer.save_pretrained(workdir / "tokenizer")
-            ctx = Context(loaded, str(workdir / "tokenizer"), stops, prompts, refs, broker.host,
-                          broker.port, broker.pid)
-            report = measure(ctx, s, workdir)
-        report["elapsed_s"] = round(time.monotonic() - started, 1)
-    finally:
-        torch.set_num_threads(threads)
+    started = time.monotonic()
+    with bench_context("control", loaded, s.devices, s.tokens, s.threads,
+                       s.cache) as (ctx, workdir):
+        report = measure(ctx, s, workdir)
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
     written = [s.out_dir / "control.json"]
     write_json(written[0], report)
     if s.plots and (path := plot(report, s.out_dir)) is not None:

@@ -523,38 +523,47 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         cache=not ns.no_cache, plots=not ns.no_plots)
 
 
-def run(s: Settings, loaded: Any = None) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
-    """Measure everything ``s`` asks for, write the JSON files (and plots); the two reports
-    and the paths written.  ``loaded``: an already loaded SmolLM2 (else loaded here).  Torch's
-    thread count is set to ``s.threads`` for the run and restored after it."""
+@contextlib.contextmanager
+def bench_context(tag: str, loaded: Any, n_prompts: int, tokens: int, threads: int,
+                  cache: bool) -> typing.Iterator[tuple[Context, Path]]:
+    """Everything a fleet benchmark runs in: SmolLM2 (``loaded``, or loaded here), the first
+    ``n_prompts`` prompts with their target-only references, a fresh Mosquitto and a work
+    directory holding the tokenizer; torch at ``threads`` threads, restored on exit."""
     import torch
 
     from middleware.broker_bridge.embedded import MosquittoProcess
     from middleware.models.loading import load_causal_lm
     from middleware.nodes.service import encode_prompt, stop_ids_of
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(s.threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        started = time.monotonic()
         if loaded is None:
-            say("[wstgr] loading SmolLM2-135M")
+            say(f"[{tag}] loading SmolLM2-135M")
             loaded = load_causal_lm("smollm2")
-        n_max = max(*s.devices, s.batch_devices)
-        prompts = [encode_prompt(loaded.tokenizer, p) for p in PROMPTS[:n_max]]
+        prompts = [encode_prompt(loaded.tokenizer, p) for p in PROMPTS[:n_prompts]]
         stops = stop_ids_of(loaded.tokenizer)
-        say(f"[wstgr] target-only references for {n_max} prompts x {s.tokens} tokens")
-        refs = references(loaded, prompts, s.tokens, stops, s.cache)
+        say(f"[{tag}] target-only references for {n_prompts} prompts x {tokens} tokens")
+        refs = references(loaded, prompts, tokens, stops, cache)
         with tempfile.TemporaryDirectory(prefix="mw-bench-") as tmp, \
                 MosquittoProcess() as broker:
             workdir = Path(tmp)
             loaded.tokenizer.save_pretrained(workdir / "tokenizer")
-            ctx = Context(loaded, str(workdir / "tokenizer"), stops, prompts, refs, broker.host,
-                          broker.port, broker.pid)
-            wstgr, batching = measure(ctx, s, workdir)
-        wstgr["elapsed_s"] = batching["elapsed_s"] = round(time.monotonic() - started, 1)
+            yield (Context(loaded, str(workdir / "tokenizer"), stops, prompts, refs, broker.host,
+                           broker.port, broker.pid), workdir)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def run(s: Settings, loaded: Any = None) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
+    """Measure everything ``s`` asks for, write the JSON files (and plots); the two reports
+    and the paths written.  ``loaded``: an already loaded SmolLM2 (else loaded here).  Torch's
+    thread count is set to ``s.threads`` for the run and restored after it."""
+    started = time.monotonic()
+    with bench_context("wstgr", loaded, max(*s.devices, s.batch_devices), s.tokens, s.threads,
+                       s.cache) as (ctx, workdir):
+        wstgr, batching = measure(ctx, s, workdir)
+    wstgr["elapsed_s"] = batching["elapsed_s"] = round(time.monotonic() - started, 1)
     written = [s.out_dir / "wstgr.json"]
     write_json(written[0], wstgr)
     if batching["results"]:

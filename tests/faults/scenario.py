@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from middleware.nodes.drafters import Drafter, make_drafter
@@ -69,6 +70,27 @@ def jobs_for(
         for k in range(per_device):
             jobs.append(Job(d.device_id, f"{tag}{i}-{k}", pool[(i * per_device + k) % len(pool)]))
     return jobs
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The usual fault-test fleet: prompts, their references, mixed devices, two jobs each."""
+
+    refs: dict[tuple[int, ...], list[int]]
+    devices: list[DeviceSpec]
+    jobs: list[Job]
+
+    @property
+    def sids(self) -> list[str]:
+        return [j.session_id for j in self.jobs]
+
+
+def workload(n_prompts: int, seed: int, n_devices: int, reference: Reference, max_new: int,
+             tiny_draft: Any) -> Workload:
+    pool = prompts(n_prompts, seed=seed)
+    refs = {p: reference(p, max_new) for p in pool}
+    devices = mixed_devices(n_devices, refs, tiny_draft, pace=0.01)
+    return Workload(refs, devices, jobs_for(devices, 2, pool))
 
 
 def audits(

@@ -18,11 +18,9 @@ from tests.faults.fleet import Fleet, until
 from tests.faults.scenario import (
     TOKENIZER,
     audits,
-    jobs_for,
-    mixed_devices,
-    prompts,
     session_config,
     totals,
+    workload,
 )
 from tests.faults.verifiers import InProcessVerifier
 
@@ -35,11 +33,8 @@ async def test_broker_sigkill_and_restart_mid_generation(
     fresh_mosquitto, unique_prefix, tiny_target, tiny_draft, reference, fault_report
 ) -> None:
     broker = fresh_mosquitto
-    pool = prompts(8, seed=1)
-    refs = {p: reference(p, MAX_NEW) for p in pool}
-    devices = mixed_devices(4, refs, tiny_draft, pace=0.01)
-    jobs = jobs_for(devices, 2, pool)
-    sids = [j.session_id for j in jobs]
+    w = workload(8, 1, 4, reference, MAX_NEW, tiny_draft)
+    refs, devices, jobs, sids = w.refs, w.devices, w.jobs, w.sids
     at_kill: list[dict[str, int]] = []
 
     async with Fleet(

@@ -24,11 +24,9 @@ from tests.faults.fleet import Fleet, until
 from tests.faults.scenario import (
     TOKENIZER,
     audits,
-    jobs_for,
-    mixed_devices,
-    prompts,
     session_config,
     totals,
+    workload,
 )
 from tests.faults.verifiers import ProcessVerifier
 
@@ -40,11 +38,8 @@ MAX_NEW = 64
 async def test_verifier_sigkill_and_restart(
     mosquitto, unique_prefix, tiny_draft, reference, fault_report, tmp_path
 ) -> None:
-    pool = prompts(6, seed=2)
-    refs = {p: reference(p, MAX_NEW) for p in pool}
-    devices = mixed_devices(3, refs, tiny_draft, pace=0.01)
-    jobs = jobs_for(devices, 2, pool)
-    sids = [j.session_id for j in jobs]
+    w = workload(6, 2, 3, reference, MAX_NEW, tiny_draft)
+    refs, devices, jobs, sids = w.refs, w.devices, w.jobs, w.sids
     host, port = mosquitto.host, mosquitto.port
     first = ProcessVerifier(host, port, unique_prefix, "v1", tmp_path)
     second = ProcessVerifier(host, port, unique_prefix, "v1", tmp_path / "restart")
@@ -79,11 +74,8 @@ async def test_verifier_sigkill_and_restart(
 async def test_second_verifier_takes_over_after_sigkill(
     mosquitto, unique_prefix, tiny_draft, reference, fault_report, tmp_path
 ) -> None:
-    pool = prompts(8, seed=3)
-    refs = {p: reference(p, MAX_NEW) for p in pool}
-    devices = mixed_devices(4, refs, tiny_draft, pace=0.01)
-    jobs = jobs_for(devices, 2, pool)
-    sids = [j.session_id for j in jobs]
+    w = workload(8, 3, 4, reference, MAX_NEW, tiny_draft)
+    devices, jobs, sids = w.devices, w.jobs, w.sids
     host, port = mosquitto.host, mosquitto.port
     shared = [
         ProcessVerifier(host, port, unique_prefix, v, tmp_path, exclusive=False)
