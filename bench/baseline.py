@@ -36,8 +36,9 @@ class BaselineRun:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def centralized_greedy(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                       stop_ids: Collection[int]) -> BaselineRun:
+def centralized_greedy(
+    model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Collection[int]
+) -> BaselineRun:
     """Greedy decoding of all ``prompts`` as one batch; a row stops at a stop id or the budget."""
     from transformers import DynamicCache
 
@@ -56,14 +57,20 @@ def centralized_greedy(model: Any, prompts: Sequence[Sequence[int]], max_new_tok
         feed = torch.zeros(batch, width, dtype=torch.long)  # [B, T], left-padded
         mask = torch.zeros(batch, width, dtype=torch.long)  # [B, T]
         for b, p in enumerate(prompts):
-            feed[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[b, width - len(p):] = 1
+            feed[b, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            mask[b, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
         cache = DynamicCache(config=model.config)
         while True:
             s0 = time.perf_counter()
-            logits = model(input_ids=feed, attention_mask=mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True, **kwargs).logits  # [B, t, V]
+            logits = model(
+                input_ids=feed,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **kwargs,
+            ).logits  # [B, t, V]
             nxt = logits[:, -1].argmax(dim=-1)  # [B]
             steps.append(time.perf_counter() - s0)
             for b, tok in enumerate(nxt.tolist()):

@@ -30,9 +30,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
     """n, p50, p95 and mean in milliseconds."""
-    return {"n": len(seconds), "p50_ms": round(percentile(seconds, 0.5) * 1e3, 2),
-            "p95_ms": round(percentile(seconds, 0.95) * 1e3, 2),
-            "mean_ms": round(statistics.fmean(seconds) * 1e3, 2) if seconds else 0.0}
+    return {
+        "n": len(seconds),
+        "p50_ms": round(percentile(seconds, 0.5) * 1e3, 2),
+        "p95_ms": round(percentile(seconds, 0.95) * 1e3, 2),
+        "mean_ms": round(statistics.fmean(seconds) * 1e3, 2) if seconds else 0.0,
+    }
 
 
 def median_of(runs: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -62,8 +65,10 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "python": platform.python_version(), "platform": platform.platform(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],

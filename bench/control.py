@@ -119,8 +119,11 @@ class DeviceClass:
 
     def truth(self) -> dict[str, float]:
         """What the simulation models: round trip (links only), drafting s/token, alpha."""
-        return {"link_rtt_s": 2 * LINK_PROFILES[self.link].one_way_s,
-                "draft_s": DRAFT_PROFILES[self.profile].seconds_per_token, "alpha": self.alpha}
+        return {
+            "link_rtt_s": 2 * LINK_PROFILES[self.link].one_way_s,
+            "draft_s": DRAFT_PROFILES[self.profile].seconds_per_token,
+            "alpha": self.alpha,
+        }
 
 
 CLASSES: tuple[DeviceClass, ...] = (
@@ -143,12 +146,24 @@ class Case:
 
 def uniform_policy(k: int) -> dict[str, Any]:
     """Devices draft exactly ``k`` tokens a round: confidence never stops them, no adaptation."""
-    return {"min_len": k, "max_len": k, "max_len_cap": k, "threshold": 0.0,
-            "threshold_min": 0.0, "adaptive": False}
+    return {
+        "min_len": k,
+        "max_len": k,
+        "max_len_cap": k,
+        "threshold": 0.0,
+        "threshold_min": 0.0,
+        "adaptive": False,
+    }
 
 
-EXACT_POLICY: dict[str, Any] = {"min_len": 1, "max_len": 16, "max_len_cap": 16, "threshold": 0.0,
-                                "threshold_min": 0.0, "adaptive": False}
+EXACT_POLICY: dict[str, Any] = {
+    "min_len": 1,
+    "max_len": 16,
+    "max_len_cap": 16,
+    "threshold": 0.0,
+    "threshold_min": 0.0,
+    "adaptive": False,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,37 +193,85 @@ class Settings:
         return "steady" if self.duration > 0 else "one-shot"
 
     def cases(self) -> list[Case]:
-        out = [Case("controller", "planned", self.planned_window,
-                    note="planned; devices' default adaptive policy, hint as a cap")]
+        out = [
+            Case(
+                "controller",
+                "planned",
+                self.planned_window,
+                note="planned; devices' default adaptive policy, hint as a cap",
+            )
+        ]
         wide = f"controller-w{self.wide_window:g}s"
         if self.wide_window > 0:
-            out.append(Case(wide, "planned", self.wide_window,
-                            note="planned, a window longer than a forward (the planner is "
-                                 "consulted on every batch); devices' default policy"))
+            out.append(
+                Case(
+                    wide,
+                    "planned",
+                    self.wide_window,
+                    note="planned, a window longer than a forward (the planner is "
+                    "consulted on every batch); devices' default policy",
+                )
+            )
         if self.exact:
-            out.append(Case(f"{wide}-exact" if self.wide_window > 0 else "controller-exact",
-                            "planned", self.wide_window or self.planned_window, EXACT_POLICY,
-                            note="planned; devices draft the hinted length"))
-        out += [Case(f"uniform-k{k}", "adaptive", self.arrival_window, uniform_policy(k),
-                     note=f"adaptive batching; every device drafts exactly {k}")
-                for k in self.ks]
-        out += [Case("max-batch", "fixed", self.fixed_window,
-                     note=f"fixed: max_batch = fleet size or {self.fixed_window * 1e3:.0f} ms"),
-                Case("arrival-window", "adaptive", self.arrival_window,
-                     note="adaptive batching (default); devices' own adaptive drafting")]
+            out.append(
+                Case(
+                    f"{wide}-exact" if self.wide_window > 0 else "controller-exact",
+                    "planned",
+                    self.wide_window or self.planned_window,
+                    EXACT_POLICY,
+                    note="planned; devices draft the hinted length",
+                )
+            )
+        out += [
+            Case(
+                f"uniform-k{k}",
+                "adaptive",
+                self.arrival_window,
+                uniform_policy(k),
+                note=f"adaptive batching; every device drafts exactly {k}",
+            )
+            for k in self.ks
+        ]
+        out += [
+            Case(
+                "max-batch",
+                "fixed",
+                self.fixed_window,
+                note=f"fixed: max_batch = fleet size or {self.fixed_window * 1e3:.0f} ms",
+            ),
+            Case(
+                "arrival-window",
+                "adaptive",
+                self.arrival_window,
+                note="adaptive batching (default); devices' own adaptive drafting",
+            ),
+        ]
         return [c for c in out if not self.only or c.name in self.only]
 
 
 def fleet_jobs(ctx: Context, n: int) -> tuple[Job, ...]:
     """``n`` devices, one session each, classes round robin."""
-    return tuple(Job(f"dev-{i}", f"dev-{i}-s0", tuple(ctx.prompts[i]), tuple(ctx.references[i]),
-                     profile=c.profile, link=c.link, alpha=c.alpha)
-                 for i in range(n) for c in (CLASSES[i % len(CLASSES)],))
+    return tuple(
+        Job(
+            f"dev-{i}",
+            f"dev-{i}-s0",
+            tuple(ctx.prompts[i]),
+            tuple(ctx.references[i]),
+            profile=c.profile,
+            link=c.link,
+            alpha=c.alpha,
+        )
+        for i in range(n)
+        for c in (CLASSES[i % len(CLASSES)],)
+    )
 
 
 def class_of(job: Job) -> str:
-    return next(c.name for c in CLASSES if (c.profile, c.link, c.alpha) ==
-                (job.profile, job.link, job.alpha))
+    return next(
+        c.name
+        for c in CLASSES
+        if (c.profile, c.link, c.alpha) == (job.profile, job.link, job.alpha)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,8 +322,18 @@ class ControlProbe:
 
     def install(self) -> None:
         c = self.control
-        orig = {name: getattr(c, name) for name in
-                ("on_draft", "on_round", "on_answer", "on_forward", "decide", "forget", "hint")}
+        orig = {
+            name: getattr(c, name)
+            for name in (
+                "on_draft",
+                "on_round",
+                "on_answer",
+                "on_forward",
+                "decide",
+                "forget",
+                "hint",
+            )
+        }
         self.raw_hint = orig["hint"]
 
         def on_draft(sid: str, draft: Any, now: float) -> None:
@@ -284,8 +357,9 @@ class ControlProbe:
             self.forwards.append((rows, tokens, seconds, predicted))
             orig["on_forward"](rows, tokens, seconds)
 
-        def decide(waiting: Sequence[Any], now: float,
-                   idle: Iterable[str]) -> tuple[Collection[str], float]:
+        def decide(
+            waiting: Sequence[Any], now: float, idle: Iterable[str]
+        ) -> tuple[Collection[str], float]:
             idle = list(idle)
             self._predict(waiting, now, idle)
             take, wait = orig["decide"](waiting, now, idle)
@@ -307,9 +381,15 @@ class ControlProbe:
             self.hints[self.classes.get(sid, "?")][h] += 1
             return h
 
-        for name, fn in (("on_draft", on_draft), ("on_round", on_round), ("on_answer", on_answer),
-                         ("on_forward", on_forward), ("decide", decide), ("forget", forget),
-                         ("hint", hint)):
+        for name, fn in (
+            ("on_draft", on_draft),
+            ("on_round", on_round),
+            ("on_answer", on_answer),
+            ("on_forward", on_forward),
+            ("decide", decide),
+            ("forget", forget),
+            ("hint", hint),
+        ):
             setattr(c, name, fn)
 
     def _predict(self, waiting: Sequence[Any], now: float, idle: list[str]) -> None:
@@ -339,8 +419,12 @@ class ControlProbe:
     def snapshot(self, sid: str) -> None:
         if sid in self.control.model:
             e = self.control.model.device(sid)
-            self.estimates[sid] = {"rtt_s": e.rtt_s, "draft_s": e.draft_s, "alpha": e.alpha,
-                                   "rounds": e.rounds}
+            self.estimates[sid] = {
+                "rtt_s": e.rtt_s,
+                "draft_s": e.draft_s,
+                "alpha": e.alpha,
+                "rounds": e.rounds,
+            }
 
     def report(self) -> dict[str, Any]:
         by_class: dict[str, Any] = {}
@@ -348,8 +432,11 @@ class ControlProbe:
             ests = [e for sid, e in self.estimates.items() if self.classes.get(sid) == c.name]
             est = {k: _med([e[k] for e in ests]) for k in ("rtt_s", "draft_s", "alpha")}
             by_class[c.name] = {
-                "truth": c.truth(), "estimate_median": est, "sessions_estimated": len(ests),
-                "hints": _hist(self.hints[c.name]), "draft_lengths": _hist(self.drafts[c.name]),
+                "truth": c.truth(),
+                "estimate_median": est,
+                "sessions_estimated": len(ests),
+                "hints": _hist(self.hints[c.name]),
+                "draft_lengths": _hist(self.drafts[c.name]),
                 "draft_vs_hint": dict(self.vs_hint[c.name]),
                 "turnaround_ms": _ms(self.turnaround[c.name]),
                 "eta_error_ms": _ms(self.eta_error[c.name]),
@@ -362,26 +449,38 @@ class ControlProbe:
         batches = list(self.rounds.values())
         return {
             "by_class": by_class,
-            "decisions": dict(self.decisions), "plans": self.control.plans,
+            "decisions": dict(self.decisions),
+            "plans": self.control.plans,
             "wait_ms": _ms(self.waits),
             "planned_batch_mean": statistics.fmean(self.planned_batches)
-            if self.planned_batches else 0.0,
+            if self.planned_batches
+            else 0.0,
             "batch_rows_mean": statistics.fmean(sum(b.values()) for b in batches)
-            if batches else 0.0,
-            "batch_class_rows_mean": {c.name: statistics.fmean(b[c.name] for b in batches)
-                                      if batches else 0.0 for c in CLASSES},
-            "batches_with_class": {c.name: sum(1 for b in batches if b[c.name]) / len(batches)
-                                   if batches else 0.0 for c in CLASSES},
-            "forward_model": {"a_ms": co.a * 1e3, "b_ms": co.b * 1e3, "c_ms": co.c * 1e3,
-                              "observations": len(self.forwards),
-                              "prefill_rounds": len(self.prefilled),
-                              "rel_error_median": _med(errs),
-                              "abs_rel_error_median": _med([abs(e) for e in errs]),
-                              "measured_ms_median": _med([s * 1e3 for _, _, s, _ in steady]),
-                              "predicted_ms_median": _med([p * 1e3 for *_, p in steady]),
-                              "rounds": [[r, t, round(sec * 1e3, 1), round(p * 1e3, 1),
-                                          i in self.prefilled]
-                                         for i, (r, t, sec, p) in enumerate(self.forwards)]},
+            if batches
+            else 0.0,
+            "batch_class_rows_mean": {
+                c.name: statistics.fmean(b[c.name] for b in batches) if batches else 0.0
+                for c in CLASSES
+            },
+            "batches_with_class": {
+                c.name: sum(1 for b in batches if b[c.name]) / len(batches) if batches else 0.0
+                for c in CLASSES
+            },
+            "forward_model": {
+                "a_ms": co.a * 1e3,
+                "b_ms": co.b * 1e3,
+                "c_ms": co.c * 1e3,
+                "observations": len(self.forwards),
+                "prefill_rounds": len(self.prefilled),
+                "rel_error_median": _med(errs),
+                "abs_rel_error_median": _med([abs(e) for e in errs]),
+                "measured_ms_median": _med([s * 1e3 for _, _, s, _ in steady]),
+                "predicted_ms_median": _med([p * 1e3 for *_, p in steady]),
+                "rounds": [
+                    [r, t, round(sec * 1e3, 1), round(p * 1e3, 1), i in self.prefilled]
+                    for i, (r, t, sec, p) in enumerate(self.forwards)
+                ],
+            },
         }
 
 
@@ -393,8 +492,13 @@ def _ms(xs: Sequence[float]) -> dict[str, float]:
     if not xs:
         return {"n": 0}
     q = statistics.quantiles(xs, n=20) if len(xs) > 1 else [xs[0]] * 19
-    return {"n": len(xs), "p5": round(q[0] * 1e3, 2), "p50": round(statistics.median(xs) * 1e3, 2),
-            "p95": round(q[-1] * 1e3, 2), "mean": round(statistics.fmean(xs) * 1e3, 2)}
+    return {
+        "n": len(xs),
+        "p5": round(q[0] * 1e3, 2),
+        "p50": round(statistics.median(xs) * 1e3, 2),
+        "p95": round(q[-1] * 1e3, 2),
+        "mean": round(statistics.fmean(xs) * 1e3, 2),
+    }
 
 
 def _hist(c: Counter[int]) -> dict[str, int]:
@@ -425,14 +529,18 @@ def _session_figures(fleet: dict[str, Any], classes: SessionClasses) -> dict[str
         rounds = sum(r["rounds"] for r in rows)
         by_class[c.name] = {
             "devices": len({r["device_id"] for r in rows}),
-            "sessions": len(rows), "ms_per_token": ms_per_token(rows),
+            "sessions": len(rows),
+            "ms_per_token": ms_per_token(rows),
             "latency": latency_summary([x for r in rows for x in r["latency_s"]]),
             "draft_len": proposed / rounds if rounds else 0.0,
             "acceptance": sum(r["accepted"] for r in rows) / proposed if proposed else 0.0,
             "tokens_per_round": sum(r["tokens"] for r in rows) / rounds if rounds else 0.0,
         }
-    return {"ms_per_token": ms_per_token(per), "by_class": by_class,
-            "sessions": [{k: v for k, v in r.items() if k != "latency_s"} for r in per]}
+    return {
+        "ms_per_token": ms_per_token(per),
+        "by_class": by_class,
+        "sessions": [{k: v for k, v in r.items() if k != "latency_s"} for r in per],
+    }
 
 
 def _window_figures(steady: dict[str, Any], device_class: dict[str, str]) -> dict[str, Any]:
@@ -451,16 +559,21 @@ def _window_figures(steady: dict[str, Any], device_class: dict[str, str]) -> dic
         by_class[c.name] = {
             "ms_per_token": ms_per_token(devices),
             "window_tokens": sum(tokens[d] for d in devices),
-            "latency": latency_summary([x for d in devices
-                                        for x in steady["latency_by_device"][d]]),
+            "latency": latency_summary(
+                [x for d in devices for x in steady["latency_by_device"][d]]
+            ),
         }
-    return {"ms_per_token": ms_per_token(list(device_class)), "by_class": by_class,
-            "devices_without_tokens": [d for d in device_class if not tokens[d]],
-            "per_device_tokens": dict(tokens)}
+    return {
+        "ms_per_token": ms_per_token(list(device_class)),
+        "by_class": by_class,
+        "devices_without_tokens": [d for d in device_class if not tokens[d]],
+        "per_device_tokens": dict(tokens),
+    }
 
 
-async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
-                   repeat: int) -> dict[str, Any]:
+async def run_case(
+    ctx: Context, s: Settings, case: Case, workdir: Path, repeat: int
+) -> dict[str, Any]:
     """One verifier (this process) in ``case``'s configuration and the fleet (a child process)."""
     from middleware.verifier.batcher import BatchConfig
     from middleware.verifier.service import VerifierConfig
@@ -469,17 +582,35 @@ async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
     jobs = fleet_jobs(ctx, s.devices)
     classes = SessionClasses({j.session_id: class_of(j) for j in jobs})
     device_class = {j.device_id: class_of(j) for j in jobs}
-    spec = FleetSpec(host=ctx.host, port=ctx.port, prefix=prefix, tokenizer_dir=ctx.tokenizer_dir,
-                     fingerprint=ctx.loaded.fingerprint,
-                     vocab_size=int(ctx.loaded.model.config.vocab_size), profile="jetson",
-                     link="wifi", alpha=0.8, seed=s.seed + 1000 * repeat,
-                     max_new_tokens=s.tokens, stop_ids=ctx.stop_ids, jobs=jobs,
-                     policy=case.device_policy, timeout_s=600.0 + s.duration,
-                     duration_s=s.duration, warmup_s=s.warmup)
-    engine = (CountingEngine(ctx.loaded.model) if s.forward_overhead_tokens is None else
-              CountingEngine(ctx.loaded.model, forward_overhead_tokens=s.forward_overhead_tokens))
-    batch = BatchConfig(policy=case.policy, window=case.window,  # type: ignore[arg-type]
-                        max_batch=s.devices)
+    spec = FleetSpec(
+        host=ctx.host,
+        port=ctx.port,
+        prefix=prefix,
+        tokenizer_dir=ctx.tokenizer_dir,
+        fingerprint=ctx.loaded.fingerprint,
+        vocab_size=int(ctx.loaded.model.config.vocab_size),
+        profile="jetson",
+        link="wifi",
+        alpha=0.8,
+        seed=s.seed + 1000 * repeat,
+        max_new_tokens=s.tokens,
+        stop_ids=ctx.stop_ids,
+        jobs=jobs,
+        policy=case.device_policy,
+        timeout_s=600.0 + s.duration,
+        duration_s=s.duration,
+        warmup_s=s.warmup,
+    )
+    engine = (
+        CountingEngine(ctx.loaded.model)
+        if s.forward_overhead_tokens is None
+        else CountingEngine(ctx.loaded.model, forward_overhead_tokens=s.forward_overhead_tokens)
+    )
+    batch = BatchConfig(
+        policy=case.policy,
+        window=case.window,  # type: ignore[arg-type]
+        max_batch=s.devices,
+    )
     config = VerifierConfig(verifier_id="bench-verifier", prefix=prefix, batch=batch)
     probe: ControlProbe | None = None
     calibration = (0, 0, 0)
@@ -499,8 +630,17 @@ async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
             for sid in set(probe.verified):  # sessions whose close has not arrived yet
                 probe.snapshot(sid)
 
-    served = await serve_fleet(ctx, spec, engine, config, workdir, ready_timeout=60,
-                               on_created=created, on_ready=ready, on_done=done)
+    served = await serve_fleet(
+        ctx,
+        spec,
+        engine,
+        config,
+        workdir,
+        ready_timeout=60,
+        on_created=created,
+        on_ready=ready,
+        on_done=done,
+    )
     fleet, m = served.fleet, served.verifier.metrics
     committed = fleet["committed_tokens"]  # by every session of the run
 
@@ -508,32 +648,49 @@ async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
         return x / committed if committed else 0.0
 
     sessions = _session_figures(fleet, classes)
-    whole_run = {"wall_s": fleet["wall_s"], "committed_tokens": committed,
-                 "sessions": len(fleet["per_session"]), "wstgr": fleet["wstgr"],
-                 "ms_per_token": sessions["ms_per_token"],
-                 "by_class_ms_per_token": {c: v["ms_per_token"]
-                                           for c, v in sessions["by_class"].items()},
-                 "latency": latency_summary(fleet["latency_s"])}
+    whole_run = {
+        "wall_s": fleet["wall_s"],
+        "committed_tokens": committed,
+        "sessions": len(fleet["per_session"]),
+        "wstgr": fleet["wstgr"],
+        "ms_per_token": sessions["ms_per_token"],
+        "by_class_ms_per_token": {c: v["ms_per_token"] for c, v in sessions["by_class"].items()},
+        "latency": latency_summary(fleet["latency_s"]),
+    }
     steady = fleet.get("steady")
     if steady is None:  # one-shot: the headline figures are the whole run's
         headline: dict[str, Any] = {
-            "mode": "one-shot", "wstgr": fleet["wstgr"], "window_s": fleet["wall_s"],
-            "committed_tokens": committed, "ms_per_token": sessions["ms_per_token"],
-            "latency": whole_run["latency"], "by_class": sessions["by_class"]}
+            "mode": "one-shot",
+            "wstgr": fleet["wstgr"],
+            "window_s": fleet["wall_s"],
+            "committed_tokens": committed,
+            "ms_per_token": sessions["ms_per_token"],
+            "latency": whole_run["latency"],
+            "by_class": sessions["by_class"],
+        }
     else:  # steady: the window's, with the whole run's session diagnostics per class
         window = _window_figures(steady, device_class)
         headline = {
-            "mode": "steady", "wstgr": steady["wstgr"], "window_s": steady["window_s"],
+            "mode": "steady",
+            "wstgr": steady["wstgr"],
+            "window_s": steady["window_s"],
             "committed_tokens": steady["committed_tokens"],
             "ms_per_token": window["ms_per_token"],
             "latency": latency_summary(steady["latency_s"]),
-            "by_class": {c: {**sessions["by_class"][c], **window["by_class"][c]}
-                         for c in sessions["by_class"]},
-            "steady": {k: window[k] for k in ("devices_without_tokens", "per_device_tokens")}}
+            "by_class": {
+                c: {**sessions["by_class"][c], **window["by_class"][c]}
+                for c in sessions["by_class"]
+            },
+            "steady": {k: window[k] for k in ("devices_without_tokens", "per_device_tokens")},
+        }
     out: dict[str, Any] = {
-        "case": case.name, "repeat": repeat, **headline,
-        "wall_s": fleet["wall_s"], "run": whole_run,
-        "lossless": fleet["lossless"], "mismatched_sessions": fleet["mismatched_sessions"],
+        "case": case.name,
+        "repeat": repeat,
+        **headline,
+        "wall_s": fleet["wall_s"],
+        "run": whole_run,
+        "lossless": fleet["lossless"],
+        "mismatched_sessions": fleet["mismatched_sessions"],
         "sessions": sessions["sessions"],
         "verify_rounds": m.forwards.total(),
         "verify_rounds_per_token": per_token(m.forwards.total()),
@@ -546,9 +703,13 @@ async def run_case(ctx: Context, s: Settings, case: Case, workdir: Path,
         "queue_wait_p50_ms": m.queue_wait.quantile(0.5) * 1e3,
         "acceptance_rate": fleet["sessions"]["acceptance_rate"],
         "tokens_per_round": fleet["sessions"]["tokens_per_round"],
-        "draft_len": (fleet["sessions"]["proposed"] / fleet["sessions"]["rounds"]
-                      if fleet["sessions"]["rounds"] else 0.0),
-        "timeouts": fleet["sessions"]["timeouts"], "resends": fleet["sessions"]["resends"],
+        "draft_len": (
+            fleet["sessions"]["proposed"] / fleet["sessions"]["rounds"]
+            if fleet["sessions"]["rounds"]
+            else 0.0
+        ),
+        "timeouts": fleet["sessions"]["timeouts"],
+        "resends": fleet["sessions"]["resends"],
         "cpu_s": served.cpu_s,
     }
     if probe is not None:
@@ -575,10 +736,13 @@ def compare(rows: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]]) -
         against: dict[str, Any] = {}
         others = [n for n in med if not n.startswith("controller")]
         for other in others:
-            paired_lat = [_pct(a["ms_per_token"], b["ms_per_token"])
-                          for a, b in zip(runs[ctl], runs[other], strict=False)]
-            paired_rate = [_pct(a["wstgr"], b["wstgr"])
-                           for a, b in zip(runs[ctl], runs[other], strict=False)]
+            paired_lat = [
+                _pct(a["ms_per_token"], b["ms_per_token"])
+                for a, b in zip(runs[ctl], runs[other], strict=False)
+            ]
+            paired_rate = [
+                _pct(a["wstgr"], b["wstgr"]) for a, b in zip(runs[ctl], runs[other], strict=False)
+            ]
             against[other] = {
                 "ms_per_token_pct": _pct(med[ctl]["ms_per_token"], med[other]["ms_per_token"]),
                 "wstgr_pct": _pct(med[ctl]["wstgr"], med[other]["wstgr"]),
@@ -600,33 +764,50 @@ def measure(ctx: Context, s: Settings, workdir: Path) -> dict[str, Any]:
     rows = []
     for case in cases:
         rs = runs[case.name]
-        med = median_of([{k: v for k, v in x.items() if k not in ("sessions", "controller")}
-                         for x in rs])
+        med = median_of(
+            [{k: v for k, v in x.items() if k not in ("sessions", "controller")} for x in rs]
+        )
         med["lossless"] = all(x["lossless"] for x in rs)
         rows.append({"case": case.name, "config": asdict(case), "median": med, "runs": rs})
     return {
-        "benchmark": "control", "when": utc_now(), "machine": machine_info(),
+        "benchmark": "control",
+        "when": utc_now(),
+        "machine": machine_info(),
         "model": ctx.loaded.name,
-        "config": {"devices": s.devices, "tokens": s.tokens, "repeats": s.repeats,
-                   "mode": s.mode, "duration_s": s.duration, "warmup_s": s.warmup,
-                   "ks": list(s.ks), "planned_window_s": s.planned_window,
-                   "wide_planned_window_s": s.wide_window,
-                   "forward_overhead_tokens": s.forward_overhead_tokens,
-                   "fixed_window_s": s.fixed_window, "arrival_window_s": s.arrival_window,
-                   "max_batch": s.devices, "seed": s.seed,
-                   "prompt_tokens": [len(p) for p in ctx.prompts[:s.devices]]},
-        "fleet": {c.name: {**asdict(c), "devices": sum(1 for i in range(s.devices)
-                                                        if CLASSES[i % len(CLASSES)] is c)}
-                  for c in CLASSES},
+        "config": {
+            "devices": s.devices,
+            "tokens": s.tokens,
+            "repeats": s.repeats,
+            "mode": s.mode,
+            "duration_s": s.duration,
+            "warmup_s": s.warmup,
+            "ks": list(s.ks),
+            "planned_window_s": s.planned_window,
+            "wide_planned_window_s": s.wide_window,
+            "forward_overhead_tokens": s.forward_overhead_tokens,
+            "fixed_window_s": s.fixed_window,
+            "arrival_window_s": s.arrival_window,
+            "max_batch": s.devices,
+            "seed": s.seed,
+            "prompt_tokens": [len(p) for p in ctx.prompts[: s.devices]],
+        },
+        "fleet": {
+            c.name: {
+                **asdict(c),
+                "devices": sum(1 for i in range(s.devices) if CLASSES[i % len(CLASSES)] is c),
+            }
+            for c in CLASSES
+        },
         "assumptions": {
-            "draft_seconds_per_token": {c.name: DRAFT_PROFILES[c.profile].seconds_per_token
-                                        for c in CLASSES},
+            "draft_seconds_per_token": {
+                c.name: DRAFT_PROFILES[c.profile].seconds_per_token for c in CLASSES
+            },
             "link_one_way_s": {c.name: LINK_PROFILES[c.link].one_way_s for c in CLASSES},
             "alpha": {c.name: c.alpha for c in CLASSES},
             "note": "drafting speeds, link delays and acceptance rates are modelled "
-                    "assumptions (bench/simdevice.py, bench/control.py), not measurements; the "
-                    "devices, the broker and the verifier share this machine's cores with other "
-                    "work (load average in 'machine'), so figures are noisy",
+            "assumptions (bench/simdevice.py, bench/control.py), not measurements; the "
+            "devices, the broker and the verifier share this machine's cores with other "
+            "work (load average in 'machine'), so figures are noisy",
         },
         "results": rows,
         "comparison": compare(rows, runs),
@@ -639,13 +820,16 @@ def measure(ctx: Context, s: Settings, workdir: Path) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     cfg, m = report["config"], report["machine"]
     steady = cfg["mode"] == "steady"
-    lines = [f"speculation control, {cfg['devices']} devices (jetson/pi5/ngram thirds), "
-             f"{report['model']}, {cfg['tokens']} tokens/session, {_mode_text(cfg)}, medians "
-             f"of {cfg['repeats']}; {m['cpu_count']} shared cpus, load {m['load_average']} "
-             "(noisy)",
-             f"{'config':<17}{'WSTGR':>7}{'ms/tok':>8}{'p50':>6}{'p95':>7}{'rnd/t':>7}"
-             f"{'fwd/t':>7}{'batch':>7}{'k':>6}{'acc':>6}"
-             + "".join(f"{c.name[:6] + ' ms/t':>13}" for c in CLASSES) + f"{'lossless':>9}"]
+    lines = [
+        f"speculation control, {cfg['devices']} devices (jetson/pi5/ngram thirds), "
+        f"{report['model']}, {cfg['tokens']} tokens/session, {_mode_text(cfg)}, medians "
+        f"of {cfg['repeats']}; {m['cpu_count']} shared cpus, load {m['load_average']} "
+        "(noisy)",
+        f"{'config':<17}{'WSTGR':>7}{'ms/tok':>8}{'p50':>6}{'p95':>7}{'rnd/t':>7}"
+        f"{'fwd/t':>7}{'batch':>7}{'k':>6}{'acc':>6}"
+        + "".join(f"{c.name[:6] + ' ms/t':>13}" for c in CLASSES)
+        + f"{'lossless':>9}",
+    ]
     for row in report["results"]:
         md = row["median"]
         lines.append(
@@ -654,40 +838,56 @@ def table(report: dict[str, Any]) -> str:
             f"{md['verify_rounds_per_token']:>7.3f}{md['verify_forwards_per_token']:>7.3f}"
             f"{md['mean_batch']:>7.1f}{md['draft_len']:>6.1f}{md['acceptance_rate']:>6.2f}"
             + "".join(f"{md['by_class'][c.name]['ms_per_token']:>13.0f}" for c in CLASSES)
-            + f"{'yes' if md['lossless'] else 'NO':>9}")
+            + f"{'yes' if md['lossless'] else 'NO':>9}"
+        )
     if steady:
-        lines.append("WSTGR: tokens committed in the window / window; ms/tok: mean over devices "
-                     "of window / tokens the device committed in it; p50/p95: per-token latency "
-                     "(draft sent -> verdict) of the window's tokens, ms;")
+        lines.append(
+            "WSTGR: tokens committed in the window / window; ms/tok: mean over devices "
+            "of window / tokens the device committed in it; p50/p95: per-token latency "
+            "(draft sent -> verdict) of the window's tokens, ms;"
+        )
     else:
-        lines.append("WSTGR: committed tokens / wall time to the last session's end; ms/tok: "
-                     "mean over sessions of wall time / tokens; p50/p95: per-token latency "
-                     "(draft sent -> verdict), ms;")
-    lines.append("rnd/t, fwd/t: verify rounds, engine verify forwards per committed token (whole "
-                 "run); batch: drafts per round; k: mean draft length; acc: acceptance")
+        lines.append(
+            "WSTGR: committed tokens / wall time to the last session's end; ms/tok: "
+            "mean over sessions of wall time / tokens; p50/p95: per-token latency "
+            "(draft sent -> verdict), ms;"
+        )
+    lines.append(
+        "rnd/t, fwd/t: verify rounds, engine verify forwards per committed token (whole "
+        "run); batch: drafts per round; k: mean draft length; acc: acceptance"
+    )
     for row in report["results"]:
-        starved = {d for r in row["runs"] for d in r.get("steady", {})
-                   .get("devices_without_tokens", [])}
+        starved = {
+            d for r in row["runs"] for d in r.get("steady", {}).get("devices_without_tokens", [])
+        }
         if starved:
-            lines.append(f"{row['case']}: no token in the window from {', '.join(sorted(starved))}"
-                         " (counted as the whole window)")
+            lines.append(
+                f"{row['case']}: no token in the window from {', '.join(sorted(starved))}"
+                " (counted as the whole window)"
+            )
     comp = report["comparison"]
     for ctl in (n for n in comp if n.startswith("controller")):
         for other, d in comp[ctl].items():
-            lines.append(f"{ctl} vs {other}: per-token latency {d['ms_per_token_pct']:+.1f}%, "
-                         f"WSTGR {d['wstgr_pct']:+.1f}% (paired per repeat: "
-                         f"{d['paired_ms_per_token_pct_median']:+.1f}%, "
-                         f"{d['paired_wstgr_pct_median']:+.1f}%)")
+            lines.append(
+                f"{ctl} vs {other}: per-token latency {d['ms_per_token_pct']:+.1f}%, "
+                f"WSTGR {d['wstgr_pct']:+.1f}% (paired per repeat: "
+                f"{d['paired_ms_per_token_pct_median']:+.1f}%, "
+                f"{d['paired_wstgr_pct_median']:+.1f}%)"
+            )
     if "best_uniform_by_latency" in comp:
-        lines.append(f"best uniform k: {comp['best_uniform_by_latency']} (latency), "
-                     f"{comp['best_uniform_by_wstgr']} (WSTGR)")
+        lines.append(
+            f"best uniform k: {comp['best_uniform_by_latency']} (latency), "
+            f"{comp['best_uniform_by_wstgr']} (WSTGR)"
+        )
     return "\n".join(lines)
 
 
 def _mode_text(cfg: dict[str, Any]) -> str:
     if cfg["mode"] == "steady":
-        return (f"steady state ({cfg['duration_s']:g} s of back-to-back sessions, window "
-                f"{cfg['warmup_s']:g}-{cfg['duration_s']:g} s)")
+        return (
+            f"steady state ({cfg['duration_s']:g} s of back-to-back sessions, window "
+            f"{cfg['warmup_s']:g}-{cfg['duration_s']:g} s)"
+        )
     return "one session per device"
 
 
@@ -701,26 +901,47 @@ def plot(report: dict[str, Any], out_dir: Path) -> Path | None:
     x = list(range(len(names)))
     colors = ["tab:red" if n.startswith("controller") else "tab:blue" for n in names]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
-    ax.bar(x, [r["median"]["ms_per_token"] for r in rows], 0.6, color=colors, alpha=0.8,
-           label="all devices")
+    ax.bar(
+        x,
+        [r["median"]["ms_per_token"] for r in rows],
+        0.6,
+        color=colors,
+        alpha=0.8,
+        label="all devices",
+    )
     for off, (c, mk) in enumerate(zip(CLASSES, ("^", "s", "o"), strict=True)):
-        ax.plot([i + (off - 1) * 0.15 for i in x],
-                [r["median"]["by_class"][c.name]["ms_per_token"] for r in rows], mk,
-                color="k", ms=5, ls="none", label=c.name)
+        ax.plot(
+            [i + (off - 1) * 0.15 for i in x],
+            [r["median"]["by_class"][c.name]["ms_per_token"] for r in rows],
+            mk,
+            color="k",
+            ms=5,
+            ls="none",
+            label=c.name,
+        )
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     steady = report["config"]["mode"] == "steady"
-    ax.set(ylabel="ms per token (window / device's tokens)" if steady else
-           "ms per token (session wall / tokens)", title="mean per-token latency")
+    ax.set(
+        ylabel="ms per token (window / device's tokens)"
+        if steady
+        else "ms per token (session wall / tokens)",
+        title="mean per-token latency",
+    )
     ax.legend(fontsize=7, loc="lower left")
     bx.bar(x, [r["median"]["wstgr"] for r in rows], 0.6, color=colors, alpha=0.8)
     bx.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-    bx.set(ylabel="committed tokens/s", title="whole-system token rate (WSTGR)"
-           + (", steady window" if steady else ""))
+    bx.set(
+        ylabel="committed tokens/s",
+        title="whole-system token rate (WSTGR)" + (", steady window" if steady else ""),
+    )
     cfg, m = report["config"], report["machine"]
-    fig.suptitle(f"{cfg['devices']} simulated devices (thirds: jetson 15 ms/tok a0.8 wifi, pi5 "
-                 f"60 ms/tok a0.7 lte, ngram 1 ms/tok a0.35 ethernet),\n{cfg['tokens']} tokens, "
-                 f"{_mode_text(cfg)}, medians of {cfg['repeats']}; {m['cpu_count']} shared CPUs "
-                 "(noisy)", fontsize=8)
+    fig.suptitle(
+        f"{cfg['devices']} simulated devices (thirds: jetson 15 ms/tok a0.8 wifi, pi5 "
+        f"60 ms/tok a0.7 lte, ngram 1 ms/tok a0.35 ethernet),\n{cfg['tokens']} tokens, "
+        f"{_mode_text(cfg)}, medians of {cfg['repeats']}; {m['cpu_count']} shared CPUs "
+        "(noisy)",
+        fontsize=8,
+    )
     fig.tight_layout()
     path = out_dir / "control.png"
     fig.savefig(path, dpi=110)
@@ -732,44 +953,79 @@ def plot(report: dict[str, Any], out_dir: Path) -> Path | None:
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
-    p = argparse.ArgumentParser(prog="python -m bench.control",
-                                description=(__doc__ or "").split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.control", description=(__doc__ or "").split("\n\n")[0]
+    )
     p.add_argument("--devices", type=int, default=None, help="fleet size (default 24)")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="max new tokens per session (default 32)")
-    p.add_argument("--duration", type=float, default=None,
-                   help="steady state: seconds every device runs sessions back to back (default "
-                        "30; 0: one session per device, figures over the whole run)")
-    p.add_argument("--warmup", type=float, default=None,
-                   help="steady state: seconds at the start left out of the figures (default 6)")
+    p.add_argument(
+        "--tokens", type=int, default=None, help="max new tokens per session (default 32)"
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="steady state: seconds every device runs sessions back to back (default "
+        "30; 0: one session per device, figures over the whole run)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="steady state: seconds at the start left out of the figures (default 6)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="repeats; medians (default 3)")
-    p.add_argument("--ks", type=positive_ints, default=None,
-                   help="uniform draft lengths (default 1,2,4)")
-    p.add_argument("--planned-window", type=float, default=0.5,
-                   help="planned policy: hard bound on a draft's wait, and the planner's "
-                        "max_wait_s (s)")
-    p.add_argument("--wide-window", type=float, default=0.0,
-                   help="also run the planned policy with this window (s; 0: not): longer than "
-                        "a forward, so that the batcher consults the planner on every batch")
+    p.add_argument(
+        "--ks", type=positive_ints, default=None, help="uniform draft lengths (default 1,2,4)"
+    )
+    p.add_argument(
+        "--planned-window",
+        type=float,
+        default=0.5,
+        help="planned policy: hard bound on a draft's wait, and the planner's max_wait_s (s)",
+    )
+    p.add_argument(
+        "--wide-window",
+        type=float,
+        default=0.0,
+        help="also run the planned policy with this window (s; 0: not): longer than "
+        "a forward, so that the batcher consults the planner on every batch",
+    )
     p.add_argument("--fixed-window", type=float, default=0.05, help="fixed policy window (s)")
-    p.add_argument("--arrival-window", type=float, default=0.005,
-                   help="adaptive policy window (s; the default BatchConfig's)")
-    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=False,
-                   help="also run controller-exact (devices draft exactly the hinted length)")
-    p.add_argument("--cases", default="",
-                   help="comma-separated configurations to run (default: all), e.g. "
-                        "controller,arrival-window")
-    p.add_argument("--forward-overhead-tokens", type=int, default=None,
-                   help="the engine's forward_overhead_tokens (default: the engine's; a large "
-                        "value never splits a verify batch by draft length)")
+    p.add_argument(
+        "--arrival-window",
+        type=float,
+        default=0.005,
+        help="adaptive policy window (s; the default BatchConfig's)",
+    )
+    p.add_argument(
+        "--exact",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also run controller-exact (devices draft exactly the hinted length)",
+    )
+    p.add_argument(
+        "--cases",
+        default="",
+        help="comma-separated configurations to run (default: all), e.g. controller,arrival-window",
+    )
+    p.add_argument(
+        "--forward-overhead-tokens",
+        type=int,
+        default=None,
+        help="the engine's forward_overhead_tokens (default: the engine's; a large "
+        "value never splits a verify batch by draft length)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-cache", action="store_true", help="recompute the references")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 6 devices, 8 tokens, 1 repeat, k=4 only, 8 s steady state "
-                        "with a 2 s warm-up")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 6 devices, 8 tokens, 1 repeat, k=4 only, 8 s steady state "
+        "with a 2 s warm-up",
+    )
     ns = p.parse_args(argv)
     quick = ns.quick
     devices = ns.devices or (6 if quick else 24)
@@ -779,17 +1035,26 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     warmup = (2.0 if quick else 6.0) if ns.warmup is None else ns.warmup
     if duration < 0 or (duration > 0 and not 0 <= warmup < duration):
         p.error("need --duration >= 0 and, when > 0, 0 <= --warmup < --duration")
-    return Settings(devices=devices, tokens=ns.tokens or (8 if quick else 32),
-                    repeats=max(1, ns.repeats or (1 if quick else 3)),
-                    duration=duration, warmup=warmup if duration > 0 else 0.0,
-                    ks=ns.ks or ((4,) if quick else (1, 2, 4)),
-                    planned_window=ns.planned_window, wide_window=ns.wide_window,
-                    fixed_window=ns.fixed_window,
-                    arrival_window=ns.arrival_window, exact=ns.exact,
-                    only=tuple(x.strip() for x in ns.cases.split(",") if x.strip()),
-                    forward_overhead_tokens=ns.forward_overhead_tokens,
-                    threads=ns.threads, seed=ns.seed, out_dir=ns.out_dir, cache=not ns.no_cache,
-                    plots=not ns.no_plots)
+    return Settings(
+        devices=devices,
+        tokens=ns.tokens or (8 if quick else 32),
+        repeats=max(1, ns.repeats or (1 if quick else 3)),
+        duration=duration,
+        warmup=warmup if duration > 0 else 0.0,
+        ks=ns.ks or ((4,) if quick else (1, 2, 4)),
+        planned_window=ns.planned_window,
+        wide_window=ns.wide_window,
+        fixed_window=ns.fixed_window,
+        arrival_window=ns.arrival_window,
+        exact=ns.exact,
+        only=tuple(x.strip() for x in ns.cases.split(",") if x.strip()),
+        forward_overhead_tokens=ns.forward_overhead_tokens,
+        threads=ns.threads,
+        seed=ns.seed,
+        out_dir=ns.out_dir,
+        cache=not ns.no_cache,
+        plots=not ns.no_plots,
+    )
 
 
 def run(s: Settings, loaded: Any = None) -> tuple[dict[str, Any], list[Path]]:
@@ -797,8 +1062,10 @@ def run(s: Settings, loaded: Any = None) -> tuple[dict[str, Any], list[Path]]:
     ``loaded``: an already loaded SmolLM2 (else loaded here).  Torch's thread count is set to
     ``s.threads`` for the run and restored after it."""
     started = time.monotonic()
-    with bench_context("control", loaded, s.devices, s.tokens, s.threads,
-                       s.cache) as (ctx, workdir):
+    with bench_context("control", loaded, s.devices, s.tokens, s.threads, s.cache) as (
+        ctx,
+        workdir,
+    ):
         report = measure(ctx, s, workdir)
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     written = [s.out_dir / "control.json"]

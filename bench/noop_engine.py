@@ -52,6 +52,13 @@ class NoopEngine:
         return sum(self._lens.values())
 
     def stats(self) -> EngineStats:
-        return EngineStats(sessions=len(self._lens), cached_tokens=self.cached_tokens(),
-                           evictions=0, prefills=0, prefill_tokens=0, forward_passes=self.forwards,
-                           last_batch_size=0, forward_time_s=0.0)
+        return EngineStats(
+            sessions=len(self._lens),
+            cached_tokens=self.cached_tokens(),
+            evictions=0,
+            prefills=0,
+            prefill_tokens=0,
+            forward_passes=self.forwards,
+            last_batch_size=0,
+            forward_time_s=0.0,
+        )

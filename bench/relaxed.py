@@ -65,8 +65,15 @@ SETTINGS: tuple[tuple[str, RelaxedAcceptance | None], ...] = (
 )
 
 
-def generate(engine: TargetEngine, drafter: Any, prompt: list[int], max_new: int,
-             stop: frozenset[int], rule: RelaxedAcceptance | None, key: str) -> dict[str, Any]:
+def generate(
+    engine: TargetEngine,
+    drafter: Any,
+    prompt: list[int],
+    max_new: int,
+    stop: frozenset[int],
+    rule: RelaxedAcceptance | None,
+    key: str,
+) -> dict[str, Any]:
     """One session, speculative, through the verifier's round code."""
     drafter.start(prompt, SamplingParams())
     committed: list[int] = []
@@ -74,9 +81,16 @@ def generate(engine: TargetEngine, drafter: Any, prompt: list[int], max_new: int
     while len(committed) < max_new:
         p = drafter.propose(committed, [], min(8, max_new - len(committed)), len(committed))
         seq += 1
-        inp = RoundInput(key, tuple(prompt), tuple(committed),
-                         Draft(key, 1, seq, len(committed), tuple(p.tokens)), SamplingParams(),
-                         max_new, stop, rule)
+        inp = RoundInput(
+            key,
+            tuple(prompt),
+            tuple(committed),
+            Draft(key, 1, seq, len(committed), tuple(p.tokens)),
+            SamplingParams(),
+            max_new,
+            stop,
+            rule,
+        )
         result = run_round(engine, [inp])
         out = result.outputs[0]
         forwards += 1
@@ -103,50 +117,71 @@ def measure(max_new: int) -> dict[str, Any]:
     lossless_tokens: list[list[int]] = []
     for name, rule in SETTINGS:
         t0 = time.perf_counter()
-        runs = [generate(engine, drafter, p, max_new, stop, rule, f"{name.replace(' ', '_')}-{i}")
-                for i, p in enumerate(prompts)]
+        runs = [
+            generate(engine, drafter, p, max_new, stop, rule, f"{name.replace(' ', '_')}-{i}")
+            for i, p in enumerate(prompts)
+        ]
         wall = time.perf_counter() - t0
         outs = [r["tokens"] for r in runs]
         if rule is None:
             lossless_tokens = outs
             assert outs == refs, "lossless speculative output differs from the target alone"
         n_tokens = sum(len(o) for o in outs)
-        agree = sum(sum(1 for a, b in zip(o, r, strict=False) if a == b)
-                    for o, r in zip(outs, lossless_tokens, strict=True))
+        agree = sum(
+            sum(1 for a, b in zip(o, r, strict=False) if a == b)
+            for o, r in zip(outs, lossless_tokens, strict=True)
+        )
         positions = sum(max(len(o), len(r)) for o, r in zip(outs, lossless_tokens, strict=True))
         texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
         score = sum(kw in t.lower() for t, (_, kw) in zip(texts, TASKS, strict=True)) / len(TASKS)
         forwards = sum(r["forwards"] for r in runs)
         fs = sum(r["forward_s"] for r in runs)
-        rows.append({
-            "setting": name, "ratio": rule.ratio if rule else None,
-            "confidence": rule.confidence if rule else None,
-            "tokens": n_tokens, "forwards": forwards,
-            "forwards_per_token": round(forwards / n_tokens, 4),
-            "target_tokens_per_s": round(n_tokens / fs, 2), "wall_s": round(wall, 2),
-            "relaxed_tokens": sum(r["relaxed"] for r in runs),
-            "token_agreement": round(agree / positions, 4),
-            "identical_outputs": sum(o == r for o, r in zip(outs, lossless_tokens, strict=True)),
-            "task_score": round(score, 3), "answers": texts,
-        })
+        rows.append(
+            {
+                "setting": name,
+                "ratio": rule.ratio if rule else None,
+                "confidence": rule.confidence if rule else None,
+                "tokens": n_tokens,
+                "forwards": forwards,
+                "forwards_per_token": round(forwards / n_tokens, 4),
+                "target_tokens_per_s": round(n_tokens / fs, 2),
+                "wall_s": round(wall, 2),
+                "relaxed_tokens": sum(r["relaxed"] for r in runs),
+                "token_agreement": round(agree / positions, 4),
+                "identical_outputs": sum(
+                    o == r for o, r in zip(outs, lossless_tokens, strict=True)
+                ),
+                "task_score": round(score, 3),
+                "answers": texts,
+            }
+        )
     base = rows[0]
     for r in rows:
         r["speedup_forwards"] = round(base["forwards_per_token"] / r["forwards_per_token"], 3)
         r["speedup_target_time"] = round(r["target_tokens_per_s"] / base["target_tokens_per_s"], 3)
-    return {"machine": machine_info(), "max_new_tokens": max_new, "drafter": "quant4:smollm2",
-            "target": "smollm2 (SmolLM2-135M-Instruct Q4_1 GGUF, float32)",
-            "tasks": len(TASKS), "settings": rows}
+    return {
+        "machine": machine_info(),
+        "max_new_tokens": max_new,
+        "drafter": "quant4:smollm2",
+        "target": "smollm2 (SmolLM2-135M-Instruct Q4_1 GGUF, float32)",
+        "tasks": len(TASKS),
+        "settings": rows,
+    }
 
 
 def table(report: dict[str, Any]) -> str:
-    head = (f"{'setting':<20}{'fwd/tok':>9}{'speed-up':>10}{'tok/s tgt':>11}{'agree':>8}"
-            f"{'same':>6}{'task':>7}")
+    head = (
+        f"{'setting':<20}{'fwd/tok':>9}{'speed-up':>10}{'tok/s tgt':>11}{'agree':>8}"
+        f"{'same':>6}{'task':>7}"
+    )
     lines = [head]
     for r in report["settings"]:
-        lines.append(f"{r['setting']:<20}{r['forwards_per_token']:>9.3f}"
-                     f"{r['speedup_forwards']:>9.2f}x{r['target_tokens_per_s']:>11.1f}"
-                     f"{r['token_agreement']:>8.1%}{r['identical_outputs']:>4}/{report['tasks']:<2}"
-                     f"{r['task_score']:>6.0%}")
+        lines.append(
+            f"{r['setting']:<20}{r['forwards_per_token']:>9.3f}"
+            f"{r['speedup_forwards']:>9.2f}x{r['target_tokens_per_s']:>11.1f}"
+            f"{r['token_agreement']:>8.1%}{r['identical_outputs']:>4}/{report['tasks']:<2}"
+            f"{r['task_score']:>6.0%}"
+        )
     return "\n".join(lines)
 
 
@@ -160,8 +195,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.scatter(r["speedup_forwards"], r["token_agreement"] * 100, s=60)
-        ax.annotate(r["setting"], (r["speedup_forwards"], r["token_agreement"] * 100),
-                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.annotate(
+            r["setting"],
+            (r["speedup_forwards"], r["token_agreement"] * 100),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
     ax.set_xlabel("speed-up in target forward passes per token (x lossless)")
     ax.set_ylabel("token agreement with lossless output (%)")
     ax.set_title("relaxed acceptance: speed vs quality")

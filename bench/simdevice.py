@@ -101,9 +101,17 @@ CONF_WRONG = (0.0, 0.6)
 class ReplayDrafter(Drafter):
     """Replays the target's greedy continuation, right with probability ``alpha`` per token."""
 
-    def __init__(self, reference: Sequence[int], *, alpha: float, seconds_per_token: float,
-                 vocab_size: int, seed: int, policy: DraftPolicy | None = None,
-                 name: str = "replay") -> None:
+    def __init__(
+        self,
+        reference: Sequence[int],
+        *,
+        alpha: float,
+        seconds_per_token: float,
+        vocab_size: int,
+        seed: int,
+        policy: DraftPolicy | None = None,
+        name: str = "replay",
+    ) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError("alpha must be within [0, 1]")
         super().__init__(name, policy)
@@ -138,10 +146,11 @@ class ReplayDrafter(Drafter):
         lo, hi = CONF_WRONG
         return wrong, lo + (hi - lo) * u, False
 
-    def propose(self, committed: Sequence[int], speculative: Sequence[int], max_tokens: int,
-                position: int) -> Proposal:
+    def propose(
+        self, committed: Sequence[int], speculative: Sequence[int], max_tokens: int, position: int
+    ) -> Proposal:
         context = [*committed, *speculative]
-        on_path = tuple(context) == self.reference[:len(context)]
+        on_path = tuple(context) == self.reference[: len(context)]
         limit = self.policy.limit(max_tokens)
         tokens: list[int] = []
         confs: list[float] = []
@@ -194,8 +203,15 @@ class LatencyRecorder:
 class TimedLink(BusLink):
     """A :class:`BusLink` with a modelled one-way delay each way, recording token latency."""
 
-    def __init__(self, bus: Bus, topics: Topics, device_id: str, profile: LinkProfile,
-                 rng: random.Random, recorder: LatencyRecorder) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        topics: Topics,
+        device_id: str,
+        profile: LinkProfile,
+        rng: random.Random,
+        recorder: LatencyRecorder,
+    ) -> None:
         super().__init__(bus, topics, device_id)
         self.profile = profile
         self.rng = rng
@@ -225,8 +241,14 @@ class TimedLink(BusLink):
 class SimNode(NodeService):
     """A :class:`NodeService` whose link is a :class:`TimedLink`."""
 
-    def __init__(self, bus: Bus, link: LinkProfile, rng: random.Random, recorder: LatencyRecorder,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        link: LinkProfile,
+        rng: random.Random,
+        recorder: LatencyRecorder,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(bus, **kwargs)
         self.link = TimedLink(bus, self.topics, self.config.device_id, link, rng, recorder)
 
@@ -274,8 +296,9 @@ class FleetSpec:
     warmup_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.duration_s < 0 or (self.duration_s > 0
-                                   and not 0 <= self.warmup_s < self.duration_s):
+        if self.duration_s < 0 or (
+            self.duration_s > 0 and not 0 <= self.warmup_s < self.duration_s
+        ):
             raise ValueError("need duration_s >= 0 and, when > 0, 0 <= warmup_s < duration_s")
 
     def to_json(self) -> str:
@@ -285,19 +308,31 @@ class FleetSpec:
     def from_json(cls, text: str) -> FleetSpec:
         d = json.loads(text)
         d["stop_ids"] = tuple(d["stop_ids"])
-        d["jobs"] = tuple(Job(**{**j, "prompt": tuple(j["prompt"]),
-                                 "reference": tuple(j["reference"])}) for j in d["jobs"])
+        d["jobs"] = tuple(
+            Job(**{**j, "prompt": tuple(j["prompt"]), "reference": tuple(j["reference"])})
+            for j in d["jobs"]
+        )
         return cls(**d)
 
 
 def _session_totals(outcomes: Sequence[Outcome]) -> dict[str, float]:
-    keys = ("rounds", "proposed", "accepted", "timeouts", "resends", "reopens",
-            "offline_periods", "provisional", "corrections")
+    keys = (
+        "rounds",
+        "proposed",
+        "accepted",
+        "timeouts",
+        "resends",
+        "reopens",
+        "offline_periods",
+        "provisional",
+        "corrections",
+    )
     totals = {k: float(sum(o.stats.get(k, 0.0) for o in outcomes)) for k in keys}
     proposed = totals["proposed"]
     totals["acceptance_rate"] = totals["accepted"] / proposed if proposed else 0.0
-    totals["tokens_per_round"] = (sum(len(o.tokens) for o in outcomes) / totals["rounds"]
-                                  if totals["rounds"] else 0.0)
+    totals["tokens_per_round"] = (
+        sum(len(o.tokens) for o in outcomes) / totals["rounds"] if totals["rounds"] else 0.0
+    )
     return totals
 
 
@@ -320,11 +355,15 @@ class ReplayDrafters:
 
     def __call__(self) -> Drafter:
         policy = DraftPolicy(PolicyConfig(**self.policy)) if self.policy else None
-        return ReplayDrafter(self.reference, alpha=self.alpha,
-                             seconds_per_token=self.draft.seconds_per_token,
-                             vocab_size=self.vocab_size,
-                             seed=self.base_seed + self.repetition * SEED_STRIDE,
-                             policy=policy, name=f"replay-{self.draft.name}")
+        return ReplayDrafter(
+            self.reference,
+            alpha=self.alpha,
+            seconds_per_token=self.draft.seconds_per_token,
+            vocab_size=self.vocab_size,
+            seed=self.base_seed + self.repetition * SEED_STRIDE,
+            policy=policy,
+            name=f"replay-{self.draft.name}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,8 +377,9 @@ class SessionRun:
     end: float
 
 
-async def device_sessions(node: NodeService, job: Job, drafters: ReplayDrafters, t0: float,
-                          duration_s: float) -> list[SessionRun]:
+async def device_sessions(
+    node: NodeService, job: Job, drafters: ReplayDrafters, t0: float, duration_s: float
+) -> list[SessionRun]:
     """``job``'s session once (``duration_s`` 0), or back to back (ids ``{session_id}-{n}``)
     until ``duration_s`` has passed since ``t0``; the last one runs to its end."""
     runs: list[SessionRun] = []
@@ -354,22 +394,32 @@ async def device_sessions(node: NodeService, job: Job, drafters: ReplayDrafters,
     return runs
 
 
-def _session_record(spec: FleetSpec, r: SessionRun, recorder: LatencyRecorder,
-                    t0: float) -> dict[str, Any]:
+def _session_record(
+    spec: FleetSpec, r: SessionRun, recorder: LatencyRecorder, t0: float
+) -> dict[str, Any]:
     """One session's figures; ``start_s``/``end_s`` from ``t0``."""
     o, j = r.outcome, r.job
-    return {"session_id": o.session_id, "device_id": j.device_id,
-            "profile": j.profile or spec.profile, "link": j.link or spec.link,
-            "alpha": spec.alpha if j.alpha is None else j.alpha,
-            "tokens": len(o.tokens), "elapsed_s": o.stats.get("elapsed_s", 0.0),
-            "rounds": o.stats.get("rounds", 0.0), "proposed": o.stats.get("proposed", 0.0),
-            "accepted": o.stats.get("accepted", 0.0),
-            "repetition": r.repetition, "start_s": r.start - t0, "end_s": r.end - t0,
-            "latency_s": recorder.by_session.get(o.session_id, [])}
+    return {
+        "session_id": o.session_id,
+        "device_id": j.device_id,
+        "profile": j.profile or spec.profile,
+        "link": j.link or spec.link,
+        "alpha": spec.alpha if j.alpha is None else j.alpha,
+        "tokens": len(o.tokens),
+        "elapsed_s": o.stats.get("elapsed_s", 0.0),
+        "rounds": o.stats.get("rounds", 0.0),
+        "proposed": o.stats.get("proposed", 0.0),
+        "accepted": o.stats.get("accepted", 0.0),
+        "repetition": r.repetition,
+        "start_s": r.start - t0,
+        "end_s": r.end - t0,
+        "latency_s": recorder.by_session.get(o.session_id, []),
+    }
 
 
-def _steady(spec: FleetSpec, recorder: LatencyRecorder, runs: Sequence[SessionRun],
-            t0: float) -> dict[str, Any]:
+def _steady(
+    spec: FleetSpec, recorder: LatencyRecorder, runs: Sequence[SessionRun], t0: float
+) -> dict[str, Any]:
     """The window [t0 + warmup_s, t0 + duration_s]: tokens whose verdict arrived in it."""
     t_start, t_end = t0 + spec.warmup_s, t0 + spec.duration_s
     window_s = t_end - t_start
@@ -383,9 +433,16 @@ def _steady(spec: FleetSpec, recorder: LatencyRecorder, runs: Sequence[SessionRu
         by_device[device].extend([lat] * count)
         latency.extend([lat] * count)
     tokens = sum(per_device.values())
-    return {"window_s": window_s, "t_start": t_start, "t_end": t_end,
-            "committed_tokens": tokens, "wstgr": tokens / window_s,
-            "per_device": per_device, "latency_s": latency, "latency_by_device": by_device}
+    return {
+        "window_s": window_s,
+        "t_start": t_start,
+        "t_end": t_end,
+        "committed_tokens": tokens,
+        "wstgr": tokens / window_s,
+        "per_device": per_device,
+        "latency_s": latency,
+        "latency_by_device": by_device,
+    }
 
 
 async def run_fleet(spec: FleetSpec) -> dict[str, Any]:
@@ -396,8 +453,9 @@ async def run_fleet(spec: FleetSpec) -> dict[str, Any]:
     # One drafting thread per device (each real device has its own processor); the default
     # executor (cpu_count + 4 threads) would serialise the modelled draft time.
     loop = asyncio.get_running_loop()
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=len(spec.jobs) + 8,
-                                                 thread_name_prefix="draft"))
+    loop.set_default_executor(
+        ThreadPoolExecutor(max_workers=len(spec.jobs) + 8, thread_name_prefix="draft")
+    )
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
     session_cfg = SessionConfig(max_new_tokens=spec.max_new_tokens, stop_ids=spec.stop_ids)
     recorder = LatencyRecorder()
@@ -410,25 +468,47 @@ async def run_fleet(spec: FleetSpec) -> dict[str, Any]:
             alpha = spec.alpha if job.alpha is None else job.alpha
             client_id = f"{spec.prefix}-{job.device_id}".replace("/", "-")
             bus = await stack.enter_async_context(
-                MqttBus(MqttSettings(host=spec.host, port=spec.port, client_id=client_id)))
-            factory = ReplayDrafters(job.reference, alpha, draft, spec.vocab_size,
-                                     spec.seed * 7919 + i, spec.policy)
+                MqttBus(MqttSettings(host=spec.host, port=spec.port, client_id=client_id))
+            )
+            factory = ReplayDrafters(
+                job.reference, alpha, draft, spec.vocab_size, spec.seed * 7919 + i, spec.policy
+            )
             factories.append(factory)
-            nodes.append(SimNode(
-                bus, link, random.Random(spec.seed * 104_729 + i), recorder,
-                tokenizer=tokenizer, tokenizer_fp=spec.fingerprint, drafter_factory=factory,
-                drafter_name=f"replay-{draft.name}",
-                config=NodeConfig(device_id=job.device_id, prefix=spec.prefix, max_concurrent=1,
-                                  session=session_cfg)))
+            nodes.append(
+                SimNode(
+                    bus,
+                    link,
+                    random.Random(spec.seed * 104_729 + i),
+                    recorder,
+                    tokenizer=tokenizer,
+                    tokenizer_fp=spec.fingerprint,
+                    drafter_factory=factory,
+                    drafter_name=f"replay-{draft.name}",
+                    config=NodeConfig(
+                        device_id=job.device_id,
+                        prefix=spec.prefix,
+                        max_concurrent=1,
+                        session=session_cfg,
+                    ),
+                )
+            )
         async with asyncio.TaskGroup() as tg:
-            services = [tg.create_task(n.run(), name=f"node-{j.device_id}")
-                        for n, j in zip(nodes, spec.jobs, strict=True)]
+            services = [
+                tg.create_task(n.run(), name=f"node-{j.device_id}")
+                for n, j in zip(nodes, spec.jobs, strict=True)
+            ]
             for n in nodes:
                 await asyncio.wait_for(n.ready.wait(), 60)
             cpu0, t0 = own_cpu_seconds(), time.monotonic()
-            per_device = await asyncio.wait_for(asyncio.gather(*(
-                device_sessions(n, j, f, t0, spec.duration_s)
-                for n, j, f in zip(nodes, spec.jobs, factories, strict=True))), spec.timeout_s)
+            per_device = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        device_sessions(n, j, f, t0, spec.duration_s)
+                        for n, j, f in zip(nodes, spec.jobs, factories, strict=True)
+                    )
+                ),
+                spec.timeout_s,
+            )
             t1, cpu1 = time.monotonic(), own_cpu_seconds()
             for s in services:
                 s.cancel()
@@ -438,10 +518,15 @@ async def run_fleet(spec: FleetSpec) -> dict[str, Any]:
     mismatched = [r.outcome.session_id for r in runs if tuple(r.outcome.tokens) != r.job.reference]
     wall = t1 - t0
     report: dict[str, Any] = {
-        "wall_s": wall, "t0": t0, "t1": t1, "committed_tokens": committed,
+        "wall_s": wall,
+        "t0": t0,
+        "t1": t1,
+        "committed_tokens": committed,
         "wstgr": committed / wall if wall > 0 else 0.0,
-        "lossless": not mismatched, "mismatched_sessions": mismatched,
-        "latency_s": recorder.samples, "sessions": _session_totals(outcomes),
+        "lossless": not mismatched,
+        "mismatched_sessions": mismatched,
+        "latency_s": recorder.samples,
+        "sessions": _session_totals(outcomes),
         "fleet_cpu_s": cpu1 - cpu0,
         "per_session": [_session_record(spec, r, recorder, t0) for r in runs],
     }

@@ -61,8 +61,13 @@ def summary(rtts: list[float]) -> dict[str, float]:
     """p50/p99/mean in microseconds of round-trip times given in seconds."""
     us = sorted(r * 1e6 for r in rtts)
     q = statistics.quantiles(us, n=100, method="inclusive")
-    return {"n": len(us), "p50_us": round(q[49], 1), "p99_us": round(q[98], 1),
-            "mean_us": round(statistics.fmean(us), 1), "max_us": round(us[-1], 1)}
+    return {
+        "n": len(us),
+        "p50_us": round(q[49], 1),
+        "p99_us": round(q[98], 1),
+        "mean_us": round(statistics.fmean(us), 1),
+        "max_us": round(us[-1], 1),
+    }
 
 
 # --- raw paho ------------------------------------------------------------------------------------
@@ -92,8 +97,9 @@ def raw_paho(host: str, port: int, n: int, warmup: int, payload: bytes) -> list[
     state = {"pongs": 0, "subacks": 0}
     b.on_message = lambda c, u, m: c.publish(PONG, m.payload, qos=1)
     a.on_message = lambda c, u, m: state.__setitem__("pongs", state["pongs"] + 1)
-    a.on_subscribe = b.on_subscribe = \
-        lambda *args: state.__setitem__("subacks", state["subacks"] + 1)
+    a.on_subscribe = b.on_subscribe = lambda *args: state.__setitem__(
+        "subacks", state["subacks"] + 1
+    )
 
     def run_until(cond: Callable[[], bool], limit: float = 10.0) -> None:
         deadline = time.monotonic() + limit
@@ -178,10 +184,12 @@ def raw_zmq(port: int, n: int, warmup: int, payload: bytes) -> list[float]:
 
 
 # --- the buses -----------------------------------------------------------------------------------
-async def bus_ping_pong(make: Callable[[str], Bus], n: int, warmup: int, payload: bytes,
-                        qos: int) -> list[float]:
+async def bus_ping_pong(
+    make: Callable[[str], Bus], n: int, warmup: int, payload: bytes, qos: int
+) -> list[float]:
     async with make("bus-a") as a, make("bus-b") as b:
         async with b.subscribe(PING, qos=qos) as pings, a.subscribe(PONG, qos=qos) as pongs:
+
             async def echo() -> None:
                 async for m in pings:
                     await b.publish(PONG, m.payload, qos=qos)
@@ -202,8 +210,9 @@ async def bus_ping_pong(make: Callable[[str], Bus], n: int, warmup: int, payload
     return rtts
 
 
-def run_bus(make: Callable[[str], Bus], n: int, warmup: int, payload: bytes,
-            qos: int) -> list[float]:
+def run_bus(
+    make: Callable[[str], Bus], n: int, warmup: int, payload: bytes, qos: int
+) -> list[float]:
     return asyncio.run(bus_ping_pong(make, n, warmup, payload, qos))
 
 
@@ -211,8 +220,11 @@ def run_bus(make: Callable[[str], Bus], n: int, warmup: int, payload: bytes,
 @contextlib.contextmanager
 def child(mode: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """This script in ``--serve-relay``/``--serve-hub`` mode on ``port``, stopped on exit."""
-    proc = subprocess.Popen([sys.executable, __file__, mode, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, mode, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         if not wait_for_port("127.0.0.1", port, 15, alive=lambda: proc.poll() is None):
             raise RuntimeError(f"{mode} did not start on port {port}")
@@ -235,11 +247,16 @@ def measure(n: int, rounds: int, warmup: int, payload_size: int) -> dict[str, An
     chunk = -(-n // rounds)
     rtts: dict[str, list[float]] = {}
     relay_port, hub_port = free_port(), free_port()
-    with MosquittoProcess() as broker, child("--serve-relay", relay_port), \
-            child("--serve-hub", hub_port):
+    with (
+        MosquittoProcess() as broker,
+        child("--serve-relay", relay_port),
+        child("--serve-hub", hub_port),
+    ):
+
         def mqtt(name: str) -> Bus:
-            return MqttBus(MqttSettings(host=broker.host, port=broker.port,
-                                        client_id=f"bench-{name}"))
+            return MqttBus(
+                MqttSettings(host=broker.host, port=broker.port, client_id=f"bench-{name}")
+            )
 
         def zbus(name: str) -> Bus:
             return ZmqBus(ZmqSettings(port=hub_port, client_id=f"bench-{name}"))
@@ -257,18 +274,33 @@ def measure(n: int, rounds: int, warmup: int, payload_size: int) -> dict[str, An
                 if k > 0:
                     rtts.setdefault(name, []).extend(case(k))
     results = {name: summary(values) for name, values in rtts.items()}
-    pairs = {"mqtt_bus": "mqtt_raw_paho", "zmq_bus_qos1": "zmq_raw_pyzmq",
-             "zmq_bus_qos0": "zmq_raw_pyzmq"}
-    ratios = {f"{bus}/{raw}": {k: round(results[bus][k] / results[raw][k], 2)
-                               for k in ("p50_us", "p99_us")}
-              for bus, raw in pairs.items()}
+    pairs = {
+        "mqtt_bus": "mqtt_raw_paho",
+        "zmq_bus_qos1": "zmq_raw_pyzmq",
+        "zmq_bus_qos0": "zmq_raw_pyzmq",
+    }
+    ratios = {
+        f"{bus}/{raw}": {
+            k: round(results[bus][k] / results[raw][k], 2) for k in ("p50_us", "p99_us")
+        }
+        for bus, raw in pairs.items()
+    }
     return {
-        "benchmark": "transport_overhead", "round_trips": n, "rounds": rounds,
+        "benchmark": "transport_overhead",
+        "round_trips": n,
+        "rounds": rounds,
         "warmup_per_round": warmup,
-        "payload_bytes": payload_size, "results": results, "ratios": ratios,
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpus": os.cpu_count(), "zmq": zmq.zmq_version(), "pyzmq": zmq.__version__,
-                    "paho": getattr(paho, "__version__", "?")},
+        "payload_bytes": payload_size,
+        "results": results,
+        "ratios": ratios,
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "zmq": zmq.zmq_version(),
+            "pyzmq": zmq.__version__,
+            "paho": getattr(paho, "__version__", "?"),
+        },
         "load_average": os.getloadavg(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -276,20 +308,25 @@ def measure(n: int, rounds: int, warmup: int, payload_size: int) -> dict[str, An
 
 def table(report: dict[str, Any]) -> str:
     r, x = report["results"], report["ratios"]
-    rows = [("mqtt", "raw paho (QoS 1)", "mqtt_raw_paho", None),
-            ("mqtt", "MqttBus (QoS 1)", "mqtt_bus", "mqtt_bus/mqtt_raw_paho"),
-            ("zmq", "raw pyzmq relay", "zmq_raw_pyzmq", None),
-            ("zmq", "ZmqBus via hub (QoS 1)", "zmq_bus_qos1", "zmq_bus_qos1/zmq_raw_pyzmq"),
-            ("zmq", "ZmqBus via hub (QoS 0)", "zmq_bus_qos0", "zmq_bus_qos0/zmq_raw_pyzmq")]
+    rows = [
+        ("mqtt", "raw paho (QoS 1)", "mqtt_raw_paho", None),
+        ("mqtt", "MqttBus (QoS 1)", "mqtt_bus", "mqtt_bus/mqtt_raw_paho"),
+        ("zmq", "raw pyzmq relay", "zmq_raw_pyzmq", None),
+        ("zmq", "ZmqBus via hub (QoS 1)", "zmq_bus_qos1", "zmq_bus_qos1/zmq_raw_pyzmq"),
+        ("zmq", "ZmqBus via hub (QoS 0)", "zmq_bus_qos0", "zmq_bus_qos0/zmq_raw_pyzmq"),
+    ]
     load = ", ".join(f"{x:.2f}" for x in report["load_average"])
-    lines = [f"{report['round_trips']} round trips per case in {report['rounds']} interleaved "
-             f"rounds, {report['payload_bytes']} B payload, load average {load}",
-             f"{'transport':<9} {'client':<24} {'p50 us':>9} {'p99 us':>9} "
-             f"{'x p50':>7} {'x p99':>7}"]
+    lines = [
+        f"{report['round_trips']} round trips per case in {report['rounds']} interleaved "
+        f"rounds, {report['payload_bytes']} B payload, load average {load}",
+        f"{'transport':<9} {'client':<24} {'p50 us':>9} {'p99 us':>9} {'x p50':>7} {'x p99':>7}",
+    ]
     for transport, label, key, ratio in rows:
         rx = x[ratio] if ratio else {"p50_us": 1.0, "p99_us": 1.0}
-        lines.append(f"{transport:<9} {label:<24} {r[key]['p50_us']:>9.1f} "
-                     f"{r[key]['p99_us']:>9.1f} {rx['p50_us']:>7.2f} {rx['p99_us']:>7.2f}")
+        lines.append(
+            f"{transport:<9} {label:<24} {r[key]['p50_us']:>9.1f} "
+            f"{r[key]['p99_us']:>9.1f} {rx['p50_us']:>7.2f} {rx['p99_us']:>7.2f}"
+        )
     return "\n".join(lines)
 
 

@@ -88,19 +88,29 @@ def _settings(port: int, name: str) -> MqttSettings:
 
 
 def _verifier(bus: MqttBus, max_batch: int = 64) -> VerifierService:
-    return VerifierService(bus, NoopEngine(), tokenizer_fingerprint="noop",  # type: ignore[arg-type]
-                           config=VerifierConfig(verifier_id="bench-v", prefix=PREFIX,
-                                                 batch=BatchConfig(max_batch=max_batch),
-                                                 status_interval=3600),
-                           registry=Registry())
+    return VerifierService(
+        bus,
+        NoopEngine(),
+        tokenizer_fingerprint="noop",  # type: ignore[arg-type]
+        config=VerifierConfig(
+            verifier_id="bench-v",
+            prefix=PREFIX,
+            batch=BatchConfig(max_batch=max_batch),
+            status_interval=3600,
+        ),
+        registry=Registry(),
+    )
 
 
 # --- rtt ---------------------------------------------------------------------------------------
 async def _middleware_rtts(port: int, n: int, warmup: int, tag: str) -> list[float]:
     """Round trips of ``n`` verify rounds through device link -> broker -> verifier -> back."""
     topics = Topics(PREFIX)
-    async with MqttBus(_settings(port, f"bv-{tag}")) as vbus, \
-            MqttBus(_settings(port, f"bd-{tag}")) as dbus, asyncio.TaskGroup() as tg:
+    async with (
+        MqttBus(_settings(port, f"bv-{tag}")) as vbus,
+        MqttBus(_settings(port, f"bd-{tag}")) as dbus,
+        asyncio.TaskGroup() as tg,
+    ):
         verifier = _verifier(vbus)
         link = BusLink(dbus, topics, DEVICE)
         vtask = tg.create_task(verifier.run())
@@ -114,12 +124,23 @@ async def _middleware_rtts(port: int, n: int, warmup: int, tag: str) -> list[flo
             if not sid or base + DRAFT_LEN + 1 > MAX_NEW:
                 sid, base, seq = f"rtt-{tag}-{i}", 0, 0
                 await link.attach(sid)
-                await link.send(OpenSession(session_id=sid, device_id=DEVICE, epoch=epoch, seq=0,
-                                            tokenizer="noop", prompt=PROMPT, max_new_tokens=MAX_NEW))
+                await link.send(
+                    OpenSession(
+                        session_id=sid,
+                        device_id=DEVICE,
+                        epoch=epoch,
+                        seq=0,
+                        tokenizer="noop",
+                        prompt=PROMPT,
+                        max_new_tokens=MAX_NEW,
+                    )
+                )
                 v = await link.next_verdict(sid, 10)
                 assert isinstance(v, Verdict) and v.kind == "opened", v
             seq += 1
-            draft = Draft(sid, epoch, seq, base, tuple((base + j) % 60 + 1 for j in range(DRAFT_LEN)))
+            draft = Draft(
+                sid, epoch, seq, base, tuple((base + j) % 60 + 1 for j in range(DRAFT_LEN))
+            )
             t0 = time.perf_counter()
             await link.send(draft)
             v = await link.next_verdict(sid, 10)
@@ -143,10 +164,13 @@ def measure_rtt(port: int, n: int, rounds: int, warmup: int) -> dict[str, Any]:
         raw += raw_paho("127.0.0.1", port, chunk, warmup, payload)
         mw += asyncio.run(_middleware_rtts(port, chunk, warmup, str(r)))
     s_raw, s_mw = summary(raw), summary(mw)
-    return {"raw_paho_qos1": s_raw, "middleware_round": s_mw,
-            "ratio_p50": round(s_mw["p50_us"] / s_raw["p50_us"], 2),
-            "ratio_p99": round(s_mw["p99_us"] / s_raw["p99_us"], 2),
-            "target": {"ratio_p50": 1.5, "ratio_p99": 2.0}}
+    return {
+        "raw_paho_qos1": s_raw,
+        "middleware_round": s_mw,
+        "ratio_p50": round(s_mw["p50_us"] / s_raw["p50_us"], 2),
+        "ratio_p99": round(s_mw["p99_us"] / s_raw["p99_us"], 2),
+        "target": {"ratio_p50": 1.5, "ratio_p99": 2.0},
+    }
 
 
 # --- throughput ------------------------------------------------------------------------------
@@ -166,14 +190,26 @@ def load_main(port: int, sessions: int, seconds: float, mode: str) -> None:
 
     def send_open(sid: str) -> None:
         state[sid] = [1, 0, 0, state.get(sid, [0, 0, 0, 0])[3]]
-        c.publish(topics.session(DEVICE, sid, "open"), OpenSession(
-            session_id=sid, device_id=DEVICE, epoch=1, seq=0, tokenizer="noop", prompt=PROMPT,
-            max_new_tokens=MAX_NEW).encode(), qos=1)
+        c.publish(
+            topics.session(DEVICE, sid, "open"),
+            OpenSession(
+                session_id=sid,
+                device_id=DEVICE,
+                epoch=1,
+                seq=0,
+                tokenizer="noop",
+                prompt=PROMPT,
+                max_new_tokens=MAX_NEW,
+            ).encode(),
+            qos=1,
+        )
 
     def send_draft(sid: str) -> None:
         st = state[sid]
         st[1] += 1
-        draft = Draft(sid, st[0], st[1], st[2], tuple((st[2] + j) % 60 + 1 for j in range(DRAFT_LEN)))
+        draft = Draft(
+            sid, st[0], st[1], st[2], tuple((st[2] + j) % 60 + 1 for j in range(DRAFT_LEN))
+        )
         c.publish(topics.session(DEVICE, sid, "draft"), draft.encode(), qos=1)
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
@@ -234,8 +270,17 @@ def load_main(port: int, sessions: int, seconds: float, mode: str) -> None:
 def _echo_responder(port: int, stop: threading.Event) -> threading.Thread:
     """Answers every draft with a verdict-sized message on the verdict topic (raw paho)."""
     topics = Topics(PREFIX)
-    reply = Verdict(session_id="x" * 12, epoch=1, seq=1, kind="accept", base=0, accepted=4,
-                    tokens=(1, 2, 3, 4, 5), committed_len=5, verifier_id="bench-v").encode()
+    reply = Verdict(
+        session_id="x" * 12,
+        epoch=1,
+        seq=1,
+        kind="accept",
+        base=0,
+        accepted=4,
+        tokens=(1, 2, 3, 4, 5),
+        committed_len=5,
+        verifier_id="bench-v",
+    ).encode()
     c = _fast_paho("echo", port)
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
@@ -256,20 +301,38 @@ def _echo_responder(port: int, stop: threading.Event) -> threading.Thread:
 
 
 def _run_load(port: int, sessions: int, seconds: float, mode: str) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "bench.verifier_overhead", "--load", mode,
-                          "--port", str(port), "--sessions", str(sessions),
-                          "--seconds", str(seconds)],
-                         capture_output=True, text=True, timeout=seconds + 60,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.verifier_overhead",
+            "--load",
+            mode,
+            "--port",
+            str(port),
+            "--sessions",
+            str(sessions),
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     if out.returncode != 0:
         raise RuntimeError(f"load process failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def _verifier_under_load(port: int, sessions: int, seconds: float,
-                               max_batch: int) -> dict[str, Any]:
-    async with MqttBus(MqttSettings(port=port, client_id="bench-v", keepalive=60,
-                                    max_inflight=1000, max_queued=100_000)) as bus:
+async def _verifier_under_load(
+    port: int, sessions: int, seconds: float, max_batch: int
+) -> dict[str, Any]:
+    async with MqttBus(
+        MqttSettings(
+            port=port, client_id="bench-v", keepalive=60, max_inflight=1000, max_queued=100_000
+        )
+    ) as bus:
         verifier = _verifier(bus, max_batch)
         async with asyncio.TaskGroup() as tg:
             task = tg.create_task(verifier.run())
@@ -278,13 +341,18 @@ async def _verifier_under_load(port: int, sessions: int, seconds: float,
             task.cancel()
     m = verifier.metrics
     batches = m.forwards.get()
-    return {"load": load, "rounds": m.rounds.get(), "forwards": batches,
-            "mean_batch": round(m.rounds.get() / batches, 2) if batches else 0.0,
-            "rejected": m.rejected.total()}
+    return {
+        "load": load,
+        "rounds": m.rounds.get(),
+        "forwards": batches,
+        "mean_batch": round(m.rounds.get() / batches, 2) if batches else 0.0,
+        "rejected": m.rejected.total(),
+    }
 
 
-def measure_throughput(port: int, sessions: int, seconds: float, repeats: int,
-                       max_batch: int) -> dict[str, Any]:
+def measure_throughput(
+    port: int, sessions: int, seconds: float, repeats: int, max_batch: int
+) -> dict[str, Any]:
     echo_rates, mw_rates, details = [], [], []
     for _ in range(repeats):
         stop = threading.Event()
@@ -298,13 +366,20 @@ def measure_throughput(port: int, sessions: int, seconds: float, repeats: int,
         mw = asyncio.run(_verifier_under_load(port, sessions, seconds, max_batch))
         mw_rates.append(mw["load"]["verdicts"] / seconds)
         details.append(mw)
-    return {"sessions": sessions, "seconds": seconds, "repeats": repeats,
-            "draft_len": DRAFT_LEN, "max_batch": max_batch,
-            "echo_drafts_per_s": round(statistics.median(echo_rates)),
-            "verifier_drafts_per_s": round(statistics.median(mw_rates)),
-            "ratio": round(statistics.median(mw_rates) / statistics.median(echo_rates), 2),
-            "target_drafts_per_s": 5000, "runs": details,
-            "echo_runs": [round(r) for r in echo_rates], "verifier_runs": [round(r) for r in mw_rates]}
+    return {
+        "sessions": sessions,
+        "seconds": seconds,
+        "repeats": repeats,
+        "draft_len": DRAFT_LEN,
+        "max_batch": max_batch,
+        "echo_drafts_per_s": round(statistics.median(echo_rates)),
+        "verifier_drafts_per_s": round(statistics.median(mw_rates)),
+        "ratio": round(statistics.median(mw_rates) / statistics.median(echo_rates), 2),
+        "target_drafts_per_s": 5000,
+        "runs": details,
+        "echo_runs": [round(r) for r in echo_rates],
+        "verifier_runs": [round(r) for r in mw_rates],
+    }
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -316,15 +391,19 @@ def table(report: dict[str, Any]) -> str:
         for name in ("raw_paho_qos1", "middleware_round"):
             s = r[name]
             lines.append(f"  {name:<28} {s['p50_us']:>8} {s['p99_us']:>9} {s['mean_us']:>8}")
-        lines.append(f"  ratio p50 {r['ratio_p50']} (target <= 1.5), p99 {r['ratio_p99']} "
-                     "(target <= 2.0)")
+        lines.append(
+            f"  ratio p50 {r['ratio_p50']} (target <= 1.5), p99 {r['ratio_p99']} (target <= 2.0)"
+        )
     if "throughput" in report:
         t = report["throughput"]
-        lines.append(f"drafts per second, {t['sessions']} sessions, {t['seconds']} s x "
-                     f"{t['repeats']}")
+        lines.append(
+            f"drafts per second, {t['sessions']} sessions, {t['seconds']} s x {t['repeats']}"
+        )
         lines.append(f"  raw echo responder            {t['echo_drafts_per_s']:>8}")
-        lines.append(f"  verifier service (no-op)      {t['verifier_drafts_per_s']:>8}   "
-                     f"ratio {t['ratio']}, target >= 5000")
+        lines.append(
+            f"  verifier service (no-op)      {t['verifier_drafts_per_s']:>8}   "
+            f"ratio {t['ratio']}, target >= 5000"
+        )
     return "\n".join(lines)
 
 
@@ -349,8 +428,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axes[0].legend()
     if "throughput" in report:
         t = report["throughput"]
-        axes[1].bar(["raw echo", "verifier (no-op)"],
-                    [t["echo_drafts_per_s"], t["verifier_drafts_per_s"]])
+        axes[1].bar(
+            ["raw echo", "verifier (no-op)"], [t["echo_drafts_per_s"], t["verifier_drafts_per_s"]]
+        )
         axes[1].axhline(5000, color="red", linestyle="--", label="target 5000/s")
         axes[1].set_ylabel("drafts per second")
         axes[1].set_title(f"{t['sessions']} sessions over MQTT")
@@ -387,8 +467,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "rtt"):
             report["rtt"] = measure_rtt(broker.port, args.n, args.rounds, args.warmup)
         if args.only in (None, "throughput"):
-            report["throughput"] = measure_throughput(broker.port, args.sessions, args.seconds,
-                                                      args.repeats, args.max_batch)
+            report["throughput"] = measure_throughput(
+                broker.port, args.sessions, args.seconds, args.repeats, args.max_batch
+            )
     print(table(report))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "verifier_overhead.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -85,13 +85,38 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_DEVICES, TARGET_RATIO = 32, 2.0
 
 TOPICS = [
-    "a refrigerator", "a jet engine", "the internet", "photosynthesis", "a compiler",
-    "a solar panel", "an electric motor", "the human heart", "a bicycle gearbox", "GPS",
-    "a nuclear reactor", "a vaccine", "a hash table", "a rainbow", "a microwave oven",
-    "a steam locomotive", "a lithium battery", "the stock market", "a telescope", "a volcano",
-    "a wind turbine", "public key cryptography", "a car's brakes", "the immune system",
-    "a search engine", "an airplane wing", "a hydroelectric dam", "a thermostat",
-    "a 3D printer", "the water cycle", "a neural network", "a mechanical watch",
+    "a refrigerator",
+    "a jet engine",
+    "the internet",
+    "photosynthesis",
+    "a compiler",
+    "a solar panel",
+    "an electric motor",
+    "the human heart",
+    "a bicycle gearbox",
+    "GPS",
+    "a nuclear reactor",
+    "a vaccine",
+    "a hash table",
+    "a rainbow",
+    "a microwave oven",
+    "a steam locomotive",
+    "a lithium battery",
+    "the stock market",
+    "a telescope",
+    "a volcano",
+    "a wind turbine",
+    "public key cryptography",
+    "a car's brakes",
+    "the immune system",
+    "a search engine",
+    "an airplane wing",
+    "a hydroelectric dam",
+    "a thermostat",
+    "a 3D printer",
+    "the water cycle",
+    "a neural network",
+    "a mechanical watch",
 ]
 TEMPLATES = ["Explain in detail how {} works.", "Write a long paragraph about the history of {}."]
 PROMPTS = [t.format(x) for t in TEMPLATES for x in TOPICS]
@@ -132,23 +157,30 @@ class Context:
 
 
 # --- references ----------------------------------------------------------------------------------
-def references(loaded: Any, prompts: list[list[int]], max_new: int, stops: tuple[int, ...],
-               cache: bool) -> list[list[int]]:
+def references(
+    loaded: Any, prompts: list[list[int]], max_new: int, stops: tuple[int, ...], cache: bool
+) -> list[list[int]]:
     """Target-only greedy continuations (``reference_greedy``), cached on disk per prompt."""
     import torch
 
     from middleware.verifier.reference import reference_greedy
 
-    path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mw-bench" / \
-        "references.json"
+    path = (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "mw-bench"
+        / "references.json"
+    )
     stored: dict[str, list[int]] = {}
     if cache and path.is_file():
         with contextlib.suppress(ValueError):
             stored = json.loads(path.read_text())
 
     def key(prompt: list[int]) -> str:
-        return hashlib.sha256(json.dumps([loaded.name, loaded.fingerprint, torch.__version__,
-                                          max_new, list(stops), prompt]).encode()).hexdigest()
+        return hashlib.sha256(
+            json.dumps(
+                [loaded.name, loaded.fingerprint, torch.__version__, max_new, list(stops), prompt]
+            ).encode()
+        ).hexdigest()
 
     refs = []
     for p in prompts:
@@ -166,16 +198,29 @@ def references(loaded: Any, prompts: list[list[int]], max_new: int, stops: tuple
 async def run_fleet_process(spec: FleetSpec, workdir: Path) -> dict[str, Any]:
     """Run ``bench.simdevice`` in a child process on ``spec``; its report, or RuntimeError."""
     tag = uuid.uuid4().hex[:8]
-    spec_path, out_path, err_path = (workdir / f"fleet-{tag}.{ext}"
-                                     for ext in ("json", "out", "err"))
+    spec_path, out_path, err_path = (
+        workdir / f"fleet-{tag}.{ext}" for ext in ("json", "out", "err")
+    )
     spec_path.write_text(spec.to_json())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     with err_path.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.simdevice", str(spec_path), str(out_path), cwd=ROOT,
-            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=err)
+            sys.executable,
+            "-m",
+            "bench.simdevice",
+            str(spec_path),
+            str(out_path),
+            cwd=ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err,
+        )
         try:
             rc = await asyncio.wait_for(proc.wait(), spec.timeout_s + 120)
         except (TimeoutError, asyncio.CancelledError):
@@ -198,11 +243,18 @@ class Served:
     cpu_s: dict[str, float]
 
 
-async def serve_fleet(ctx: Context, spec: FleetSpec, engine: Any, config: Any, workdir: Path, *,
-                      ready_timeout: float = 30.0,
-                      on_created: Callable[[Any], None] | None = None,
-                      on_ready: Callable[[Any], None] | None = None,
-                      on_done: Callable[[Any], None] | None = None) -> Served:
+async def serve_fleet(
+    ctx: Context,
+    spec: FleetSpec,
+    engine: Any,
+    config: Any,
+    workdir: Path,
+    *,
+    ready_timeout: float = 30.0,
+    on_created: Callable[[Any], None] | None = None,
+    on_ready: Callable[[Any], None] | None = None,
+    on_done: Callable[[Any], None] | None = None,
+) -> Served:
     """Serve ``spec``'s fleet (a child process) with one verifier in this process.
 
     The hooks see the :class:`VerifierService` once built, once ready, and once the fleet
@@ -212,11 +264,20 @@ async def serve_fleet(ctx: Context, spec: FleetSpec, engine: Any, config: Any, w
     from middleware.metrics import Registry
     from middleware.verifier.service import VerifierService
 
-    bus = MqttBus(MqttSettings(host=ctx.host, port=ctx.port,
-                               client_id=f"{spec.prefix}-verifier".replace("/", "-")))
+    bus = MqttBus(
+        MqttSettings(
+            host=ctx.host, port=ctx.port, client_id=f"{spec.prefix}-verifier".replace("/", "-")
+        )
+    )
     async with bus:
-        verifier = VerifierService(bus, engine, tokenizer_fingerprint=ctx.loaded.fingerprint,
-                                   model_name=ctx.loaded.name, config=config, registry=Registry())
+        verifier = VerifierService(
+            bus,
+            engine,
+            tokenizer_fingerprint=ctx.loaded.fingerprint,
+            model_name=ctx.loaded.name,
+            config=config,
+            registry=Registry(),
+        )
         if on_created is not None:
             on_created(verifier)
         async with asyncio.TaskGroup() as tg:
@@ -232,25 +293,44 @@ async def serve_fleet(ctx: Context, spec: FleetSpec, engine: Any, config: Any, w
             if on_done is not None:
                 on_done(verifier)
             task.cancel()
-    return Served(verifier, fleet, {"verifier_process": cpu1 - cpu0,
-                                    "fleet_process": fleet["fleet_cpu_s"],
-                                    "mosquitto": mq1 - mq0})
+    return Served(
+        verifier,
+        fleet,
+        {
+            "verifier_process": cpu1 - cpu0,
+            "fleet_process": fleet["fleet_cpu_s"],
+            "mosquitto": mq1 - mq0,
+        },
+    )
 
 
-async def run_speculative(ctx: Context, s: Settings, devices: int, profile: str, policy: str,
-                          workdir: Path, repeat: int) -> dict[str, Any]:
+async def run_speculative(
+    ctx: Context, s: Settings, devices: int, profile: str, policy: str, workdir: Path, repeat: int
+) -> dict[str, Any]:
     """One verifier (this process) and ``devices`` simulated devices (a child process)."""
     from middleware.verifier.batcher import BatchConfig
     from middleware.verifier.service import VerifierConfig
 
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
-    jobs = tuple(Job(f"dev-{i}", f"dev-{i}-s0", tuple(ctx.prompts[i]), tuple(ctx.references[i]))
-                 for i in range(devices))
-    spec = FleetSpec(host=ctx.host, port=ctx.port, prefix=prefix, tokenizer_dir=ctx.tokenizer_dir,
-                     fingerprint=ctx.loaded.fingerprint,
-                     vocab_size=int(ctx.loaded.model.config.vocab_size), profile=profile,
-                     link=s.link, alpha=s.alpha, seed=s.seed + 1000 * repeat,
-                     max_new_tokens=s.tokens, stop_ids=ctx.stop_ids, jobs=jobs)
+    jobs = tuple(
+        Job(f"dev-{i}", f"dev-{i}-s0", tuple(ctx.prompts[i]), tuple(ctx.references[i]))
+        for i in range(devices)
+    )
+    spec = FleetSpec(
+        host=ctx.host,
+        port=ctx.port,
+        prefix=prefix,
+        tokenizer_dir=ctx.tokenizer_dir,
+        fingerprint=ctx.loaded.fingerprint,
+        vocab_size=int(ctx.loaded.model.config.vocab_size),
+        profile=profile,
+        link=s.link,
+        alpha=s.alpha,
+        seed=s.seed + 1000 * repeat,
+        max_new_tokens=s.tokens,
+        stop_ids=ctx.stop_ids,
+        jobs=jobs,
+    )
     engine = CountingEngine(ctx.loaded.model)
     batch = BatchConfig(policy=policy, window=s.window, max_batch=s.max_batch)  # type: ignore[arg-type]
     config = VerifierConfig(verifier_id="bench-verifier", prefix=prefix, batch=batch)
@@ -264,9 +344,14 @@ async def run_speculative(ctx: Context, s: Settings, devices: int, profile: str,
     rounds = m.forwards.total()
     sessions = fleet["sessions"]
     return {
-        "devices": devices, "profile": profile, "policy": policy,
-        "wstgr": fleet["wstgr"], "wall_s": fleet["wall_s"], "committed_tokens": committed,
-        "lossless": fleet["lossless"], "mismatched_sessions": fleet["mismatched_sessions"],
+        "devices": devices,
+        "profile": profile,
+        "policy": policy,
+        "wstgr": fleet["wstgr"],
+        "wall_s": fleet["wall_s"],
+        "committed_tokens": committed,
+        "lossless": fleet["lossless"],
+        "mismatched_sessions": fleet["mismatched_sessions"],
         "latency": latency_summary(fleet["latency_s"]),
         "verify_rounds": rounds,
         "verify_rounds_per_token": per_token(rounds),
@@ -279,25 +364,34 @@ async def run_speculative(ctx: Context, s: Settings, devices: int, profile: str,
         "queue_wait_p50_ms": m.queue_wait.quantile(0.5) * 1e3,
         "acceptance_rate": sessions["acceptance_rate"],
         "tokens_per_round": sessions["tokens_per_round"],
-        "timeouts": sessions["timeouts"], "resends": sessions["resends"],
+        "timeouts": sessions["timeouts"],
+        "resends": sessions["resends"],
         "provisional": sessions["provisional"],
         "cpu_s": served.cpu_s,
     }
 
 
 def run_baseline(ctx: Context, s: Settings, devices: int) -> dict[str, Any]:
-    run: BaselineRun = centralized_greedy(ctx.loaded.model, ctx.prompts[:devices], s.tokens,
-                                          ctx.stop_ids)
+    run: BaselineRun = centralized_greedy(
+        ctx.loaded.model, ctx.prompts[:devices], s.tokens, ctx.stop_ids
+    )
     same = sum(1 for o, r in zip(run.outputs, ctx.references, strict=False) if o == r)
-    return {"devices": devices, "tokens_per_s": run.tokens_per_s, "wall_s": run.wall_s,
-            "prefill_s": run.step_s[0], "prefill_padded_tokens": devices * max(
-                len(p) for p in ctx.prompts[:devices]),
-            "tokens": run.tokens, "forwards": run.forwards,
-            "forwards_per_token": run.forwards / run.tokens if run.tokens else 0.0,
-            "decode_fed_tokens_per_token": ((run.forwards - 1) * devices / run.tokens
-                                            if run.tokens else 0.0),
-            "step_latency": latency_summary(run.step_s), "matches_reference": same,
-            "all_match_reference": same == devices}
+    return {
+        "devices": devices,
+        "tokens_per_s": run.tokens_per_s,
+        "wall_s": run.wall_s,
+        "prefill_s": run.step_s[0],
+        "prefill_padded_tokens": devices * max(len(p) for p in ctx.prompts[:devices]),
+        "tokens": run.tokens,
+        "forwards": run.forwards,
+        "forwards_per_token": run.forwards / run.tokens if run.tokens else 0.0,
+        "decode_fed_tokens_per_token": (
+            (run.forwards - 1) * devices / run.tokens if run.tokens else 0.0
+        ),
+        "step_latency": latency_summary(run.step_s),
+        "matches_reference": same,
+        "all_match_reference": same == devices,
+    }
 
 
 # --- the sweep -----------------------------------------------------------------------------------
@@ -311,32 +405,48 @@ def measure(ctx: Context, s: Settings, workdir: Path) -> tuple[dict[str, Any], d
             base_runs.setdefault(n, []).append(run_baseline(ctx, s, n))
             for profile in s.profiles:
                 say(f"[wstgr] repeat {r + 1}/{s.repeats}: speculative, {n} devices ({profile})")
-                spec_runs.setdefault((profile, n), []).append(asyncio.run(
-                    run_speculative(ctx, s, n, profile, "adaptive", workdir, r)))
+                spec_runs.setdefault((profile, n), []).append(
+                    asyncio.run(run_speculative(ctx, s, n, profile, "adaptive", workdir, r))
+                )
         if s.policies and s.batch_devices not in s.devices:
             base_runs.setdefault(s.batch_devices, []).append(run_baseline(ctx, s, s.batch_devices))
         for policy in s.policies:
-            say(f"[wstgr] repeat {r + 1}/{s.repeats}: batching {policy}, {s.batch_devices} "
-                 f"devices ({s.batch_profile})")
-            batch_runs.setdefault(policy, []).append(asyncio.run(
-                run_speculative(ctx, s, s.batch_devices, s.batch_profile, policy, workdir, r)))
+            say(
+                f"[wstgr] repeat {r + 1}/{s.repeats}: batching {policy}, {s.batch_devices} "
+                f"devices ({s.batch_profile})"
+            )
+            batch_runs.setdefault(policy, []).append(
+                asyncio.run(
+                    run_speculative(ctx, s, s.batch_devices, s.batch_profile, policy, workdir, r)
+                )
+            )
     base = {n: median_of(runs) for n, runs in base_runs.items()}
     rows: list[dict[str, Any]] = []
     for (profile, n), runs in spec_runs.items():
         med = median_of(runs)
         med["lossless"] = all(x["lossless"] for x in runs)
         ratio = med["wstgr"] / base[n]["tokens_per_s"] if base[n]["tokens_per_s"] else 0.0
-        rows.append({"profile": profile, "devices": n, "speculative": med,
-                     "centralized": base[n], "ratio": ratio, "runs": runs})
+        rows.append(
+            {
+                "profile": profile,
+                "devices": n,
+                "speculative": med,
+                "centralized": base[n],
+                "ratio": ratio,
+                "runs": runs,
+            }
+        )
     at_target = [row for row in rows if row["devices"] == TARGET_DEVICES]
     met: dict[str, bool] | str = (
         {row["profile"]: row["ratio"] >= TARGET_RATIO for row in at_target}
-        if at_target else "not measured (no 32-device run)")
+        if at_target
+        else "not measured (no 32-device run)"
+    )
     common = _common(ctx, s)
     wstgr = {
-        "benchmark": "wstgr", **common,
-        "target": {"devices": TARGET_DEVICES, "ratio": TARGET_RATIO,
-                   "met": met},
+        "benchmark": "wstgr",
+        **common,
+        "target": {"devices": TARGET_DEVICES, "ratio": TARGET_RATIO, "met": met},
         "results": rows,
         "centralized_runs": {str(n): runs for n, runs in base_runs.items()},
     }
@@ -346,8 +456,11 @@ def measure(ctx: Context, s: Settings, workdir: Path) -> tuple[dict[str, Any], d
         med["lossless"] = all(x["lossless"] for x in runs)
         policies.append({"policy": policy, "median": med, "runs": runs})
     batching = {
-        "benchmark": "batching", **common, "devices": s.batch_devices,
-        "profile": s.batch_profile, "centralized": base.get(s.batch_devices, {}),
+        "benchmark": "batching",
+        **common,
+        "devices": s.batch_devices,
+        "profile": s.batch_profile,
+        "centralized": base.get(s.batch_devices, {}),
         "results": policies,
     }
     return wstgr, batching
@@ -355,19 +468,28 @@ def measure(ctx: Context, s: Settings, workdir: Path) -> tuple[dict[str, Any], d
 
 def _common(ctx: Context, s: Settings) -> dict[str, Any]:
     return {
-        "when": utc_now(), "machine": machine_info(),
+        "when": utc_now(),
+        "machine": machine_info(),
         "model": ctx.loaded.name,
-        "config": {"devices": list(s.devices), "tokens": s.tokens, "repeats": s.repeats,
-                   "alpha": s.alpha, "profiles": list(s.profiles), "link": s.link,
-                   "batch_window_s": s.window, "max_batch": s.max_batch, "seed": s.seed,
-                   "prompt_tokens": [len(p) for p in ctx.prompts],
-                   "reference_tokens": [len(r) for r in ctx.references]},
+        "config": {
+            "devices": list(s.devices),
+            "tokens": s.tokens,
+            "repeats": s.repeats,
+            "alpha": s.alpha,
+            "profiles": list(s.profiles),
+            "link": s.link,
+            "batch_window_s": s.window,
+            "max_batch": s.max_batch,
+            "seed": s.seed,
+            "prompt_tokens": [len(p) for p in ctx.prompts],
+            "reference_tokens": [len(r) for r in ctx.references],
+        },
         "assumptions": {
             "draft_seconds_per_token": {k: v.seconds_per_token for k, v in DRAFT_PROFILES.items()},
             "link_one_way_s": {k: v.one_way_s for k, v in LINK_PROFILES.items()},
             "note": "drafting and link delays are modelled assumptions (bench/simdevice.py), "
-                    "not measurements; devices, broker and verifier share this machine's "
-                    f"{os.cpu_count()} cores with other work, so figures are noisy",
+            "not measurements; devices, broker and verifier share this machine's "
+            f"{os.cpu_count()} cores with other work, so figures are noisy",
         },
     }
 
@@ -375,42 +497,55 @@ def _common(ctx: Context, s: Settings) -> dict[str, Any]:
 # --- output --------------------------------------------------------------------------------------
 def table(wstgr: dict[str, Any], batching: dict[str, Any]) -> str:
     m = wstgr["machine"]
-    lines = [f"WSTGR, {wstgr['model']}, {wstgr['config']['tokens']} tokens/session, alpha "
-             f"{wstgr['config']['alpha']}, link {wstgr['config']['link']}, torch threads "
-             f"{m['torch_threads']}, {m['cpu_count']} cpus (shared: noisy), medians of "
-             f"{wstgr['config']['repeats']}",
-             f"{'profile':<8}{'N':>4}{'WSTGR':>9}{'central':>9}{'ratio':>7}{'rnd/tok':>9}"
-             f"{'fed/tok':>8}"
-             f"{'batch':>7}{'acc':>6}{'lat p50':>9}{'p95 ms':>8}{'c.step':>8}{'lossless':>9}"]
+    lines = [
+        f"WSTGR, {wstgr['model']}, {wstgr['config']['tokens']} tokens/session, alpha "
+        f"{wstgr['config']['alpha']}, link {wstgr['config']['link']}, torch threads "
+        f"{m['torch_threads']}, {m['cpu_count']} cpus (shared: noisy), medians of "
+        f"{wstgr['config']['repeats']}",
+        f"{'profile':<8}{'N':>4}{'WSTGR':>9}{'central':>9}{'ratio':>7}{'rnd/tok':>9}"
+        f"{'fed/tok':>8}"
+        f"{'batch':>7}{'acc':>6}{'lat p50':>9}{'p95 ms':>8}{'c.step':>8}{'lossless':>9}",
+    ]
     for row in sorted(wstgr["results"], key=lambda x: (x["profile"], x["devices"])):
         sp, ce = row["speculative"], row["centralized"]
-        lines.append(f"{row['profile']:<8}{row['devices']:>4}{sp['wstgr']:>9.1f}"
-                     f"{ce['tokens_per_s']:>9.1f}{row['ratio']:>7.2f}"
-                     f"{sp['verify_rounds_per_token']:>9.3f}"
-                     f"{sp['verify_fed_tokens_per_token']:>8.2f}{sp['mean_batch']:>7.1f}"
-                     f"{sp['acceptance_rate']:>6.2f}{sp['latency']['p50_ms']:>9.0f}"
-                     f"{sp['latency']['p95_ms']:>8.0f}{ce['step_latency']['p50_ms']:>8.0f}"
-                     f"{'yes' if sp['lossless'] else 'NO':>9}")
-    lines.append("rnd/tok: verify rounds (batched forwards) per committed token; fed/tok: "
-                 "tokens the verify forwards computed (padded) per committed token (centralized "
-                 "decoding: 1); acc: draft acceptance; lat: per-token latency, draft sent -> "
-                 "verdict received; c.step: centralized step time p50")
+        lines.append(
+            f"{row['profile']:<8}{row['devices']:>4}{sp['wstgr']:>9.1f}"
+            f"{ce['tokens_per_s']:>9.1f}{row['ratio']:>7.2f}"
+            f"{sp['verify_rounds_per_token']:>9.3f}"
+            f"{sp['verify_fed_tokens_per_token']:>8.2f}{sp['mean_batch']:>7.1f}"
+            f"{sp['acceptance_rate']:>6.2f}{sp['latency']['p50_ms']:>9.0f}"
+            f"{sp['latency']['p95_ms']:>8.0f}{ce['step_latency']['p50_ms']:>8.0f}"
+            f"{'yes' if sp['lossless'] else 'NO':>9}"
+        )
+    lines.append(
+        "rnd/tok: verify rounds (batched forwards) per committed token; fed/tok: "
+        "tokens the verify forwards computed (padded) per committed token (centralized "
+        "decoding: 1); acc: draft acceptance; lat: per-token latency, draft sent -> "
+        "verdict received; c.step: centralized step time p50"
+    )
     target = wstgr["target"]
-    lines.append(f"target: >= {target['ratio']}x centralized at {target['devices']} devices: "
-                 f"{target['met']}")
+    lines.append(
+        f"target: >= {target['ratio']}x centralized at {target['devices']} devices: {target['met']}"
+    )
     if not batching["results"]:
         return "\n".join(lines)
     lines.append("")
-    lines.append(f"batching policies, {batching['devices']} devices ({batching['profile']}); "
-                 f"centralized {batching['centralized']['tokens_per_s']:.1f} tok/s")
-    lines.append(f"{'policy':<10}{'tok/s':>8}{'lat p50':>9}{'p95 ms':>8}{'batch':>7}"
-                 f"{'rnd/tok':>9}{'qwait ms':>9}{'lossless':>9}")
+    lines.append(
+        f"batching policies, {batching['devices']} devices ({batching['profile']}); "
+        f"centralized {batching['centralized']['tokens_per_s']:.1f} tok/s"
+    )
+    lines.append(
+        f"{'policy':<10}{'tok/s':>8}{'lat p50':>9}{'p95 ms':>8}{'batch':>7}"
+        f"{'rnd/tok':>9}{'qwait ms':>9}{'lossless':>9}"
+    )
     for p in batching["results"]:
         md = p["median"]
-        lines.append(f"{p['policy']:<10}{md['wstgr']:>8.1f}{md['latency']['p50_ms']:>9.0f}"
-                     f"{md['latency']['p95_ms']:>8.0f}{md['mean_batch']:>7.1f}"
-                     f"{md['verify_rounds_per_token']:>9.3f}{md['queue_wait_p50_ms']:>9.1f}"
-                     f"{'yes' if md['lossless'] else 'NO':>9}")
+        lines.append(
+            f"{p['policy']:<10}{md['wstgr']:>8.1f}{md['latency']['p50_ms']:>9.0f}"
+            f"{md['latency']['p95_ms']:>8.0f}{md['mean_batch']:>7.1f}"
+            f"{md['verify_rounds_per_token']:>9.3f}{md['queue_wait_p50_ms']:>9.1f}"
+            f"{'yes' if md['lossless'] else 'NO':>9}"
+        )
     return "\n".join(lines)
 
 
@@ -426,11 +561,19 @@ def plot(wstgr: dict[str, Any], batching: dict[str, Any], out_dir: Path) -> list
     ax.plot(ns, [central[n] for n in ns], "k--o", label="centralized (batched greedy)")
     for profile in sorted({r["profile"] for r in rows}):
         mine = sorted((r for r in rows if r["profile"] == profile), key=lambda r: r["devices"])
-        ax.plot([r["devices"] for r in mine], [r["speculative"]["wstgr"] for r in mine], "-o",
-                label=f"speculative, {profile} devices")
+        ax.plot(
+            [r["devices"] for r in mine],
+            [r["speculative"]["wstgr"] for r in mine],
+            "-o",
+            label=f"speculative, {profile} devices",
+        )
         bx.plot([r["devices"] for r in mine], [r["ratio"] for r in mine], "-o", label=profile)
-    ax.set(xscale="log", xlabel="devices (sessions)", ylabel="committed tokens/s",
-           title="whole-system token generation rate")
+    ax.set(
+        xscale="log",
+        xlabel="devices (sessions)",
+        ylabel="committed tokens/s",
+        title="whole-system token generation rate",
+    )
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.legend(fontsize=8)
     bx.axhline(TARGET_RATIO, color="r", ls=":", label=f"target {TARGET_RATIO}x")
@@ -438,8 +581,11 @@ def plot(wstgr: dict[str, Any], batching: dict[str, Any], out_dir: Path) -> list
     bx.set(xscale="log", xlabel="devices", ylabel="WSTGR / centralized", title="ratio")
     bx.set_xticks(ns, [str(n) for n in ns])
     bx.legend(fontsize=8)
-    fig.suptitle(f"{wstgr['model']}, {wstgr['machine']['cpu_count']} shared CPUs, torch threads "
-                 f"{wstgr['machine']['torch_threads']} (noisy)", fontsize=9)
+    fig.suptitle(
+        f"{wstgr['model']}, {wstgr['machine']['cpu_count']} shared CPUs, torch threads "
+        f"{wstgr['machine']['torch_threads']} (noisy)",
+        fontsize=9,
+    )
     fig.tight_layout()
     paths = [out_dir / "wstgr.png", out_dir / "batching.png"]
     fig.savefig(paths[0], dpi=110)
@@ -461,8 +607,9 @@ def plot(wstgr: dict[str, Any], batching: dict[str, Any], out_dir: Path) -> list
     bx.set_xticks(list(x), names)
     bx.set(ylabel="committed tokens/s", title="throughput")
     bx.legend(fontsize=8)
-    fig.suptitle(f"batching policies, {batching['devices']} devices ({batching['profile']})",
-                 fontsize=9)
+    fig.suptitle(
+        f"batching policies, {batching['devices']} devices ({batching['profile']})", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
@@ -477,26 +624,50 @@ def _names(choices: Sequence[str]) -> Any:
         if not values or bad:
             raise argparse.ArgumentTypeError(f"expected some of {', '.join(choices)}")
         return values
+
     return parse
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
-    p = argparse.ArgumentParser(prog="python -m bench.wstgr",
-                                description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--devices", type=positive_ints, default=None, help="fleet sizes (default 1,4,16,32,64)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.wstgr", description=(__doc__ or "").split("\n\n")[0]
+    )
+    p.add_argument(
+        "--devices", type=positive_ints, default=None, help="fleet sizes (default 1,4,16,32,64)"
+    )
     p.add_argument("--tokens", type=int, default=None, help="new tokens per session (default 32)")
     p.add_argument("--repeats", type=int, default=None, help="repeats; medians (default 1)")
-    p.add_argument("--alpha", type=float, default=0.8,
-                   help="probability that a simulated device drafts the right token")
-    p.add_argument("--profiles", type=_names(list(DRAFT_PROFILES)), default=None,
-                   help="device drafting profiles (default jetson,pi5)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.8,
+        help="probability that a simulated device drafts the right token",
+    )
+    p.add_argument(
+        "--profiles",
+        type=_names(list(DRAFT_PROFILES)),
+        default=None,
+        help="device drafting profiles (default jetson,pi5)",
+    )
     p.add_argument("--link", choices=list(LINK_PROFILES), default="wifi")
-    p.add_argument("--batch-devices", type=int, default=None,
-                   help="fleet size for the batching comparison (default 16)")
-    p.add_argument("--batch-profile", choices=list(DRAFT_PROFILES), default=None,
-                   help="drafting profile for the batching comparison (default: first profile)")
-    p.add_argument("--policies", type=_names(POLICIES), default=("adaptive", "fixed", "none"),
-                   help=f"batching policies to compare, of {', '.join(POLICIES)}")
+    p.add_argument(
+        "--batch-devices",
+        type=int,
+        default=None,
+        help="fleet size for the batching comparison (default 16)",
+    )
+    p.add_argument(
+        "--batch-profile",
+        choices=list(DRAFT_PROFILES),
+        default=None,
+        help="drafting profile for the batching comparison (default: first profile)",
+    )
+    p.add_argument(
+        "--policies",
+        type=_names(POLICIES),
+        default=("adaptive", "fixed", "none"),
+        help=f"batching policies to compare, of {', '.join(POLICIES)}",
+    )
     p.add_argument("--no-batching", action="store_true", help="skip the batching comparison")
     p.add_argument("--window", type=float, default=0.005, help="batch window, seconds")
     p.add_argument("--max-batch", type=int, default=64, help="verifier max_batch")
@@ -505,8 +676,11 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-cache", action="store_true", help="recompute the references")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: devices 1,2, 8 tokens, jetson only, batching at 2 devices")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: devices 1,2, 8 tokens, jetson only, batching at 2 devices",
+    )
     ns = p.parse_args(argv)
     quick = ns.quick
     devices = ns.devices or ((1, 2) if quick else (1, 4, 16, 32, 64))
@@ -515,17 +689,29 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     if max(max(devices), batch_devices) > len(PROMPTS):
         p.error(f"at most {len(PROMPTS)} devices (one distinct prompt each)")
     return Settings(
-        devices=devices, tokens=ns.tokens or (8 if quick else 32), repeats=max(1, ns.repeats or 1),
-        alpha=ns.alpha, profiles=profiles, link=ns.link, batch_devices=batch_devices,
+        devices=devices,
+        tokens=ns.tokens or (8 if quick else 32),
+        repeats=max(1, ns.repeats or 1),
+        alpha=ns.alpha,
+        profiles=profiles,
+        link=ns.link,
+        batch_devices=batch_devices,
         batch_profile=ns.batch_profile or profiles[0],
-        policies=() if ns.no_batching else ns.policies, window=ns.window, max_batch=ns.max_batch,
-        threads=ns.threads, seed=ns.seed, out_dir=ns.out_dir,
-        cache=not ns.no_cache, plots=not ns.no_plots)
+        policies=() if ns.no_batching else ns.policies,
+        window=ns.window,
+        max_batch=ns.max_batch,
+        threads=ns.threads,
+        seed=ns.seed,
+        out_dir=ns.out_dir,
+        cache=not ns.no_cache,
+        plots=not ns.no_plots,
+    )
 
 
 @contextlib.contextmanager
-def bench_context(tag: str, loaded: Any, n_prompts: int, tokens: int, threads: int,
-                  cache: bool) -> typing.Iterator[tuple[Context, Path]]:
+def bench_context(
+    tag: str, loaded: Any, n_prompts: int, tokens: int, threads: int, cache: bool
+) -> typing.Iterator[tuple[Context, Path]]:
     """Everything a fleet benchmark runs in: SmolLM2 (``loaded``, or loaded here), the first
     ``n_prompts`` prompts with their target-only references, a fresh Mosquitto and a work
     directory holding the tokenizer; torch at ``threads`` threads, restored on exit."""
@@ -545,12 +731,22 @@ def bench_context(tag: str, loaded: Any, n_prompts: int, tokens: int, threads: i
         stops = stop_ids_of(loaded.tokenizer)
         say(f"[{tag}] target-only references for {n_prompts} prompts x {tokens} tokens")
         refs = references(loaded, prompts, tokens, stops, cache)
-        with tempfile.TemporaryDirectory(prefix="mw-bench-") as tmp, \
-                MosquittoProcess() as broker:
+        with tempfile.TemporaryDirectory(prefix="mw-bench-") as tmp, MosquittoProcess() as broker:
             workdir = Path(tmp)
             loaded.tokenizer.save_pretrained(workdir / "tokenizer")
-            yield (Context(loaded, str(workdir / "tokenizer"), stops, prompts, refs, broker.host,
-                           broker.port, broker.pid), workdir)
+            yield (
+                Context(
+                    loaded,
+                    str(workdir / "tokenizer"),
+                    stops,
+                    prompts,
+                    refs,
+                    broker.host,
+                    broker.port,
+                    broker.pid,
+                ),
+                workdir,
+            )
     finally:
         torch.set_num_threads(before)
 
@@ -560,8 +756,9 @@ def run(s: Settings, loaded: Any = None) -> tuple[dict[str, Any], dict[str, Any]
     and the paths written.  ``loaded``: an already loaded SmolLM2 (else loaded here).  Torch's
     thread count is set to ``s.threads`` for the run and restored after it."""
     started = time.monotonic()
-    with bench_context("wstgr", loaded, max(*s.devices, s.batch_devices), s.tokens, s.threads,
-                       s.cache) as (ctx, workdir):
+    with bench_context(
+        "wstgr", loaded, max(*s.devices, s.batch_devices), s.tokens, s.threads, s.cache
+    ) as (ctx, workdir):
         wstgr, batching = measure(ctx, s, workdir)
     wstgr["elapsed_s"] = batching["elapsed_s"] = round(time.monotonic() - started, 1)
     written = [s.out_dir / "wstgr.json"]
@@ -575,8 +772,9 @@ def run(s: Settings, loaded: Any = None) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def all_lossless(wstgr: dict[str, Any], batching: dict[str, Any]) -> bool:
-    return all(r["speculative"]["lossless"] for r in wstgr["results"]) and \
-        all(p["median"]["lossless"] for p in batching["results"])
+    return all(r["speculative"]["lossless"] for r in wstgr["results"]) and all(
+        p["median"]["lossless"] for p in batching["results"]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,7 +33,9 @@ class BusSection:
     tls_key: str = ""
     keepalive: int = 15
     session_expiry: int = 300  # seconds the broker keeps a device's session while offline
-    zmq_host: str = "127.0.0.1"  # mw-cli bridge: the ZeroMQ hub it relays to; mw-cli hub: bind address
+    zmq_host: str = (
+        "127.0.0.1"  # mw-cli bridge: the ZeroMQ hub it relays to; mw-cli hub: bind address
+    )
     zmq_port: int = 5555
 
 
@@ -56,7 +58,9 @@ class VerifierSection:
     max_sessions: int = 1024
     max_sessions_per_device: int = 64
     session_idle_timeout_s: float = 900.0  # drop sessions silent this long; 0 keeps them
-    exclusive: bool = True  # the only verifier on the prefix; false for scale-out (several verifiers)
+    exclusive: bool = (
+        True  # the only verifier on the prefix; false for scale-out (several verifiers)
+    )
     metrics_port: int = 0  # 0: no endpoint
     metrics_host: str = "127.0.0.1"
     # Opt-in and LOSSY (output differs from the target alone; marked lossy everywhere).
@@ -103,7 +107,16 @@ def _coerce(section: str, key: str, typ: Any, value: Any) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if typ is int:
@@ -137,8 +150,12 @@ def _apply(cfg: Config, section: str, values: dict[str, Any]) -> Config:
     return replace(cfg, **{section: replace(current, **updates)})
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *, env: dict[str, str] | None = None,
-                overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Config:
     """Build the configuration from file, environment and flag overrides."""
     env = dict(os.environ if env is None else env)
     cfg = Config()
@@ -158,7 +175,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: dict[str, st
             cfg = _apply(cfg, section, values)
     for f in fields(Config):
         head = f"MW_{f.name.upper()}_"
-        found = {k[len(head):].lower(): v for k, v in env.items() if k.startswith(head)}
+        found = {k[len(head) :].lower(): v for k, v in env.items() if k.startswith(head)}
         if found:
             cfg = _apply(cfg, f.name, found)
     for section, values in (overrides or {}).items():

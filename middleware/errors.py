@@ -50,8 +50,9 @@ class ModelError(MiddlewareError):
 class SessionError(MiddlewareError):
     """A failure tied to one session."""
 
-    def __init__(self, message: str, *, session_id: str | None = None,
-                 device_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, session_id: str | None = None, device_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.session_id = session_id
         self.device_id = device_id

@@ -18,8 +18,11 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     if json is None:
         json = not sys.stderr.isatty()
     lvl = getattr(logging, level.upper(), logging.INFO)
-    renderer: Any = (structlog.processors.JSONRenderer() if json
-                     else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

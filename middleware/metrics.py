@@ -124,7 +124,9 @@ class Registry:
 
 
 @contextlib.asynccontextmanager
-async def serve_metrics(registry: Registry, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
+async def serve_metrics(
+    registry: Registry, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[int]:
     """Serve ``GET /metrics``; yields the bound port.  Closed on exit."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -135,10 +137,20 @@ async def serve_metrics(registry: Registry, host: str = "127.0.0.1", port: int =
                 body, status = registry.render().encode(), b"200 OK"
             else:
                 body, status = b"not found\n", b"404 Not Found"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            writer.write(
+                b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                b"Content-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body
+            )
             await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            asyncio.LimitOverrunError,
+        ):
             pass
         finally:
             writer.close()

@@ -87,8 +87,9 @@ def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
     return usec / 1e6 if usec > 0 else None
 
 
-async def watchdog_loop(interval: float | None = None,
-                        healthy: Callable[[], bool] | None = None) -> None:
+async def watchdog_loop(
+    interval: float | None = None, healthy: Callable[[], bool] | None = None
+) -> None:
     """Ping ``WATCHDOG=1`` every half watchdog interval until cancelled.
 
     ``interval`` defaults to :func:`watchdog_interval`; without a watchdog the

@@ -32,8 +32,10 @@ def _new_broker() -> Broker:
         return MosquittoProcess()
     if docker_available():
         return MosquittoContainer()
-    reason = ("no mosquitto binary (PATH, /usr/sbin) and no reachable Docker engine: "
-              "install it with `apt-get install -y mosquitto` or `bash scripts/run.sh install`")
+    reason = (
+        "no mosquitto binary (PATH, /usr/sbin) and no reachable Docker engine: "
+        "install it with `apt-get install -y mosquitto` or `bash scripts/run.sh install`"
+    )
     if os.environ.get("CI") or os.environ.get("MW_REQUIRE_BROKER"):
         pytest.fail(reason)
     pytest.skip(reason)
@@ -66,8 +68,12 @@ def mqtt_settings(mosquitto: Broker) -> Callable[..., MqttSettings]:
     """Factory: ``mqtt_settings(client_id="x", clean_start=False, ...)`` for the session broker."""
 
     def make(**overrides: Any) -> MqttSettings:
-        base: dict[str, Any] = {"host": mosquitto.host, "port": mosquitto.port,
-                                "connect_timeout": 10.0, "request_timeout": 10.0}
+        base: dict[str, Any] = {
+            "host": mosquitto.host,
+            "port": mosquitto.port,
+            "connect_timeout": 10.0,
+            "request_timeout": 10.0,
+        }
         base.update(overrides)
         return MqttSettings(**base)
 

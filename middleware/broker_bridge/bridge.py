@@ -77,8 +77,12 @@ MAX_HOPS = 16
 def retained_filters(prefix: str = DEFAULT_PREFIX) -> tuple[str, ...]:
     """Filters of the topics the protocol always publishes retained."""
     t = Topics(prefix)
-    return (t.all_sessions("state"), t.all_sessions("result"), t.all_device_status(),
-            t.all_verifier_status())
+    return (
+        t.all_sessions("state"),
+        t.all_sessions("result"),
+        t.all_device_status(),
+        t.all_verifier_status(),
+    )
 
 
 @dataclass(slots=True)
@@ -100,10 +104,20 @@ class Bridge:
     relay loops.  Either bus may reconnect at any time.
     """
 
-    def __init__(self, mqtt_bus: Bus, zmq_bus: Bus, filters: Sequence[str] | None = None,
-                 prefix: str = DEFAULT_PREFIX, *, bridge_id: str | None = None,
-                 retain: Sequence[str] | None = None, maxsize: int = 10_000,
-                 retry_min: float = 0.05, retry_max: float = 2.0, max_attempts: int = 5) -> None:
+    def __init__(
+        self,
+        mqtt_bus: Bus,
+        zmq_bus: Bus,
+        filters: Sequence[str] | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        bridge_id: str | None = None,
+        retain: Sequence[str] | None = None,
+        maxsize: int = 10_000,
+        retry_min: float = 0.05,
+        retry_max: float = 2.0,
+        max_attempts: int = 5,
+    ) -> None:
         self.mqtt_bus = mqtt_bus
         self.zmq_bus = zmq_bus
         self.prefix = prefix
@@ -136,7 +150,8 @@ class Bridge:
             await self._close_subs()
             raise
         self._task = asyncio.get_running_loop().create_task(
-            self._run(from_mqtt, from_zmq), name=f"bridge[{self.bridge_id}]")
+            self._run(from_mqtt, from_zmq), name=f"bridge[{self.bridge_id}]"
+        )
         log.info("bridge.started", bridge=self.bridge_id, filters=list(self.filters))
         return self
 
@@ -157,8 +172,9 @@ class Bridge:
     async def __aenter__(self) -> Self:
         return await self.start()
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def _open(self, bus: Bus) -> Subscription:
@@ -187,8 +203,13 @@ class Bridge:
         for name, st, sub in (("to_zmq", self.to_zmq, 0), ("to_mqtt", self.to_mqtt, 1)):
             if len(self._subs) > sub:
                 st.dropped = self._subs[sub].dropped
-            out[name] = {"relayed": st.relayed, "echoes": st.echoes, "retries": st.retries,
-                         "failed": st.failed, "dropped": st.dropped}
+            out[name] = {
+                "relayed": st.relayed,
+                "echoes": st.echoes,
+                "retries": st.retries,
+                "failed": st.failed,
+                "dropped": st.dropped,
+            }
         return out
 
     async def _relay(self, source: Subscription, dest: Bus, stats: DirectionStats) -> None:
@@ -222,9 +243,16 @@ class Bridge:
         attempts = 0
         while True:
             try:
-                await dest.publish(msg.topic, msg.payload, qos=msg.qos, retain=retain,
-                                   content_type=msg.content_type, expiry=msg.expiry,
-                                   user_properties=props, correlation=msg.correlation)
+                await dest.publish(
+                    msg.topic,
+                    msg.payload,
+                    qos=msg.qos,
+                    retain=retain,
+                    content_type=msg.content_type,
+                    expiry=msg.expiry,
+                    user_properties=props,
+                    correlation=msg.correlation,
+                )
                 return True
             except BusClosedError:
                 raise
@@ -232,12 +260,23 @@ class Bridge:
                 up = bool(getattr(dest, "is_connected", True))
                 attempts += 1 if up else 0
                 if isinstance(exc, TopicError) or attempts >= self.max_attempts:
-                    log.error("bridge.relay_failed", bridge=self.bridge_id, topic=msg.topic,
-                              error=str(exc), attempts=attempts)
+                    log.error(
+                        "bridge.relay_failed",
+                        bridge=self.bridge_id,
+                        topic=msg.topic,
+                        error=str(exc),
+                        attempts=attempts,
+                    )
                     return False
                 stats.retries += 1
-                log.warning("bridge.relay_retry", bridge=self.bridge_id, topic=msg.topic,
-                            error=str(exc), dest_connected=up, retry_in=round(delay, 3))
+                log.warning(
+                    "bridge.relay_retry",
+                    bridge=self.bridge_id,
+                    topic=msg.topic,
+                    error=str(exc),
+                    dest_connected=up,
+                    retry_in=round(delay, 3),
+                )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self._retry[1])
 

@@ -73,8 +73,13 @@ class Subscription:
 
     _CLOSED = object()
 
-    def __init__(self, filter_: str, qos: int, maxsize: int,
-                 on_close: Callable[[Subscription], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        filter_: str,
+        qos: int,
+        maxsize: int,
+        on_close: Callable[[Subscription], Awaitable[None]],
+    ) -> None:
         self.filter = filter_
         self.qos = qos
         self.dropped = 0
@@ -172,8 +177,9 @@ class Bus(ABC):
         await self.connect()
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     @abstractmethod
@@ -199,13 +205,23 @@ class Bus(ABC):
 
     # --- data path ----------------------------------------------------------
     @abstractmethod
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      content_type: str | None = None, expiry: float | None = None,
-                      user_properties: Mapping[str, str] | None = None,
-                      correlation: bytes | None = None) -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        content_type: str | None = None,
+        expiry: float | None = None,
+        user_properties: Mapping[str, str] | None = None,
+        correlation: bytes | None = None,
+    ) -> None:
         """Publish; for QoS >= 1 returns once the transport has taken the message."""
 
-    def subscribe(self, filter_: str = "", *, qos: int = 1, maxsize: int = 10_000) -> "_SubscribeCtx":
+    def subscribe(
+        self, filter_: str = "", *, qos: int = 1, maxsize: int = 10_000
+    ) -> _SubscribeCtx:
         """Subscribe to a filter; use as ``async with bus.subscribe(f) as sub``
         or ``sub = await bus.subscribe(f)``.  With no filter the subscription starts
         empty and filters are added with :meth:`Subscription.add`."""

@@ -92,8 +92,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float,
-                  alive: Callable[[], bool] = lambda: True) -> bool:
+def wait_for_port(
+    host: str, port: int, timeout: float, alive: Callable[[], bool] = lambda: True
+) -> bool:
     """Poll until ``host:port`` accepts a TCP connection; False on timeout or if not ``alive()``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -107,9 +108,11 @@ def wait_for_port(host: str, port: int, timeout: float,
 
 def render_config(base: str, port: int, host: str, persistence_dir: Path, extra: str = "") -> str:
     """The broker config: ``base`` plus the launcher's persistence path and listener."""
-    return (f"{base.rstrip()}\n\n# --- added by the launcher ---\n"
-            f"persistence_location {persistence_dir}/\n"
-            f"listener {port} {host}\n{extra.rstrip()}\n")
+    return (
+        f"{base.rstrip()}\n\n# --- added by the launcher ---\n"
+        f"persistence_location {persistence_dir}/\n"
+        f"listener {port} {host}\n{extra.rstrip()}\n"
+    )
 
 
 class _LifecycleMixin:
@@ -124,15 +127,17 @@ class _LifecycleMixin:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     async def __aenter__(self) -> Self:
         return await asyncio.to_thread(self.start)
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await asyncio.to_thread(self.close)
 
 
@@ -143,9 +148,16 @@ class MosquittoProcess(_LifecycleMixin):
     sessions); ``close()`` (and leaving the context) also deletes it.
     """
 
-    def __init__(self, port: int | None = None, *, host: str = "127.0.0.1",
-                 config: Path | str | None = None, extra_config: str = "",
-                 binary: str | None = None, startup_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        config: Path | str | None = None,
+        extra_config: str = "",
+        binary: str | None = None,
+        startup_timeout: float = 10.0,
+    ) -> None:
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.binary = binary or mosquitto_binary()
@@ -181,16 +193,21 @@ class MosquittoProcess(_LifecycleMixin):
         """Start the broker and wait until it accepts TCP connections."""
         if self.running:
             return self
-        self.config_path.write_text(render_config(self._base_config, self.port, self.host,
-                                                  self.workdir, self._extra))
+        self.config_path.write_text(
+            render_config(self._base_config, self.port, self.host, self.workdir, self._extra)
+        )
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 [str(self.binary), "-c", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)  # a Ctrl-C in the test terminal is not its business
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # a Ctrl-C in the test terminal is not its business
         self.starts += 1
-        if not wait_for_port(self.host, self.port, self.startup_timeout,
-                             alive=lambda: self.running):
+        if not wait_for_port(
+            self.host, self.port, self.startup_timeout, alive=lambda: self.running
+        ):
             tail = self.log_tail()
             self._terminate(signal.SIGKILL, 2.0)
             raise BusError(f"mosquitto did not start on {self.host}:{self.port}:\n{tail}")
@@ -247,9 +264,15 @@ class MosquittoContainer(_LifecycleMixin):
     persistence dir is a bind mount of a host temp dir.
     """
 
-    def __init__(self, port: int | None = None, *, image: str = DOCKER_IMAGE,
-                 config: Path | str | None = None, extra_config: str = "",
-                 startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        image: str = DOCKER_IMAGE,
+        config: Path | str | None = None,
+        extra_config: str = "",
+        startup_timeout: float = 30.0,
+    ) -> None:
         self.host = "127.0.0.1"
         self.port = port if port is not None else free_port()
         self.image = image
@@ -272,13 +295,16 @@ class MosquittoContainer(_LifecycleMixin):
             self._wrapped().start()
         else:
             # Inside the container: listen on all its interfaces, Docker maps the port.
-            conf = render_config(self._base_config, 1883, "0.0.0.0", Path("/mosquitto/data"),
-                                 self._extra)
+            conf = render_config(
+                self._base_config, 1883, "0.0.0.0", Path("/mosquitto/data"), self._extra
+            )
             (self.workdir / "mosquitto.conf").write_text(conf)
-            container = (DockerContainer(self.image)
-                         .with_bind_ports(1883, self.port)
-                         .with_volume_mapping(str(self.workdir), "/mosquitto/data", mode="rw")
-                         .with_command("mosquitto -c /mosquitto/data/mosquitto.conf"))
+            container = (
+                DockerContainer(self.image)
+                .with_bind_ports(1883, self.port)
+                .with_volume_mapping(str(self.workdir), "/mosquitto/data", mode="rw")
+                .with_command("mosquitto -c /mosquitto/data/mosquitto.conf")
+            )
             container.start()
             self._container = container
             self.host = container.get_container_host_ip()
@@ -313,8 +339,7 @@ class MosquittoContainer(_LifecycleMixin):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_broker(port: int | None = None,
-                 **kwargs: Any) -> MosquittoProcess | MosquittoContainer:
+def start_broker(port: int | None = None, **kwargs: Any) -> MosquittoProcess | MosquittoContainer:
     """Start a broker: the local binary if present, else Docker; BusError if neither."""
     if mosquitto_available():
         return MosquittoProcess(port, **kwargs).start()

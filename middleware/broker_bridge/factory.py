@@ -7,21 +7,34 @@ from middleware.config import BusSection
 from middleware.errors import ConfigError
 
 
-def make_bus(cfg: BusSection, client_id: str, *, will: Will | None = None,
-             persistent: bool = False) -> Bus:
+def make_bus(
+    cfg: BusSection, client_id: str, *, will: Will | None = None, persistent: bool = False
+) -> Bus:
     """A not-yet-connected Bus for ``cfg``; ``persistent`` keeps the broker session while offline."""
     if cfg.transport == "mqtt":
         from middleware.broker_bridge.mqtt import MqttBus, MqttSettings, TlsSettings
 
         tls = None
         if cfg.tls_ca or cfg.tls_cert:
-            tls = TlsSettings(ca_file=cfg.tls_ca or None, cert_file=cfg.tls_cert or None,
-                              key_file=cfg.tls_key or None)
-        return MqttBus(MqttSettings(
-            host=cfg.host, port=cfg.port, client_id=client_id,
-            username=cfg.username or None, password=cfg.password or None, tls=tls,
-            keepalive=cfg.keepalive, clean_start=not persistent,
-            session_expiry=cfg.session_expiry if persistent else 0, will=will))
+            tls = TlsSettings(
+                ca_file=cfg.tls_ca or None,
+                cert_file=cfg.tls_cert or None,
+                key_file=cfg.tls_key or None,
+            )
+        return MqttBus(
+            MqttSettings(
+                host=cfg.host,
+                port=cfg.port,
+                client_id=client_id,
+                username=cfg.username or None,
+                password=cfg.password or None,
+                tls=tls,
+                keepalive=cfg.keepalive,
+                clean_start=not persistent,
+                session_expiry=cfg.session_expiry if persistent else 0,
+                will=will,
+            )
+        )
     if cfg.transport == "zmq":
         from middleware.broker_bridge.zmq import ZmqBus, ZmqSettings
 

@@ -54,7 +54,9 @@ class InMemoryBroker:
 class InMemoryBus(Bus):
     """A Bus connected to an :class:`InMemoryBroker`."""
 
-    def __init__(self, broker: InMemoryBroker, client_id: str = "mem", will: Will | None = None) -> None:
+    def __init__(
+        self, broker: InMemoryBroker, client_id: str = "mem", will: Will | None = None
+    ) -> None:
         super().__init__()
         self.broker = broker
         self.client_id = client_id
@@ -83,13 +85,31 @@ class InMemoryBus(Bus):
             w = self.will
             self.broker.route(BusMessage(w.topic, w.payload, w.qos, w.retain))
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      content_type: str | None = None, expiry: float | None = None,
-                      user_properties: Mapping[str, str] | None = None,
-                      correlation: bytes | None = None) -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        content_type: str | None = None,
+        expiry: float | None = None,
+        user_properties: Mapping[str, str] | None = None,
+        correlation: bytes | None = None,
+    ) -> None:
         self._check_open()
-        self.broker.route(BusMessage(topic, bytes(payload), qos, retain, content_type, expiry,
-                                     dict(user_properties or {}), correlation))
+        self.broker.route(
+            BusMessage(
+                topic,
+                bytes(payload),
+                qos,
+                retain,
+                content_type,
+                expiry,
+                dict(user_properties or {}),
+                correlation,
+            )
+        )
 
     async def _subscribe(self, filter_: str, qos: int) -> None:
         # once per filter: Bus unsubscribes only when the last user closes, and a

@@ -127,8 +127,10 @@ class MqttSettings:
         if self.will is not None and self.will.delay > self.session_expiry:
             # MQTT 5: the will goes out when the delay passes *or the session
             # ends*, whichever is first, so a longer delay would be ignored.
-            raise ConfigError(f"will delay {self.will.delay}s needs session_expiry >= it "
-                              f"(got {self.session_expiry}s)")
+            raise ConfigError(
+                f"will delay {self.will.delay}s needs session_expiry >= it "
+                f"(got {self.session_expiry}s)"
+            )
 
 
 class _Refused(BusError):
@@ -249,10 +251,19 @@ class MqttBus(Bus):
         self._fail_pending(BusClosedError(f"{self.client_id}: bus crashed"))
 
     # --- data path ------------------------------------------------------------
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      content_type: str | None = None, expiry: float | None = None,
-                      user_properties: Mapping[str, str] | None = None,
-                      correlation: bytes | None = None, timeout: float | None = None) -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        content_type: str | None = None,
+        expiry: float | None = None,
+        user_properties: Mapping[str, str] | None = None,
+        correlation: bytes | None = None,
+        timeout: float | None = None,
+    ) -> None:
         """Publish; QoS >= 1 returns after PUBACK.  While disconnected it waits for
         the reconnect; the whole call is bounded by ``timeout`` (default
         ``settings.request_timeout``) and raises BusError when that passes."""
@@ -288,8 +299,9 @@ class MqttBus(Bus):
             async with asyncio.timeout_at(deadline):
                 await ack
         except TimeoutError as exc:
-            raise BusError(f"{self.client_id}: no PUBACK for {topic!r} in time "
-                           f"(connected={self.is_connected})") from exc
+            raise BusError(
+                f"{self.client_id}: no PUBACK for {topic!r} in time (connected={self.is_connected})"
+            ) from exc
         finally:
             self._pub_acks.pop(info.mid, None)
 
@@ -308,7 +320,8 @@ class MqttBus(Bus):
             waited = True
             try:
                 codes = await self._send_subscribe(
-                    {filter_: qos}, SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE, deadline)
+                    {filter_: qos}, SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE, deadline
+                )
             except _Lost:
                 continue
             if codes[0].is_failure:
@@ -353,14 +366,22 @@ class MqttBus(Bus):
                     if isinstance(err, _Refused) or loop.time() + delay >= give_up_at:
                         first.set_exception(err)
                         return
-                log.warning("mqtt.connect_failed", client_id=self.client_id, error=str(err),
-                            retry_in=round(delay, 3))
+                log.warning(
+                    "mqtt.connect_failed",
+                    client_id=self.client_id,
+                    error=str(err),
+                    retry_in=round(delay, 3),
+                )
                 delay = await _backoff(delay, s.reconnect_max)
                 continue
             if first.done():
                 self._reconnects += 1
-                log.info("mqtt.reconnected", client_id=self.client_id, reconnects=self._reconnects,
-                         session_present=self._session_present)
+                log.info(
+                    "mqtt.reconnected",
+                    client_id=self.client_id,
+                    reconnects=self._reconnects,
+                    session_present=self._session_present,
+                )
             self._connected.set()
             self._wake()
             if not first.done():
@@ -391,8 +412,10 @@ class MqttBus(Bus):
             attempt.add_done_callback(self._after_abandoned_attempt)
             raise
         except (OSError, ValueError, paho.WebsocketConnectionError) as exc:
-            raise BusError(f"cannot connect to {self.settings.host}:{self.settings.port}: "
-                           f"{exc or type(exc).__name__}") from exc
+            raise BusError(
+                f"cannot connect to {self.settings.host}:{self.settings.port}: "
+                f"{exc or type(exc).__name__}"
+            ) from exc
         self._watch()
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
@@ -416,23 +439,27 @@ class MqttBus(Bus):
         deadline = self._require_loop().time() + self.settings.request_timeout
         try:
             # Retained messages only for subscriptions the broker did not keep.
-            codes = await self._send_subscribe(filters, SubscribeOptions.RETAIN_SEND_IF_NEW_SUB,
-                                               deadline)
+            codes = await self._send_subscribe(
+                filters, SubscribeOptions.RETAIN_SEND_IF_NEW_SUB, deadline
+            )
         except BusError:
             self._abort_connection("no SUBACK")
             raise
         for f, code in zip(filters, codes, strict=False):
             if code.is_failure:
-                log.error("mqtt.resubscribe_refused", client_id=self.client_id, filter=f,
-                          reason=str(code))
+                log.error(
+                    "mqtt.resubscribe_refused", client_id=self.client_id, filter=f, reason=str(code)
+                )
             else:
                 self._live.add(f)
 
-    async def _send_subscribe(self, filters: Mapping[str, int], retain_handling: int,
-                              deadline: float) -> list[ReasonCode]:
+    async def _send_subscribe(
+        self, filters: Mapping[str, int], retain_handling: int, deadline: float
+    ) -> list[ReasonCode]:
         client = self._require_client()
-        opts = [(f, SubscribeOptions(qos=q, retainHandling=retain_handling))
-                for f, q in filters.items()]
+        opts = [
+            (f, SubscribeOptions(qos=q, retainHandling=retain_handling)) for f, q in filters.items()
+        ]
         try:
             rc, mid = client.subscribe(opts)
         except ValueError as exc:
@@ -468,8 +495,10 @@ class MqttBus(Bus):
             if self._task is None:
                 raise BusError(f"{self.client_id}: not connected (call connect() first)")
             if deadline is not None and loop.time() >= deadline:
-                raise BusError(f"{self.client_id}: no connection to "
-                               f"{self.settings.host}:{self.settings.port} in time")
+                raise BusError(
+                    f"{self.client_id}: no connection to "
+                    f"{self.settings.host}:{self.settings.port} in time"
+                )
             await self._wakeup.wait(deadline)
 
     def _wake(self) -> None:
@@ -478,8 +507,13 @@ class MqttBus(Bus):
     # --- paho client and its callbacks ----------------------------------------------
     def _make_client(self) -> paho.Client:
         s = self.settings
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                        protocol=paho.MQTTv5, transport="tcp", reconnect_on_failure=False)
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5,
+            transport="tcp",
+            reconnect_on_failure=False,
+        )
         c.max_inflight_messages_set(s.max_inflight)
         c.max_queued_messages_set(s.max_queued)
         c.connect_timeout = s.connect_timeout
@@ -492,13 +526,19 @@ class MqttBus(Bus):
                 raise BusError(f"cannot load TLS files: {exc}") from exc
             c.tls_insecure_set(s.tls.insecure)
         if s.will is not None:
-            c.will_set(s.will.topic, s.will.payload, s.will.qos, s.will.retain,
-                       will_properties(s.will))
+            c.will_set(
+                s.will.topic, s.will.payload, s.will.qos, s.will.retain, will_properties(s.will)
+            )
         props = Properties(PacketTypes.CONNECT)
         if s.session_expiry:
             props.SessionExpiryInterval = s.session_expiry
-        c.connect_async(s.host, s.port, s.keepalive, clean_start=s.clean_start,
-                        properties=props if s.session_expiry else None)
+        c.connect_async(
+            s.host,
+            s.port,
+            s.keepalive,
+            clean_start=s.clean_start,
+            properties=props if s.session_expiry else None,
+        )
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -511,13 +551,20 @@ class MqttBus(Bus):
         c.on_socket_unregister_write = self._on_socket_unregister_write
         return c
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
-                    reason: ReasonCode, props: Properties | None) -> None:
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
         fut = self._connack
         if reason.is_failure:
             cls = BusError if reason.value in _RETRYABLE_CONNACK else _Refused
-            err: BusError = cls(f"{self.settings.host}:{self.settings.port} refused "
-                                f"{self.client_id}: {reason}")
+            err: BusError = cls(
+                f"{self.settings.host}:{self.settings.port} refused {self.client_id}: {reason}"
+            )
             if fut is not None and not fut.done():
                 fut.set_exception(err)
             return
@@ -526,13 +573,23 @@ class MqttBus(Bus):
         if receive_max is not None and receive_max < self.settings.max_inflight:
             # paho cannot lower its in-flight window on a live connection, and a
             # broker disconnects a client that exceeds its Receive Maximum.
-            log.warning("mqtt.receive_maximum_exceeded", client_id=self.client_id,
-                        broker_receive_maximum=receive_max, max_inflight=self.settings.max_inflight)
+            log.warning(
+                "mqtt.receive_maximum_exceeded",
+                client_id=self.client_id,
+                broker_receive_maximum=receive_max,
+                max_inflight=self.settings.max_inflight,
+            )
         if fut is not None and not fut.done():
             fut.set_result(bool(flags.session_present))
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
-                       reason: ReasonCode, props: Properties | None) -> None:
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
         self._handle_lost(str(reason), from_broker=flags.is_disconnect_packet_from_server)
 
     def _handle_lost(self, reason: str, from_broker: bool = False) -> None:
@@ -547,8 +604,12 @@ class MqttBus(Bus):
             if not ack.done():
                 ack.set_exception(_Lost(reason))
         if was_connected and not self._closed:
-            log.warning("mqtt.connection_lost", client_id=self.client_id, reason=reason,
-                        by_broker=from_broker)
+            log.warning(
+                "mqtt.connection_lost",
+                client_id=self.client_id,
+                reason=reason,
+                by_broker=from_broker,
+            )
 
     def _on_message(self, client: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
         try:
@@ -556,8 +617,14 @@ class MqttBus(Bus):
         except Exception:  # a bad message or a subscriber bug must not kill the connection
             log.exception("mqtt.dispatch_failed", client_id=self.client_id)
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
-                    props: Properties | None) -> None:
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
         ack = self._pub_acks.get(mid)
         if ack is None or ack.done():
             return  # QoS 0, or a publish that already gave up
@@ -566,14 +633,26 @@ class MqttBus(Bus):
         else:
             ack.set_result(None)
 
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int,
-                      codes: list[ReasonCode], props: Properties | None) -> None:
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        codes: list[ReasonCode],
+        props: Properties | None,
+    ) -> None:
         ack = self._sub_acks.get(mid)
         if ack is not None and not ack.done():
             ack.set_result(codes)
 
-    def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int,
-                        codes: list[ReasonCode], props: Properties | None) -> None:
+    def _on_unsubscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        codes: list[ReasonCode],
+        props: Properties | None,
+    ) -> None:
         ack = self._unsub_acks.get(mid)
         if ack is not None and not ack.done():
             ack.set_result(None)
@@ -625,8 +704,11 @@ class MqttBus(Bus):
             rc = client.loop_read()
             sock = client.socket()
             # TLS may hold decrypted bytes the selector cannot see.
-            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and sock is not None \
-                    and getattr(sock, "pending", lambda: 0)() > 0:
+            while (
+                rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+                and sock is not None
+                and getattr(sock, "pending", lambda: 0)() > 0
+            ):
                 rc = client.loop_read()
                 sock = client.socket()
         except Exception as exc:  # paho or ssl failed mid-packet: start over
@@ -694,8 +776,10 @@ class MqttBus(Bus):
             return
         size = publish_packet_size(topic, len(payload), qos, props)
         if size > self._max_packet:
-            raise BusError(f"message to {topic!r} is {size} bytes, over the broker's "
-                           f"maximum packet size of {self._max_packet}")
+            raise BusError(
+                f"message to {topic!r} is {size} bytes, over the broker's "
+                f"maximum packet size of {self._max_packet}"
+            )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self.is_connected else "disconnected"
@@ -703,9 +787,12 @@ class MqttBus(Bus):
 
 
 # --- pure helpers -----------------------------------------------------------------------
-def publish_properties(content_type: str | None, expiry: float | None,
-                       user_properties: Mapping[str, str] | None,
-                       correlation: bytes | None) -> Properties | None:
+def publish_properties(
+    content_type: str | None,
+    expiry: float | None,
+    user_properties: Mapping[str, str] | None,
+    correlation: bytes | None,
+) -> Properties | None:
     """MQTT 5 PUBLISH properties, encoded once, or None when there are none.  ``expiry``
     is rounded up to whole seconds (the protocol's unit)."""
     if content_type is None and expiry is None and not user_properties and correlation is None:
@@ -736,14 +823,14 @@ class PackedProperties(Properties):
     Only ``pack()`` is used on outgoing messages.
     """
 
-    def __init__(self, body: bytes) -> None:  # noqa: D107 - no Properties.__init__ on purpose
+    def __init__(self, body: bytes) -> None:
         object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
         object.__setattr__(self, "_wire", _varint(len(body)) + body)
 
     def pack(self) -> bytes:
         return self._wire  # type: ignore[no-any-return]
 
-    def isEmpty(self) -> bool:  # noqa: N802 - paho's name
+    def isEmpty(self) -> bool:
         return self._wire == b"\x00"  # type: ignore[no-any-return]
 
 
@@ -781,11 +868,15 @@ def message_from_paho(m: paho.MQTTMessage) -> BusMessage:
     props = m.properties
     expiry = getattr(props, "MessageExpiryInterval", None)
     return BusMessage(
-        topic=m.topic, payload=m.payload, qos=m.qos, retain=bool(m.retain),
+        topic=m.topic,
+        payload=m.payload,
+        qos=m.qos,
+        retain=bool(m.retain),
         content_type=getattr(props, "ContentType", None),
         expiry=float(expiry) if expiry is not None else None,
         user_properties=dict(getattr(props, "UserProperty", ())),
-        correlation=getattr(props, "CorrelationData", None))
+        correlation=getattr(props, "CorrelationData", None),
+    )
 
 
 def publish_packet_size(topic: str, payload_len: int, qos: int, props: Properties | None) -> int:
@@ -801,8 +892,7 @@ def _varint_len(n: int) -> int:
 
 def check_topic(topic: str) -> None:
     """Raise TopicError unless ``topic`` is a valid MQTT topic name (no wildcards)."""
-    if not topic or "+" in topic or "#" in topic or "\x00" in topic \
-            or len(topic.encode()) > 65535:
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic or len(topic.encode()) > 65535:
         raise TopicError(f"invalid topic name {topic!r}")
 
 

@@ -63,8 +63,15 @@ from middleware.broker_bridge.zmq_hub import DEFAULT_PORT, HubSettings, HubStats
 from middleware.broker_bridge.zmq_pump import Pump
 from middleware.errors import BusClosedError, BusError, ConfigError, ProtocolError, TopicError
 
-__all__ = ["DEFAULT_PORT", "HubSettings", "HubStats", "ZmqBus", "ZmqHub", "ZmqSettings",
-           "serve_hub"]
+__all__ = [
+    "DEFAULT_PORT",
+    "HubSettings",
+    "HubStats",
+    "ZmqBus",
+    "ZmqHub",
+    "ZmqSettings",
+    "serve_hub",
+]
 
 log = structlog.get_logger("middleware.zmq")
 
@@ -124,9 +131,13 @@ class _Conn:
     connection drops, so a waiter never outlives its connection.
     """
 
-    def __init__(self, sock: zmq.Socket[bytes], loop: asyncio.AbstractEventLoop,
-                 on_frames: Callable[[_Conn, list[bytes]], None],
-                 on_lost: Callable[[_Conn], None]) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket[bytes],
+        loop: asyncio.AbstractEventLoop,
+        on_frames: Callable[[_Conn, list[bytes]], None],
+        on_lost: Callable[[_Conn], None],
+    ) -> None:
         self.loop = loop
         self._on_lost = on_lost
         self.lost: asyncio.Future[str] = loop.create_future()
@@ -231,9 +242,14 @@ class ZmqBus(Bus):
     @property
     def stats(self) -> dict[str, int]:
         """Counters: reconnects, hub restarts, drops (send and subscription queues), malformed."""
-        return {"reconnects": self.reconnects, "hub_restarts": self.hub_restarts,
-                "send_drops": self.send_drops, "dropped": self.dropped,
-                "malformed": self.malformed, "inflight": len(self._acks)}
+        return {
+            "reconnects": self.reconnects,
+            "hub_restarts": self.hub_restarts,
+            "send_drops": self.send_drops,
+            "dropped": self.dropped,
+            "malformed": self.malformed,
+            "inflight": len(self._acks),
+        }
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until connected; BusError on timeout, BusClosedError if closed meanwhile."""
@@ -290,10 +306,19 @@ class ZmqBus(Bus):
         self._fail_pending(BusClosedError(f"{self.client_id}: bus crashed"))
 
     # --- data path --------------------------------------------------------------
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      content_type: str | None = None, expiry: float | None = None,
-                      user_properties: Mapping[str, str] | None = None,
-                      correlation: bytes | None = None, timeout: float | None = None) -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        content_type: str | None = None,
+        expiry: float | None = None,
+        user_properties: Mapping[str, str] | None = None,
+        correlation: bytes | None = None,
+        timeout: float | None = None,
+    ) -> None:
         """Publish; QoS >= 1 returns after the hub's ack.  While disconnected it waits
         for the reconnect; the whole call is bounded by ``timeout`` (default
         ``settings.request_timeout``) and raises BusError when that passes."""
@@ -305,8 +330,9 @@ class ZmqBus(Bus):
         if expiry is not None and not 0 < expiry <= _MAX_EXPIRY:
             raise BusError(f"message expiry {expiry!r}s out of range (0, 2^32-1]")
         body = bytes(payload)
-        fields = w.message_fields(topic, qos, retain, content_type, expiry, user_properties,
-                                  correlation)
+        fields = w.message_fields(
+            topic, qos, retain, content_type, expiry, user_properties, correlation
+        )
         deadline = loop.time() + (self.settings.request_timeout if timeout is None else timeout)
         if qos == 0:
             conn = await self._ready(deadline)
@@ -331,8 +357,10 @@ class ZmqBus(Bus):
                     except _Lost:
                         continue  # send it again on the next connection
         except TimeoutError as exc:
-            raise BusError(f"{self.client_id}: no ack from the hub for {topic!r} in time "
-                           f"(connected={self.is_connected})") from exc
+            raise BusError(
+                f"{self.client_id}: no ack from the hub for {topic!r} in time "
+                f"(connected={self.is_connected})"
+            ) from exc
         finally:
             self._acks.pop(mid, None)
 
@@ -366,8 +394,9 @@ class ZmqBus(Bus):
         with contextlib.suppress(_Lost, BusError):
             await self._request(conn, deadline, w.UNSUB, f=filter_)
 
-    async def _request(self, conn: _Conn, deadline: float, cmd: str,
-                       **fields: Any) -> dict[str, Any]:
+    async def _request(
+        self, conn: _Conn, deadline: float, cmd: str, **fields: Any
+    ) -> dict[str, Any]:
         """Send a sub/unsub and wait for its answer; _Lost if the connection ends first."""
         rid = next(self._rids)
         self._requests[rid] = fut = conn.future()
@@ -376,8 +405,9 @@ class ZmqBus(Bus):
                 await conn.push([w.pack(cmd, rid=rid, **fields)])
                 return await fut
         except TimeoutError as exc:
-            raise BusError(f"{self.client_id}: no answer from the hub to {cmd} "
-                           f"{fields.get('f')!r} in time") from exc
+            raise BusError(
+                f"{self.client_id}: no answer from the hub to {cmd} {fields.get('f')!r} in time"
+            ) from exc
         finally:
             self._requests.pop(rid, None)
 
@@ -398,8 +428,12 @@ class ZmqBus(Bus):
                     if isinstance(err, _Refused) or loop.time() + delay >= give_up_at:
                         first.set_exception(err)
                         return
-                log.warning("zmq.connect_failed", client_id=self.client_id, error=str(err),
-                            retry_in=round(delay, 3))
+                log.warning(
+                    "zmq.connect_failed",
+                    client_id=self.client_id,
+                    error=str(err),
+                    retry_in=round(delay, 3),
+                )
             finally:
                 self._end_session(conn)
             if up_since is not None and loop.time() - up_since >= s.reconnect_max:
@@ -424,8 +458,12 @@ class ZmqBus(Bus):
             self._wake()
             if first.done():
                 self.reconnects += 1
-                log.info("zmq.reconnected", client_id=self.client_id, hub=self.hub_id,
-                         reconnects=self.reconnects)
+                log.info(
+                    "zmq.reconnected",
+                    client_id=self.client_id,
+                    hub=self.hub_id,
+                    reconnects=self.reconnects,
+                )
             else:
                 first.set_result(None)
             reason = await conn.lost
@@ -437,8 +475,14 @@ class ZmqBus(Bus):
 
     async def _handshake(self, conn: _Conn, deadline: float) -> None:
         s = self.settings
-        hello = w.pack(w.HELLO, id=self.client_id, v=w.VERSION, hb=s.heartbeat, live=s.liveness,
-                       will=w.will_to_wire(s.will))
+        hello = w.pack(
+            w.HELLO,
+            id=self.client_id,
+            v=w.VERSION,
+            hb=s.heartbeat,
+            live=s.liveness,
+            will=w.will_to_wire(s.will),
+        )
         try:
             async with asyncio.timeout_at(deadline):
                 await conn.push([hello])
@@ -446,8 +490,9 @@ class ZmqBus(Bus):
         except TimeoutError as exc:
             raise BusError(f"{self.client_id}: no answer from a hub at {s.endpoint}") from exc
         except _Lost as exc:
-            raise BusError(f"{self.client_id}: connection to {s.endpoint} lost in "
-                           "handshake") from exc
+            raise BusError(
+                f"{self.client_id}: connection to {s.endpoint} lost in handshake"
+            ) from exc
         if "err" in head:
             raise _Refused(f"{self.client_id}: hub at {s.endpoint} refused: {head['err']}")
         hub = str(head.get("hub", ""))
@@ -463,14 +508,19 @@ class ZmqBus(Bus):
         if not filters:
             return
         try:
-            heads = await asyncio.gather(*(self._request(conn, deadline, w.SUB, f=f, q=q)
-                                           for f, q in filters.items()))
+            heads = await asyncio.gather(
+                *(self._request(conn, deadline, w.SUB, f=f, q=q) for f, q in filters.items())
+            )
         except _Lost as exc:
             raise BusError(f"{self.client_id}: connection lost while re-subscribing") from exc
         for f, head in zip(filters, heads, strict=True):
             if "err" in head:
-                log.error("zmq.resubscribe_refused", client_id=self.client_id, filter=f,
-                          reason=head["err"])
+                log.error(
+                    "zmq.resubscribe_refused",
+                    client_id=self.client_id,
+                    filter=f,
+                    reason=head["err"],
+                )
             else:
                 self._live.add(f)
 
@@ -555,8 +605,9 @@ class ZmqBus(Bus):
             if self._task is None:
                 raise BusError(f"{self.client_id}: not connected (call connect() first)")
             if deadline is not None and loop.time() >= deadline:
-                raise BusError(f"{self.client_id}: no connection to {self.settings.endpoint} "
-                               "in time")
+                raise BusError(
+                    f"{self.client_id}: no connection to {self.settings.endpoint} in time"
+                )
             await self._wakeup.wait(deadline)
 
     def _wake(self) -> None:

@@ -157,8 +157,18 @@ class ZmqHub:
         self._retained: dict[str, _Retained] = {}
         self._pending_wills: dict[str, tuple[float, Will]] = {}  # client id -> (due, will)
         self._dirty = False
-        self._counts = dict.fromkeys(("published", "delivered", "dropped", "unroutable",
-                                      "malformed", "wills", "retained_refused"), 0)
+        self._counts = dict.fromkeys(
+            (
+                "published",
+                "delivered",
+                "dropped",
+                "unroutable",
+                "malformed",
+                "wills",
+                "retained_refused",
+            ),
+            0,
+        )
 
     # --- lifecycle ------------------------------------------------------------
     @property
@@ -183,8 +193,9 @@ class ZmqHub:
         self._load()
         self._pump = Pump(await self._bind(), self._on_frames, self._loop)
         self._task = self._loop.create_task(self._run(), name=f"zmq-hub[{self.port}]")
-        log.info("hub.started", endpoint=self.endpoint, hub=self.hub_id,
-                 retained=len(self._retained))
+        log.info(
+            "hub.started", endpoint=self.endpoint, hub=self.hub_id, retained=len(self._retained)
+        )
         return self
 
     async def close(self) -> None:
@@ -209,8 +220,9 @@ class ZmqHub:
     async def __aenter__(self) -> Self:
         return await self.start()
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def _bind(self) -> zmq.Socket[bytes]:
@@ -266,8 +278,11 @@ class ZmqHub:
 
     def retained(self) -> dict[str, BusMessage]:
         """The retained messages, by topic."""
-        return {t: w.message_from(r.fields, r.payload) for t, r in self._retained.items()
-                if not self._expired(r)}
+        return {
+            t: w.message_from(r.fields, r.payload)
+            for t, r in self._retained.items()
+            if not self._expired(r)
+        }
 
     # --- receive ----------------------------------------------------------------
     def _on_frames(self, frames: list[bytes]) -> None:
@@ -361,8 +376,15 @@ class ZmqHub:
     # --- routing ----------------------------------------------------------------
     def _publish(self, msg: BusMessage) -> None:
         self._counts["published"] += 1
-        fields = w.message_fields(msg.topic, msg.qos, msg.retain, msg.content_type, msg.expiry,
-                                  msg.user_properties, msg.correlation)
+        fields = w.message_fields(
+            msg.topic,
+            msg.qos,
+            msg.retain,
+            msg.content_type,
+            msg.expiry,
+            msg.user_properties,
+            msg.correlation,
+        )
         if msg.retain:
             self._store(msg.topic, fields, msg.payload, msg.expiry)
         frames = [w.pack(w.MSG, **fields), msg.payload]
@@ -453,8 +475,12 @@ class ZmqHub:
             now = self._now()
             for client in [c for c in self._clients.values() if c.deadline < now]:
                 self._forget(client)
-                log.warning("hub.client_dead", client=client.client_id,
-                            silent_s=round(now - client.last_seen, 3), will=client.will is not None)
+                log.warning(
+                    "hub.client_dead",
+                    client=client.client_id,
+                    silent_s=round(now - client.last_seen, 3),
+                    will=client.will is not None,
+                )
                 if client.will is not None:
                     self._pending_wills[client.client_id] = (now + client.will.delay, client.will)
             for cid, (due, will) in list(self._pending_wills.items()):
@@ -464,8 +490,9 @@ class ZmqHub:
                     self._publish(BusMessage(will.topic, will.payload, will.qos, will.retain))
 
     # --- retained messages and persistence --------------------------------------------
-    def _store(self, topic: str, fields: dict[str, Any], payload: bytes,
-               expiry: float | None) -> None:
+    def _store(
+        self, topic: str, fields: dict[str, Any], payload: bytes, expiry: float | None
+    ) -> None:
         self._dirty = True
         if not payload:
             self._retained.pop(topic, None)
@@ -489,8 +516,11 @@ class ZmqHub:
 
     def _snapshot(self) -> bytes:
         now, wall = self._now(), time.time()
-        rows = [[r.fields, r.payload, None if r.expires is None else wall + r.expires - now]
-                for r in self._retained.values() if not self._expired(r)]
+        rows = [
+            [r.fields, r.payload, None if r.expires is None else wall + r.expires - now]
+            for r in self._retained.values()
+            if not self._expired(r)
+        ]
         return msgpack.packb(rows, use_bin_type=True)
 
     def _save_now(self) -> None:
@@ -510,7 +540,8 @@ class ZmqHub:
                 if until is None or until > wall:
                     expiry = None if until is None else until - wall
                     self._retained[msg.topic] = _Retained(
-                        fields, payload, None if expiry is None else now + expiry)
+                        fields, payload, None if expiry is None else now + expiry
+                    )
         except (OSError, ValueError, TypeError, ProtocolError, msgpack.UnpackException) as exc:
             log.error("hub.persist_unreadable", path=path, error=str(exc)[:200])
 
@@ -537,9 +568,13 @@ def _write_atomic(path: Path, blob: bytes) -> None:
     os.replace(tmp, path)
 
 
-async def serve_hub(host: str = "0.0.0.0", port: int = DEFAULT_PORT, *,
-                    settings: HubSettings | None = None,
-                    ready: asyncio.Event | None = None) -> None:
+async def serve_hub(
+    host: str = "0.0.0.0",
+    port: int = DEFAULT_PORT,
+    *,
+    settings: HubSettings | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
     """Run a hub on ``host:port`` until cancelled (the ``mw-cli hub`` entry point).
 
     ``settings`` supplies everything else (high-water marks, persistence);

@@ -34,8 +34,13 @@ class Pump:
     Not thread-safe: use it only from the loop's thread.
     """
 
-    def __init__(self, sock: zmq.Socket[bytes], on_frames: Callable[[list[bytes]], None],
-                 loop: asyncio.AbstractEventLoop, batch: int = 512) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket[bytes],
+        on_frames: Callable[[list[bytes]], None],
+        loop: asyncio.AbstractEventLoop,
+        batch: int = 512,
+    ) -> None:
         self.sock = sock
         self.closed = False
         self._on_frames = on_frames

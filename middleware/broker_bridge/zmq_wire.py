@@ -35,9 +35,22 @@ VERSION = 1
 MAX_HEADER = 1 << 20  # bytes; a header is small, anything larger is hostile
 
 HELLO, WELCOME, SUB, SUBACK, UNSUB, UNSUBACK = (
-    "hello", "welcome", "sub", "suback", "unsub", "unsuback")
+    "hello",
+    "welcome",
+    "sub",
+    "suback",
+    "unsub",
+    "unsuback",
+)
 PUB, PUBACK, MSG, PING, PONG, BYE, UNKNOWN = (
-    "pub", "puback", "msg", "ping", "pong", "bye", "unknown")
+    "pub",
+    "puback",
+    "msg",
+    "ping",
+    "pong",
+    "bye",
+    "unknown",
+)
 
 
 def pack(cmd: str, **fields: Any) -> bytes:
@@ -53,17 +66,29 @@ def unpack(frame: bytes) -> dict[str, Any]:
         raise ProtocolError(f"zmq header of {len(frame)} bytes")
     try:
         head = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=MAX_HEADER)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
-            msgpack.StackError, RecursionError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+        RecursionError,
+    ) as exc:
         raise ProtocolError(f"zmq header is not msgpack: {exc}") from exc
     if not isinstance(head, dict) or not isinstance(head.get("c"), str):
         raise ProtocolError("zmq header is not a command map")
     return head
 
 
-def message_fields(topic: str, qos: int, retain: bool, content_type: str | None,
-                   expiry: float | None, user_properties: Mapping[str, str] | None,
-                   correlation: bytes | None) -> dict[str, Any]:
+def message_fields(
+    topic: str,
+    qos: int,
+    retain: bool,
+    content_type: str | None,
+    expiry: float | None,
+    user_properties: Mapping[str, str] | None,
+    correlation: bytes | None,
+) -> dict[str, Any]:
     """The header fields of a ``pub``/``msg`` (everything but the payload; unset ones left out)."""
     fields: dict[str, Any] = {"t": topic, "q": qos, "r": retain}
     if content_type is not None:
@@ -89,17 +114,26 @@ def message_from(head: Mapping[str, Any], payload: bytes) -> BusMessage:
         raise ProtocolError("bad retain flag")
     if ct is not None and not isinstance(ct, str):
         raise ProtocolError("bad content type")
-    if expiry is not None and (not isinstance(expiry, int | float) or isinstance(expiry, bool)
-                               or not expiry > 0):
+    if expiry is not None and (
+        not isinstance(expiry, int | float) or isinstance(expiry, bool) or not expiry > 0
+    ):
         raise ProtocolError("bad expiry")
-    if not isinstance(up, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                           for k, v in up.items()):
+    if not isinstance(up, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in up.items()
+    ):
         raise ProtocolError("bad user properties")
     if co is not None and not isinstance(co, bytes):
         raise ProtocolError("bad correlation data")
-    return BusMessage(topic=topic, payload=payload, qos=qos, retain=retain, content_type=ct,
-                      expiry=float(expiry) if expiry is not None else None,
-                      user_properties=up, correlation=co)
+    return BusMessage(
+        topic=topic,
+        payload=payload,
+        qos=qos,
+        retain=retain,
+        content_type=ct,
+        expiry=float(expiry) if expiry is not None else None,
+        user_properties=up,
+        correlation=co,
+    )
 
 
 def will_to_wire(will: Will | None) -> list[Any] | None:
@@ -115,9 +149,15 @@ def will_from_wire(raw: Any) -> Will | None:
     if not isinstance(raw, list) or len(raw) != 5:
         raise ProtocolError("will: expected [topic, payload, qos, retain, delay]")
     topic, payload, qos, retain, delay = raw
-    ok = (isinstance(topic, str) and topic and isinstance(payload, bytes)
-          and qos in (0, 1, 2) and isinstance(retain, bool)
-          and isinstance(delay, int | float) and 0 <= delay <= 86_400 * 365)
+    ok = (
+        isinstance(topic, str)
+        and topic
+        and isinstance(payload, bytes)
+        and qos in (0, 1, 2)
+        and isinstance(retain, bool)
+        and isinstance(delay, int | float)
+        and 0 <= delay <= 86_400 * 365
+    )
     if not ok:
         raise ProtocolError("will: bad field")
     return Will(topic, payload, int(qos), retain, float(delay))

@@ -81,24 +81,53 @@ async def run(cfg: Config, args: argparse.Namespace) -> int:
         factories = {}
         for dev in devices:
             factories[dev.device_id], _ = await asyncio.to_thread(
-                drafter_factory, dev.drafter, policy_config(cfg.node), base=loaded)
+                drafter_factory, dev.drafter, policy_config(cfg.node), base=loaded
+            )
         registry = Registry()
         topics = Topics(cfg.bus.prefix)
-        vbus = await stack.enter_async_context(make(
-            "mw-demo-verifier", Will(topics.verifier_status(cfg.verifier.id),
-                                     verifier_will(cfg.verifier.id), retain=True)))
-        verifier = VerifierService(vbus, engine, tokenizer_fingerprint=loaded.fingerprint,
-                                   model_name=loaded.name, config=verifier_config(cfg), registry=registry)
-        scfg = replace(session_config(cfg.node), max_new_tokens=args.max_new_tokens,
-                       stop_ids=stop_ids_of(loaded.tokenizer))
+        vbus = await stack.enter_async_context(
+            make(
+                "mw-demo-verifier",
+                Will(
+                    topics.verifier_status(cfg.verifier.id),
+                    verifier_will(cfg.verifier.id),
+                    retain=True,
+                ),
+            )
+        )
+        verifier = VerifierService(
+            vbus,
+            engine,
+            tokenizer_fingerprint=loaded.fingerprint,
+            model_name=loaded.name,
+            config=verifier_config(cfg),
+            registry=registry,
+        )
+        scfg = replace(
+            session_config(cfg.node),
+            max_new_tokens=args.max_new_tokens,
+            stop_ids=stop_ids_of(loaded.tokenizer),
+        )
         for dev in devices:
-            bus = await stack.enter_async_context(make(
-                f"mw-demo-{dev.device_id}", Will(topics.device_status(dev.device_id),
-                                                 device_will(dev.device_id), retain=True, delay=2.0)))
-            dev.node = NodeService(bus, tokenizer=loaded.tokenizer, tokenizer_fp=loaded.fingerprint,
-                                   drafter_factory=factories[dev.device_id], drafter_name=dev.drafter,
-                                   config=NodeConfig(device_id=dev.device_id, prefix=cfg.bus.prefix,
-                                                     session=scfg))
+            bus = await stack.enter_async_context(
+                make(
+                    f"mw-demo-{dev.device_id}",
+                    Will(
+                        topics.device_status(dev.device_id),
+                        device_will(dev.device_id),
+                        retain=True,
+                        delay=2.0,
+                    ),
+                )
+            )
+            dev.node = NodeService(
+                bus,
+                tokenizer=loaded.tokenizer,
+                tokenizer_fp=loaded.fingerprint,
+                drafter_factory=factories[dev.device_id],
+                drafter_name=dev.drafter,
+                config=NodeConfig(device_id=dev.device_id, prefix=cfg.bus.prefix, session=scfg),
+            )
         watch_bus = await stack.enter_async_context(make("mw-demo-watch", None))
         prompts = [PROMPTS[i] for i in range(n_prompts)]
         assignment = [(devices[i % len(devices)], i, p) for i, p in enumerate(prompts)]
@@ -111,10 +140,14 @@ async def run(cfg: Config, args: argparse.Namespace) -> int:
             await verifier.ready.wait()
             for d in devices:
                 await d.node.ready.wait()  # type: ignore[union-attr]
-            _say(f"[demo] verifier and {len(devices)} devices online; generating {len(prompts)} "
-                 f"answers of up to {args.max_new_tokens} tokens ...")
-            tasks = {i: d.node.submit(p, session_id=f"demo-{i}")  # type: ignore[union-attr]
-                     for d, i, p in assignment}
+            _say(
+                f"[demo] verifier and {len(devices)} devices online; generating {len(prompts)} "
+                f"answers of up to {args.max_new_tokens} tokens ..."
+            )
+            tasks = {
+                i: d.node.submit(p, session_id=f"demo-{i}")  # type: ignore[union-attr]
+                for d, i, p in assignment
+            }
             for i, task in tasks.items():
                 outcomes[i] = await task
             gen_s = time.monotonic() - t_gen
@@ -129,24 +162,32 @@ async def run(cfg: Config, args: argparse.Namespace) -> int:
     return 1
 
 
-async def _start_broker(cfg: Config, args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> Any:
+async def _start_broker(
+    cfg: Config, args: argparse.Namespace, stack: contextlib.AsyncExitStack
+) -> Any:
     use_mosquitto = args.broker == "mosquitto" or (args.broker == "auto" and mosquitto_available())
     if use_mosquitto:
         broker = await stack.enter_async_context(MosquittoProcess())
-        _say(f"[demo] broker: local Mosquitto on {broker.host}:{broker.port} "
-             f"(config deploy/mosquitto/mosquitto.conf)")
+        _say(
+            f"[demo] broker: local Mosquitto on {broker.host}:{broker.port} "
+            f"(config deploy/mosquitto/mosquitto.conf)"
+        )
         bus_cfg = replace(cfg.bus, host=broker.host, port=broker.port)
 
         def make(client_id: str, will: Will | None) -> Bus:
             # Devices (a will with a delay) keep a persistent session, like in production.
             return make_bus(bus_cfg, client_id, will=will, persistent=bool(will and will.delay))
+
         return make
-    _say("[demo] broker: Mosquitto is NOT installed; using the in-process bus instead "
-         "(same protocol, no network). Install it with: apt-get install -y mosquitto")
+    _say(
+        "[demo] broker: Mosquitto is NOT installed; using the in-process bus instead "
+        "(same protocol, no network). Install it with: apt-get install -y mosquitto"
+    )
     mem = InMemoryBroker()
 
     def make_mem(client_id: str, will: Will | None) -> Bus:
         return InMemoryBus(mem, client_id, will=will)
+
     return make_mem
 
 
@@ -167,7 +208,9 @@ async def _watch(bus: Bus, topics: Topics, n: int) -> None:
             now = time.monotonic()
             if now - last > 1.0 or c.final:
                 last = now
-                line = "  ".join(f"{k}:{v}{'*' if k in done else ''}" for k, v in sorted(counts.items()))
+                line = "  ".join(
+                    f"{k}:{v}{'*' if k in done else ''}" for k, v in sorted(counts.items())
+                )
                 _say(f"[demo] tokens {line}   ({len(done)}/{n} done)")
 
 
@@ -175,23 +218,49 @@ def _references(loaded: Any, prompts: list[str], max_new: int) -> list[list[int]
     from middleware.verifier.reference import reference_greedy
 
     stops = stop_ids_of(loaded.tokenizer)
-    return [list(reference_greedy(loaded.model, encode_prompt(loaded.tokenizer, p), max_new, stops))
-            for p in prompts]
+    return [
+        list(reference_greedy(loaded.model, encode_prompt(loaded.tokenizer, p), max_new, stops))
+        for p in prompts
+    ]
 
 
-def _report(loaded: Any, devices: list[DeviceRun], assignment: list[tuple[DeviceRun, int, str]],
-            outcomes: dict[int, Outcome], refs: list[list[int]] | None, registry: Registry,
-            gen_s: float) -> int:
+def _report(
+    loaded: Any,
+    devices: list[DeviceRun],
+    assignment: list[tuple[DeviceRun, int, str]],
+    outcomes: dict[int, Outcome],
+    refs: list[list[int]] | None,
+    registry: Registry,
+    gen_s: float,
+) -> int:
     print()
     for dev, i, prompt in assignment:
         o = outcomes[i]
-        same = "" if refs is None else ("  [identical to target-only]" if list(o.tokens) == refs[i]
-                                        else "  [DIFFERS from target-only]")
-        print(f"--- {o.session_id} on {dev.device_id} ({dev.drafter}){same}\n> {prompt}\n{o.text.strip()}\n")
+        same = (
+            ""
+            if refs is None
+            else (
+                "  [identical to target-only]"
+                if list(o.tokens) == refs[i]
+                else "  [DIFFERS from target-only]"
+            )
+        )
+        print(
+            f"--- {o.session_id} on {dev.device_id} ({dev.drafter}){same}\n> {prompt}\n{o.text.strip()}\n"
+        )
     snap = registry.snapshot()
     committed = snap.get("mw_verifier_committed_tokens_total", 0.0)
     forwards = snap.get("mw_verifier_forward_passes_total", 0.0)
-    header = ["DEVICE", "DRAFTER", "SESSIONS", "TOKENS", "ACCEPT", "MEAN_ACC_LEN", "TOK/S", "IDENTICAL"]
+    header = [
+        "DEVICE",
+        "DRAFTER",
+        "SESSIONS",
+        "TOKENS",
+        "ACCEPT",
+        "MEAN_ACC_LEN",
+        "TOK/S",
+        "IDENTICAL",
+    ]
     rows = []
     all_equal = True
     for dev in devices:
@@ -207,19 +276,35 @@ def _report(loaded: Any, devices: list[DeviceRun], assignment: list[tuple[Device
             eq = sum(list(o.tokens) == refs[i] for i, o in mine)
             all_equal &= eq == len(mine)
             ident = f"{eq}/{len(mine)}"
-        rows.append([dev.device_id, dev.drafter, str(len(mine)), str(tokens),
-                     f"{accepted / proposed:.0%}" if proposed else "-",
-                     f"{accepted / rounds:.2f}" if rounds else "-",
-                     f"{tokens / elapsed:.1f}" if elapsed else "-", ident])
+        rows.append(
+            [
+                dev.device_id,
+                dev.drafter,
+                str(len(mine)),
+                str(tokens),
+                f"{accepted / proposed:.0%}" if proposed else "-",
+                f"{accepted / rounds:.2f}" if rounds else "-",
+                f"{tokens / elapsed:.1f}" if elapsed else "-",
+                ident,
+            ]
+        )
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-    print(f"\nverifier: {forwards:.0f} forward passes for {committed:.0f} committed tokens "
-          f"({forwards / committed if committed else 0:.2f} per token; target-only decoding needs 1.00), "
-          f"mean batch size {snap.get('mw_verifier_batch_size_mean', 0):.2f}, "
-          f"wall time {gen_s:.1f} s")
+    print(
+        f"\nverifier: {forwards:.0f} forward passes for {committed:.0f} committed tokens "
+        f"({forwards / committed if committed else 0:.2f} per token; target-only decoding needs 1.00), "
+        f"mean batch size {snap.get('mw_verifier_batch_size_mean', 0):.2f}, "
+        f"wall time {gen_s:.1f} s"
+    )
     if refs is not None:
-        print("lossless check: " + ("every output is identical, token for token, to the target model alone"
-                                    if all_equal else "SOME OUTPUTS DIFFER from the target model alone"))
+        print(
+            "lossless check: "
+            + (
+                "every output is identical, token for token, to the target model alone"
+                if all_equal
+                else "SOME OUTPUTS DIFFER from the target model alone"
+            )
+        )
     return 0 if all_equal else 1

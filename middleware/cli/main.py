@@ -45,7 +45,9 @@ exit codes: 0 ok, 1 failure, 2 usage/config error, 3 broker unreachable,
 
 def _bus_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("bus")
-    g.add_argument("--config", help="TOML configuration file (default: $MW_CONFIG, /etc/mw/mw.toml)")
+    g.add_argument(
+        "--config", help="TOML configuration file (default: $MW_CONFIG, /etc/mw/mw.toml)"
+    )
     g.add_argument("--host", help="MQTT broker host")
     g.add_argument("--port", type=int, help="MQTT broker port")
     g.add_argument("--prefix", help="topic prefix (default mw/v1)")
@@ -58,28 +60,47 @@ def _bus_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mw-cli", description="Distributed, lossless speculative decoding over MQTT.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="mw-cli",
+        description="Distributed, lossless speculative decoding over MQTT.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"mw-cli {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, help_: str, example: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _bus_flags(p)
         return p
 
-    p = add("demo", "Run broker, verifier and three devices on this machine and compare with the "
-            "target model alone.", "mw-cli demo --prompts 6 --max-new-tokens 48")
+    p = add(
+        "demo",
+        "Run broker, verifier and three devices on this machine and compare with the "
+        "target model alone.",
+        "mw-cli demo --prompts 6 --max-new-tokens 48",
+    )
     p.add_argument("--prompts", type=int, default=6, help="number of prompts (default 6)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--broker", choices=["auto", "mosquitto", "memory"], default="auto",
-                   help="auto: local Mosquitto if installed, else an in-process bus")
+    p.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "memory"],
+        default="auto",
+        help="auto: local Mosquitto if installed, else an in-process bus",
+    )
     p.add_argument("--no-reference", action="store_true", help="skip the target-only comparison")
     p.add_argument("--model", help="target model spec (default smollm2)")
 
-    p = add("verifier", "Run the verifier service (target model, batching, verdicts).",
-            "mw-cli verifier --model smollm2 --metrics-port 9101")
+    p = add(
+        "verifier",
+        "Run the verifier service (target model, batching, verdicts).",
+        "mw-cli verifier --model smollm2 --metrics-port 9101",
+    )
     p.add_argument("--id", dest="verifier_id")
     p.add_argument("--model")
     p.add_argument("--device", dest="torch_device", help="cpu, cuda, cuda:0 ...")
@@ -88,12 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-ms", type=float)
     p.add_argument("--max-batch", type=int)
     p.add_argument("--metrics-port", type=int)
-    p.add_argument("--shared", action="store_const", const=False, dest="exclusive",
-                   help="one of several verifiers on this prefix (scale-out): claim sessions through "
-                        "the shared open subscription and answer only those")
+    p.add_argument(
+        "--shared",
+        action="store_const",
+        const=False,
+        dest="exclusive",
+        help="one of several verifiers on this prefix (scale-out): claim sessions through "
+        "the shared open subscription and answer only those",
+    )
 
-    p = add("node", "Run a device node: drafts locally, verifies through the verifier.",
-            "mw-cli node --id pi-1 --drafter ngram --prompt 'What is MQTT?'")
+    p = add(
+        "node",
+        "Run a device node: drafts locally, verifies through the verifier.",
+        "mw-cli node --id pi-1 --drafter ngram --prompt 'What is MQTT?'",
+    )
     p.add_argument("--id", dest="device_id")
     p.add_argument("--drafter", help="ngram | hf:SPEC | quant4:SPEC | quant3:SPEC")
     p.add_argument("--tokenizer", help="model spec whose tokenizer to use (default smollm2)")
@@ -103,25 +132,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--prompt", action="append", default=[], help="generate for this prompt (repeatable)")
+    p.add_argument(
+        "--prompt", action="append", default=[], help="generate for this prompt (repeatable)"
+    )
     p.add_argument("--serve", action="store_true", help="keep serving the inbox after --prompt")
 
-    p = add("hub", "Run a ZeroMQ hub: the broker-less transport for a LAN.",
-            "mw-cli hub --zmq-host 0.0.0.0 --zmq-port 5555")
+    p = add(
+        "hub",
+        "Run a ZeroMQ hub: the broker-less transport for a LAN.",
+        "mw-cli hub --zmq-host 0.0.0.0 --zmq-port 5555",
+    )
     p.add_argument("--zmq-host", help="bind address (default from [bus] zmq_host)")
     p.add_argument("--zmq-port", type=int)
 
-    p = add("bridge", "Relay the topic tree both ways between the MQTT broker and a ZeroMQ hub.",
-            "mw-cli bridge --host broker.local --zmq-host hub.local --zmq-port 5555")
+    p = add(
+        "bridge",
+        "Relay the topic tree both ways between the MQTT broker and a ZeroMQ hub.",
+        "mw-cli bridge --host broker.local --zmq-host hub.local --zmq-port 5555",
+    )
     p.add_argument("--zmq-host", help="the ZeroMQ hub to relay to")
     p.add_argument("--zmq-port", type=int)
 
-    p = add("tail", "Print messages of a session, a device, a verifier or everything.",
-            "mw-cli tail session/123 --tokenizer smollm2")
-    p.add_argument("spec", nargs="?", default="all", help="session/ID, session/DEVICE/ID[/LEAF], device/ID[/sessions], verifier/ID or all")
+    p = add(
+        "tail",
+        "Print messages of a session, a device, a verifier or everything.",
+        "mw-cli tail session/123 --tokenizer smollm2",
+    )
+    p.add_argument(
+        "spec",
+        nargs="?",
+        default="all",
+        help="session/ID, session/DEVICE/ID[/LEAF], device/ID[/sessions], verifier/ID or all",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--raw", action="store_true", help="payloads as received")
-    p.add_argument("--type", action="append", default=[], help="only these message types (repeatable)")
+    p.add_argument(
+        "--type", action="append", default=[], help="only these message types (repeatable)"
+    )
     p.add_argument("--tokenizer", help="decode token ids with this model's tokenizer")
     p.add_argument("--count", type=int, help="exit after N messages")
     p.add_argument("--timeout", type=float, help="exit after S seconds")
@@ -134,8 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=1.0)
     p.add_argument("--json", action="store_true")
 
-    p = add("generate", "Send a prompt to a device's inbox and stream the answer.",
-            "mw-cli generate 'What is MQTT?' --device pi-1")
+    p = add(
+        "generate",
+        "Send a prompt to a device's inbox and stream the answer.",
+        "mw-cli generate 'What is MQTT?' --device pi-1",
+    )
     p.add_argument("prompt")
     p.add_argument("--device", required=True, help="device id")
     p.add_argument("--session", help="session id (default: random)")
@@ -147,19 +197,39 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> Config:
     a = vars(args)
     overrides: dict[str, dict[str, Any]] = {
-        "bus": {"host": a.get("host"), "port": a.get("port"), "prefix": a.get("prefix"),
-                "transport": a.get("transport"), "zmq_host": a.get("zmq_host"), "zmq_port": a.get("zmq_port"),
-                "username": a.get("username"), "password": a.get("password")},
+        "bus": {
+            "host": a.get("host"),
+            "port": a.get("port"),
+            "prefix": a.get("prefix"),
+            "transport": a.get("transport"),
+            "zmq_host": a.get("zmq_host"),
+            "zmq_port": a.get("zmq_port"),
+            "username": a.get("username"),
+            "password": a.get("password"),
+        },
         "log": {"level": a.get("log_level"), "json": a.get("log_json")},
-        "verifier": {"id": a.get("verifier_id"), "model": a.get("model"),
-                     "device": a.get("torch_device"), "dtype": a.get("dtype"),
-                     "batch_policy": a.get("batch_policy"), "batch_window_ms": a.get("batch_window_ms"),
-                     "max_batch": a.get("max_batch"), "metrics_port": a.get("metrics_port"),
-                     "exclusive": a.get("exclusive")},
-        "node": {"id": a.get("device_id"), "drafter": a.get("drafter"), "tokenizer": a.get("tokenizer"),
-                 "mode": a.get("mode"), "seed": a.get("seed"), "temperature": a.get("temperature"),
-                 "top_k": a.get("top_k"), "top_p": a.get("top_p"),
-                 "max_new_tokens": a.get("max_new_tokens") if args.command == "node" else None},
+        "verifier": {
+            "id": a.get("verifier_id"),
+            "model": a.get("model"),
+            "device": a.get("torch_device"),
+            "dtype": a.get("dtype"),
+            "batch_policy": a.get("batch_policy"),
+            "batch_window_ms": a.get("batch_window_ms"),
+            "max_batch": a.get("max_batch"),
+            "metrics_port": a.get("metrics_port"),
+            "exclusive": a.get("exclusive"),
+        },
+        "node": {
+            "id": a.get("device_id"),
+            "drafter": a.get("drafter"),
+            "tokenizer": a.get("tokenizer"),
+            "mode": a.get("mode"),
+            "seed": a.get("seed"),
+            "temperature": a.get("temperature"),
+            "top_k": a.get("top_k"),
+            "top_p": a.get("top_p"),
+            "max_new_tokens": a.get("max_new_tokens") if args.command == "node" else None,
+        },
     }
     return load_config(a.get("config"), overrides=overrides)
 
@@ -167,9 +237,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def _commands() -> dict[str, Callable[[Config, argparse.Namespace], Coroutine[Any, Any, int]]]:
     from middleware.cli import demo, services, tools
 
-    return {"demo": demo.run, "verifier": services.run_verifier, "node": services.run_node,
-            "tail": tools.tail, "sessions": tools.sessions, "stats": tools.stats,
-            "generate": tools.generate, "hub": services.run_hub, "bridge": services.run_bridge}
+    return {
+        "demo": demo.run,
+        "verifier": services.run_verifier,
+        "node": services.run_node,
+        "tail": tools.tail,
+        "sessions": tools.sessions,
+        "stats": tools.stats,
+        "generate": tools.generate,
+        "hub": services.run_hub,
+        "bridge": services.run_bridge,
+    }
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

@@ -15,7 +15,17 @@ from middleware.protocol import decode
 KEY_FIELDS: dict[str, tuple[str, ...]] = {
     "open": ("device_id", "epoch", "seq", "prompt", "committed", "max_new_tokens", "drafter"),
     "draft": ("epoch", "seq", "base", "tokens"),
-    "verdict": ("kind", "epoch", "seq", "base", "accepted", "tokens", "committed_len", "done", "reason"),
+    "verdict": (
+        "kind",
+        "epoch",
+        "seq",
+        "base",
+        "accepted",
+        "tokens",
+        "committed_len",
+        "done",
+        "reason",
+    ),
     "state": ("status", "owner", "epoch", "committed"),
     "close": ("epoch", "seq", "reason"),
     "text": ("kind", "pos", "n_tokens", "text", "final"),

@@ -43,15 +43,21 @@ def progress(msg: str) -> None:
 def verifier_config(cfg: Config) -> VerifierConfig:
     v = cfg.verifier
     return VerifierConfig(
-        verifier_id=v.id, prefix=cfg.bus.prefix, max_draft=v.max_draft, max_sessions=v.max_sessions,
+        verifier_id=v.id,
+        prefix=cfg.bus.prefix,
+        max_draft=v.max_draft,
+        max_sessions=v.max_sessions,
         max_sessions_per_device=v.max_sessions_per_device,
         session_idle_timeout=v.session_idle_timeout_s,
         exclusive=v.exclusive,
-        batch=BatchConfig(policy=v.batch_policy,  # type: ignore[arg-type]
-                          window=(v.planned_max_wait_ms if v.batch_policy == "planned"
-                                  else v.batch_window_ms) / 1000.0,
-                          max_batch=v.max_batch),
-        relaxed=_relaxed(v))
+        batch=BatchConfig(
+            policy=v.batch_policy,  # type: ignore[arg-type]
+            window=(v.planned_max_wait_ms if v.batch_policy == "planned" else v.batch_window_ms)
+            / 1000.0,
+            max_batch=v.max_batch,
+        ),
+        relaxed=_relaxed(v),
+    )
 
 
 def _relaxed(v: VerifierSection) -> RelaxedAcceptance | None:
@@ -69,8 +75,11 @@ def build_engine(v: VerifierSection, loaded: Any = None) -> tuple[Any, Any]:
     from middleware.verifier.engine import TargetEngine
 
     loaded = loaded or load_causal_lm(v.model, v.device, v.dtype, progress=progress)
-    engine = TargetEngine(loaded.model, memory_budget_tokens=v.memory_budget_tokens,
-                          forward_overhead_tokens=v.forward_overhead_tokens)
+    engine = TargetEngine(
+        loaded.model,
+        memory_budget_tokens=v.memory_budget_tokens,
+        forward_overhead_tokens=v.forward_overhead_tokens,
+    )
     return loaded, engine
 
 
@@ -87,10 +96,17 @@ async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
     async with verifier_bus(cfg) as bus, contextlib.AsyncExitStack() as stack:
         if cfg.verifier.metrics_port:
             port = await stack.enter_async_context(
-                serve_metrics(registry, cfg.verifier.metrics_host, cfg.verifier.metrics_port))
+                serve_metrics(registry, cfg.verifier.metrics_host, cfg.verifier.metrics_port)
+            )
             log.info("metrics_endpoint", url=f"http://{cfg.verifier.metrics_host}:{port}/metrics")
-        service = VerifierService(bus, engine, tokenizer_fingerprint=loaded.fingerprint,
-                                  model_name=loaded.name, config=verifier_config(cfg), registry=registry)
+        service = VerifierService(
+            bus,
+            engine,
+            tokenizer_fingerprint=loaded.fingerprint,
+            model_name=loaded.name,
+            config=verifier_config(cfg),
+            registry=registry,
+        )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(service.run(), name="verifier")
@@ -120,18 +136,31 @@ def stop_on_sigterm() -> None:
 # --- node -------------------------------------------------------------------------
 def session_config(n: NodeSection) -> SessionConfig:
     return SessionConfig(
-        max_new_tokens=n.max_new_tokens, max_failures=n.max_failures, offline_enabled=n.offline,
-        sampling=SamplingParams(mode=n.mode, seed=n.seed, temperature=n.temperature,  # type: ignore[arg-type]
-                                top_k=n.top_k, top_p=n.top_p))
+        max_new_tokens=n.max_new_tokens,
+        max_failures=n.max_failures,
+        offline_enabled=n.offline,
+        sampling=SamplingParams(
+            mode=n.mode,
+            seed=n.seed,
+            temperature=n.temperature,  # type: ignore[arg-type]
+            top_k=n.top_k,
+            top_p=n.top_p,
+        ),
+    )
 
 
 def policy_config(n: NodeSection) -> PolicyConfig:
-    return PolicyConfig(threshold=n.threshold, min_len=n.min_draft, max_len=n.max_draft,
-                        max_len_cap=max(16, n.max_draft))
+    return PolicyConfig(
+        threshold=n.threshold,
+        min_len=n.min_draft,
+        max_len=n.max_draft,
+        max_len_cap=max(16, n.max_draft),
+    )
 
 
-def drafter_factory(spec: str, policy: PolicyConfig, *, base: Any = None,
-                    models: dict[str, Any] | None = None) -> tuple[Callable[[], Drafter], Any]:
+def drafter_factory(
+    spec: str, policy: PolicyConfig, *, base: Any = None, models: dict[str, Any] | None = None
+) -> tuple[Callable[[], Drafter], Any]:
     """A factory of per-session drafters sharing one (possibly quantized) model, and the tokenizer."""
     from middleware.nodes.drafters import DrafterSpec, make_drafter
 
@@ -149,10 +178,13 @@ def drafter_factory(spec: str, policy: PolicyConfig, *, base: Any = None,
     if ds.kind == "quant":
         from middleware.nodes.drafters.quantized import quantize_model
 
-        model = quantize_model(loaded.model, ds.bits, ds.group_size, symmetric=ds.symmetric,
-                               embeddings=ds.embeddings)
+        model = quantize_model(
+            loaded.model, ds.bits, ds.group_size, symmetric=ds.symmetric, embeddings=ds.embeddings
+        )
     label = str(ds)
-    return (lambda: HFDrafter(model, loaded.tokenizer, DraftPolicy(ds.policy), name=label)), loaded.tokenizer
+    return (
+        lambda: HFDrafter(model, loaded.tokenizer, DraftPolicy(ds.policy), name=label)
+    ), loaded.tokenizer
 
 
 def load_tokenizer(spec: str) -> tuple[Any, str]:
@@ -163,8 +195,13 @@ def load_tokenizer(spec: str) -> tuple[Any, str]:
 
 def node_bus(cfg: Config) -> Bus:
     did = cfg.node.id
-    will = Will(Topics(cfg.bus.prefix).device_status(did), device_will(did), qos=1, retain=True,
-                delay=WILL_DELAY_S)
+    will = Will(
+        Topics(cfg.bus.prefix).device_status(did),
+        device_will(did),
+        qos=1,
+        retain=True,
+        delay=WILL_DELAY_S,
+    )
     return make_bus(cfg.bus, f"mw-node-{did}", will=will, persistent=True)
 
 
@@ -173,11 +210,21 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
     n = cfg.node
     factory, tok = await asyncio.to_thread(drafter_factory, n.drafter, policy_config(n))
     tokenizer, fp = await asyncio.to_thread(load_tokenizer, n.tokenizer)
-    node_cfg = NodeConfig(device_id=n.id, prefix=cfg.bus.prefix, max_concurrent=n.max_concurrent,
-                          session=session_config(n))
+    node_cfg = NodeConfig(
+        device_id=n.id,
+        prefix=cfg.bus.prefix,
+        max_concurrent=n.max_concurrent,
+        session=session_config(n),
+    )
     async with node_bus(cfg) as bus:
-        node = NodeService(bus, tokenizer=tokenizer, tokenizer_fp=fp, drafter_factory=factory,
-                           drafter_name=n.drafter, config=node_cfg)
+        node = NodeService(
+            bus,
+            tokenizer=tokenizer,
+            tokenizer_fp=fp,
+            drafter_factory=factory,
+            drafter_name=n.drafter,
+            config=node_cfg,
+        )
         async with asyncio.TaskGroup() as tg:
             runner = tg.create_task(node.run(), name="node")
             notifier = tg.create_task(_notify_when_ready(node.ready), name="sd-notify")
@@ -186,9 +233,11 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
                 outs = await asyncio.gather(*(node.submit(p) for p in args.prompt))
                 for o in outs:
                     print(o.text)
-                    print(f"-- {o.session_id}: {len(o.tokens)} tokens, acceptance "
-                          f"{o.stats['acceptance_rate']:.0%}, {o.stats['tokens_per_s']:.1f} tok/s",
-                          file=sys.stderr)
+                    print(
+                        f"-- {o.session_id}: {len(o.tokens)} tokens, acceptance "
+                        f"{o.stats['acceptance_rate']:.0%}, {o.stats['tokens_per_s']:.1f} tok/s",
+                        file=sys.stderr,
+                    )
                 if not args.serve:
                     runner.cancel()
                     notifier.cancel()
@@ -220,10 +269,17 @@ async def run_bridge(cfg: Config, args: argparse.Namespace) -> int:
     zmq_cfg = replace(cfg.bus, transport="zmq", host=cfg.bus.zmq_host, port=cfg.bus.zmq_port)
     bridge_id = f"bridge-{cfg.bus.zmq_host}-{cfg.bus.zmq_port}".replace(".", "-").replace(":", "-")
     ready = asyncio.Event()
-    async with make_bus(mqtt_cfg, f"mw-{bridge_id}") as m, make_bus(zmq_cfg, f"mw-{bridge_id}") as z:
+    async with (
+        make_bus(mqtt_cfg, f"mw-{bridge_id}") as m,
+        make_bus(zmq_cfg, f"mw-{bridge_id}") as z,
+    ):
         async with Bridge(m, z, prefix=cfg.bus.prefix, bridge_id=bridge_id):
-            log.info("bridge_ready", mqtt=f"{cfg.bus.host}:{cfg.bus.port}",
-                     zmq=f"{cfg.bus.zmq_host}:{cfg.bus.zmq_port}", prefix=cfg.bus.prefix)
+            log.info(
+                "bridge_ready",
+                mqtt=f"{cfg.bus.host}:{cfg.bus.port}",
+                zmq=f"{cfg.bus.zmq_host}:{cfg.bus.zmq_port}",
+                prefix=cfg.bus.prefix,
+            )
             ready.set()
             try:
                 await _notify_when_ready(ready)

@@ -104,38 +104,99 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 async def sessions(cfg: Config, args: argparse.Namespace) -> int:
     t = Topics(cfg.bus.prefix)
-    states = [s for s in await _collect_retained(cfg, [t.all_sessions("state")], args.wait)
-              if isinstance(s, SessionState)]
+    states = [
+        s
+        for s in await _collect_retained(cfg, [t.all_sessions("state")], args.wait)
+        if isinstance(s, SessionState)
+    ]
     if args.json:
         for s in states:
-            _print(json.dumps({"session": s.session_id, "device": s.device_id, "status": s.status,
-                               "owner": s.owner, "epoch": s.epoch, "committed": len(s.committed),
-                               "finish_reason": s.finish_reason, "updated_at": s.updated_at}))
+            _print(
+                json.dumps(
+                    {
+                        "session": s.session_id,
+                        "device": s.device_id,
+                        "status": s.status,
+                        "owner": s.owner,
+                        "epoch": s.epoch,
+                        "committed": len(s.committed),
+                        "finish_reason": s.finish_reason,
+                        "updated_at": s.updated_at,
+                    }
+                )
+            )
         return 0
-    rows = [[s.session_id, s.device_id, s.status, s.owner, str(s.epoch), str(len(s.committed)),
-             s.finish_reason or "-", time.strftime("%H:%M:%S", time.localtime(s.updated_at))]
-            for s in sorted(states, key=lambda s: -s.updated_at)]
-    _print(_table(rows, ["SESSION", "DEVICE", "STATUS", "OWNER", "EPOCH", "TOKENS", "FINISH", "UPDATED"]))
+    rows = [
+        [
+            s.session_id,
+            s.device_id,
+            s.status,
+            s.owner,
+            str(s.epoch),
+            str(len(s.committed)),
+            s.finish_reason or "-",
+            time.strftime("%H:%M:%S", time.localtime(s.updated_at)),
+        ]
+        for s in sorted(states, key=lambda s: -s.updated_at)
+    ]
+    _print(
+        _table(
+            rows, ["SESSION", "DEVICE", "STATUS", "OWNER", "EPOCH", "TOKENS", "FINISH", "UPDATED"]
+        )
+    )
     return 0
 
 
 async def stats(cfg: Config, args: argparse.Namespace) -> int:
     t = Topics(cfg.bus.prefix)
-    found = await _collect_retained(cfg, [t.all_verifier_status(), t.all_device_status()], args.wait)
+    found = await _collect_retained(
+        cfg, [t.all_verifier_status(), t.all_device_status()], args.wait
+    )
     if args.json:
         for s in found:
-            _print(json.dumps({"type": s.TYPE, **{k: getattr(s, k) for k in ("state", "stats")},
-                               "id": getattr(s, "verifier_id", getattr(s, "device_id", ""))}))
+            _print(
+                json.dumps(
+                    {
+                        "type": s.TYPE,
+                        **{k: getattr(s, k) for k in ("state", "stats")},
+                        "id": getattr(s, "verifier_id", getattr(s, "device_id", "")),
+                    }
+                )
+            )
         return 0
-    vrows = [[s.verifier_id, s.state, s.model, str(s.sessions),
-              f"{s.stats.get('acceptance_rate', 0):.0%}", f"{s.stats.get('mean_batch_size', 0):.2f}",
-              f"{s.stats.get('committed_tokens', 0):.0f}", f"{s.stats.get('rejected_messages', 0):.0f}"]
-             for s in found if isinstance(s, VerifierStatus)]
-    drows = [[s.device_id, s.state, s.drafter, str(len(s.sessions)),
-              f"{s.stats.get('acceptance_rate', 0):.0%}", f"{s.stats.get('mean_accepted', 0):.2f}",
-              f"{s.stats.get('tokens', 0):.0f}"]
-             for s in found if isinstance(s, DeviceStatus)]
-    _print(_table(vrows, ["VERIFIER", "STATE", "MODEL", "SESSIONS", "ACCEPT", "BATCH", "TOKENS", "REJECTED"]))
+    vrows = [
+        [
+            s.verifier_id,
+            s.state,
+            s.model,
+            str(s.sessions),
+            f"{s.stats.get('acceptance_rate', 0):.0%}",
+            f"{s.stats.get('mean_batch_size', 0):.2f}",
+            f"{s.stats.get('committed_tokens', 0):.0f}",
+            f"{s.stats.get('rejected_messages', 0):.0f}",
+        ]
+        for s in found
+        if isinstance(s, VerifierStatus)
+    ]
+    drows = [
+        [
+            s.device_id,
+            s.state,
+            s.drafter,
+            str(len(s.sessions)),
+            f"{s.stats.get('acceptance_rate', 0):.0%}",
+            f"{s.stats.get('mean_accepted', 0):.2f}",
+            f"{s.stats.get('tokens', 0):.0f}",
+        ]
+        for s in found
+        if isinstance(s, DeviceStatus)
+    ]
+    _print(
+        _table(
+            vrows,
+            ["VERIFIER", "STATE", "MODEL", "SESSIONS", "ACCEPT", "BATCH", "TOKENS", "REJECTED"],
+        )
+    )
     _print("")
     _print(_table(drows, ["DEVICE", "STATE", "DRAFTER", "ACTIVE", "ACCEPT", "MEAN_ACC", "TOKENS"]))
     return 0
@@ -145,10 +206,14 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
     t = Topics(cfg.bus.prefix)
     sid = args.session or f"gen-{uuid.uuid4().hex[:8]}"
     req = PromptRequest(prompt=args.prompt, session_id=sid, max_new_tokens=args.max_new_tokens)
-    async with tool_bus(cfg, "generate") as bus, \
-            bus.subscribe(t.session(args.device, sid, "text")) as text, \
-            bus.subscribe(t.session(args.device, sid, "result")) as res:
-        await bus.publish(t.device_inbox(args.device), req.encode(), qos=1, content_type=CONTENT_JSON)
+    async with (
+        tool_bus(cfg, "generate") as bus,
+        bus.subscribe(t.session(args.device, sid, "text")) as text,
+        bus.subscribe(t.session(args.device, sid, "result")) as res,
+    ):
+        await bus.publish(
+            t.device_inbox(args.device), req.encode(), qos=1, content_type=CONTENT_JSON
+        )
         print(f"# session {sid} on device {args.device}", file=sys.stderr, flush=True)
         deadline = time.monotonic() + args.timeout
 
@@ -159,7 +224,9 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
                 except ProtocolError:
                     continue
                 marker = {"provisional": "\x1b[2m", "correction": "\x1b[33m"}.get(c.kind, "")
-                sys.stdout.write(f"{marker}{c.text}\x1b[0m" if marker and sys.stdout.isatty() else c.text)
+                sys.stdout.write(
+                    f"{marker}{c.text}\x1b[0m" if marker and sys.stdout.isatty() else c.text
+                )
                 sys.stdout.flush()
 
         async with asyncio.TaskGroup() as tg:
@@ -168,11 +235,17 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
                 msg = await res.get(max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 streamer.cancel()
-                print(f"\nmw-cli: no result for session {sid} within {args.timeout:.0f} s", file=sys.stderr)
+                print(
+                    f"\nmw-cli: no result for session {sid} within {args.timeout:.0f} s",
+                    file=sys.stderr,
+                )
                 return 1
             await asyncio.sleep(0.2)  # let the last text chunks print
             streamer.cancel()
         r = decode(msg.payload, expect=Result)
-        print(f"\n# {r.n_tokens} tokens, finish={r.finish_reason}, verified={r.verified}, "
-              f"acceptance={r.stats.get('acceptance_rate', 0):.0%}", file=sys.stderr)
+        print(
+            f"\n# {r.n_tokens} tokens, finish={r.finish_reason}, verified={r.verified}, "
+            f"acceptance={r.stats.get('acceptance_rate', 0):.0%}",
+            file=sys.stderr,
+        )
     return 0

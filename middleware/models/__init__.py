@@ -8,5 +8,10 @@ from middleware.models.loading import (
     tokenizer_fingerprint,
 )
 
-__all__ = ["BUILTIN_ALIASES", "LoadedModel", "load_causal_lm", "smollm2_gguf_path",
-           "tokenizer_fingerprint"]
+__all__ = [
+    "BUILTIN_ALIASES",
+    "LoadedModel",
+    "load_causal_lm",
+    "smollm2_gguf_path",
+    "tokenizer_fingerprint",
+]

@@ -85,11 +85,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     specials = {
-        name: getattr(tokenizer, f"{name}_token_id", None)
-        for name in ("bos", "eos", "pad", "unk")
+        name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")
     }
-    payload = json.dumps({"vocab": vocab, "special": specials}, ensure_ascii=True,
-                         separators=(",", ":"))
+    payload = json.dumps(
+        {"vocab": vocab, "special": specials}, ensure_ascii=True, separators=(",", ":")
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
@@ -102,9 +102,14 @@ def _torch_dtype(dtype: str) -> Any:
     return value
 
 
-def load_causal_lm(spec: str, device: str = "cpu", dtype: str = "float32",
-                   progress: Progress | None = None, *,
-                   local_files_only: bool = False) -> LoadedModel:
+def load_causal_lm(
+    spec: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    progress: Progress | None = None,
+    *,
+    local_files_only: bool = False,
+) -> LoadedModel:
     """Load ``spec`` (see the module docstring) as an eval-mode causal LM on ``device``.
 
     ``progress`` receives short stage messages.  ``local_files_only`` makes a
@@ -127,8 +132,11 @@ def load_causal_lm(spec: str, device: str = "cpu", dtype: str = "float32",
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
         model = model.to(device)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
-        hint = "" if source.path != spec else (
-            " (not a local path; as a hub id it needs the network or a cached copy)")
+        hint = (
+            ""
+            if source.path != spec
+            else (" (not a local path; as a hub id it needs the network or a cached copy)")
+        )
         raise ModelError(f"cannot load model {spec!r}{hint}: {type(exc).__name__}: {exc}") from exc
     model.eval()
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -147,5 +155,7 @@ def load_tokenizer(spec: str) -> tuple[Any, str]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
-        raise ModelError(f"cannot load the tokenizer of {spec!r}: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(
+            f"cannot load the tokenizer of {spec!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     return tokenizer, tokenizer_fingerprint(tokenizer)

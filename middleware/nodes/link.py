@@ -116,12 +116,22 @@ class BusLink:
     async def send(self, msg: OpenSession | Draft | CloseSession) -> None:
         trace = {"trace": trace_id(msg.session_id, msg.epoch, msg.seq)}
         if isinstance(msg, OpenSession):
-            await self.bus.publish(self._topic(msg.session_id, "open"), msg.encode(), qos=1,
-                                   content_type=CONTENT_MSGPACK, user_properties=trace)
+            await self.bus.publish(
+                self._topic(msg.session_id, "open"),
+                msg.encode(),
+                qos=1,
+                content_type=CONTENT_MSGPACK,
+                user_properties=trace,
+            )
         else:
-            await self.bus.publish(self._topic(msg.session_id, "draft"), msg.encode(), qos=1,
-                                   content_type=CONTENT_MSGPACK, expiry=DRAFT_EXPIRY_S,
-                                   user_properties=trace)
+            await self.bus.publish(
+                self._topic(msg.session_id, "draft"),
+                msg.encode(),
+                qos=1,
+                content_type=CONTENT_MSGPACK,
+                expiry=DRAFT_EXPIRY_S,
+                user_properties=trace,
+            )
 
     async def next_verdict(self, session_id: str, timeout: float) -> Verdict | OwnerLost | None:
         q = self._queues.get(session_id)
@@ -132,7 +142,9 @@ class BusLink:
         except TimeoutError:
             return None
 
-    async def reconcile(self, session_id: str, timeout: float) -> tuple[int, tuple[int, ...]] | None:
+    async def reconcile(
+        self, session_id: str, timeout: float
+    ) -> tuple[int, tuple[int, ...]] | None:
         """Read the retained state (epoch, committed) if the broker has one."""
         if timeout <= 0:
             return None

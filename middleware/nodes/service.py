@@ -54,8 +54,9 @@ class Outcome:
 def encode_prompt(tokenizer: Any, prompt: str, chat: bool = True) -> list[int]:
     """Prompt text to token ids, through the chat template when the tokenizer has one."""
     if chat and getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, tokenize=True)
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
         if hasattr(out, "keys") and "input_ids" in out:
             out = out["input_ids"]
         return [int(t) for t in out]
@@ -72,9 +73,16 @@ def stop_ids_of(tokenizer: Any) -> tuple[int, ...]:
 class NodeService:
     """A device: one drafter kind, many sessions, one bus."""
 
-    def __init__(self, bus: Bus, *, tokenizer: Any, tokenizer_fp: str,
-                 drafter_factory: Callable[[], Drafter], drafter_name: str,
-                 config: NodeConfig | None = None) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        tokenizer: Any,
+        tokenizer_fp: str,
+        drafter_factory: Callable[[], Drafter],
+        drafter_name: str,
+        config: NodeConfig | None = None,
+    ) -> None:
         self.bus = bus
         self.tokenizer = tokenizer
         self.fingerprint = tokenizer_fp
@@ -111,24 +119,33 @@ class NodeService:
             self.ready.set()
             log.info("node_ready", device=self.config.device_id, drafter=self.drafter_name)
 
-    def submit(self, prompt: str, *, session_id: str | None = None,
-               max_new_tokens: int | None = None, chat: bool = True) -> asyncio.Task[Outcome]:
+    def submit(
+        self,
+        prompt: str,
+        *,
+        session_id: str | None = None,
+        max_new_tokens: int | None = None,
+        chat: bool = True,
+    ) -> asyncio.Task[Outcome]:
         """Start a generation in the service's task group (the service must be running)."""
         if self._tg is None:
             raise RuntimeError("NodeService.run() is not running")
         sid = session_id or f"{self.config.device_id}-{uuid.uuid4().hex[:8]}"
-        return self._tg.create_task(self.generate(prompt, session_id=sid,
-                                                  max_new_tokens=max_new_tokens, chat=chat),
-                                    name=f"session-{sid}")
+        return self._tg.create_task(
+            self.generate(prompt, session_id=sid, max_new_tokens=max_new_tokens, chat=chat),
+            name=f"session-{sid}",
+        )
 
-    async def generate(self, prompt: str, *, session_id: str, max_new_tokens: int | None = None,
-                       chat: bool = True) -> Outcome:
+    async def generate(
+        self, prompt: str, *, session_id: str, max_new_tokens: int | None = None, chat: bool = True
+    ) -> Outcome:
         """Run one session to the end; text chunks and the result go to the bus."""
         ids = encode_prompt(self.tokenizer, prompt, chat)
         return await self.generate_ids(ids, session_id=session_id, max_new_tokens=max_new_tokens)
 
-    async def generate_ids(self, prompt_ids: Sequence[int], *, session_id: str,
-                           max_new_tokens: int | None = None) -> Outcome:
+    async def generate_ids(
+        self, prompt_ids: Sequence[int], *, session_id: str, max_new_tokens: int | None = None
+    ) -> Outcome:
         cfg = self.config.session
         if not cfg.stop_ids:
             cfg = replace(cfg, stop_ids=stop_ids_of(self.tokenizer))
@@ -137,9 +154,16 @@ class NodeService:
         async with self._slots:
             stream = TextStream(self.tokenizer, session_id, self.config.device_id, self._emit)
             drafter = await asyncio.to_thread(self.drafter_factory)
-            session = DeviceSession(session_id=session_id, device_id=self.config.device_id,
-                                    prompt=prompt_ids, tokenizer_fp=self.fingerprint, drafter=drafter,
-                                    link=self.link, sink=stream, config=cfg)
+            session = DeviceSession(
+                session_id=session_id,
+                device_id=self.config.device_id,
+                prompt=prompt_ids,
+                tokenizer_fp=self.fingerprint,
+                drafter=drafter,
+                link=self.link,
+                sink=stream,
+                config=cfg,
+            )
             self.active.add(session_id)
             await self.link.attach(session_id)
             try:
@@ -154,12 +178,25 @@ class NodeService:
             outcome = Outcome(session_id, tuple(tokens), stream.text, session.finish_reason, stats)
             self.outcomes.append(outcome)
             self.sessions_done += 1
-            self._text.put_nowait(Result(session_id=session_id, device_id=self.config.device_id,
-                                         text=outcome.text, n_tokens=len(tokens),
-                                         finish_reason=outcome.finish_reason, verified=True,
-                                         stats=stats, lossy=stream.lossy))
-            log.info("session_done", session=session_id, tokens=len(tokens),
-                     acceptance=round(stats["acceptance_rate"], 3), tps=round(stats["tokens_per_s"], 1))
+            self._text.put_nowait(
+                Result(
+                    session_id=session_id,
+                    device_id=self.config.device_id,
+                    text=outcome.text,
+                    n_tokens=len(tokens),
+                    finish_reason=outcome.finish_reason,
+                    verified=True,
+                    stats=stats,
+                    lossy=stream.lossy,
+                )
+            )
+            log.info(
+                "session_done",
+                session=session_id,
+                tokens=len(tokens),
+                acceptance=round(stats["acceptance_rate"], 3),
+                tps=round(stats["tokens_per_s"], 1),
+            )
             return outcome
 
     # --- tasks -------------------------------------------------------------------
@@ -170,21 +207,31 @@ class NodeService:
             except ProtocolError as exc:
                 log.warning("prompt_rejected", error=str(exc)[:200])
                 continue
-            self.submit(req.prompt, session_id=req.session_id, max_new_tokens=req.max_new_tokens,
-                        chat=req.chat)
+            self.submit(
+                req.prompt,
+                session_id=req.session_id,
+                max_new_tokens=req.max_new_tokens,
+                chat=req.chat,
+            )
 
     async def _publish_text(self) -> None:
         """Publish text chunks and results in order; while the link is down, wait and retry
         (text released offline reaches the topic once the link is back, still in order)."""
         while True:
             item = await self._text.get()
-            topic = self.topics.session(item.device_id, item.session_id,
-                                        "result" if isinstance(item, Result) else "text")
+            topic = self.topics.session(
+                item.device_id, item.session_id, "result" if isinstance(item, Result) else "text"
+            )
             delay = 0.1
             while True:
                 try:
-                    await self.bus.publish(topic, item.encode(), qos=1, retain=isinstance(item, Result),
-                                           content_type=CONTENT_JSON)
+                    await self.bus.publish(
+                        topic,
+                        item.encode(),
+                        qos=1,
+                        retain=isinstance(item, Result),
+                        content_type=CONTENT_JSON,
+                    )
                     break
                 except MiddlewareError as exc:
                     log.warning("text_publish_retry", topic=topic, error=str(exc), retry_in=delay)
@@ -201,16 +248,27 @@ class NodeService:
         stats = {
             "acceptance_rate": t["accepted"] / t["proposed"] if t["proposed"] else 0.0,
             "mean_accepted": t["accepted"] / t["rounds"] if t["rounds"] else 0.0,
-            "sessions_done": float(self.sessions_done), "tokens": t["tokens"],
+            "sessions_done": float(self.sessions_done),
+            "tokens": t["tokens"],
         }
-        return DeviceStatus(device_id=self.config.device_id, state=state,  # type: ignore[arg-type]
-                            drafter=self.drafter_name, tokenizer=self.fingerprint,
-                            sessions=tuple(sorted(self.active))[:64], stats=stats, at=time.time())
+        return DeviceStatus(
+            device_id=self.config.device_id,
+            state=state,  # type: ignore[arg-type]
+            drafter=self.drafter_name,
+            tokenizer=self.fingerprint,
+            sessions=tuple(sorted(self.active))[:64],
+            stats=stats,
+            at=time.time(),
+        )
 
     async def _publish_status(self, state: str) -> None:
-        await self.bus.publish(self.topics.device_status(self.config.device_id),
-                               self.status(state).encode(), qos=1, retain=True,
-                               content_type=CONTENT_JSON)
+        await self.bus.publish(
+            self.topics.device_status(self.config.device_id),
+            self.status(state).encode(),
+            qos=1,
+            retain=True,
+            content_type=CONTENT_JSON,
+        )
 
     async def _status_loop(self) -> None:
         while True:

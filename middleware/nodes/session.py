@@ -50,7 +50,9 @@ class Link(Protocol):
         """The next verdict for this session, ``OwnerLost`` when its verifier's last will
         arrives, or None on timeout."""
 
-    async def reconcile(self, session_id: str, timeout: float) -> tuple[int, tuple[int, ...]] | None:
+    async def reconcile(
+        self, session_id: str, timeout: float
+    ) -> tuple[int, tuple[int, ...]] | None:
         """The retained state's (epoch, committed tokens), if any arrives in time."""
 
 
@@ -124,13 +126,20 @@ class SessionStats:
     def as_dict(self, n_tokens: int) -> dict[str, float]:
         elapsed = (self.finished or time.monotonic()) - self.started
         return {
-            "rounds": self.rounds, "proposed": self.proposed, "accepted": self.accepted,
+            "rounds": self.rounds,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
             "acceptance_rate": self.accepted / self.proposed if self.proposed else 0.0,
             "mean_accepted": self.accepted / self.rounds if self.rounds else 0.0,
-            "tokens": n_tokens, "tokens_per_s": n_tokens / elapsed if elapsed > 0 else 0.0,
-            "timeouts": self.timeouts, "resends": self.resends, "reopens": self.reopens,
-            "offline_periods": self.offline_periods, "provisional": self.provisional,
-            "corrections": self.corrections, "elapsed_s": elapsed,
+            "tokens": n_tokens,
+            "tokens_per_s": n_tokens / elapsed if elapsed > 0 else 0.0,
+            "timeouts": self.timeouts,
+            "resends": self.resends,
+            "reopens": self.reopens,
+            "offline_periods": self.offline_periods,
+            "provisional": self.provisional,
+            "corrections": self.corrections,
+            "elapsed_s": elapsed,
         }
 
 
@@ -145,8 +154,18 @@ class Reopen(Exception):
 class DeviceSession:
     """One generation, from prompt tokens to committed tokens."""
 
-    def __init__(self, *, session_id: str, device_id: str, prompt: Sequence[int], tokenizer_fp: str,
-                 drafter: Drafter, link: Link, sink: Sink, config: SessionConfig | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        device_id: str,
+        prompt: Sequence[int],
+        tokenizer_fp: str,
+        drafter: Drafter,
+        link: Link,
+        sink: Sink,
+        config: SessionConfig | None = None,
+    ) -> None:
         self.session_id = session_id
         self.device_id = device_id
         self.prompt = tuple(prompt)
@@ -183,13 +202,16 @@ class DeviceSession:
                 await self._round()
             except LinkDown:
                 if not self.config.offline_enabled:
-                    raise SessionError("verifier unreachable", session_id=self.session_id,
-                                       device_id=self.device_id) from None
+                    raise SessionError(
+                        "verifier unreachable", session_id=self.session_id, device_id=self.device_id
+                    ) from None
                 await self._offline()
                 opened = True  # _offline returns only after a successful re-open
         self.stats.finished = time.monotonic()
         with contextlib.suppress(BusError):
-            await self.link.send(CloseSession(self.session_id, self.epoch, self._next_seq(), "done"))
+            await self.link.send(
+                CloseSession(self.session_id, self.epoch, self._next_seq(), "done")
+            )
         self.sink.finished(self.finish_reason, self.committed)
         return self.committed
 
@@ -225,24 +247,40 @@ class DeviceSession:
             self.epoch += 1
             seq = self._next_seq()
             sent = time.monotonic()
-            await self._send(OpenSession(
-                session_id=self.session_id, device_id=self.device_id, epoch=self.epoch, seq=seq,
-                tokenizer=self.fingerprint, prompt=self.prompt, committed=tuple(self.committed),
-                sampling=self.config.sampling, max_new_tokens=self.config.max_new_tokens,
-                stop_ids=self.config.stop_ids, drafter=self.drafter.name, sent_at=time.time() * 1000))
+            await self._send(
+                OpenSession(
+                    session_id=self.session_id,
+                    device_id=self.device_id,
+                    epoch=self.epoch,
+                    seq=seq,
+                    tokenizer=self.fingerprint,
+                    prompt=self.prompt,
+                    committed=tuple(self.committed),
+                    sampling=self.config.sampling,
+                    max_new_tokens=self.config.max_new_tokens,
+                    stop_ids=self.config.stop_ids,
+                    drafter=self.drafter.name,
+                    sent_at=time.time() * 1000,
+                )
+            )
             v = await self._await(lambda v, s=seq: v.seq == s, sent, measure=False)
             if v is None:
                 if probe:
                     raise LinkDown
                 continue
             if v.kind == "refused":
-                raise SessionError(f"verifier refused the session: {v.reason}",
-                                   session_id=self.session_id, device_id=self.device_id)
+                raise SessionError(
+                    f"verifier refused the session: {v.reason}",
+                    session_id=self.session_id,
+                    device_id=self.device_id,
+                )
             if v.kind == "opened":
                 self.verifier_id = v.verifier_id
                 if v.committed_len != len(self.committed):
-                    raise SessionError("verifier opened with a different committed length",
-                                       session_id=self.session_id)
+                    raise SessionError(
+                        "verifier opened with a different committed length",
+                        session_id=self.session_id,
+                    )
                 self._log.info("session_open", epoch=self.epoch, verifier=v.verifier_id)
                 return
             # resync: a newer epoch exists somewhere; go round with epoch + 1
@@ -250,11 +288,14 @@ class DeviceSession:
     def _adopt_retained(self, epoch: int, committed: tuple[int, ...]) -> None:
         """Reconcile with the retained state: adopt verified tokens we missed."""
         self.epoch = max(self.epoch, epoch)
-        if len(committed) > len(self.committed) and tuple(committed[:len(self.committed)]) == tuple(self.committed):
-            self._commit(len(self.committed), committed[len(self.committed):], accepted=None)
+        if len(committed) > len(self.committed) and tuple(
+            committed[: len(self.committed)]
+        ) == tuple(self.committed):
+            self._commit(len(self.committed), committed[len(self.committed) :], accepted=None)
 
-    async def _await(self, want: object, sent: float, *, measure: bool = True,
-                     reopen_on_loss: bool = False) -> Verdict | None:
+    async def _await(
+        self, want: object, sent: float, *, measure: bool = True, reopen_on_loss: bool = False
+    ) -> Verdict | None:
         """Wait for a verdict of this epoch satisfying ``want``; None after the RTO.
 
         ``measure=False`` keeps the RTT out of the RTO estimate (opens are cheap,
@@ -292,11 +333,14 @@ class DeviceSession:
             return Proposal()
         position = len(self.committed) + len(after)
         t0 = time.monotonic()
-        p = await asyncio.to_thread(self.drafter.propose, list(self.committed), list(after),
-                                    max_tokens, position)
+        p = await asyncio.to_thread(
+            self.drafter.propose, list(self.committed), list(after), max_tokens, position
+        )
         if p.tokens:
             per_token = (time.monotonic() - t0) / len(p.tokens)
-            self._token_s = per_token if not self._token_s else 0.8 * self._token_s + 0.2 * per_token
+            self._token_s = (
+                per_token if not self._token_s else 0.8 * self._token_s + 0.2 * per_token
+            )
         return p
 
     async def _round(self) -> None:
@@ -319,16 +363,31 @@ class DeviceSession:
         seq = self._next_seq()
         sent = time.monotonic()
         think = sent - self._verdict_at if self._verdict_at is not None else 0.0
-        await self._send(Draft(self.session_id, self.epoch, seq, base, tuple(draft), q,
-                               time.time() * 1000, think_ms=min(think * 1000, MAX_MS),
-                               token_ms=min(self._token_s * 1000, MAX_MS)))
+        await self._send(
+            Draft(
+                self.session_id,
+                self.epoch,
+                seq,
+                base,
+                tuple(draft),
+                q,
+                time.time() * 1000,
+                think_ms=min(think * 1000, MAX_MS),
+                token_ms=min(self._token_s * 1000, MAX_MS),
+            )
+        )
         if len(draft) > len(self.speculative):
             self.speculative = list(draft)
         # Draft ahead while the verdict is outstanding.
-        waiter = asyncio.ensure_future(self._await(lambda v: v.seq == seq, sent, reopen_on_loss=True))
+        waiter = asyncio.ensure_future(
+            self._await(lambda v: v.seq == seq, sent, reopen_on_loss=True)
+        )
         try:
-            while not waiter.done() and len(self.speculative) - len(draft) < cfg.max_ahead \
-                    and cfg.sampling.mode != "rejection":
+            while (
+                not waiter.done()
+                and len(self.speculative) - len(draft) < cfg.max_ahead
+                and cfg.sampling.mode != "rejection"
+            ):
                 before, clen = list(self.speculative), len(self.committed)
                 p = await self._propose(before, 2)
                 if not p.tokens:
@@ -369,7 +428,7 @@ class DeviceSession:
             self.drafter.observe(len(draft), v.accepted)
         end = v.base + len(v.tokens)
         if end > len(self.committed) and v.base <= len(self.committed):
-            new = v.tokens[len(self.committed) - v.base:]
+            new = v.tokens[len(self.committed) - v.base :]
             self._commit(len(self.committed), new, accepted=v.accepted)
         if v.done:
             self.finish_reason = v.finish_reason or "stop"
@@ -378,7 +437,7 @@ class DeviceSession:
         """Append verified tokens; settle provisional ones; trim the speculative tail."""
         tokens = list(tokens)
         spec = self.speculative
-        self.speculative = spec[len(tokens):] if spec[:len(tokens)] == tokens else []
+        self.speculative = spec[len(tokens) :] if spec[: len(tokens)] == tokens else []
         if self.shown:
             same = 0
             while same < min(len(tokens), len(self.shown)) and tokens[same] == self.shown[same]:
@@ -404,7 +463,9 @@ class DeviceSession:
         """Release drafts as provisional text, keep drafting, probe until a verifier answers."""
         cfg = self.config
         self.stats.offline_periods += 1
-        self._log.warning("offline", committed=len(self.committed), speculative=len(self.speculative))
+        self._log.warning(
+            "offline", committed=len(self.committed), speculative=len(self.speculative)
+        )
         self._release(self.speculative)
         interval = cfg.probe_interval
         while True:
@@ -426,8 +487,8 @@ class DeviceSession:
 
     def _release(self, tokens: Sequence[int]) -> None:
         """Show speculative tokens the user has not seen yet, marked provisional."""
-        new = list(tokens[len(self.shown):])
-        if new and list(tokens[:len(self.shown)]) == self.shown:
+        new = list(tokens[len(self.shown) :])
+        if new and list(tokens[: len(self.shown)]) == self.shown:
             self.sink.provisional(len(self.committed) + len(self.shown), new)
             self.shown += new
             self.stats.provisional += len(new)

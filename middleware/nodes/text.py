@@ -15,8 +15,9 @@ from middleware.protocol import TextChunk
 class TextStream:
     """Turns a session's token events into :class:`TextChunk` values, in order (a Sink)."""
 
-    def __init__(self, tokenizer: Any, session_id: str, device_id: str,
-                 emit: Callable[[TextChunk], None]) -> None:
+    def __init__(
+        self, tokenizer: Any, session_id: str, device_id: str, emit: Callable[[TextChunk], None]
+    ) -> None:
         self._tok = tokenizer
         self.session_id = session_id
         self.device_id = device_id
@@ -33,19 +34,29 @@ class TextStream:
     def _delta(self, before: Sequence[int], added: Sequence[int]) -> str:
         head = self.decode(before)
         full = self.decode([*before, *added])
-        return full[len(head):] if full.startswith(head) else full
+        return full[len(head) :] if full.startswith(head) else full
 
     def _chunk(self, kind: str, pos: int, n: int, text: str, final: bool = False) -> None:
         self._seq += 1
-        self._emit(TextChunk(session_id=self.session_id, device_id=self.device_id, seq=self._seq,
-                             kind=kind, pos=pos, n_tokens=n, text=text, final=final,  # type: ignore[arg-type]
-                             lossy=self.lossy))
+        self._emit(
+            TextChunk(
+                session_id=self.session_id,
+                device_id=self.device_id,
+                seq=self._seq,
+                kind=kind,
+                pos=pos,
+                n_tokens=n,
+                text=text,
+                final=final,  # type: ignore[arg-type]
+                lossy=self.lossy,
+            )
+        )
 
     # --- the Sink protocol (middleware.nodes.session.Sink) ---------------------------
     def committed(self, pos: int, tokens: Sequence[int], kind: str) -> None:
         text = self._delta(self.tokens[:pos], tokens)
         if kind == "confirmed":
-            self.shown = self.shown[len(tokens):]
+            self.shown = self.shown[len(tokens) :]
         elif kind == "correction":
             self.shown = []
         self._chunk(kind, pos, len(tokens), text)

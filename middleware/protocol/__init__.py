@@ -23,20 +23,43 @@ from middleware.protocol.status import DeviceStatus, VerifierStatus
 from middleware.protocol.text import PromptRequest, Result, TextChunk
 from middleware.protocol.topics import DEFAULT_PREFIX, Topics, matches
 
-Message = (OpenSession | Draft | Verdict | SessionState | CloseSession | DeviceStatus
-           | VerifierStatus | TextChunk | Result | PromptRequest)
+Message = (
+    OpenSession
+    | Draft
+    | Verdict
+    | SessionState
+    | CloseSession
+    | DeviceStatus
+    | VerifierStatus
+    | TextChunk
+    | Result
+    | PromptRequest
+)
 
 MESSAGE_TYPES: dict[str, Any] = {
     cls.TYPE: cls
-    for cls in (OpenSession, Draft, Verdict, SessionState, CloseSession, DeviceStatus,
-                VerifierStatus, TextChunk, Result, PromptRequest)
+    for cls in (
+        OpenSession,
+        Draft,
+        Verdict,
+        SessionState,
+        CloseSession,
+        DeviceStatus,
+        VerifierStatus,
+        TextChunk,
+        Result,
+        PromptRequest,
+    )
 }
 
 M = TypeVar("M")
 
 
-def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS,
-           expect: type[M] | tuple[type, ...] | None = None) -> M:
+def decode(
+    data: bytes | bytearray | memoryview,
+    limits: Limits = DEFAULT_LIMITS,
+    expect: type[M] | tuple[type, ...] | None = None,
+) -> M:
     """Decode any middleware message (msgpack or JSON); only ProtocolError escapes."""
     env = unpack(data, limits)
     cls = MESSAGE_TYPES.get(env["t"])
@@ -53,8 +76,26 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
 
 
 __all__ = [
-    "DEFAULT_LIMITS", "DEFAULT_PREFIX", "MESSAGE_TYPES", "SCHEMA_VERSION", "CloseSession",
-    "DeviceStatus", "Draft", "Limits", "Message", "OpenSession", "PromptRequest",
-    "ProtocolError", "Result", "SamplingParams", "SessionState", "SparseDist", "TextChunk",
-    "Topics", "Verdict", "VerifierStatus", "decode", "matches",
+    "DEFAULT_LIMITS",
+    "DEFAULT_PREFIX",
+    "MESSAGE_TYPES",
+    "SCHEMA_VERSION",
+    "CloseSession",
+    "DeviceStatus",
+    "Draft",
+    "Limits",
+    "Message",
+    "OpenSession",
+    "PromptRequest",
+    "ProtocolError",
+    "Result",
+    "SamplingParams",
+    "SessionState",
+    "SparseDist",
+    "TextChunk",
+    "Topics",
+    "Verdict",
+    "VerifierStatus",
+    "decode",
+    "matches",
 ]

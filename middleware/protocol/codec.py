@@ -61,7 +61,8 @@ def check_id(value: object, field: str) -> str:
     """A topic-safe identifier: 1-64 chars of ``[A-Za-z0-9_.:-]``, no ``/ + #``."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):  # match() + "$" accepts "id\n"
         raise ProtocolError(
-            f"{field}: expected an id matching {_ID_RE.pattern}, got {brief(value, 80)}")
+            f"{field}: expected an id matching {_ID_RE.pattern}, got {brief(value, 80)}"
+        )
     return value
 
 
@@ -192,8 +193,9 @@ def pack(type_: str, body: dict[str, Any]) -> bytes:
 
 def pack_json(type_: str, body: dict[str, Any]) -> bytes:
     """Frame a message body as compact UTF-8 JSON (for IoT-stack-readable topics)."""
-    return json.dumps({"v": SCHEMA_VERSION, "t": type_, **body},
-                      ensure_ascii=False, separators=(",", ":")).encode()
+    return json.dumps(
+        {"v": SCHEMA_VERSION, "t": type_, **body}, ensure_ascii=False, separators=(",", ":")
+    ).encode()
 
 
 def unpack(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
@@ -222,7 +224,8 @@ def unpack(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     v = obj.get("v")
     if type(v) is not int or v != SCHEMA_VERSION:  # true/1.0 are not version 1
         raise ProtocolError(
-            f"unsupported schema version {brief(v)} (this build speaks {SCHEMA_VERSION})")
+            f"unsupported schema version {brief(v)} (this build speaks {SCHEMA_VERSION})"
+        )
     t = obj.get("t")
     if not isinstance(t, str) or len(t) > 32:
         raise ProtocolError("missing or invalid message type tag 't'")

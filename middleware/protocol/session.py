@@ -61,8 +61,13 @@ class SamplingParams:
             raise ProtocolError("sampling.top_p outside (0, 1]")
 
     def to_wire(self) -> dict[str, Any]:
-        return {"mode": self.mode, "seed": self.seed, "temperature": self.temperature,
-                "top_k": self.top_k, "top_p": self.top_p}
+        return {
+            "mode": self.mode,
+            "seed": self.seed,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+        }
 
     @classmethod
     def from_wire(cls, d: Any, limits: Limits = DEFAULT_LIMITS) -> Self:
@@ -112,13 +117,23 @@ class OpenSession:
             raise ProtocolError("open.max_new_tokens out of range")
 
     def encode(self) -> bytes:
-        return pack(self.TYPE, {
-            "sid": self.session_id, "dev": self.device_id, "epoch": self.epoch,
-            "seq": self.seq, "tok": self.tokenizer, "prompt": list(self.prompt),
-            "committed": list(self.committed), "sampling": self.sampling.to_wire(),
-            "max_new": self.max_new_tokens, "stop": list(self.stop_ids),
-            "drafter": self.drafter, "ts": self.sent_at,
-        })
+        return pack(
+            self.TYPE,
+            {
+                "sid": self.session_id,
+                "dev": self.device_id,
+                "epoch": self.epoch,
+                "seq": self.seq,
+                "tok": self.tokenizer,
+                "prompt": list(self.prompt),
+                "committed": list(self.committed),
+                "sampling": self.sampling.to_wire(),
+                "max_new": self.max_new_tokens,
+                "stop": list(self.stop_ids),
+                "drafter": self.drafter,
+                "ts": self.sent_at,
+            },
+        )
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
@@ -128,13 +143,18 @@ class OpenSession:
         if len(prompt) + len(committed) > limits.max_context_tokens:
             raise ProtocolError("open: prompt + committed exceed max_context_tokens")
         return cls(
-            session_id=f.id("sid"), device_id=f.id("dev"),
-            epoch=f.int("epoch", 0, MAX_EPOCH), seq=f.int("seq", 0, MAX_SEQ),
-            tokenizer=f.str("tok"), prompt=prompt, committed=committed,
+            session_id=f.id("sid"),
+            device_id=f.id("dev"),
+            epoch=f.int("epoch", 0, MAX_EPOCH),
+            seq=f.int("seq", 0, MAX_SEQ),
+            tokenizer=f.str("tok"),
+            prompt=prompt,
+            committed=committed,
             sampling=SamplingParams.from_wire(f.raw("sampling", {}), limits),
             max_new_tokens=f.int("max_new", 1, limits.max_context_tokens, 128),
             stop_ids=f.tokens("stop", 64, ()),
-            drafter=f.str("drafter", ""), sent_at=f.float("ts", 0.0, 1e16, 0.0),
+            drafter=f.str("drafter", ""),
+            sent_at=f.float("ts", 0.0, 1e16, 0.0),
         )
 
 
@@ -182,8 +202,14 @@ class Draft:
             raise ProtocolError("draft.q: one distribution per draft token required")
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {"sid": self.session_id, "epoch": self.epoch, "seq": self.seq,
-                                "base": self.base, "tokens": list(self.tokens), "ts": self.sent_at}
+        body: dict[str, Any] = {
+            "sid": self.session_id,
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "base": self.base,
+            "tokens": list(self.tokens),
+            "ts": self.sent_at,
+        }
         if self.think_ms:
             body["think"] = self.think_ms
         if self.token_ms:
@@ -204,13 +230,21 @@ class Draft:
             if not isinstance(item, list) or len(item) != 2:
                 raise ProtocolError("draft.q: each entry is [ids, probs]")
             qf = Fields({"ids": item[0], "probs": item[1]}, "draft.q", limits)
-            q.append(SparseDist(qf.tokens("ids", limits.max_topk),
-                                qf.floats("probs", limits.max_topk, 0.0, 1.0)))
+            q.append(
+                SparseDist(
+                    qf.tokens("ids", limits.max_topk), qf.floats("probs", limits.max_topk, 0.0, 1.0)
+                )
+            )
         return cls(
-            session_id=f.id("sid"), epoch=f.int("epoch", 0, MAX_EPOCH),
-            seq=f.int("seq", 0, MAX_SEQ), base=f.int("base", 0, limits.max_context_tokens),
-            tokens=tokens, q=tuple(q), sent_at=f.float("ts", 0.0, 1e16, 0.0),
-            think_ms=f.float("think", 0.0, MAX_MS, 0.0), token_ms=f.float("tms", 0.0, MAX_MS, 0.0),
+            session_id=f.id("sid"),
+            epoch=f.int("epoch", 0, MAX_EPOCH),
+            seq=f.int("seq", 0, MAX_SEQ),
+            base=f.int("base", 0, limits.max_context_tokens),
+            tokens=tokens,
+            q=tuple(q),
+            sent_at=f.float("ts", 0.0, 1e16, 0.0),
+            think_ms=f.float("think", 0.0, MAX_MS, 0.0),
+            token_ms=f.float("tms", 0.0, MAX_MS, 0.0),
         )
 
 
@@ -248,32 +282,54 @@ class Verdict:
             raise ProtocolError(f"verdict.kind: {self.kind!r}")
         if self.accepted < 0 or self.base < 0 or self.committed_len < 0:
             raise ProtocolError("verdict: negative counter")
-        if self.kind in ("accept", "catchup") and self.base + len(self.tokens) != self.committed_len:
+        if (
+            self.kind in ("accept", "catchup")
+            and self.base + len(self.tokens) != self.committed_len
+        ):
             raise ProtocolError("verdict: base + len(tokens) != committed_len")
 
     def encode(self) -> bytes:
-        return pack(self.TYPE, {
-            "sid": self.session_id, "epoch": self.epoch, "seq": self.seq, "kind": self.kind,
-            "base": self.base, "acc": self.accepted, "tokens": list(self.tokens),
-            "clen": self.committed_len, "done": self.done, "fin": self.finish_reason,
-            "reason": self.reason, "next": self.next_len, "vid": self.verifier_id,
-            "ts": self.echo_ts, "lossy": self.lossy,
-        })
+        return pack(
+            self.TYPE,
+            {
+                "sid": self.session_id,
+                "epoch": self.epoch,
+                "seq": self.seq,
+                "kind": self.kind,
+                "base": self.base,
+                "acc": self.accepted,
+                "tokens": list(self.tokens),
+                "clen": self.committed_len,
+                "done": self.done,
+                "fin": self.finish_reason,
+                "reason": self.reason,
+                "next": self.next_len,
+                "vid": self.verifier_id,
+                "ts": self.echo_ts,
+                "lossy": self.lossy,
+            },
+        )
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
         f = Fields(d, cls.TYPE, limits)
         vid = f.str("vid", "", 64)
         return cls(
-            session_id=f.id("sid"), epoch=f.int("epoch", 0, MAX_EPOCH),
-            seq=f.int("seq", 0, MAX_SEQ), kind=f.choice("kind", VERDICT_KINDS),  # type: ignore[arg-type]
+            session_id=f.id("sid"),
+            epoch=f.int("epoch", 0, MAX_EPOCH),
+            seq=f.int("seq", 0, MAX_SEQ),
+            kind=f.choice("kind", VERDICT_KINDS),  # type: ignore[arg-type]
             base=f.int("base", 0, limits.max_context_tokens, 0),
             accepted=f.int("acc", 0, limits.max_draft_tokens, 0),
             tokens=f.tokens("tokens", limits.max_context_tokens, ()),
             committed_len=f.int("clen", 0, limits.max_context_tokens, 0),
-            done=f.bool("done", False), finish_reason=f.str("fin", "", 32),
-            reason=f.str("reason", ""), next_len=f.int("next", 0, limits.max_draft_tokens, 0),
-            verifier_id=vid, echo_ts=f.float("ts", 0.0, 1e16, 0.0), lossy=f.bool("lossy", False),
+            done=f.bool("done", False),
+            finish_reason=f.str("fin", "", 32),
+            reason=f.str("reason", ""),
+            next_len=f.int("next", 0, limits.max_draft_tokens, 0),
+            verifier_id=vid,
+            echo_ts=f.float("ts", 0.0, 1e16, 0.0),
+            lossy=f.bool("lossy", False),
         )
 
 
@@ -303,21 +359,34 @@ class SessionState:
             raise ProtocolError(f"state.status: {self.status!r}")
 
     def encode(self) -> bytes:
-        return pack(self.TYPE, {
-            "sid": self.session_id, "dev": self.device_id, "epoch": self.epoch,
-            "owner": self.owner, "status": self.status, "committed": list(self.committed),
-            "plen": self.prompt_len, "fin": self.finish_reason, "at": self.updated_at,
-        })
+        return pack(
+            self.TYPE,
+            {
+                "sid": self.session_id,
+                "dev": self.device_id,
+                "epoch": self.epoch,
+                "owner": self.owner,
+                "status": self.status,
+                "committed": list(self.committed),
+                "plen": self.prompt_len,
+                "fin": self.finish_reason,
+                "at": self.updated_at,
+            },
+        )
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
         f = Fields(d, cls.TYPE, limits)
         return cls(
-            session_id=f.id("sid"), device_id=f.id("dev"), epoch=f.int("epoch", 0, MAX_EPOCH),
-            owner=f.str("owner", "", 64), status=f.choice("status", ("open", "done", "closed")),  # type: ignore[arg-type]
+            session_id=f.id("sid"),
+            device_id=f.id("dev"),
+            epoch=f.int("epoch", 0, MAX_EPOCH),
+            owner=f.str("owner", "", 64),
+            status=f.choice("status", ("open", "done", "closed")),  # type: ignore[arg-type]
             committed=f.tokens("committed", limits.max_context_tokens),
             prompt_len=f.int("plen", 0, limits.max_context_tokens, 0),
-            finish_reason=f.str("fin", "", 32), updated_at=f.float("at", 0.0, 1e12, 0.0),
+            finish_reason=f.str("fin", "", 32),
+            updated_at=f.float("at", 0.0, 1e12, 0.0),
         )
 
 
@@ -336,11 +405,17 @@ class CloseSession:
         check_id(self.session_id, "close.session_id")
 
     def encode(self) -> bytes:
-        return pack(self.TYPE, {"sid": self.session_id, "epoch": self.epoch, "seq": self.seq,
-                                "reason": self.reason})
+        return pack(
+            self.TYPE,
+            {"sid": self.session_id, "epoch": self.epoch, "seq": self.seq, "reason": self.reason},
+        )
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
         f = Fields(d, cls.TYPE, limits)
-        return cls(session_id=f.id("sid"), epoch=f.int("epoch", 0, MAX_EPOCH),
-                   seq=f.int("seq", 0, MAX_SEQ), reason=f.str("reason", ""))
+        return cls(
+            session_id=f.id("sid"),
+            epoch=f.int("epoch", 0, MAX_EPOCH),
+            seq=f.int("seq", 0, MAX_SEQ),
+            reason=f.str("reason", ""),
+        )

@@ -29,7 +29,12 @@ def _stats(v: Any) -> dict[str, float]:
         raise ProtocolError("stats: expected a small map")
     out: dict[str, float] = {}
     for k, x in v.items():
-        if not isinstance(k, str) or len(k) > 64 or isinstance(x, bool) or not isinstance(x, int | float):
+        if (
+            not isinstance(k, str)
+            or len(k) > 64
+            or isinstance(x, bool)
+            or not isinstance(x, int | float)
+        ):
             raise ProtocolError("stats: string keys and numeric values only")
         check_utf8(k, "stats key")
         try:
@@ -66,10 +71,19 @@ class DeviceStatus:
         return self.state != "offline"
 
     def encode(self) -> bytes:
-        return pack_json(self.TYPE, {"device": self.device_id, "state": self.state,
-                                     "online": self.online, "drafter": self.drafter,
-                                     "tokenizer": self.tokenizer, "sessions": list(self.sessions),
-                                     "stats": self.stats, "at": self.at})
+        return pack_json(
+            self.TYPE,
+            {
+                "device": self.device_id,
+                "state": self.state,
+                "online": self.online,
+                "drafter": self.drafter,
+                "tokenizer": self.tokenizer,
+                "sessions": list(self.sessions),
+                "stats": self.stats,
+                "at": self.at,
+            },
+        )
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
@@ -77,10 +91,15 @@ class DeviceStatus:
         sessions = f.raw("sessions", [])
         if not isinstance(sessions, list) or len(sessions) > 1024:
             raise ProtocolError("device_status.sessions: expected a list")
-        return cls(device_id=f.id("device"), state=f.choice("state", STATES),  # type: ignore[arg-type]
-                   drafter=f.str("drafter", ""), tokenizer=f.str("tokenizer", ""),
-                   sessions=tuple(check_id(s, "device_status.sessions") for s in sessions),
-                   stats=_stats(f.raw("stats", {})), at=f.float("at", 0.0, 1e12, 0.0))
+        return cls(
+            device_id=f.id("device"),
+            state=f.choice("state", STATES),  # type: ignore[arg-type]
+            drafter=f.str("drafter", ""),
+            tokenizer=f.str("tokenizer", ""),
+            sessions=tuple(check_id(s, "device_status.sessions") for s in sessions),
+            stats=_stats(f.raw("stats", {})),
+            at=f.float("at", 0.0, 1e12, 0.0),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,15 +126,29 @@ class VerifierStatus:
         return self.state != "offline"
 
     def encode(self) -> bytes:
-        return pack_json(self.TYPE, {"verifier": self.verifier_id, "state": self.state,
-                                     "online": self.online, "model": self.model,
-                                     "tokenizer": self.tokenizer, "sessions": self.sessions,
-                                     "stats": self.stats, "at": self.at})
+        return pack_json(
+            self.TYPE,
+            {
+                "verifier": self.verifier_id,
+                "state": self.state,
+                "online": self.online,
+                "model": self.model,
+                "tokenizer": self.tokenizer,
+                "sessions": self.sessions,
+                "stats": self.stats,
+                "at": self.at,
+            },
+        )
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
         f = Fields(d, cls.TYPE, limits)
-        return cls(verifier_id=f.id("verifier"), state=f.choice("state", STATES),  # type: ignore[arg-type]
-                   model=f.str("model", ""), tokenizer=f.str("tokenizer", ""),
-                   sessions=f.int("sessions", 0, 1 << 30, 0), stats=_stats(f.raw("stats", {})),
-                   at=f.float("at", 0.0, 1e12, 0.0))
+        return cls(
+            verifier_id=f.id("verifier"),
+            state=f.choice("state", STATES),  # type: ignore[arg-type]
+            model=f.str("model", ""),
+            tokenizer=f.str("tokenizer", ""),
+            sessions=f.int("sessions", 0, 1 << 30, 0),
+            stats=_stats(f.raw("stats", {})),
+            at=f.float("at", 0.0, 1e12, 0.0),
+        )

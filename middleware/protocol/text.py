@@ -49,20 +49,35 @@ class TextChunk:
             raise ProtocolError(f"text.kind: {self.kind!r}")
 
     def encode(self) -> bytes:
-        return pack_json(self.TYPE, {"session": self.session_id, "device": self.device_id,
-                                     "seq": self.seq, "kind": self.kind, "pos": self.pos,
-                                     "n": self.n_tokens, "text": self.text,
-                                     "final": self.final, "lossy": self.lossy})
+        return pack_json(
+            self.TYPE,
+            {
+                "session": self.session_id,
+                "device": self.device_id,
+                "seq": self.seq,
+                "kind": self.kind,
+                "pos": self.pos,
+                "n": self.n_tokens,
+                "text": self.text,
+                "final": self.final,
+                "lossy": self.lossy,
+            },
+        )
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
         f = Fields(d, cls.TYPE, limits)
-        return cls(session_id=f.id("session"), device_id=f.id("device"),
-                   seq=f.int("seq", 0, 1 << 62), kind=f.choice("kind", CHUNK_KINDS),  # type: ignore[arg-type]
-                   pos=f.int("pos", 0, limits.max_context_tokens),
-                   n_tokens=f.int("n", 0, limits.max_context_tokens),
-                   text=f.str("text", max_len=limits.max_text), final=f.bool("final", False),
-                   lossy=f.bool("lossy", False))
+        return cls(
+            session_id=f.id("session"),
+            device_id=f.id("device"),
+            seq=f.int("seq", 0, 1 << 62),
+            kind=f.choice("kind", CHUNK_KINDS),  # type: ignore[arg-type]
+            pos=f.int("pos", 0, limits.max_context_tokens),
+            n_tokens=f.int("n", 0, limits.max_context_tokens),
+            text=f.str("text", max_len=limits.max_text),
+            final=f.bool("final", False),
+            lossy=f.bool("lossy", False),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,21 +100,35 @@ class Result:
         check_id(self.device_id, "result.device_id")
 
     def encode(self) -> bytes:
-        return pack_json(self.TYPE, {"session": self.session_id, "device": self.device_id,
-                                     "text": self.text, "n": self.n_tokens,
-                                     "fin": self.finish_reason, "verified": self.verified,
-                                     "stats": self.stats, "lossy": self.lossy})
+        return pack_json(
+            self.TYPE,
+            {
+                "session": self.session_id,
+                "device": self.device_id,
+                "text": self.text,
+                "n": self.n_tokens,
+                "fin": self.finish_reason,
+                "verified": self.verified,
+                "stats": self.stats,
+                "lossy": self.lossy,
+            },
+        )
 
     @classmethod
     def from_wire(cls, d: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Self:
         from middleware.protocol.status import _stats
 
         f = Fields(d, cls.TYPE, limits)
-        return cls(session_id=f.id("session"), device_id=f.id("device"),
-                   text=f.str("text", max_len=limits.max_text),
-                   n_tokens=f.int("n", 0, limits.max_context_tokens),
-                   finish_reason=f.str("fin", "", 32), verified=f.bool("verified"),
-                   stats=_stats(f.raw("stats", {})), lossy=f.bool("lossy", False))
+        return cls(
+            session_id=f.id("session"),
+            device_id=f.id("device"),
+            text=f.str("text", max_len=limits.max_text),
+            n_tokens=f.int("n", 0, limits.max_context_tokens),
+            finish_reason=f.str("fin", "", 32),
+            verified=f.bool("verified"),
+            stats=_stats(f.raw("stats", {})),
+            lossy=f.bool("lossy", False),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +152,8 @@ class PromptRequest:
         if self.session_id is not None:
             check_id(self.session_id, "prompt.session")
         if self.max_new_tokens is not None and not (
-                1 <= self.max_new_tokens <= DEFAULT_LIMITS.max_context_tokens):
+            1 <= self.max_new_tokens <= DEFAULT_LIMITS.max_context_tokens
+        ):
             raise ProtocolError("prompt.max_new_tokens out of range")  # 0 would decode as None
 
     def encode(self) -> bytes:
@@ -142,8 +172,12 @@ class PromptRequest:
             mnt = None
         elif mnt is not None:  # not "or None": false, "" and [] are type errors
             mnt = f.int("max_new_tokens", 1, limits.max_context_tokens)
-        return cls(prompt=f.str("prompt", max_len=limits.max_text), session_id=f.opt_id("session"),
-                   max_new_tokens=mnt, chat=f.bool("chat", True))
+        return cls(
+            prompt=f.str("prompt", max_len=limits.max_text),
+            session_id=f.opt_id("session"),
+            max_new_tokens=mnt,
+            chat=f.bool("chat", True),
+        )
 
     @classmethod
     def parse(cls, data: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:

@@ -36,7 +36,9 @@ SESSION_LEAVES: tuple[str, ...] = ("open", "draft", "verdict", "state", "text", 
 DEVICE_LEAVES: tuple[str, ...] = ("status", "inbox")
 VERIFIER_LEAVES: tuple[str, ...] = ("status",)
 ROOTS: dict[str, tuple[str, ...]] = {
-    "session": SESSION_LEAVES, "device": DEVICE_LEAVES, "verifier": VERIFIER_LEAVES,
+    "session": SESSION_LEAVES,
+    "device": DEVICE_LEAVES,
+    "verifier": VERIFIER_LEAVES,
 }
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
@@ -77,7 +79,9 @@ class Topics:
 
     def __post_init__(self) -> None:
         if not _PREFIX_RE.fullmatch(self.prefix) or len(self.prefix) > 128:
-            raise TopicError(f"invalid topic prefix {self.prefix!r}: use letters, digits, _.- and /")
+            raise TopicError(
+                f"invalid topic prefix {self.prefix!r}: use letters, digits, _.- and /"
+            )
 
     def _build(self, root: str, ident: str, leaf: str) -> str:
         return f"{self.prefix}/{root}/{_checked(ident, f'{root} id')}/{leaf}"
@@ -138,8 +142,10 @@ class Topics:
         parts = spec.strip("/").split("/")
         root = parts[0]
         if root not in ROOTS or len(parts) > (4 if root == "session" else 3):
-            raise TopicError("expected session/ID, session/DEVICE/ID, device/ID, verifier/ID or all;"
-                             f" got {spec!r}")
+            raise TopicError(
+                "expected session/ID, session/DEVICE/ID, device/ID, verifier/ID or all;"
+                f" got {spec!r}"
+            )
         if len(parts) == 1:
             return f"{self.prefix}/{root}/#"
         if root == "session":
@@ -169,12 +175,16 @@ class Topics:
         head = self.prefix + "/"
         if not topic.startswith(head):
             raise TopicError(f"topic {topic!r} is outside prefix {self.prefix!r}")
-        parts = topic[len(head):].split("/")
+        parts = topic[len(head) :].split("/")
         if parts[0] == "session":
             if len(parts) != 4 or parts[3] not in SESSION_LEAVES:
                 raise TopicError(f"topic {topic!r} is not in the topic tree")
-            return TopicRef("session", _checked(parts[2], "session id"), parts[3],
-                            _checked(parts[1], "device id"))
+            return TopicRef(
+                "session",
+                _checked(parts[2], "session id"),
+                parts[3],
+                _checked(parts[1], "device id"),
+            )
         if len(parts) != 3 or parts[0] not in ROOTS or parts[2] not in ROOTS[parts[0]]:
             raise TopicError(f"topic {topic!r} is not in the topic tree")
         return TopicRef(parts[0], _checked(parts[1], f"{parts[0]} id"), parts[2])
@@ -184,9 +194,13 @@ class Topics:
 
         Session shapes are ``{prefix}/session/{device}/{id}/{leaf}``.
         """
-        return [f"{self.prefix}/{root}/{{device}}/{{id}}/{leaf}" if root == "session"
-                else f"{self.prefix}/{root}/{{id}}/{leaf}"
-                for root, leaves in ROOTS.items() for leaf in leaves]
+        return [
+            f"{self.prefix}/{root}/{{device}}/{{id}}/{leaf}"
+            if root == "session"
+            else f"{self.prefix}/{root}/{{id}}/{leaf}"
+            for root, leaves in ROOTS.items()
+            for leaf in leaves
+        ]
 
 
 def strip_share(filter_: str) -> str:

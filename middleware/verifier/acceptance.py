@@ -52,8 +52,9 @@ def greedy_accept(draft: Sequence[int], target_argmax: Sequence[int]) -> tuple[i
     return len(draft), int(target_argmax[len(draft)])
 
 
-def coupled_accept(draft: Sequence[int], target_logprobs: torch.Tensor, seed: int,
-                   start_position: int) -> tuple[int, int]:
+def coupled_accept(
+    draft: Sequence[int], target_logprobs: torch.Tensor, seed: int, start_position: int
+) -> tuple[int, int]:
     """Accept while each draft token equals the target's Gumbel-max pick.
 
     ``target_logprobs [k+1, V]`` are the processed target log-probabilities
@@ -77,9 +78,9 @@ def _dense_q(dist: SparseDist, vocab: int) -> torch.Tensor:
     return q
 
 
-def speculative_sampling_accept(draft: Sequence[int], q: Sequence[SparseDist],
-                                target_probs: torch.Tensor,
-                                rng: torch.Generator) -> tuple[int, int]:
+def speculative_sampling_accept(
+    draft: Sequence[int], q: Sequence[SparseDist], target_probs: torch.Tensor, rng: torch.Generator
+) -> tuple[int, int]:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023).
 
     Draft token ``x_i`` is accepted with probability ``min(1, p_i(x) / q_i(x))``.
@@ -132,8 +133,9 @@ class RelaxedAcceptance:
             raise ValueError("relaxed acceptance: ratio and confidence must be in (0, 1]")
 
 
-def relaxed_accept(draft: Sequence[int], target_logits: torch.Tensor,
-                   rule: RelaxedAcceptance) -> tuple[int, int, int]:
+def relaxed_accept(
+    draft: Sequence[int], target_logits: torch.Tensor, rule: RelaxedAcceptance
+) -> tuple[int, int, int]:
     """LOSSY greedy acceptance with thresholds by token importance.
 
     After decentralized speculative decoding's relaxed verification: a draft
@@ -153,8 +155,11 @@ def relaxed_accept(draft: Sequence[int], target_logits: torch.Tensor,
         if x == int(top_i[i]):
             continue
         best = float(top_p[i])
-        if 0 <= x < probs.shape[-1] and best < rule.confidence \
-                and float(probs[i, x]) >= rule.ratio * best:
+        if (
+            0 <= x < probs.shape[-1]
+            and best < rule.confidence
+            and float(probs[i, x]) >= rule.ratio * best
+        ):
             relaxed += 1
             continue
         return i, int(top_i[i]), relaxed

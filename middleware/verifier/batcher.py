@@ -43,10 +43,13 @@ class BatchConfig:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise ConfigError(f"batch policy must be one of {', '.join(POLICIES)}, "
-                              f"not {self.policy!r}")
+            raise ConfigError(
+                f"batch policy must be one of {', '.join(POLICIES)}, not {self.policy!r}"
+            )
         if not 0 <= self.window <= 10 or not 1 <= self.max_batch <= 1024:
-            raise ConfigError("batch window must be within [0, 10] s and max_batch within [1, 1024]")
+            raise ConfigError(
+                "batch window must be within [0, 10] s and max_batch within [1, 1024]"
+            )
 
 
 @dataclass(slots=True)
@@ -64,8 +67,9 @@ class Batcher(Generic[T]):
     waiting once that many drafts are in the batch.
     """
 
-    def __init__(self, config: BatchConfig, expected: Callable[[], int],
-                 decide: Decide[T] | None = None) -> None:
+    def __init__(
+        self, config: BatchConfig, expected: Callable[[], int], decide: Decide[T] | None = None
+    ) -> None:
         if config.policy == "planned" and decide is None:
             raise ConfigError("the planned batch policy needs a decide callback")
         self.config = config
@@ -124,8 +128,9 @@ class Batcher(Generic[T]):
                 break
         return self._trim(batch, limit)
 
-    async def _planned(self, batch: list[Pending[T]],
-                       add: Callable[[Pending[T]], None]) -> list[Pending[T]]:
+    async def _planned(
+        self, batch: list[Pending[T]], add: Callable[[Pending[T]], None]
+    ) -> list[Pending[T]]:
         assert self._decide is not None
         cfg = self.config
         while True:
@@ -139,7 +144,7 @@ class Batcher(Generic[T]):
             if overdue or (not take and wait <= 0):
                 take = {p.key for p in batch}  # the hard bound, or a planner with no opinion
             if take:
-                chosen = [p for p in batch if p.key in take][:cfg.max_batch]
+                chosen = [p for p in batch if p.key in take][: cfg.max_batch]
                 picked = {id(p) for p in chosen}
                 self._carry = [p for p in batch if id(p) not in picked] + self._carry
                 return chosen

@@ -28,8 +28,9 @@ from middleware.verifier.planner import ExpectedArrival, Planner, WaitingDraft
 class Controller:
     """Decides batches and draft-length hints for the ``planned`` batch policy."""
 
-    def __init__(self, planner: Planner, model: LatencyModel | None = None, *,
-                 default_k: int = 4) -> None:
+    def __init__(
+        self, planner: Planner, model: LatencyModel | None = None, *, default_k: int = 4
+    ) -> None:
         self.planner = planner
         self.model = model or LatencyModel()
         self.default_k = default_k
@@ -101,8 +102,9 @@ class Controller:
         self._told.pop(session_id, None)
         self.model.forget(session_id)
 
-    def calibrate(self, measure: Callable[[int, int], float], *,
-                  repeats: int = 1) -> ForwardCoefficients:
+    def calibrate(
+        self, measure: Callable[[int, int], float], *, repeats: int = 1
+    ) -> ForwardCoefficients:
         """Time the target's forward for a few shapes (at start-up, so kept short: one
         timing a shape; the online fit refines it from every forward)."""
         return self.model.forward.calibrate(measure, repeats=repeats)
@@ -146,14 +148,17 @@ class Controller:
         """The draft length for a new session's first round: its device's last, or the default."""
         return self._device_hint.get(device_id, self.default_k)
 
-    def decide(self, waiting: Sequence[Pending[Draft]], now: float,
-               idle: Iterable[str]) -> tuple[Collection[str], float]:
+    def decide(
+        self, waiting: Sequence[Pending[Draft]], now: float, idle: Iterable[str]
+    ) -> tuple[Collection[str], float]:
         """(sessions to verify now, or none and how long to wait at most)."""
         self.plans += 1
         self._observe_forward()
         keys = {p.key for p in waiting}
-        drafts = [WaitingDraft(p.key, max(1, len(p.item.tokens)), max(0.0, now - p.arrived))
-                  for p in waiting]
+        drafts = [
+            WaitingDraft(p.key, max(1, len(p.item.tokens)), max(0.0, now - p.arrived))
+            for p in waiting
+        ]
         expected = []
         for sid in idle:
             sent = self._sent.get(sid)

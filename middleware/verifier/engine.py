@@ -128,9 +128,15 @@ class TargetEngine:
     :meth:`close`) for every item of the batch.
     """
 
-    def __init__(self, model: Any, *, memory_budget_tokens: int = 65536,
-                 max_batch_tokens: int = 4096, device: str | torch.device | None = None,
-                 forward_overhead_tokens: int = 8) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        memory_budget_tokens: int = 65536,
+        max_batch_tokens: int = 4096,
+        device: str | torch.device | None = None,
+        forward_overhead_tokens: int = 8,
+    ) -> None:
         """``memory_budget_tokens``: cached tokens kept over all sessions before LRU eviction.
 
         ``max_batch_tokens``: most (padded) new tokens per forward; longer
@@ -148,8 +154,9 @@ class TargetEngine:
         self.padded_tokens = 0  # padding slots computed in verify forwards (for metrics)
         _check_supported(model)
         self.model = model
-        self.device = (torch.device(device) if device is not None
-                       else next(model.parameters()).device)
+        self.device = (
+            torch.device(device) if device is not None else next(model.parameters()).device
+        )
         self.memory_budget_tokens = memory_budget_tokens
         self.max_batch_tokens = max_batch_tokens
         self.vocab_size = int(model.config.get_text_config(decoder=True).vocab_size)
@@ -213,9 +220,16 @@ class TargetEngine:
     def stats(self) -> EngineStats:
         """A snapshot of the counters."""
         with self._lock:
-            return EngineStats(len(self._sessions), self.cached_tokens, self.evictions,
-                               self.prefills, self.prefill_tokens, self.forward_passes,
-                               self.last_batch_size, self.forward_time_s)
+            return EngineStats(
+                len(self._sessions),
+                self.cached_tokens,
+                self.evictions,
+                self.prefills,
+                self.prefill_tokens,
+                self.forward_passes,
+                self.last_batch_size,
+                self.forward_time_s,
+            )
 
     # -- verification ------------------------------------------------------
 
@@ -244,12 +258,14 @@ class TargetEngine:
             for session, item in zip(sessions, items, strict=True):
                 session.pinned = True
                 if self._sync(session, item.context):
-                    tokens = [int(t) for t in item.context[len(session.tokens):-1]]
+                    tokens = [int(t) for t in item.context[len(session.tokens) : -1]]
                     self._check_vocab(tokens, item.session_key)
                     missing.append(_Row(session, tokens))
             self._prefill(missing)
-            rows = [_Row(s, [int(item.context[-1]), *map(int, item.draft)])
-                    for s, item in zip(sessions, items, strict=True)]
+            rows = [
+                _Row(s, [int(item.context[-1]), *map(int, item.draft)])
+                for s, item in zip(sessions, items, strict=True)
+            ]
             logits: list[torch.Tensor | None] = [None] * len(rows)
             for group in self._split(rows):
                 chunk = [rows[i] for i in group]
@@ -261,8 +277,9 @@ class TargetEngine:
             self.last_batch_size = len(items)
             self._evict()
         with torch.inference_mode(False):
-            return [lg.to(device="cpu", dtype=torch.float32).clone()
-                    for lg in logits if lg is not None]
+            return [
+                lg.to(device="cpu", dtype=torch.float32).clone() for lg in logits if lg is not None
+            ]
 
     def _check_vocab(self, tokens: Sequence[int], session_key: Hashable) -> None:
         bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
@@ -287,10 +304,12 @@ class TargetEngine:
             step = min(length, self.max_batch_tokens)
             per_forward = max(1, self.max_batch_tokens // step)
             for i in range(0, len(group), per_forward):
-                batch = group[i:i + per_forward]
+                batch = group[i : i + per_forward]
                 for start in range(0, length, step):
-                    self._forward([_Row(r.session, r.tokens[start:start + step]) for r in batch],
-                                  keep_all_logits=False)
+                    self._forward(
+                        [_Row(r.session, r.tokens[start : start + step]) for r in batch],
+                        keep_all_logits=False,
+                    )
 
     def _split(self, rows: list[_Row]) -> list[list[int]]:
         """Row indices per forward: rows sorted by width, cut where it saves padding.
@@ -314,7 +333,7 @@ class TargetEngine:
         groups: list[list[int]] = []
         j = n
         while j > 0:
-            groups.append(order[cut[j]:j])
+            groups.append(order[cut[j] : j])
             j = cut[j]
         return groups[::-1]
 
@@ -334,25 +353,31 @@ class TargetEngine:
             positions = torch.zeros(batch, t_max, dtype=torch.long)  # [B, T]
             for b, row in enumerate(rows):
                 input_ids[b, : width[b]] = torch.tensor(row.tokens, dtype=torch.long)
-                mask[b, p_max - past[b]: p_max + width[b]] = 1
+                mask[b, p_max - past[b] : p_max + width[b]] = 1
                 positions[b] = torch.arange(past[b], past[b] + t_max)
-                positions[b, width[b]:] = past[b] + width[b] - 1  # padding: stay in range
+                positions[b, width[b] :] = past[b] + width[b] - 1  # padding: stay in range
             cache = DynamicCache(self._padded_past(rows, past, p_max) if p_max else None)
             kwargs: dict[str, Any] = {}
             if self._keeps_logits:
                 kwargs["logits_to_keep"] = 0 if keep_all_logits else 1
             try:
-                out = self.model(input_ids=input_ids.to(self.device),
-                                 attention_mask=mask.to(self.device),
-                                 position_ids=positions.to(self.device), past_key_values=cache,
-                                 use_cache=True, **kwargs)
+                out = self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=positions.to(self.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    **kwargs,
+                )
             except (RuntimeError, ValueError, IndexError) as exc:
-                raise ModelError(f"target forward failed (batch {batch}, {t_max} new tokens, "
-                                 f"{p_max} cached): {exc}") from exc
+                raise ModelError(
+                    f"target forward failed (batch {batch}, {t_max} new tokens, "
+                    f"{p_max} cached): {exc}"
+                ) from exc
             layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
             for b, row in enumerate(rows):
                 lo, hi = p_max - past[b], p_max + width[b]
-                kv = [(k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi]) for k, v in layers]
+                kv = [(k[b : b + 1, :, lo:hi], v[b : b + 1, :, lo:hi]) for k, v in layers]
                 if batch > 1:  # a view would keep the whole batch's cache alive
                     kv = [(k.clone(), v.clone()) for k, v in kv]
                 row.session.kv = kv
@@ -371,8 +396,8 @@ class TargetEngine:
             for b, row in enumerate(rows):
                 if past[b] and row.session.kv is not None:
                     k, v = row.session.kv[layer]
-                    keys[b, :, p_max - past[b]:] = k[0]
-                    values[b, :, p_max - past[b]:] = v[0]
+                    keys[b, :, p_max - past[b] :] = k[0]
+                    values[b, :, p_max - past[b] :] = v[0]
             padded.append((keys, values))
         return padded
 

@@ -102,8 +102,15 @@ class Ewma:
 
     __slots__ = ("clip", "count", "gain", "spread", "spread_gain", "value", "warmup")
 
-    def __init__(self, prior: float, *, gain: float = 0.125, spread_gain: float = 0.25,
-                 clip: float = 4.0, warmup: int = 4) -> None:
+    def __init__(
+        self,
+        prior: float,
+        *,
+        gain: float = 0.125,
+        spread_gain: float = 0.25,
+        clip: float = 4.0,
+        warmup: int = 4,
+    ) -> None:
         if not 0 < gain <= 1 or not 0 < spread_gain <= 1 or clip <= 0:
             raise ConfigError("EWMA gains must be within (0, 1] and clip positive")
         self.value = prior
@@ -184,8 +191,14 @@ class LatencyModel:
     ``max_devices`` devices and drops the least recently observed beyond that.
     """
 
-    def __init__(self, priors: LatencyPriors | None = None, *, alpha_decay: float = 0.98,
-                 forward: ForwardModel | None = None, max_devices: int = 65_536) -> None:
+    def __init__(
+        self,
+        priors: LatencyPriors | None = None,
+        *,
+        alpha_decay: float = 0.98,
+        forward: ForwardModel | None = None,
+        max_devices: int = 65_536,
+    ) -> None:
         if not 0 < alpha_decay <= 1:
             raise ConfigError("alpha_decay must be within (0, 1]")
         self.priors = priors or LatencyPriors()
@@ -220,8 +233,9 @@ class LatencyModel:
         if tokens > 0 and seconds >= 0:
             self._get(device_id).draft.update(seconds / tokens)
 
-    def observe_turnaround(self, device_id: str, verdict_sent_at: float, draft_arrived_at: float,
-                           tokens: int) -> None:
+    def observe_turnaround(
+        self, device_id: str, verdict_sent_at: float, draft_arrived_at: float, tokens: int
+    ) -> None:
         """Infer drafting time: (arrival of the next draft - verdict sent - RTT) / tokens, >= 0."""
         if tokens <= 0 or draft_arrived_at < verdict_sent_at:
             return
@@ -259,8 +273,15 @@ class LatencyModel:
         prior_a = p.alpha * p.alpha_strength
         prior_b = (1.0 - p.alpha) * p.alpha_strength
         alpha = (prior_a + dev.successes) / (prior_a + prior_b + dev.successes + dev.failures)
-        return DeviceEstimate(device_id, dev.rtt.value, dev.rtt.spread, dev.draft.value, alpha,
-                              dev.rounds, min(1.0, max(0.0, dev.fill.value)))
+        return DeviceEstimate(
+            device_id,
+            dev.rtt.value,
+            dev.rtt.spread,
+            dev.draft.value,
+            alpha,
+            dev.rounds,
+            min(1.0, max(0.0, dev.fill.value)),
+        )
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self._alias.get(key, key) in self._devices
@@ -282,11 +303,18 @@ class ForwardModel:
     rounding cannot build up), and solved lazily on the next read.
     """
 
-    def __init__(self, prior: ForwardCoefficients | None = None, *, window: int = 256,
-                 prior_weight: float = 1e-3, anchor_weight: float = 8.0) -> None:
+    def __init__(
+        self,
+        prior: ForwardCoefficients | None = None,
+        *,
+        window: int = 256,
+        prior_weight: float = 1e-3,
+        anchor_weight: float = 8.0,
+    ) -> None:
         if window < 1 or prior_weight <= 0 or anchor_weight <= 0:
-            raise ConfigError("forward model window must be >= 1, prior_weight and "
-                              "anchor_weight > 0")
+            raise ConfigError(
+                "forward model window must be >= 1, prior_weight and anchor_weight > 0"
+            )
         self.prior = prior or LatencyPriors().forward
         self.prior_weight = prior_weight
         self.anchor_weight = anchor_weight
@@ -319,9 +347,13 @@ class ForwardModel:
             self._since_rebuild = 0
         self._fit = None
 
-    def calibrate(self, measure: Callable[[int, int], float],
-                  shapes: Iterable[tuple[int, int]] = DEFAULT_CALIBRATION_SHAPES, *,
-                  repeats: int = 3) -> ForwardCoefficients:
+    def calibrate(
+        self,
+        measure: Callable[[int, int], float],
+        shapes: Iterable[tuple[int, int]] = DEFAULT_CALIBRATION_SHAPES,
+        *,
+        repeats: int = 3,
+    ) -> ForwardCoefficients:
         """Time each ``(rows, tokens)`` shape ``repeats`` times; the medians become anchors.
 
         ``measure(rows, tokens)`` runs one forward of that shape and returns its
@@ -408,9 +440,11 @@ def _identified(gram: list[list[float]]) -> bool:
     if min(d) == 0:
         return False
     g = [[gram[i][j] / (d[i] * d[j]) for j in range(3)] for i in range(3)]
-    det = (g[0][0] * (g[1][1] * g[2][2] - g[1][2] * g[2][1])
-           - g[0][1] * (g[1][0] * g[2][2] - g[1][2] * g[2][0])
-           + g[0][2] * (g[1][0] * g[2][1] - g[1][1] * g[2][0]))
+    det = (
+        g[0][0] * (g[1][1] * g[2][2] - g[1][2] * g[2][1])
+        - g[0][1] * (g[1][0] * g[2][2] - g[1][2] * g[2][0])
+        + g[0][2] * (g[1][0] * g[2][1] - g[1][1] * g[2][0])
+    )
     return det > 1e-9
 
 

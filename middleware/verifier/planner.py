@@ -120,8 +120,9 @@ class PlannerConfig:
 
     def __post_init__(self) -> None:
         if self.objective not in ("latency", "throughput"):
-            raise ConfigError(f"planner objective must be latency or throughput, "
-                              f"not {self.objective!r}")
+            raise ConfigError(
+                f"planner objective must be latency or throughput, not {self.objective!r}"
+            )
         if self.objective == "throughput" and not (self.latency_target_s or 0) > 0:
             raise ConfigError("the throughput objective needs a positive latency_target_s")
         if not 1 <= self.k_max <= 256 or not 1 <= self.max_batch <= 4096:
@@ -173,8 +174,12 @@ class Plan:
 class Planner(Protocol):
     """The interface every planner offers."""
 
-    def plan(self, waiting: Sequence[WaitingDraft], expected: Sequence[ExpectedArrival],
-             model: LatencyModel) -> Plan: ...
+    def plan(
+        self,
+        waiting: Sequence[WaitingDraft],
+        expected: Sequence[ExpectedArrival],
+        model: LatencyModel,
+    ) -> Plan: ...
 
 
 class _Member(NamedTuple):  # NamedTuples inside: built per member per plan, and cheaper
@@ -201,10 +206,16 @@ class _Group(NamedTuple):
 
     @staticmethod
     def of(members: Sequence[_Member]) -> _Group:
-        return _Group(tuple(members), max(m.release for m in members), len(members),
-                      max(m.tokens for m in members), sum(m.weight for m in members),
-                      sum(m.weight * m.release for m in members),
-                      min(m.deadline for m in members), min(m.due for m in members))
+        return _Group(
+            tuple(members),
+            max(m.release for m in members),
+            len(members),
+            max(m.tokens for m in members),
+            sum(m.weight for m in members),
+            sum(m.weight * m.release for m in members),
+            min(m.deadline for m in members),
+            min(m.due for m in members),
+        )
 
 
 class _Batches(NamedTuple):
@@ -212,23 +223,49 @@ class _Batches(NamedTuple):
     starts: list[float]
 
 
-def _member(est: DeviceEstimate, release: float, draft_len: int, waited: float,
-            deadline: float, target: float) -> _Member:
+def _member(
+    est: DeviceEstimate,
+    release: float,
+    draft_len: int,
+    waited: float,
+    deadline: float,
+    target: float,
+) -> _Member:
     n = max(0, draft_len)
     committed = est.expected_committed(n)
     spent = est.rtt_s + n * est.draft_s + waited  # this round, outside the verifier
-    return _Member(est.device_id, release, n + 1, 1.0 / committed, deadline,
-                   release + target * committed - spent, waited)
+    return _Member(
+        est.device_id,
+        release,
+        n + 1,
+        1.0 / committed,
+        deadline,
+        release + target * committed - spent,
+        waited,
+    )
 
 
-def _groups(waiting: Sequence[WaitingDraft], expected: Sequence[ExpectedArrival],
-            ests: Mapping[str, DeviceEstimate], cfg: PlannerConfig) -> list[_Group]:
+def _groups(
+    waiting: Sequence[WaitingDraft],
+    expected: Sequence[ExpectedArrival],
+    ests: Mapping[str, DeviceEstimate],
+    cfg: PlannerConfig,
+) -> list[_Group]:
     target = cfg.latency_target_s or math.inf
-    present = [_member(ests[w.device_id], 0.0, w.draft_len, max(0.0, w.waited_s),
-                       max(0.0, cfg.max_wait_s - max(0.0, w.waited_s)), target)
-               for w in sorted(waiting, key=lambda w: -w.waited_s)]
-    groups = [_Group.of(present[i:i + cfg.max_batch])
-              for i in range(0, len(present), cfg.max_batch)]
+    present = [
+        _member(
+            ests[w.device_id],
+            0.0,
+            w.draft_len,
+            max(0.0, w.waited_s),
+            max(0.0, cfg.max_wait_s - max(0.0, w.waited_s)),
+            target,
+        )
+        for w in sorted(waiting, key=lambda w: -w.waited_s)
+    ]
+    groups = [
+        _Group.of(present[i : i + cfg.max_batch]) for i in range(0, len(present), cfg.max_batch)
+    ]
     span = min(cfg.group_s, cfg.max_wait_s)  # a group never outwaits max_wait on its own
     run: list[_Member] = []
     for e in sorted(expected, key=lambda e: e.eta_s):
@@ -243,8 +280,9 @@ def _groups(waiting: Sequence[WaitingDraft], expected: Sequence[ExpectedArrival]
     return groups
 
 
-def _occupancy_price(groups: Sequence[_Group], ests: Mapping[str, DeviceEstimate],
-                     co: ForwardCoefficients) -> float:
+def _occupancy_price(
+    groups: Sequence[_Group], ests: Mapping[str, DeviceEstimate], co: ForwardCoefficients
+) -> float:
     """What a second of verifier time costs the fleet's next rounds: ``W * min(1, rho)``.
 
     ``rho`` is the verifier's load were every device served in one batch (a
@@ -261,8 +299,9 @@ def _occupancy_price(groups: Sequence[_Group], ests: Mapping[str, DeviceEstimate
     return sum(g.weight for g in groups) * min(1.0, rho)
 
 
-def _batch_dp(groups: Sequence[_Group], a: float, b: float, c: float,
-              cfg: PlannerConfig, price: float) -> _Batches:
+def _batch_dp(
+    groups: Sequence[_Group], a: float, b: float, c: float, cfg: PlannerConfig, price: float
+) -> _Batches:
     n = len(groups)
     latency = cfg.objective == "latency"
     # Plain lists and inline comparisons: this loop is the planner's hot spot.
@@ -327,9 +366,15 @@ def _cap_mask(k_max: int) -> np.ndarray:
     return np.where(ks[None, :] > ks[:, None], np.inf, 0.0)[:, None, :]
 
 
-def _choose_k(ests: Sequence[DeviceEstimate], queue: Sequence[float], segment: Sequence[int],
-              a: float, b: float, c: float,
-              cfg: PlannerConfig) -> tuple[list[int], float, float]:
+def _choose_k(
+    ests: Sequence[DeviceEstimate],
+    queue: Sequence[float],
+    segment: Sequence[int],
+    a: float,
+    b: float,
+    c: float,
+    cfg: PlannerConfig,
+) -> tuple[list[int], float, float]:
     """Per-device hints (k_i), their mean seconds per token and committed tokens/s.
 
     ``segment[i]``: the index of the DP batch device ``i`` is in; each batch
@@ -376,8 +421,12 @@ class JointPlanner:
     def __init__(self, config: PlannerConfig | None = None) -> None:
         self.config = config or PlannerConfig()
 
-    def plan(self, waiting: Sequence[WaitingDraft], expected: Sequence[ExpectedArrival],
-             model: LatencyModel) -> Plan:
+    def plan(
+        self,
+        waiting: Sequence[WaitingDraft],
+        expected: Sequence[ExpectedArrival],
+        model: LatencyModel,
+    ) -> Plan:
         cfg = self.config
         present = {w.device_id for w in waiting}
         if len(present) < len(waiting):
@@ -400,8 +449,14 @@ class JointPlanner:
                     segment[m.device_id] = n
         order = list(ests)
         hints, mean_lat, rate = _choose_k(
-            [ests[d] for d in order], [queue[d] for d in order], [segment[d] for d in order],
-            co.a, co.b, co.c, cfg)
+            [ests[d] for d in order],
+            [queue[d] for d in order],
+            [segment[d] for d in order],
+            co.a,
+            co.b,
+            co.c,
+            cfg,
+        )
         k = dict(zip(order, hints, strict=True))
         lo, hi = batches.segments[0]
         if not waiting:
@@ -412,8 +467,9 @@ class JointPlanner:
         return Plan(batch, 0.0, k, mean_lat, rate)
 
 
-def _uniform_hints(waiting: Sequence[WaitingDraft], expected: Sequence[ExpectedArrival],
-                   k: int) -> dict[str, int]:
+def _uniform_hints(
+    waiting: Sequence[WaitingDraft], expected: Sequence[ExpectedArrival], k: int
+) -> dict[str, int]:
     ids = [w.device_id for w in waiting] + [e.device_id for e in expected]
     return dict.fromkeys(ids, k)
 
@@ -426,8 +482,12 @@ class UniformPlanner:
             raise ConfigError("UniformPlanner needs k >= 1 and max_batch >= 1")
         self.k, self.max_batch = k, max_batch
 
-    def plan(self, waiting: Sequence[WaitingDraft], expected: Sequence[ExpectedArrival],
-             model: LatencyModel) -> Plan:
+    def plan(
+        self,
+        waiting: Sequence[WaitingDraft],
+        expected: Sequence[ExpectedArrival],
+        model: LatencyModel,
+    ) -> Plan:
         hints = _uniform_hints(waiting, expected, self.k)
         if not waiting:
             return Plan((), math.inf, hints)
@@ -447,8 +507,12 @@ class MaxBatchPlanner:
             raise ConfigError("MaxBatchPlanner needs k >= 1, max_batch >= 1, max_wait_s >= 0")
         self.k, self.max_wait_s, self.max_batch = k, max_wait_s, max_batch
 
-    def plan(self, waiting: Sequence[WaitingDraft], expected: Sequence[ExpectedArrival],
-             model: LatencyModel) -> Plan:
+    def plan(
+        self,
+        waiting: Sequence[WaitingDraft],
+        expected: Sequence[ExpectedArrival],
+        model: LatencyModel,
+    ) -> Plan:
         hints = _uniform_hints(waiting, expected, self.k)
         if not waiting:
             return Plan((), math.inf, hints)

@@ -29,8 +29,14 @@ TokenSink = Callable[[int], None]
 Choose = Callable[[torch.Tensor, int], int]  # (logits [V], generated index) -> token
 
 
-def _decode(model: Any, prompt_ids: Sequence[int], max_new_tokens: int,
-            stop_ids: Collection[int], choose: Choose, on_token: TokenSink | None) -> list[int]:
+def _decode(
+    model: Any,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    stop_ids: Collection[int],
+    choose: Choose,
+    on_token: TokenSink | None,
+) -> list[int]:
     from transformers import DynamicCache
 
     if not prompt_ids:
@@ -56,17 +62,33 @@ def _decode(model: Any, prompt_ids: Sequence[int], max_new_tokens: int,
     return out
 
 
-def reference_greedy(model: Any, prompt_ids: Sequence[int], max_new_tokens: int,
-                     stop_ids: Collection[int] = (),
-                     on_token: TokenSink | None = None) -> list[int]:
+def reference_greedy(
+    model: Any,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    stop_ids: Collection[int] = (),
+    on_token: TokenSink | None = None,
+) -> list[int]:
     """Greedy target-only decoding: the tokens ``model.generate(do_sample=False)`` produces."""
-    return _decode(model, prompt_ids, max_new_tokens, stop_ids,
-                   lambda logits, _i: greedy_choice(logits), on_token)
+    return _decode(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        stop_ids,
+        lambda logits, _i: greedy_choice(logits),
+        on_token,
+    )
 
 
-def reference_sample(model: Any, prompt_ids: Sequence[int], max_new_tokens: int,
-                     stop_ids: Collection[int], params: SamplingParams,
-                     on_token: TokenSink | None = None, start_position: int = 0) -> list[int]:
+def reference_sample(
+    model: Any,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    stop_ids: Collection[int],
+    params: SamplingParams,
+    on_token: TokenSink | None = None,
+    start_position: int = 0,
+) -> list[int]:
     """Seeded target-only sampling with Gumbel-max noise fixed by ``(params.seed, position)``.
 
     Token ``i`` uses position ``start_position + i`` (non-zero when resuming

@@ -72,26 +72,36 @@ def accept_one(inp: RoundInput, logits: torch.Tensor) -> tuple[int, int, int]:
     logprobs = process_logits(logits, inp.sampling)  # [k+1, V]
     if mode == "coupled":
         return (*coupled_accept(draft, logprobs, inp.sampling.seed, position), 0)
-    return (*speculative_sampling_accept(draft, list(inp.draft.q), logprobs.exp(),
-                                         rejection_rng(inp.sampling.seed, position)), 0)
+    return (
+        *speculative_sampling_accept(
+            draft, list(inp.draft.q), logprobs.exp(), rejection_rng(inp.sampling.seed, position)
+        ),
+        0,
+    )
 
 
 def run_round(engine: TargetEngine, inputs: list[RoundInput]) -> RoundResult:
     """Verify a batch with one forward pass and commit the accepted prefix of each draft."""
     t0 = time.perf_counter()
-    items = [VerifyItem(i.session_id, [*i.prompt, *i.committed], list(i.draft.tokens)) for i in inputs]
+    items = [
+        VerifyItem(i.session_id, [*i.prompt, *i.committed], list(i.draft.tokens)) for i in inputs
+    ]
     logits = engine.verify_batch(items)
     forward_s = time.perf_counter() - t0
     outputs = []
     for inp, lg in zip(inputs, logits, strict=True):
         n, nxt, relaxed = accept_one(inp, lg)
-        tokens, fin = clip_commit([*inp.draft.tokens[:n], nxt], len(inp.committed),
-                                  inp.max_new_tokens, inp.stop_ids)
+        tokens, fin = clip_commit(
+            [*inp.draft.tokens[:n], nxt], len(inp.committed), inp.max_new_tokens, inp.stop_ids
+        )
         new_len = len(inp.prompt) + len(inp.committed) + len(tokens)
         if fin:
             engine.close(inp.session_id)
         else:
             engine.commit(inp.session_id, new_len)
-        outputs.append(RoundOutput(inp.session_id, inp.draft.seq, len(inp.draft.tokens), n,
-                                   tuple(tokens), fin, relaxed))
+        outputs.append(
+            RoundOutput(
+                inp.session_id, inp.draft.seq, len(inp.draft.tokens), n, tuple(tokens), fin, relaxed
+            )
+        )
     return RoundResult(outputs, forward_s, len(inputs), sum(len(i.draft) + 1 for i in items))

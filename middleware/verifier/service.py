@@ -90,35 +90,58 @@ class VerifierMetrics:
     def __init__(self, registry: Registry) -> None:
         r = registry
         self.registry = r
-        self.rounds = r.counter("mw_verifier_rounds_total", "Verify rounds (one per draft verified)")
+        self.rounds = r.counter(
+            "mw_verifier_rounds_total", "Verify rounds (one per draft verified)"
+        )
         self.forwards = r.counter("mw_verifier_forward_passes_total", "Target forward passes")
-        self.proposed = r.counter("mw_verifier_draft_tokens_total", "Draft tokens received for verification")
+        self.proposed = r.counter(
+            "mw_verifier_draft_tokens_total", "Draft tokens received for verification"
+        )
         self.accepted = r.counter("mw_verifier_accepted_tokens_total", "Draft tokens accepted")
         self.committed = r.counter("mw_verifier_committed_tokens_total", "Tokens committed")
-        self.rejected = r.counter("mw_verifier_rejected_messages_total", "Messages refused, by reason")
+        self.rejected = r.counter(
+            "mw_verifier_rejected_messages_total", "Messages refused, by reason"
+        )
         self.answers = r.counter("mw_verifier_answers_total", "Verdicts by kind")
         self.batch_size = r.summary("mw_verifier_batch_size", "Drafts per forward pass")
-        self.accepted_len = r.summary("mw_verifier_accepted_length", "Accepted draft tokens per round")
-        self.tokens_per_round = r.summary("mw_verifier_tokens_per_round", "Committed tokens per round")
+        self.accepted_len = r.summary(
+            "mw_verifier_accepted_length", "Accepted draft tokens per round"
+        )
+        self.tokens_per_round = r.summary(
+            "mw_verifier_tokens_per_round", "Committed tokens per round"
+        )
         self.queue_wait = r.summary("mw_verifier_queue_wait_seconds", "Arrival to forward start")
         self.forward_time = r.summary("mw_verifier_forward_seconds", "Forward pass duration")
         self.sessions = r.gauge("mw_verifier_live_sessions", "Sessions owned by this verifier")
-        self.evictions = r.gauge("mw_verifier_kv_evictions", "KV caches evicted under the memory budget")
-        self.relaxed = r.counter("mw_verifier_relaxed_tokens_total",
-                                 "LOSSY relaxed mode: accepted tokens the target would not have chosen")
+        self.evictions = r.gauge(
+            "mw_verifier_kv_evictions", "KV caches evicted under the memory budget"
+        )
+        self.relaxed = r.counter(
+            "mw_verifier_relaxed_tokens_total",
+            "LOSSY relaxed mode: accepted tokens the target would not have chosen",
+        )
         self.lossy = r.gauge("mw_verifier_lossy_mode", "1 when relaxed (lossy) acceptance is on")
         self.expired = r.counter("mw_verifier_sessions_expired_total", "Sessions dropped as idle")
-        self.capped = r.counter("mw_verifier_capped_draft_tokens_total",
-                                "Draft tokens past the planned policy's verify cap (not verified)")
+        self.capped = r.counter(
+            "mw_verifier_capped_draft_tokens_total",
+            "Draft tokens past the planned policy's verify cap (not verified)",
+        )
 
 
 class VerifierService:
     """Owns sessions, feeds the engine, answers devices.  Run with :meth:`run`."""
 
-    def __init__(self, bus: Bus, engine: TargetEngine, *, tokenizer_fingerprint: str,
-                 model_name: str = "", config: VerifierConfig | None = None,
-                 registry: Registry | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        engine: TargetEngine,
+        *,
+        tokenizer_fingerprint: str,
+        model_name: str = "",
+        config: VerifierConfig | None = None,
+        registry: Registry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.bus = bus
         self.engine = engine
         self.fingerprint = tokenizer_fingerprint
@@ -128,8 +151,11 @@ class VerifierService:
         self.metrics = VerifierMetrics(registry or Registry())
         self.metrics.lossy.set(1.0 if self.config.relaxed is not None else 0.0)
         if self.config.relaxed is not None:
-            log.warning("relaxed_acceptance_on_output_is_lossy", ratio=self.config.relaxed.ratio,
-                        confidence=self.config.relaxed.confidence)
+            log.warning(
+                "relaxed_acceptance_on_output_is_lossy",
+                ratio=self.config.relaxed.ratio,
+                confidence=self.config.relaxed.confidence,
+            )
         self.sessions: dict[str, VerifierSession] = {}
         self.ready = asyncio.Event()
         self._clock = clock
@@ -137,12 +163,20 @@ class VerifierService:
         # Speculation control (batch policy "planned"): latency model + joint planner.
         self.control: Controller | None = None
         if self.config.batch.policy == "planned":
-            self.control = Controller(JointPlanner(PlannerConfig(
-                max_batch=self.config.batch.max_batch, max_wait_s=self.config.batch.window,
-                k_max=min(16, self.config.max_draft))))
+            self.control = Controller(
+                JointPlanner(
+                    PlannerConfig(
+                        max_batch=self.config.batch.max_batch,
+                        max_wait_s=self.config.batch.window,
+                        k_max=min(16, self.config.max_draft),
+                    )
+                )
+            )
         self._batcher: Batcher[Draft] = Batcher(
-            self.config.batch, self._expected_senders,
-            self._decide if self.control is not None else None)
+            self.config.batch,
+            self._expected_senders,
+            self._decide if self.control is not None else None,
+        )
         self._closing: list[str] = []
         self._newer: dict[str, Draft] = {}  # resends that arrived while the first copy was queued
         self._dirty: dict[str, VerifierSession] = {}  # sessions whose state is not yet published
@@ -151,8 +185,10 @@ class VerifierService:
     async def run(self) -> None:
         """Serve until cancelled."""
         t = self.topics
-        async with self.bus.subscribe(t.shared_open(self.config.share_group)) as opens, \
-                self.bus.subscribe(t.all_sessions("draft") if self.config.exclusive else "") as drafts:
+        async with (
+            self.bus.subscribe(t.shared_open(self.config.share_group)) as opens,
+            self.bus.subscribe(t.all_sessions("draft") if self.config.exclusive else "") as drafts,
+        ):
             self._drafts = drafts
             if self.control is not None:
                 await self._calibrate()
@@ -169,7 +205,9 @@ class VerifierService:
                 if self.config.session_idle_timeout > 0:
                     tg.create_task(self._expire_loop(), name="expire")
 
-    def _decide(self, waiting: Sequence[Pending[Draft]], now: float) -> tuple[Collection[str], float]:
+    def _decide(
+        self, waiting: Sequence[Pending[Draft]], now: float
+    ) -> tuple[Collection[str], float]:
         assert self.control is not None
         idle = (sid for sid, s in self.sessions.items() if not s.pending and not s.done)
         return self.control.decide(waiting, now, idle)
@@ -182,13 +220,18 @@ class VerifierService:
         except Exception as exc:  # the online fit takes over; never fatal
             log.warning("forward_calibration_failed", error=repr(exc)[:200])
             return
-        log.info("forward_calibrated", a_ms=round(coef.a * 1e3, 3), b_ms=round(coef.b * 1e3, 3),
-                 c_ms=round(coef.c * 1e3, 3))
+        log.info(
+            "forward_calibrated",
+            a_ms=round(coef.a * 1e3, 3),
+            b_ms=round(coef.b * 1e3, 3),
+            c_ms=round(coef.c * 1e3, 3),
+        )
 
     def _measure_forward(self, rows: int, tokens: int) -> float:
         """Seconds of one verify forward of ``rows`` rows of ``tokens`` tokens (warm caches)."""
-        items = [VerifyItem(("__calibrate__", i), [1] * 8, [1] * max(tokens - 1, 0))
-                 for i in range(rows)]
+        items = [
+            VerifyItem(("__calibrate__", i), [1] * 8, [1] * max(tokens - 1, 0)) for i in range(rows)
+        ]
         try:
             self.engine.verify_batch(items)  # prefill, so the timed pass is a verify pass
             t0 = time.perf_counter()
@@ -200,8 +243,11 @@ class VerifierService:
 
     def _expected_senders(self) -> int:
         now = self._clock()
-        return sum(1 for s in self.sessions.values()
-                   if not s.done and now - s.last_active < ACTIVE_WINDOW_S)
+        return sum(
+            1
+            for s in self.sessions.values()
+            if not s.done and now - s.last_active < ACTIVE_WINDOW_S
+        )
 
     # --- receive ---------------------------------------------------------------
     async def _receive(self, sub: Subscription) -> None:
@@ -221,10 +267,14 @@ class VerifierService:
         ref = self.topics.parse(msg.topic)
         value = decode(msg.payload, self.config.limits, expect=(OpenSession, Draft, CloseSession))
         if value.session_id != ref.ident:
-            raise ProtocolError(f"session id {value.session_id!r} does not match topic {msg.topic!r}")
+            raise ProtocolError(
+                f"session id {value.session_id!r} does not match topic {msg.topic!r}"
+            )
         if isinstance(value, OpenSession) and ref.leaf == "open":
             if value.device_id != ref.device:
-                raise ProtocolError(f"device id {value.device_id!r} does not match topic {msg.topic!r}")
+                raise ProtocolError(
+                    f"device id {value.device_id!r} does not match topic {msg.topic!r}"
+                )
             await self._open(value)
             return
         if ref.leaf == "draft" and isinstance(value, Draft | CloseSession):
@@ -247,17 +297,26 @@ class VerifierService:
         first = self.control.first_hint(m.device_id) if self.control is not None else 0
 
         def answer(kind: str, reason: str = "", clen: int = 0) -> Verdict:
-            return Verdict(session_id=m.session_id, epoch=m.epoch, seq=m.seq, kind=kind,  # type: ignore[arg-type]
-                           reason=reason, committed_len=clen, verifier_id=vid, echo_ts=m.sent_at,
-                           next_len=first if kind == "opened" else 0)
+            return Verdict(
+                session_id=m.session_id,
+                epoch=m.epoch,
+                seq=m.seq,
+                kind=kind,  # type: ignore[arg-type]
+                reason=reason,
+                committed_len=clen,
+                verifier_id=vid,
+                echo_ts=m.sent_at,
+                next_len=first if kind == "opened" else 0,
+            )
 
         def send(v: Verdict) -> Awaitable[None]:
             return self._send_verdict(v, m.device_id)
 
         if m.tokenizer != self.fingerprint:
             self._reject("tokenizer_mismatch", m.session_id, m.tokenizer)
-            await send(answer("refused", f"tokenizer {m.tokenizer!r} != verifier's "
-                                                       f"{self.fingerprint!r}"))
+            await send(
+                answer("refused", f"tokenizer {m.tokenizer!r} != verifier's {self.fingerprint!r}")
+            )
             return
         bad = next((t for t in (*m.prompt, *m.committed) if t >= self.engine.vocab_size), None)
         if bad is not None:
@@ -271,8 +330,7 @@ class VerifierService:
             return
         if old is not None and m.epoch < old.epoch:
             self._reject("stale_epoch", m.session_id, f"open epoch {m.epoch} < {old.epoch}")
-            await send(answer("resync", f"stale epoch {m.epoch} < {old.epoch}",
-                                            len(old.committed)))
+            await send(answer("resync", f"stale epoch {m.epoch} < {old.epoch}", len(old.committed)))
             return
         if old is not None and m.epoch == old.epoch:  # duplicate open
             await send(answer("opened", clen=len(old.committed)))
@@ -281,8 +339,11 @@ class VerifierService:
             self._reject("too_many_sessions", m.session_id, str(len(self.sessions)))
             await send(answer("refused", "verifier at its session limit"))
             return
-        if old is None and sum(1 for x in self.sessions.values() if x.device_id == m.device_id) \
-                >= self.config.max_sessions_per_device:
+        if (
+            old is None
+            and sum(1 for x in self.sessions.values() if x.device_id == m.device_id)
+            >= self.config.max_sessions_per_device
+        ):
             self._reject("device_session_limit", m.session_id, m.device_id)
             await send(answer("refused", "device at its session limit on this verifier"))
             return
@@ -297,8 +358,15 @@ class VerifierService:
         else:
             self._closing.append(m.session_id)  # drop the old epoch's KV cache before reuse
         self.metrics.sessions.set(len(self.sessions))
-        log.info("session_opened", session=m.session_id, device=m.device_id, epoch=m.epoch,
-                 mode=m.sampling.mode, committed=len(m.committed), drafter=m.drafter)
+        log.info(
+            "session_opened",
+            session=m.session_id,
+            device=m.device_id,
+            epoch=m.epoch,
+            mode=m.sampling.mode,
+            committed=len(m.committed),
+            drafter=m.drafter,
+        )
         await self._publish_state(s)
         await send(answer("opened", clen=len(s.committed)))
 
@@ -306,8 +374,13 @@ class VerifierService:
         s = self.sessions.get(d.session_id)
         if self.control is not None and s is not None and d.epoch == s.epoch:
             self.control.on_draft(d.session_id, d, time.monotonic())
-        tri = triage(s, d, vocab_size=self.engine.vocab_size, verifier_id=self.config.verifier_id,
-                     max_draft=self.config.max_draft)
+        tri = triage(
+            s,
+            d,
+            vocab_size=self.engine.vocab_size,
+            verifier_id=self.config.verifier_id,
+            max_draft=self.config.max_draft,
+        )
         if s is not None:
             s.last_active = self._clock()
         if tri.action == "verify":
@@ -354,8 +427,9 @@ class VerifierService:
         while True:
             await asyncio.sleep(min(60.0, timeout / 4))
             now = self._clock()
-            for s in [s for s in self.sessions.values()
-                      if not s.pending and now - s.last_active > timeout]:
+            for s in [
+                s for s in self.sessions.values() if not s.pending and now - s.last_active > timeout
+            ]:
                 self.metrics.expired.inc()
                 await self._drop(s, "idle")
 
@@ -378,9 +452,18 @@ class VerifierService:
                     await self._draft(d, s.device_id)
                     continue
                 self.metrics.queue_wait.observe(now - p.arrived)
-                inputs.append(RoundInput(s.session_id, s.prompt, tuple(s.committed), d, s.sampling,
-                                         s.max_new_tokens, s.stop_ids,
-                                         self.config.relaxed if self._lossy(s) else None))
+                inputs.append(
+                    RoundInput(
+                        s.session_id,
+                        s.prompt,
+                        tuple(s.committed),
+                        d,
+                        s.sampling,
+                        s.max_new_tokens,
+                        s.stop_ids,
+                        self.config.relaxed if self._lossy(s) else None,
+                    )
+                )
             if not inputs:
                 continue
             if self.control is not None:
@@ -416,11 +499,18 @@ class VerifierService:
             self._reject("verify_failed", inp.session_id, repr(exc))
             s = self.sessions.get(inp.session_id)
             if s is not None:
-                await self._send_verdict(Verdict(
-                    session_id=inp.session_id, epoch=inp.draft.epoch, seq=inp.draft.seq,
-                    kind="refused", reason=f"verification failed: {type(exc).__name__}",
-                    committed_len=len(s.committed), verifier_id=self.config.verifier_id),
-                    s.device_id)
+                await self._send_verdict(
+                    Verdict(
+                        session_id=inp.session_id,
+                        epoch=inp.draft.epoch,
+                        seq=inp.draft.seq,
+                        kind="refused",
+                        reason=f"verification failed: {type(exc).__name__}",
+                        committed_len=len(s.committed),
+                        verifier_id=self.config.verifier_id,
+                    ),
+                    s.device_id,
+                )
             return
         await self._apply(result, inputs)
 
@@ -428,8 +518,9 @@ class VerifierService:
         m = self.metrics
         now = time.monotonic()
         if self.control is not None and result.batch_size:
-            self.control.on_forward(result.batch_size, -(-result.tokens_in // result.batch_size),
-                                    result.forward_s)
+            self.control.on_forward(
+                result.batch_size, -(-result.tokens_in // result.batch_size), result.forward_s
+            )
             # Split batches by draft length only where that saves more than a forward costs,
             # as the fitted forward-time model says (fixed cost over per-token cost).
             overhead = self.control.overhead_tokens()
@@ -463,10 +554,20 @@ class VerifierService:
             if self.control is not None:
                 self.control.on_round(s.session_id, out.proposed, out.accepted, now)
                 hint = self.control.hint(s.session_id)
-            v = Verdict(session_id=s.session_id, epoch=s.epoch, seq=out.seq, kind="accept",
-                        base=base, accepted=out.accepted, tokens=out.tokens,
-                        committed_len=len(s.committed), done=s.done, finish_reason=s.finish_reason,
-                        next_len=hint, verifier_id=self.config.verifier_id)
+            v = Verdict(
+                session_id=s.session_id,
+                epoch=s.epoch,
+                seq=out.seq,
+                kind="accept",
+                base=base,
+                accepted=out.accepted,
+                tokens=out.tokens,
+                committed_len=len(s.committed),
+                done=s.done,
+                finish_reason=s.finish_reason,
+                next_len=hint,
+                verifier_id=self.config.verifier_id,
+            )
             s.remember(v)
             sends.append(self._send_verdict(v, s.device_id))
             if s.done or self.config.state_interval <= 0:
@@ -486,15 +587,22 @@ class VerifierService:
             v = dataclasses.replace(v, lossy=True)
         if self.control is not None and v.kind in ("opened", "catchup"):
             self.control.on_answer(v.session_id, time.monotonic())  # a draft follows
-        await self.bus.publish(self.topics.session(device_id, v.session_id, "verdict"), v.encode(),
-                               qos=1,
-                               content_type=CONTENT_MSGPACK,
-                               user_properties={"trace": trace_id(v.session_id, v.epoch, v.seq)})
+        await self.bus.publish(
+            self.topics.session(device_id, v.session_id, "verdict"),
+            v.encode(),
+            qos=1,
+            content_type=CONTENT_MSGPACK,
+            user_properties={"trace": trace_id(v.session_id, v.epoch, v.seq)},
+        )
 
     async def _publish_state(self, s: VerifierSession) -> None:
-        await self.bus.publish(self.topics.session(s.device_id, s.session_id, "state"),
-                               s.state(self.config.verifier_id).encode(), qos=1, retain=True,
-                               content_type=CONTENT_MSGPACK)
+        await self.bus.publish(
+            self.topics.session(s.device_id, s.session_id, "state"),
+            s.state(self.config.verifier_id).encode(),
+            qos=1,
+            retain=True,
+            content_type=CONTENT_MSGPACK,
+        )
 
     def status(self, state: str = "online") -> VerifierStatus:
         snap = self.metrics.registry.snapshot()
@@ -503,21 +611,32 @@ class VerifierService:
             "rounds": snap.get("mw_verifier_rounds_total", 0.0),
             "forward_passes": snap.get("mw_verifier_forward_passes_total", 0.0),
             "committed_tokens": snap.get("mw_verifier_committed_tokens_total", 0.0),
-            "acceptance_rate": (snap.get("mw_verifier_accepted_tokens_total", 0.0) / proposed
-                                if proposed else 0.0),
+            "acceptance_rate": (
+                snap.get("mw_verifier_accepted_tokens_total", 0.0) / proposed if proposed else 0.0
+            ),
             "mean_batch_size": snap.get("mw_verifier_batch_size_mean", 0.0),
             "rejected_messages": snap.get("mw_verifier_rejected_messages_total", 0.0),
             "lossy_mode": 1.0 if self.config.relaxed is not None else 0.0,
             "relaxed_tokens": snap.get("mw_verifier_relaxed_tokens_total", 0.0),
         }
-        return VerifierStatus(verifier_id=self.config.verifier_id, state=state,  # type: ignore[arg-type]
-                              model=self.model_name, tokenizer=self.fingerprint,
-                              sessions=len(self.sessions), stats=stats, at=time.time())
+        return VerifierStatus(
+            verifier_id=self.config.verifier_id,
+            state=state,  # type: ignore[arg-type]
+            model=self.model_name,
+            tokenizer=self.fingerprint,
+            sessions=len(self.sessions),
+            stats=stats,
+            at=time.time(),
+        )
 
     async def _publish_status(self, state: str) -> None:
-        await self.bus.publish(self.topics.verifier_status(self.config.verifier_id),
-                               self.status(state).encode(), qos=1, retain=True,
-                               content_type=CONTENT_JSON)
+        await self.bus.publish(
+            self.topics.verifier_status(self.config.verifier_id),
+            self.status(state).encode(),
+            qos=1,
+            retain=True,
+            content_type=CONTENT_JSON,
+        )
 
     async def _state_loop(self) -> None:
         """Publish the state of sessions that committed tokens since their last publish."""
@@ -525,8 +644,9 @@ class VerifierService:
             await asyncio.sleep(self.config.state_interval)
             dirty, self._dirty = self._dirty, {}
             live = [s for sid, s in dirty.items() if self.sessions.get(sid) is s]
-            results = await asyncio.gather(*(self._publish_state(s) for s in live),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(self._publish_state(s) for s in live), return_exceptions=True
+            )
             for s, r in zip(live, results, strict=True):
                 if isinstance(r, BusError):  # the broker is away: try again next time
                     self._dirty.setdefault(s.session_id, s)

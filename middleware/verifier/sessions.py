@@ -40,10 +40,17 @@ class VerifierSession:
 
     @classmethod
     def from_open(cls, msg: OpenSession) -> VerifierSession:
-        return cls(session_id=msg.session_id, device_id=msg.device_id, epoch=msg.epoch,
-                   prompt=msg.prompt, committed=list(msg.committed), sampling=msg.sampling,
-                   max_new_tokens=msg.max_new_tokens, stop_ids=frozenset(msg.stop_ids),
-                   drafter=msg.drafter)
+        return cls(
+            session_id=msg.session_id,
+            device_id=msg.device_id,
+            epoch=msg.epoch,
+            prompt=msg.prompt,
+            committed=list(msg.committed),
+            sampling=msg.sampling,
+            max_new_tokens=msg.max_new_tokens,
+            stop_ids=frozenset(msg.stop_ids),
+            drafter=msg.drafter,
+        )
 
     @property
     def done(self) -> bool:
@@ -69,14 +76,22 @@ class VerifierSession:
         self.finish_reason = finish_reason
 
     def state(self, owner: str) -> SessionState:
-        return SessionState(session_id=self.session_id, device_id=self.device_id, epoch=self.epoch,
-                            owner=owner, status="done" if self.done else "open",
-                            committed=tuple(self.committed), prompt_len=len(self.prompt),
-                            finish_reason=self.finish_reason, updated_at=time.time())
+        return SessionState(
+            session_id=self.session_id,
+            device_id=self.device_id,
+            epoch=self.epoch,
+            owner=owner,
+            status="done" if self.done else "open",
+            committed=tuple(self.committed),
+            prompt_len=len(self.prompt),
+            finish_reason=self.finish_reason,
+            updated_at=time.time(),
+        )
 
 
-def clip_commit(tokens: list[int], committed_len: int, max_new_tokens: int,
-                stop_ids: frozenset[int]) -> tuple[list[int], str]:
+def clip_commit(
+    tokens: list[int], committed_len: int, max_new_tokens: int, stop_ids: frozenset[int]
+) -> tuple[list[int], str]:
     """Tokens that may be appended after ``committed_len`` ones, and the finish reason ("" if none)."""
     room = max(0, max_new_tokens - committed_len)
     out: list[int] = []
@@ -97,13 +112,22 @@ class Triage:
     reason: str = ""
 
 
-def triage(s: VerifierSession | None, d: Draft, *, vocab_size: int, verifier_id: str,
-           max_draft: int) -> Triage:
+def triage(
+    s: VerifierSession | None, d: Draft, *, vocab_size: int, verifier_id: str, max_draft: int
+) -> Triage:
     """Decide how to answer draft ``d`` of session ``s`` (None: unknown here)."""
 
     def answer(kind: str, reason: str = "", **kw: object) -> Verdict:
-        return Verdict(session_id=d.session_id, epoch=d.epoch, seq=d.seq, kind=kind,  # type: ignore[arg-type]
-                       reason=reason, verifier_id=verifier_id, echo_ts=d.sent_at, **kw)  # type: ignore[arg-type]
+        return Verdict(
+            session_id=d.session_id,
+            epoch=d.epoch,
+            seq=d.seq,
+            kind=kind,  # type: ignore[arg-type]
+            reason=reason,
+            verifier_id=verifier_id,
+            echo_ts=d.sent_at,
+            **kw,
+        )  # type: ignore[arg-type]
 
     if s is None:
         return Triage("resync", answer("resync", "unknown session: re-open"), "unknown_session")
@@ -111,30 +135,71 @@ def triage(s: VerifierSession | None, d: Draft, *, vocab_size: int, verifier_id:
         # Another verifier owns a newer epoch of this session; it answers.
         return Triage("ignore", reason="newer_epoch")
     if d.epoch < s.epoch:
-        return Triage("resync", answer("resync", f"stale epoch {d.epoch} < {s.epoch}",
-                                       committed_len=len(s.committed)), "stale_epoch")
+        return Triage(
+            "resync",
+            answer("resync", f"stale epoch {d.epoch} < {s.epoch}", committed_len=len(s.committed)),
+            "stale_epoch",
+        )
     cached = s.verdicts.get(d.seq)
     if cached is not None:
         return Triage("duplicate", cached, "duplicate")
     clen = len(s.committed)
     if d.base < clen:
-        return Triage("catchup", answer("catchup", "", base=d.base, tokens=tuple(s.committed[d.base:]),
-                                        committed_len=clen, done=s.done,
-                                        finish_reason=s.finish_reason), "behind")
+        return Triage(
+            "catchup",
+            answer(
+                "catchup",
+                "",
+                base=d.base,
+                tokens=tuple(s.committed[d.base :]),
+                committed_len=clen,
+                done=s.done,
+                finish_reason=s.finish_reason,
+            ),
+            "behind",
+        )
     if d.base > clen:
-        return Triage("resync", answer("resync", f"base {d.base} ahead of committed {clen}",
-                                       committed_len=clen), "ahead")
+        return Triage(
+            "resync",
+            answer("resync", f"base {d.base} ahead of committed {clen}", committed_len=clen),
+            "ahead",
+        )
     if s.done:
-        return Triage("done", answer("accept", "session finished", base=clen, committed_len=clen,
-                                     done=True, finish_reason=s.finish_reason), "done")
+        return Triage(
+            "done",
+            answer(
+                "accept",
+                "session finished",
+                base=clen,
+                committed_len=clen,
+                done=True,
+                finish_reason=s.finish_reason,
+            ),
+            "done",
+        )
     if len(d.tokens) > max_draft:
-        return Triage("refuse", answer("refused", f"draft of {len(d.tokens)} tokens exceeds {max_draft}",
-                                       committed_len=clen), "draft_too_long")
+        return Triage(
+            "refuse",
+            answer(
+                "refused",
+                f"draft of {len(d.tokens)} tokens exceeds {max_draft}",
+                committed_len=clen,
+            ),
+            "draft_too_long",
+        )
     bad = next((t for t in d.tokens if t >= vocab_size), None)
     if bad is not None:
-        return Triage("refuse", answer("refused", f"token id {bad} outside vocabulary of {vocab_size}",
-                                       committed_len=clen), "token_out_of_range")
+        return Triage(
+            "refuse",
+            answer(
+                "refused", f"token id {bad} outside vocabulary of {vocab_size}", committed_len=clen
+            ),
+            "token_out_of_range",
+        )
     if s.sampling.mode == "rejection" and len(d.q) != len(d.tokens):
-        return Triage("refuse", answer("refused", "rejection mode needs q for every draft token",
-                                       committed_len=clen), "missing_q")
+        return Triage(
+            "refuse",
+            answer("refused", "rejection mode needs q for every draft token", committed_len=clen),
+            "missing_q",
+        )
     return Triage("verify")

@@ -85,8 +85,9 @@ class Workload:
         return [j.session_id for j in self.jobs]
 
 
-def workload(n_prompts: int, seed: int, n_devices: int, reference: Reference, max_new: int,
-             tiny_draft: Any) -> Workload:
+def workload(
+    n_prompts: int, seed: int, n_devices: int, reference: Reference, max_new: int, tiny_draft: Any
+) -> Workload:
     pool = prompts(n_prompts, seed=seed)
     refs = {p: reference(p, max_new) for p in pool}
     devices = mixed_devices(n_devices, refs, tiny_draft, pace=0.01)

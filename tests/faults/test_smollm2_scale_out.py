@@ -31,8 +31,9 @@ PROMPTS = ["What is a verifier?", "Name a fruit.", "Count to five.", "What is ra
 MAX_NEW = 24
 
 
-async def test_second_verifier_takes_over_when_one_dies(mosquitto, unique_prefix, smollm2,
-                                                       fault_report) -> None:
+async def test_second_verifier_takes_over_when_one_dies(
+    mosquitto, unique_prefix, smollm2, fault_report
+) -> None:
     tok = smollm2.tokenizer
     stops = stop_ids_of(tok)
     ids = [encode_prompt(tok, p) for p in PROMPTS]
@@ -40,21 +41,49 @@ async def test_second_verifier_takes_over_when_one_dies(mosquitto, unique_prefix
     t = Topics(unique_prefix)
 
     def vbus(vid: str) -> MqttBus:
-        return MqttBus(MqttSettings(host=mosquitto.host, port=mosquitto.port, client_id=f"{vid}-{unique_prefix[-8:]}",
-                                    will=Will(t.verifier_status(vid), verifier_will(vid))))
+        return MqttBus(
+            MqttSettings(
+                host=mosquitto.host,
+                port=mosquitto.port,
+                client_id=f"{vid}-{unique_prefix[-8:]}",
+                will=Will(t.verifier_status(vid), verifier_will(vid)),
+            )
+        )
 
     buses = {v: vbus(v) for v in ("v1", "v2")}
-    dbus = MqttBus(MqttSettings(host=mosquitto.host, port=mosquitto.port, client_id=f"dev-{unique_prefix[-8:]}",
-                                clean_start=False, session_expiry=60,
-                                will=Will(t.device_status("dev"), device_will("dev"), delay=5)))
+    dbus = MqttBus(
+        MqttSettings(
+            host=mosquitto.host,
+            port=mosquitto.port,
+            client_id=f"dev-{unique_prefix[-8:]}",
+            clean_start=False,
+            session_expiry=60,
+            will=Will(t.device_status("dev"), device_will("dev"), delay=5),
+        )
+    )
     async with buses["v1"], buses["v2"], dbus:
-        verifiers = {v: VerifierService(b, TargetEngine(smollm2.model), tokenizer_fingerprint=smollm2.fingerprint,
-                                        config=VerifierConfig(verifier_id=v, prefix=unique_prefix, exclusive=False))
-                     for v, b in buses.items()}
-        node = NodeService(dbus, tokenizer=tok, tokenizer_fp=smollm2.fingerprint,
-                           drafter_factory=lambda: make_drafter("ngram"), drafter_name="ngram",
-                           config=NodeConfig(device_id="dev", prefix=unique_prefix, max_concurrent=8,
-                                             session=SessionConfig(max_new_tokens=MAX_NEW, stop_ids=stops)))
+        verifiers = {
+            v: VerifierService(
+                b,
+                TargetEngine(smollm2.model),
+                tokenizer_fingerprint=smollm2.fingerprint,
+                config=VerifierConfig(verifier_id=v, prefix=unique_prefix, exclusive=False),
+            )
+            for v, b in buses.items()
+        }
+        node = NodeService(
+            dbus,
+            tokenizer=tok,
+            tokenizer_fp=smollm2.fingerprint,
+            drafter_factory=lambda: make_drafter("ngram"),
+            drafter_name="ngram",
+            config=NodeConfig(
+                device_id="dev",
+                prefix=unique_prefix,
+                max_concurrent=8,
+                session=SessionConfig(max_new_tokens=MAX_NEW, stop_ids=stops),
+            ),
+        )
         chunks: list[TextChunk] = []
         node.on_text = chunks.append
         async with asyncio.TaskGroup() as tg:
@@ -63,10 +92,16 @@ async def test_second_verifier_takes_over_when_one_dies(mosquitto, unique_prefix
             for s in verifiers.values():
                 await s.ready.wait()
             await node.ready.wait()
-            gens = [tg.create_task(node.generate_ids(i, session_id=f"so-{n}")) for n, i in enumerate(ids)]
+            gens = [
+                tg.create_task(node.generate_ids(i, session_id=f"so-{n}"))
+                for n, i in enumerate(ids)
+            ]
             deadline = time.monotonic() + 120
-            while not (verifiers["v1"].sessions and verifiers["v2"].sessions
-                       and verifiers["v1"].metrics.committed.total() >= 4):
+            while not (
+                verifiers["v1"].sessions
+                and verifiers["v2"].sessions
+                and verifiers["v1"].metrics.committed.total() >= 4
+            ):
                 assert time.monotonic() < deadline, "sessions were not spread over both verifiers"
                 await asyncio.sleep(0.05)
             await die(vtasks["v1"], buses["v1"])  # no DISCONNECT: the broker fires its will
@@ -80,6 +115,11 @@ async def test_second_verifier_takes_over_when_one_dies(mosquitto, unique_prefix
     assert moved and all(o.stats["reopens"] >= 1 for o in moved)
     assert set(verifiers["v2"].sessions) | {o.session_id for o in outs} >= owned_by_v1
     print(f"\nv1 owned {sorted(owned_by_v1)}; reopens: {[o.stats['reopens'] for o in outs]}")
-    fault_report.record(faults=1, audits=[audit(o.session_id, ref, o.tokens, chunks, tok)
-                                          for ref, o in zip(refs, outs, strict=True)],
-                        sessions_moved=len(moved))
+    fault_report.record(
+        faults=1,
+        audits=[
+            audit(o.session_id, ref, o.tokens, chunks, tok)
+            for ref, o in zip(refs, outs, strict=True)
+        ],
+        sessions_moved=len(moved),
+    )

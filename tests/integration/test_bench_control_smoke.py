@@ -70,12 +70,15 @@ def test_quick_control_benchmark_is_lossless_with_positive_figures(smollm2, tmp_
     controller = next(r for r in report["results"] if r["case"] == "controller")
     probe = controller["runs"][0]["controller"]
     assert probe["plans"] > 0 and probe["decisions"].get("verify", 0) > 0
-    hints = [int(h) for c in CLASSES for h, n in probe["by_class"][c.name]["hints"].items()
-             for _ in range(n)]
+    hints = [
+        int(h)
+        for c in CLASSES
+        for h, n in probe["by_class"][c.name]["hints"].items()
+        for _ in range(n)
+    ]
     assert hints and any(h > 0 for h in hints) and max(hints) <= 16
     assert probe["forward_model"]["observations"] > 0
 
     comparison = report["comparison"]
-    assert set(comparison["controller"]) == names - {n for n in names
-                                                     if n.startswith("controller")}
+    assert set(comparison["controller"]) == names - {n for n in names if n.startswith("controller")}
     assert comparison["best_uniform_by_latency"] == "uniform-k4"

@@ -19,8 +19,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
 
 @pytest.mark.skipif(not mosquitto_available(), reason="the benchmark starts a mosquitto binary")
 def test_quick_benchmark_writes_lossless_positive_figures(smollm2, tmp_path) -> None:
-    settings = parse_args(["--quick", "--devices", "2", "--tokens", "4", "--repeats", "1",
-                           "--out-dir", str(tmp_path), "--no-cache"])
+    settings = parse_args(
+        [
+            "--quick",
+            "--devices",
+            "2",
+            "--tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+            "--no-cache",
+        ]
+    )
     wstgr, batching, written = run(settings, loaded=smollm2)
 
     assert (tmp_path / "wstgr.json") in written and (tmp_path / "batching.json") in written

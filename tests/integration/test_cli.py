@@ -42,13 +42,30 @@ def services(mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[li
     unique_prefix = f"mw/test-cli-{uuid.uuid4().hex[:8]}"
     tmp_path = tmp_path_factory.mktemp("cli")
     common = ["--host", mosquitto.host, "--port", str(mosquitto.port), "--prefix", unique_prefix]
-    logs = [open(tmp_path / "verifier.log", "w"), open(tmp_path / "node.log", "w")]  # noqa: SIM115
+    logs = [open(tmp_path / "verifier.log", "w"), open(tmp_path / "node.log", "w")]
     procs = [
-        subprocess.Popen([*CLI, "verifier", *common, "--id", "v-cli", "--model", "smollm2"],
-                         stdout=logs[0], stderr=subprocess.STDOUT, env=_env()),
-        subprocess.Popen([*CLI, "node", *common, "--id", "pi-cli", "--drafter", "ngram",
-                          "--max-new-tokens", str(MAX_NEW)],
-                         stdout=logs[1], stderr=subprocess.STDOUT, env=_env()),
+        subprocess.Popen(
+            [*CLI, "verifier", *common, "--id", "v-cli", "--model", "smollm2"],
+            stdout=logs[0],
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        ),
+        subprocess.Popen(
+            [
+                *CLI,
+                "node",
+                *common,
+                "--id",
+                "pi-cli",
+                "--drafter",
+                "ngram",
+                "--max-new-tokens",
+                str(MAX_NEW),
+            ],
+            stdout=logs[1],
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        ),
     ]
     try:
         asyncio.run(_wait_online(mosquitto.host, mosquitto.port, unique_prefix, procs, tmp_path))
@@ -69,7 +86,10 @@ async def _wait_online(host: str, port: int, prefix: str, procs, tmp_path: Path)
     t = Topics(prefix)
     need = {"v-cli", "pi-cli"}
     async with MqttBus(MqttSettings(host=host, port=port)) as bus:
-        async with bus.subscribe(t.all_verifier_status()) as vs, bus.subscribe(t.all_device_status()) as ds:
+        async with (
+            bus.subscribe(t.all_verifier_status()) as vs,
+            bus.subscribe(t.all_device_status()) as ds,
+        ):
             deadline = time.monotonic() + 180
             while need:
                 for p in procs:
@@ -92,16 +112,41 @@ def test_generate_and_tail_round_trip(services, smollm2, tmp_path: Path) -> None
     from middleware.verifier.reference import reference_greedy
 
     sid = "cli-123"
-    tail = subprocess.Popen([*CLI, "tail", f"session/{sid}", *services, "--json", "--timeout", "240"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+    tail = subprocess.Popen(
+        [*CLI, "tail", f"session/{sid}", *services, "--json", "--timeout", "240"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=_env(),
+    )
     time.sleep(1.5)  # let tail subscribe before the session starts
-    gen = subprocess.run([*CLI, "generate", PROMPT, "--device", "pi-cli", "--session", sid, *services,
-                          "--timeout", "240"], capture_output=True, text=True, env=_env(), timeout=300)
+    gen = subprocess.run(
+        [
+            *CLI,
+            "generate",
+            PROMPT,
+            "--device",
+            "pi-cli",
+            "--session",
+            sid,
+            *services,
+            "--timeout",
+            "240",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert gen.returncode == 0, gen.stderr[-3000:]
     tail.terminate()
     out, _ = tail.communicate(timeout=10)
-    ref = reference_greedy(smollm2.model, encode_prompt(smollm2.tokenizer, PROMPT), MAX_NEW,
-                           stop_ids_of(smollm2.tokenizer))
+    ref = reference_greedy(
+        smollm2.model,
+        encode_prompt(smollm2.tokenizer, PROMPT),
+        MAX_NEW,
+        stop_ids_of(smollm2.tokenizer),
+    )
     expected = smollm2.tokenizer.decode(ref, skip_special_tokens=True)
     assert gen.stdout.strip() == expected.strip()
     assert "finish=" in gen.stderr and "verified=True" in gen.stderr
@@ -109,7 +154,9 @@ def test_generate_and_tail_round_trip(services, smollm2, tmp_path: Path) -> None
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]
     types = {d["type"] for d in lines}
     assert {"open", "draft", "verdict", "state", "text", "result"} <= types, types
-    assert all(d["topic"].endswith(f"/session/pi-cli/{sid}/" + d["topic"].rsplit("/", 1)[1]) for d in lines)
+    assert all(
+        d["topic"].endswith(f"/session/pi-cli/{sid}/" + d["topic"].rsplit("/", 1)[1]) for d in lines
+    )
     result = next(d for d in lines if d["type"] == "result")
     assert result["msg"]["text"].strip() == expected.strip()
     verdicts = [d["msg"] for d in lines if d["type"] == "verdict" and d["msg"]["kind"] == "accept"]
@@ -119,17 +166,46 @@ def test_generate_and_tail_round_trip(services, smollm2, tmp_path: Path) -> None
 
 def test_tail_human_output_and_sessions_table(services, tmp_path: Path) -> None:
     sid = "cli-456"
-    gen = subprocess.run([*CLI, "generate", "Say hi.", "--device", "pi-cli", "--session", sid,
-                          "--max-new-tokens", "4", *services, "--timeout", "240"],
-                         capture_output=True, text=True, env=_env(), timeout=300)
+    gen = subprocess.run(
+        [
+            *CLI,
+            "generate",
+            "Say hi.",
+            "--device",
+            "pi-cli",
+            "--session",
+            sid,
+            "--max-new-tokens",
+            "4",
+            *services,
+            "--timeout",
+            "240",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
-    tail = subprocess.run([*CLI, "tail", f"session/{sid}", *services, "--timeout", "3"],
-                          capture_output=True, text=True, env=_env(), timeout=60)
+    tail = subprocess.run(
+        [*CLI, "tail", f"session/{sid}", *services, "--timeout", "3"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
     # Only retained messages remain: the state and the result, decoded for people.
-    assert f'/session/pi-cli/{sid}/state state [retained] status="done" owner="v-cli"' in tail.stdout, tail.stdout
+    assert (
+        f'/session/pi-cli/{sid}/state state [retained] status="done" owner="v-cli"' in tail.stdout
+    ), tail.stdout
     assert f"/session/pi-cli/{sid}/result result [retained]" in tail.stdout
-    table = subprocess.run([*CLI, "sessions", *services, "--wait", "2"], capture_output=True, text=True,
-                           env=_env(), timeout=60)
+    table = subprocess.run(
+        [*CLI, "sessions", *services, "--wait", "2"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
     assert table.returncode == 0
     row = next(line for line in table.stdout.splitlines() if line.startswith(sid))
     assert "pi-cli" in row and "done" in row and "v-cli" in row

@@ -73,13 +73,17 @@ def _session(**kw: Any) -> SessionConfig:
 
 
 # --- lossless generation --------------------------------------------------------------------
-async def test_greedy_generation_equals_target_only(crew: Fleet, target, draft_model,
-                                                    references) -> None:
+async def test_greedy_generation_equals_target_only(
+    crew: Fleet, target, draft_model, references
+) -> None:
     await crew.start_verifier(target, FP)
-    node = await crew.start_node("dev-1", TinyTokenizer(), FP, lambda: HFDrafter(draft_model),
-                                 _session())
-    outs = await asyncio.wait_for(asyncio.gather(*(
-        node.generate_ids(p, session_id=f"s{i}") for i, p in enumerate(PROMPTS))), 120)
+    node = await crew.start_node(
+        "dev-1", TinyTokenizer(), FP, lambda: HFDrafter(draft_model), _session()
+    )
+    outs = await asyncio.wait_for(
+        asyncio.gather(*(node.generate_ids(p, session_id=f"s{i}") for i, p in enumerate(PROMPTS))),
+        120,
+    )
     assert [list(o.tokens) for o in outs] == references
     assert sum(o.stats["accepted"] for o in outs) > 0  # speculation did its work
 
@@ -96,9 +100,13 @@ def smol_case(smollm2) -> tuple[list[int], tuple[int, ...], list[int]]:
 async def test_smollm2_greedy_equals_target_only(crew: Fleet, smollm2, smol_case) -> None:
     ids, stops, reference = smol_case
     await crew.start_verifier(smollm2.model, smollm2.fingerprint)
-    node = await crew.start_node("dev-1", smollm2.tokenizer, smollm2.fingerprint,
-                                 lambda: make_drafter("ngram"),
-                                 SessionConfig(max_new_tokens=12, stop_ids=stops))
+    node = await crew.start_node(
+        "dev-1",
+        smollm2.tokenizer,
+        smollm2.fingerprint,
+        lambda: make_drafter("ngram"),
+        SessionConfig(max_new_tokens=12, stop_ids=stops),
+    )
     out = await asyncio.wait_for(node.generate_ids(ids, session_id="smol"), 120)
     assert list(out.tokens) == reference
 
@@ -114,14 +122,14 @@ async def test_duplicated_draft_gets_the_same_verdict(crew: Fleet, target, refer
     await dev.draft(1, 2, 0, ref[:3])  # a QoS 1 redelivery of the same draft
     again = await dev.verdict(2)
     assert first.kind == "accept" and again == first
-    assert list(first.tokens) == ref[:len(first.tokens)]
+    assert list(first.tokens) == ref[: len(first.tokens)]
     # back to back: however many verdicts come, they are one and the same
     base = first.committed_len
-    await dev.draft(1, 3, base, ref[base:base + 2])
-    await dev.draft(1, 3, base, ref[base:base + 2])
+    await dev.draft(1, 3, base, ref[base : base + 2])
+    await dev.draft(1, 3, base, ref[base : base + 2])
     answers = await dev.verdicts(3)
     assert answers and all(v == answers[0] for v in answers)
-    assert list(answers[0].tokens) == ref[base:base + len(answers[0].tokens)]
+    assert list(answers[0].tokens) == ref[base : base + len(answers[0].tokens)]
 
 
 async def test_lost_verdict_heals_with_catchup(crew: Fleet, target, references) -> None:
@@ -136,7 +144,7 @@ async def test_lost_verdict_heals_with_catchup(crew: Fleet, target, references) 
     assert healed.kind == "catchup"
     assert (healed.base, healed.tokens) == (0, lost.tokens)
     assert healed.committed_len == lost.committed_len
-    assert list(healed.tokens) == ref[:len(healed.tokens)]
+    assert list(healed.tokens) == ref[: len(healed.tokens)]
 
 
 async def test_resync_answers_and_reopen_with_committed(crew: Fleet, target, references) -> None:
@@ -156,16 +164,18 @@ async def test_resync_answers_and_reopen_with_committed(crew: Fleet, target, ref
     await dev.draft(3, 5, 5, ref[5:8])
     v = await dev.verdict(5)
     assert v.kind == "accept" and v.base == 5
-    assert list(v.tokens) == ref[5:5 + len(v.tokens)]
+    assert list(v.tokens) == ref[5 : 5 + len(v.tokens)]
 
 
 # --- timeouts: the verifier is away, the device resends, goes offline, comes back ------------
-async def test_absent_verifier_timeouts_offline_then_lossless(crew: Fleet, rig: Rig, target,
-                                                              references) -> None:
+async def test_absent_verifier_timeouts_offline_then_lossless(
+    crew: Fleet, rig: Rig, target, references
+) -> None:
     watch_bus = await crew.bus("device", "watch")
     opens = await watch_bus.subscribe(rig.topics.all_sessions("open"))
-    cfg = _session(rto_initial=0.3, rto_min=0.2, max_failures=2, probe_interval=0.2,
-                   probe_interval_max=0.5)
+    cfg = _session(
+        rto_initial=0.3, rto_min=0.2, max_failures=2, probe_interval=0.2, probe_interval_max=0.5
+    )
     node = await crew.start_node("dev-1", TinyTokenizer(), FP, lambda: make_drafter("ngram"), cfg)
     run = asyncio.create_task(node.generate_ids(PROMPTS[0], session_id="away"))
     for _ in range(4):  # the first open, its resend and offline probes: nobody answers

@@ -41,9 +41,14 @@ def smollm2() -> Iterator[LoadedModel]:
 @pytest.fixture(scope="session")
 def prompts(smollm2: LoadedModel) -> list[list[int]]:
     tok = smollm2.tokenizer
-    return [list(tok.apply_chat_template([{"role": "user", "content": q}],
-                                         add_generation_prompt=True)["input_ids"])
-            for q in QUESTIONS]
+    return [
+        list(
+            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)[
+                "input_ids"
+            ]
+        )
+        for q in QUESTIONS
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +62,10 @@ def generated(smollm2: LoadedModel, prompts: list[list[int]]) -> list[list[int]]
     out = []
     for p in prompts:
         ids = torch.tensor([p])
-        seq = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=MAX_NEW)
-        out.append(seq[0, len(p):].tolist())
+        seq = smollm2.model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW
+        )
+        out.append(seq[0, len(p) :].tolist())
     return out
 
 
@@ -72,15 +78,19 @@ def test_loaded_model_and_fingerprint(smollm2: LoadedModel) -> None:
     assert smollm2.fingerprint == "4ee59ed15ede7f8d"
 
 
-def test_reference_greedy_equals_generate(smollm2: LoadedModel, prompts: list[list[int]],
-                                          stop_ids: frozenset[int],
-                                          generated: list[list[int]]) -> None:
+def test_reference_greedy_equals_generate(
+    smollm2: LoadedModel,
+    prompts: list[list[int]],
+    stop_ids: frozenset[int],
+    generated: list[list[int]],
+) -> None:
     # One prompt: the decoder is checked on more prompts with the tiny model.
     assert reference_greedy(smollm2.model, prompts[2], MAX_NEW, stop_ids) == generated[2]
 
 
-def test_batched_verify_logits_match_unbatched(smollm2: LoadedModel, prompts: list[list[int]],
-                                               generated: list[list[int]]) -> None:
+def test_batched_verify_logits_match_unbatched(
+    smollm2: LoadedModel, prompts: list[list[int]], generated: list[list[int]]
+) -> None:
     """Four sessions of different cache and draft lengths in one batch vs each alone.
 
     Also compared with step-by-step decoding (what ``generate`` computes).
@@ -92,7 +102,10 @@ def test_batched_verify_logits_match_unbatched(smollm2: LoadedModel, prompts: li
     items = []
     for i, (p, g) in enumerate([*zip(prompts, generated), (prompts[0], generated[0])]):
         committed = g[: 5 + 7 * i]
-        draft = [*g[len(committed): len(committed) + 1 + i], rnd.randrange(49152)]  # last one wrong
+        draft = [
+            *g[len(committed) : len(committed) + 1 + i],
+            rnd.randrange(49152),
+        ]  # last one wrong
         items.append(VerifyItem(f"s{i}", p + committed, draft))
     batched = TargetEngine(model).verify_batch(items)
     worst_alone = worst_steps = 0.0
@@ -101,8 +114,12 @@ def test_batched_verify_logits_match_unbatched(smollm2: LoadedModel, prompts: li
         rows = []
         with torch.inference_mode():
             cache = DynamicCache(config=model.config)
-            out = model(torch.tensor([list(item.context)]), past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
+            out = model(
+                torch.tensor([list(item.context)]),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             rows.append(out.logits[0, -1])
             for t in item.draft:
                 out = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
@@ -114,9 +131,11 @@ def test_batched_verify_logits_match_unbatched(smollm2: LoadedModel, prompts: li
         worst_steps = max(worst_steps, float((lg - steps).abs().max()))
         # float32 rounding only: measured ~2e-6 of the largest logit.
         assert max(worst_alone, worst_steps) <= 1e-5 * float(steps.abs().max())
-    print(f"\nSmolLM2: max|batched - alone| = {worst_alone:.3g}, "
-          f"max|batched - step-by-step| = {worst_steps:.3g}, "
-          f"max|logit| = {float(steps.abs().max()):.3g}")
+    print(
+        f"\nSmolLM2: max|batched - alone| = {worst_alone:.3g}, "
+        f"max|batched - step-by-step| = {worst_steps:.3g}, "
+        f"max|logit| = {float(steps.abs().max()):.3g}"
+    )
 
 
 @dataclass
@@ -129,18 +148,24 @@ class Sess:
     done: bool = False
 
 
-def run_rounds(engine: TargetEngine, sessions: list[Sess], params: SamplingParams,
-               stop_ids: frozenset[int], max_new: int = MAX_NEW) -> None:
+def run_rounds(
+    engine: TargetEngine,
+    sessions: list[Sess],
+    params: SamplingParams,
+    stop_ids: frozenset[int],
+    max_new: int = MAX_NEW,
+) -> None:
     """Verifier rounds with all live sessions in one batch; a peeking, corrupting drafter."""
     rnd = random.Random(7)
     while live := [s for s in sessions if not s.done]:
         drafts = []
         for s in live:
             pos = len(s.generated)
-            truth = s.target[pos: pos + rnd.randint(1, 6)]
+            truth = s.target[pos : pos + rnd.randint(1, 6)]
             drafts.append([t if rnd.random() >= s.corrupt else rnd.randrange(49152) for t in truth])
-        logits = engine.verify_batch([VerifyItem(s.key, s.prompt + s.generated, d)
-                                      for s, d in zip(live, drafts)])
+        logits = engine.verify_batch(
+            [VerifyItem(s.key, s.prompt + s.generated, d) for s, d in zip(live, drafts)]
+        )
         for s, d, lg in zip(live, drafts, logits, strict=True):
             if params.mode == "greedy":
                 n, nxt = greedy_accept(d, lg.argmax(-1).tolist())
@@ -164,9 +189,12 @@ def make_sessions(prompts: list[list[int]], targets: list[list[int]]) -> list[Se
     return sessions
 
 
-def test_speculative_greedy_equals_generate(smollm2: LoadedModel, prompts: list[list[int]],
-                                            stop_ids: frozenset[int],
-                                            generated: list[list[int]]) -> None:
+def test_speculative_greedy_equals_generate(
+    smollm2: LoadedModel,
+    prompts: list[list[int]],
+    stop_ids: frozenset[int],
+    generated: list[list[int]],
+) -> None:
     # A budget below the four sessions' contexts forces evictions and rebuilds.
     engine = TargetEngine(smollm2.model, memory_budget_tokens=120)
     sessions = make_sessions(prompts, generated)
@@ -177,9 +205,9 @@ def test_speculative_greedy_equals_generate(smollm2: LoadedModel, prompts: list[
     assert stats.evictions > 0
 
 
-def test_speculative_coupled_equals_reference_sample(smollm2: LoadedModel,
-                                                     prompts: list[list[int]],
-                                                     stop_ids: frozenset[int]) -> None:
+def test_speculative_coupled_equals_reference_sample(
+    smollm2: LoadedModel, prompts: list[list[int]], stop_ids: frozenset[int]
+) -> None:
     params = SamplingParams(mode="coupled", seed=1234, temperature=0.8, top_p=0.95)
     refs = [reference_sample(smollm2.model, p, COUPLED_NEW, stop_ids, params) for p in prompts]
     engine = TargetEngine(smollm2.model)

@@ -24,8 +24,9 @@ Settings = Callable[..., MqttSettings]
 
 def _fast(broker: MosquittoProcess, **kw: Any) -> MqttSettings:
     """Settings for a broker a test kills: quick reconnect attempts."""
-    return MqttSettings(host=broker.host, port=broker.port, reconnect_min=0.05,
-                        reconnect_max=0.5, **kw)
+    return MqttSettings(
+        host=broker.host, port=broker.port, reconnect_min=0.05, reconnect_max=0.5, **kw
+    )
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -47,14 +48,20 @@ def _mqtt_tasks() -> list[asyncio.Task[object]]:
     return [t for t in asyncio.all_tasks() if t.get_name().startswith("mqtt[")]
 
 
-async def test_round_trip_keeps_mqtt5_properties(mqtt_settings: Settings,
-                                                 unique_prefix: str) -> None:
+async def test_round_trip_keeps_mqtt5_properties(
+    mqtt_settings: Settings, unique_prefix: str
+) -> None:
     async with MqttBus(mqtt_settings()) as pub, MqttBus(mqtt_settings()) as sub_bus:
         async with sub_bus.subscribe(f"{unique_prefix}/+/draft", qos=1) as sub:
-            await pub.publish(f"{unique_prefix}/s1/draft", b"\x00\x01\xffbin", qos=1,
-                              content_type=CONTENT_MSGPACK, expiry=30,
-                              user_properties={"trace": "t-1", "sid": "s1"},
-                              correlation=b"\xde\xad\xbe\xef")
+            await pub.publish(
+                f"{unique_prefix}/s1/draft",
+                b"\x00\x01\xffbin",
+                qos=1,
+                content_type=CONTENT_MSGPACK,
+                expiry=30,
+                user_properties={"trace": "t-1", "sid": "s1"},
+                correlation=b"\xde\xad\xbe\xef",
+            )
             await pub.publish(f"{unique_prefix}/s2/draft", b"plain", qos=0)
             first = await sub.get(timeout=10)
             second = await sub.get(timeout=10)
@@ -70,7 +77,8 @@ async def test_round_trip_keeps_mqtt5_properties(mqtt_settings: Settings,
 
 
 async def test_qos1_sequential_and_concurrent_publishes_all_arrive(
-        mqtt_settings: Settings, unique_prefix: str) -> None:
+    mqtt_settings: Settings, unique_prefix: str
+) -> None:
     topic = f"{unique_prefix}/q1"
     async with MqttBus(mqtt_settings()) as pub, MqttBus(mqtt_settings()) as sub_bus:
         async with sub_bus.subscribe(topic, qos=1) as sub:
@@ -85,7 +93,8 @@ async def test_qos1_sequential_and_concurrent_publishes_all_arrive(
 
 
 async def test_retained_message_reaches_late_subscriber_and_empty_payload_clears_it(
-        mqtt_settings: Settings, unique_prefix: str) -> None:
+    mqtt_settings: Settings, unique_prefix: str
+) -> None:
     topic = f"{unique_prefix}/device/d1/status"
     async with MqttBus(mqtt_settings()) as pub:
         await pub.publish(topic, b"online", qos=1, retain=True)
@@ -102,11 +111,13 @@ async def test_retained_message_reaches_late_subscriber_and_empty_payload_clears
 
 
 async def test_last_will_published_after_its_delay_when_client_dies(
-        mqtt_settings: Settings, unique_prefix: str) -> None:
+    mqtt_settings: Settings, unique_prefix: str
+) -> None:
     status = f"{unique_prefix}/device/d1/status"
     will = Will(status, b"offline", qos=1, retain=True, delay=1.0)
-    device_settings = mqtt_settings(client_id=f"dev-{uuid.uuid4().hex[:8]}", will=will,
-                                    session_expiry=5)
+    device_settings = mqtt_settings(
+        client_id=f"dev-{uuid.uuid4().hex[:8]}", will=will, session_expiry=5
+    )
     async with MqttBus(mqtt_settings()) as watcher_bus, MqttBus(mqtt_settings()) as other:
         async with watcher_bus.subscribe(f"{unique_prefix}/device/+/status") as watch:
             device = MqttBus(device_settings)
@@ -130,8 +141,9 @@ async def test_last_will_published_after_its_delay_when_client_dies(
     print(f"will arrived {will_after:.2f}s after the crash (will delay 1 s)")
 
 
-async def test_clean_close_does_not_publish_the_will(mqtt_settings: Settings,
-                                                     unique_prefix: str) -> None:
+async def test_clean_close_does_not_publish_the_will(
+    mqtt_settings: Settings, unique_prefix: str
+) -> None:
     status = f"{unique_prefix}/device/d2/status"
     device_settings = mqtt_settings(will=Will(status, b"offline", qos=1, retain=False))
     async with MqttBus(mqtt_settings()) as watcher_bus, MqttBus(mqtt_settings()) as other:
@@ -148,7 +160,8 @@ async def test_clean_close_does_not_publish_the_will(mqtt_settings: Settings,
 
 
 async def test_shared_subscription_splits_messages_between_members(
-        mqtt_settings: Settings, unique_prefix: str) -> None:
+    mqtt_settings: Settings, unique_prefix: str
+) -> None:
     shared = f"$share/g-{uuid.uuid4().hex[:6]}/{unique_prefix}/session/+/open"
     n = 40
     received: dict[str, list[bytes]] = {"a": [], "b": []}
@@ -160,10 +173,16 @@ async def test_shared_subscription_splits_messages_between_members(
             if sum(map(len, received.values())) == n:
                 all_in.set()
 
-    async with MqttBus(mqtt_settings()) as a, MqttBus(mqtt_settings()) as b, \
-            MqttBus(mqtt_settings()) as pub:
-        async with a.subscribe(shared) as sub_a, b.subscribe(shared) as sub_b, \
-                asyncio.TaskGroup() as tg:
+    async with (
+        MqttBus(mqtt_settings()) as a,
+        MqttBus(mqtt_settings()) as b,
+        MqttBus(mqtt_settings()) as pub,
+    ):
+        async with (
+            a.subscribe(shared) as sub_a,
+            b.subscribe(shared) as sub_b,
+            asyncio.TaskGroup() as tg,
+        ):
             tg.create_task(consume("a", sub_a), name="consume-a")
             tg.create_task(consume("b", sub_b), name="consume-b")
             for i in range(n):
@@ -177,7 +196,8 @@ async def test_shared_subscription_splits_messages_between_members(
 
 
 async def test_bus_reconnects_and_resubscribes_after_broker_is_killed(
-        fresh_mosquitto: MosquittoProcess, unique_prefix: str) -> None:
+    fresh_mosquitto: MosquittoProcess, unique_prefix: str
+) -> None:
     topic = f"{unique_prefix}/x"
     async with MqttBus(_fast(fresh_mosquitto)) as pub, MqttBus(_fast(fresh_mosquitto)) as sub_bus:
         async with sub_bus.subscribe(topic) as sub:
@@ -202,10 +222,12 @@ async def test_bus_reconnects_and_resubscribes_after_broker_is_killed(
 
 
 async def test_persistent_session_survives_broker_restart(
-        fresh_mosquitto: MosquittoProcess, unique_prefix: str) -> None:
+    fresh_mosquitto: MosquittoProcess, unique_prefix: str
+) -> None:
     topic = f"{unique_prefix}/verdict"
-    device = MqttBus(_fast(fresh_mosquitto, client_id="dev-restart", clean_start=False,
-                           session_expiry=300))
+    device = MqttBus(
+        _fast(fresh_mosquitto, client_id="dev-restart", clean_start=False, session_expiry=300)
+    )
     inbox = await device.subscribe(topic, qos=1)
     async with device, MqttBus(_fast(fresh_mosquitto)) as pub:
         await pub.publish(topic, b"before", qos=1)
@@ -225,7 +247,8 @@ async def test_persistent_session_survives_broker_restart(
 
 
 async def test_broker_restart_keeps_port_and_persisted_retained_messages(
-        fresh_mosquitto: MosquittoProcess, unique_prefix: str) -> None:
+    fresh_mosquitto: MosquittoProcess, unique_prefix: str
+) -> None:
     topic = f"{unique_prefix}/verifier/v1/status"
     port, pid = fresh_mosquitto.port, fresh_mosquitto.pid
     async with MqttBus(_fast(fresh_mosquitto)) as bus:
@@ -239,10 +262,12 @@ async def test_broker_restart_keeps_port_and_persisted_retained_messages(
 
 
 async def test_offline_persistent_client_receives_qos1_messages_on_reconnect(
-        mqtt_settings: Settings, unique_prefix: str) -> None:
+    mqtt_settings: Settings, unique_prefix: str
+) -> None:
     topic = f"{unique_prefix}/device/d3/inbox"
-    device_settings = mqtt_settings(client_id=f"dev-{uuid.uuid4().hex[:8]}", clean_start=False,
-                                    session_expiry=60)
+    device_settings = mqtt_settings(
+        client_id=f"dev-{uuid.uuid4().hex[:8]}", clean_start=False, session_expiry=60
+    )
     first = MqttBus(device_settings)
     await first.subscribe(topic, qos=1)  # before connect: subscribed with the CONNECT
     async with first:
@@ -262,7 +287,8 @@ async def test_offline_persistent_client_receives_qos1_messages_on_reconnect(
 
 
 async def test_close_is_idempotent_and_the_bus_cannot_be_used_after(
-        mqtt_settings: Settings, unique_prefix: str) -> None:
+    mqtt_settings: Settings, unique_prefix: str
+) -> None:
     bus = MqttBus(mqtt_settings())
     await bus.connect()
     sub = await bus.subscribe(f"{unique_prefix}/#")
@@ -305,7 +331,8 @@ async def test_client_socket_has_tcp_nodelay(mqtt_settings: Settings) -> None:
 
 
 async def test_invalid_topics_and_oversized_messages_are_refused_before_sending(
-        mqtt_settings: Settings, unique_prefix: str) -> None:
+    mqtt_settings: Settings, unique_prefix: str
+) -> None:
     async with MqttBus(mqtt_settings()) as bus:
         with pytest.raises(TopicError):
             await bus.subscribe(f"{unique_prefix}/#/x")
@@ -326,14 +353,18 @@ def test_settings_reject_a_will_delay_longer_than_the_session() -> None:
         MqttSettings(clean_start=False)  # a persistent session needs a fixed client id
 
 
-async def test_qos1_ping_pong_latency(mqtt_settings: Settings, unique_prefix: str,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+async def test_qos1_ping_pong_latency(
+    mqtt_settings: Settings, unique_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     ping, pong = f"{unique_prefix}/ping", f"{unique_prefix}/pong"
     warmup, rounds = 20, 300
     samples: list[float] = []
     async with MqttBus(mqtt_settings()) as a, MqttBus(mqtt_settings()) as b:
-        async with b.subscribe(ping) as pings, a.subscribe(pong) as pongs, \
-                asyncio.TaskGroup() as tg:
+        async with (
+            b.subscribe(ping) as pings,
+            a.subscribe(pong) as pongs,
+            asyncio.TaskGroup() as tg,
+        ):
 
             async def echo() -> None:
                 async for msg in pings:
@@ -349,7 +380,9 @@ async def test_qos1_ping_pong_latency(mqtt_settings: Settings, unique_prefix: st
             await pings.close()
     ms = sorted(s * 1e3 for s in samples[warmup:])
     with capsys.disabled():
-        print(f"\nQoS1 ping-pong over Mosquitto on loopback ({rounds} rounds): "
-              f"median {statistics.median(ms):.3f} ms, p90 {ms[int(0.9 * len(ms))]:.3f} ms, "
-              f"max {ms[-1]:.3f} ms")
+        print(
+            f"\nQoS1 ping-pong over Mosquitto on loopback ({rounds} rounds): "
+            f"median {statistics.median(ms):.3f} ms, p90 {ms[int(0.9 * len(ms))]:.3f} ms, "
+            f"max {ms[-1]:.3f} ms"
+        )
     assert len(ms) == rounds

@@ -46,8 +46,16 @@ pytestmark = pytest.mark.integration
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
 T = Topics("mw/v1")  # the ACL is written for the default prefix
-ROLES = {"pi-a": "device", "pi-b": "device", "pi-e": "device", "verifier-1": "verifier",
-         "monitor": "monitor", "ops": "operator", "site-1": "bridge", "relay-1": "relay"}
+ROLES = {
+    "pi-a": "device",
+    "pi-b": "device",
+    "pi-e": "device",
+    "verifier-1": "verifier",
+    "monitor": "monitor",
+    "ops": "operator",
+    "site-1": "bridge",
+    "relay-1": "relay",
+}
 WAIT = 10.0  # upper bound for a message that must arrive (never reached when all is well)
 
 
@@ -57,12 +65,20 @@ def password(user: str) -> str:
 
 def _require_tools() -> str:
     binary = mosquitto_binary()
-    missing = [name for name, path in (("mosquitto", binary), ("openssl", shutil.which("openssl")),
-                                       ("mosquitto_passwd", shutil.which("mosquitto_passwd")),
-                                       ("bash", shutil.which("bash"))) if path is None]
+    missing = [
+        name
+        for name, path in (
+            ("mosquitto", binary),
+            ("openssl", shutil.which("openssl")),
+            ("mosquitto_passwd", shutil.which("mosquitto_passwd")),
+            ("bash", shutil.which("bash")),
+        )
+        if path is None
+    ]
     if missing:
-        reason = (f"secured-broker tests need {', '.join(missing)} "
-                  "(apt-get install mosquitto openssl)")
+        reason = (
+            f"secured-broker tests need {', '.join(missing)} (apt-get install mosquitto openssl)"
+        )
         if os.environ.get("CI") or os.environ.get("MW_REQUIRE_BROKER"):
             pytest.fail(reason)
         pytest.skip(reason)
@@ -72,8 +88,9 @@ def _require_tools() -> str:
 
 def _sh(*args: str | Path) -> str:
     done = subprocess.run(["bash", *map(str, args)], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, \
+    assert done.returncode == 0, (
         f"{args[0]} failed ({done.returncode}):\n{done.stderr}{done.stdout}"
+    )
     return done.stdout
 
 
@@ -106,9 +123,13 @@ class Broker:
 
     def start(self) -> Broker:
         with self.log.open("ab") as log:
-            self.proc = proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
-                                                stdin=subprocess.DEVNULL, stdout=log,
-                                                stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         if not wait_for_port("127.0.0.1", self.port, 10.0, alive=lambda: proc.poll() is None):
             self.stop()
             raise AssertionError(f"mosquitto did not start:\n{self.log.read_text()}")
@@ -142,15 +163,23 @@ class Secure:
         if user is None:
             return TlsSettings(ca_file=ca_file)
         client = self.dir / "clients" / user
-        return TlsSettings(ca_file=ca_file, cert_file=str(client / f"{user}.crt"),
-                           key_file=str(client / f"{user}.key"))
+        return TlsSettings(
+            ca_file=ca_file,
+            cert_file=str(client / f"{user}.crt"),
+            key_file=str(client / f"{user}.key"),
+        )
 
     def settings(self, user: str | None, **overrides: Any) -> MqttSettings:
         """Settings for ``user`` (its password and certificate); ``overrides`` win."""
         base: dict[str, Any] = {
-            "host": "127.0.0.1", "port": self.port, "username": user,
-            "password": password(user) if user else None, "tls": self.tls(user or "pi-a"),
-            "connect_timeout": 10.0, "request_timeout": 10.0}
+            "host": "127.0.0.1",
+            "port": self.port,
+            "username": user,
+            "password": password(user) if user else None,
+            "tls": self.tls(user or "pi-a"),
+            "connect_timeout": 10.0,
+            "request_timeout": 10.0,
+        }
         base.update(overrides)
         return MqttSettings(**base)
 
@@ -166,9 +195,16 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     (d / "data").mkdir()
     port = free_port()
     conf = d / "mosquitto.conf"
-    conf.write_text(render(DEPLOY / "mosquitto.prod.conf", {
-        "/etc/mosquitto/mw/": f"{d}/", "/var/lib/mosquitto/": f"{d}/data/",
-        "\nlistener 8883\n": f"\nlistener {port} 127.0.0.1\n"}))
+    conf.write_text(
+        render(
+            DEPLOY / "mosquitto.prod.conf",
+            {
+                "/etc/mosquitto/mw/": f"{d}/",
+                "/var/lib/mosquitto/": f"{d}/data/",
+                "\nlistener 8883\n": f"\nlistener {port} 127.0.0.1\n",
+            },
+        )
+    )
     broker = Broker(conf, port, binary).start()
     try:
         yield Secure(d, broker)
@@ -239,14 +275,19 @@ async def test_client_certificate_is_required(secure: Secure) -> None:
 async def test_broker_certificate_must_chain_to_the_configured_ca(secure: Secure) -> None:
     other = secure.dir / "other-ca"
     await asyncio.to_thread(_sh, DEPLOY / "make-test-ca.sh", "-d", other)
-    tls = TlsSettings(ca_file=str(other / "ca.crt"), cert_file=secure.tls("pi-a").cert_file,
-                      key_file=secure.tls("pi-a").key_file)
+    tls = TlsSettings(
+        ca_file=str(other / "ca.crt"),
+        cert_file=secure.tls("pi-a").cert_file,
+        key_file=secure.tls("pi-a").key_file,
+    )
     await _refused(secure.settings("pi-a", tls=tls, connect_timeout=1.0))
 
 
 async def test_tls_connection_with_the_generated_ca(secure: Secure) -> None:
-    async with connected(secure.settings("monitor")) as mon, \
-            connected(secure.settings("pi-a")) as dev:
+    async with (
+        connected(secure.settings("monitor")) as mon,
+        connected(secure.settings("pi-a")) as dev,
+    ):
         async with mon.subscribe(T.device_status("pi-a")) as sub:
             await dev.publish(T.device_status("pi-a"), b"tls-hello", qos=1)
             msgs = await until(sub, b"tls-hello")
@@ -311,21 +352,30 @@ async def test_publish_rights_per_role(secure: Secure) -> None:
         mon = await stack.enter_async_context(connected(secure.settings("monitor")))
         watch = await stack.enter_async_context(mon.subscribe("mw/v1/#"))
         buses = {u: await stack.enter_async_context(connected(secure.settings(u))) for u in users}
-        outcomes = {(u, t): await publish_outcome(buses[u], t, f"probe {u} {t}".encode())
-                    for u, t, _ in PUBLISH_RIGHTS}
+        outcomes = {
+            (u, t): await publish_outcome(buses[u], t, f"probe {u} {t}".encode())
+            for u, t, _ in PUBLISH_RIGHTS
+        }
         assert outcomes == {(u, t): want for u, t, want in PUBLISH_RIGHTS}
         # Denied publishes were dropped by the broker, not just answered with 0x87:
         # the monitor (read access to everything) saw exactly the allowed ones.
         await buses["pi-a"].publish(T.device_status("pi-a"), b"sentinel-publish", qos=1)
-        seen = [m.payload for m in await until(watch, b"sentinel-publish")
-                if m.payload.startswith(b"probe ")]
-    assert sorted(seen) == sorted(f"probe {u} {t}".encode()
-                                  for u, t, want in PUBLISH_RIGHTS if want == ALLOWED)
+        seen = [
+            m.payload
+            for m in await until(watch, b"sentinel-publish")
+            if m.payload.startswith(b"probe ")
+        ]
+    assert sorted(seen) == sorted(
+        f"probe {u} {t}".encode() for u, t, want in PUBLISH_RIGHTS if want == ALLOWED
+    )
 
 
 async def test_a_device_cannot_read_another_devices_inbox(secure: Secure) -> None:
-    async with connected(secure.settings("ops")) as ops, \
-            connected(secure.settings("pi-a")) as pi_a, connected(secure.settings("pi-b")) as pi_b:
+    async with (
+        connected(secure.settings("ops")) as ops,
+        connected(secure.settings("pi-a")) as pi_a,
+        connected(secure.settings("pi-b")) as pi_b,
+    ):
         async with pi_b.subscribe(T.device_inbox("pi-b")) as b_inbox:
             try:
                 # One filter over every inbox: Mosquitto 2.0 grants the SUBSCRIBE and
@@ -346,8 +396,10 @@ async def test_a_device_cannot_read_another_devices_inbox(secure: Secure) -> Non
 async def test_a_device_reads_nothing_of_another_device(secure: Secure) -> None:
     """Reads outside the device role (other devices' status, drafts, opens, verdicts, state)
     never arrive."""
-    async with connected(secure.settings("pi-a")) as pi_a, \
-            connected(secure.settings("pi-b")) as pi_b:
+    async with (
+        connected(secure.settings("pi-a")) as pi_a,
+        connected(secure.settings("pi-b")) as pi_b,
+    ):
         async with pi_a.subscribe("mw/v1/#") as everything:
             await pi_b.publish(T.device_status("pi-b"), b"pi-b status", qos=1)
             await pi_b.publish(T.session("pi-b", "pi-b-7", "draft"), b"pi-b draft", qos=1)
@@ -364,13 +416,20 @@ async def test_a_device_reads_nothing_of_another_device(secure: Secure) -> None:
 
 async def test_a_last_will_cannot_speak_for_another_device(secure: Secure) -> None:
     """Mosquitto accepts any will topic at CONNECT but checks it when it publishes the will."""
-    async with connected(secure.settings("monitor")) as mon, \
-            mon.subscribe("mw/v1/device/+/status") as watch:
+    async with (
+        connected(secure.settings("monitor")) as mon,
+        mon.subscribe("mw/v1/device/+/status") as watch,
+    ):
         got: list[BusMessage] = []
-        for topic, will in ((T.device_status("pi-b"), b"forged-will"),
-                            (T.device_status("pi-a"), b"own-will")):
-            bus = MqttBus(secure.settings("pi-a", client_id="pi-a-will",
-                                          will=Will(topic, will, qos=1, retain=False)))
+        for topic, will in (
+            (T.device_status("pi-b"), b"forged-will"),
+            (T.device_status("pi-a"), b"own-will"),
+        ):
+            bus = MqttBus(
+                secure.settings(
+                    "pi-a", client_id="pi-a-will", will=Will(topic, will, qos=1, retain=False)
+                )
+            )
             await bus.connect()
             bus.crash()  # gone without DISCONNECT: the broker publishes the will if allowed
             # The same client id again: the broker has ended the old connection
@@ -388,31 +447,64 @@ async def test_generation_end_to_end_over_the_secured_broker(secure: Secure) -> 
     target = tiny_llama(seed=0)
     prompts = {"pi-a-s1": [1, 5, 9, 13], "pi-a-s2": [1, 7, 7, 7, 3, 22, 40]}
     max_new = 16
-    vbus = MqttBus(secure.settings(
-        "verifier-1", client_id="mw-verifier-verifier-1",
-        will=Will(T.verifier_status("verifier-1"), verifier_will("verifier-1"), qos=1,
-                  retain=True)))
-    dbus = MqttBus(secure.settings(
-        "pi-a", client_id="mw-node-pi-a", clean_start=False, session_expiry=60,
-        will=Will(T.device_status("pi-a"), device_will("pi-a"), qos=1, retain=True, delay=1.0)))
+    vbus = MqttBus(
+        secure.settings(
+            "verifier-1",
+            client_id="mw-verifier-verifier-1",
+            will=Will(
+                T.verifier_status("verifier-1"), verifier_will("verifier-1"), qos=1, retain=True
+            ),
+        )
+    )
+    dbus = MqttBus(
+        secure.settings(
+            "pi-a",
+            client_id="mw-node-pi-a",
+            clean_start=False,
+            session_expiry=60,
+            will=Will(T.device_status("pi-a"), device_will("pi-a"), qos=1, retain=True, delay=1.0),
+        )
+    )
     async with vbus, dbus, connected(secure.settings("ops")) as ops:
-        verifier = VerifierService(vbus, TargetEngine(target), tokenizer_fingerprint="tiny",
-                                   config=VerifierConfig(verifier_id="verifier-1"))
-        node = NodeService(dbus, tokenizer=TinyTokenizer(), tokenizer_fp="tiny",
-                           drafter_factory=lambda: make_drafter("ngram"), drafter_name="ngram",
-                           config=NodeConfig(device_id="pi-a", session=SessionConfig(
-                               max_new_tokens=max_new, stop_ids=(EOS,))))
-        async with asyncio.TaskGroup() as tg, \
-                ops.subscribe(T.session("pi-a", "pi-a-inbox", "result")) as res:
-            services = [tg.create_task(verifier.run(), name="verifier"),
-                        tg.create_task(node.run(), name="node")]
+        verifier = VerifierService(
+            vbus,
+            TargetEngine(target),
+            tokenizer_fingerprint="tiny",
+            config=VerifierConfig(verifier_id="verifier-1"),
+        )
+        node = NodeService(
+            dbus,
+            tokenizer=TinyTokenizer(),
+            tokenizer_fp="tiny",
+            drafter_factory=lambda: make_drafter("ngram"),
+            drafter_name="ngram",
+            config=NodeConfig(
+                device_id="pi-a", session=SessionConfig(max_new_tokens=max_new, stop_ids=(EOS,))
+            ),
+        )
+        async with (
+            asyncio.TaskGroup() as tg,
+            ops.subscribe(T.session("pi-a", "pi-a-inbox", "result")) as res,
+        ):
+            services = [
+                tg.create_task(verifier.run(), name="verifier"),
+                tg.create_task(node.run(), name="node"),
+            ]
             await asyncio.wait_for(verifier.ready.wait(), WAIT)
             await asyncio.wait_for(node.ready.wait(), WAIT)
-            outcomes = await asyncio.wait_for(asyncio.gather(*(
-                node.generate_ids(ids, session_id=sid) for sid, ids in prompts.items())), 120)
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(
+                    *(node.generate_ids(ids, session_id=sid) for sid, ids in prompts.items())
+                ),
+                120,
+            )
             # The operator's path: a prompt into the device's inbox, the result back.
-            await ops.publish(T.device_inbox("pi-a"), PromptRequest(
-                "w5 w9 w13", session_id="pi-a-inbox", max_new_tokens=max_new, chat=False).encode())
+            await ops.publish(
+                T.device_inbox("pi-a"),
+                PromptRequest(
+                    "w5 w9 w13", session_id="pi-a-inbox", max_new_tokens=max_new, chat=False
+                ).encode(),
+            )
             result = decode((await res.get(120)).payload, expect=Result)
             for s in services:
                 s.cancel()
@@ -434,30 +526,42 @@ async def test_edge_broker_bridges_sessions_to_the_secured_broker(secure: Secure
     d = secure.dir
     (d / "edge-data").mkdir(exist_ok=True)
     conf = d / "edge.conf"
-    conf.write_text(render(DEPLOY / "bridge-edge.conf", {
-        "/etc/mosquitto/mw/bridge/ca.crt": f"{d}/ca.crt",
-        "/etc/mosquitto/mw/bridge/site-1.crt": f"{d}/clients/site-1/site-1.crt",
-        "/etc/mosquitto/mw/bridge/site-1.key": f"{d}/clients/site-1/site-1.key",
-        "/etc/mosquitto/mw/": f"{d}/", "/var/lib/mosquitto/": f"{d}/edge-data/",
-        "\nlistener 1883\n": f"\nlistener {edge_port} 127.0.0.1\n",
-        "address central.example.net:8883": f"address 127.0.0.1:{secure.port}",
-        "remote_password CHANGE-ME": f"remote_password {password('site-1')}"}))
+    conf.write_text(
+        render(
+            DEPLOY / "bridge-edge.conf",
+            {
+                "/etc/mosquitto/mw/bridge/ca.crt": f"{d}/ca.crt",
+                "/etc/mosquitto/mw/bridge/site-1.crt": f"{d}/clients/site-1/site-1.crt",
+                "/etc/mosquitto/mw/bridge/site-1.key": f"{d}/clients/site-1/site-1.key",
+                "/etc/mosquitto/mw/": f"{d}/",
+                "/var/lib/mosquitto/": f"{d}/edge-data/",
+                "\nlistener 1883\n": f"\nlistener {edge_port} 127.0.0.1\n",
+                "address central.example.net:8883": f"address 127.0.0.1:{secure.port}",
+                "remote_password CHANGE-ME": f"remote_password {password('site-1')}",
+            },
+        )
+    )
     edge = await asyncio.to_thread(Broker(conf, edge_port, secure.broker.binary).start)
     try:
         on_edge = {"port": edge_port, "tls": None}
-        async with connected(secure.settings("verifier-1")) as ver, \
-                connected(secure.settings("monitor")) as mon, \
-                connected(secure.settings("pi-e", **on_edge)) as dev:
+        async with (
+            connected(secure.settings("verifier-1")) as ver,
+            connected(secure.settings("monitor")) as mon,
+            connected(secure.settings("pi-e", **on_edge)) as dev,
+        ):
             # central -> edge: retained state reaches the device once the bridge is up
-            await ver.publish(T.session("pi-e", "pi-e-1", "state"), b"state-from-central", qos=1,
-                              retain=True)
+            await ver.publish(
+                T.session("pi-e", "pi-e-1", "state"), b"state-from-central", qos=1, retain=True
+            )
             async with dev.subscribe(T.session("pi-e", "pi-e-1", "state")) as state:
                 down = await until(state, b"state-from-central")
             # edge -> central: the device's open reaches the verifiers' side
             async with mon.subscribe(T.session("pi-e", "pi-e-1", "open")) as opens:
                 await dev.publish(T.session("pi-e", "pi-e-1", "open"), b"open-from-edge", qos=1)
                 got = await until(opens, b"open-from-edge")
-            await ver.publish(T.session("pi-e", "pi-e-1", "state"), b"", qos=1, retain=True)  # clear it
+            await ver.publish(
+                T.session("pi-e", "pi-e-1", "state"), b"", qos=1, retain=True
+            )  # clear it
     finally:
         await asyncio.to_thread(edge.stop)
     assert down[-1].topic == T.session("pi-e", "pi-e-1", "state")

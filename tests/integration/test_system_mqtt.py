@@ -45,13 +45,18 @@ def test_reference_greedy_equals_generate(smollm2, prompt_ids, references) -> No
     import torch
 
     ids = prompt_ids[0]
-    out = smollm2.model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
-                                 eos_token_id=list(stop_ids_of(smollm2.tokenizer)))
-    assert out[0, len(ids):].tolist() == references[0]
+    out = smollm2.model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=MAX_NEW,
+        do_sample=False,
+        eos_token_id=list(stop_ids_of(smollm2.tokenizer)),
+    )
+    assert out[0, len(ids) :].tolist() == references[0]
 
 
-async def test_greedy_lossless_heterogeneous_fleet_shares_batches(mosquitto, unique_prefix, smollm2,
-                                                                   quant4, prompt_ids, references) -> None:
+async def test_greedy_lossless_heterogeneous_fleet_shares_batches(
+    mosquitto, unique_prefix, smollm2, quant4, prompt_ids, references
+) -> None:
     tok = smollm2.tokenizer
     devices = [
         Device("pi-4bit", lambda: HFDrafter(quant4, tok)),
@@ -60,31 +65,45 @@ async def test_greedy_lossless_heterogeneous_fleet_shares_batches(mosquitto, uni
     ]
     jobs = [(devices[i % 3].device_id, ids) for i, ids in enumerate(prompt_ids)]
     session = SessionConfig(max_new_tokens=MAX_NEW, stop_ids=stop_ids_of(tok))
-    run = await run_system(mosquitto.host, mosquitto.port, unique_prefix, smollm2, devices, jobs, session)
+    run = await run_system(
+        mosquitto.host, mosquitto.port, unique_prefix, smollm2, devices, jobs, session
+    )
     for i, o in enumerate(run.outcomes):
         assert list(o.tokens) == references[i], f"prompt {i} ({jobs[i][0]}) differs"
         assert o.text == tok.decode(references[i], skip_special_tokens=True)
     m = run.verifier.metrics
-    print(f"\nbatch sizes: mean {m.batch_size.mean:.2f} max {max(m.batch_size._recent)}; "
-          f"forwards {m.forwards.total():.0f} for {m.committed.total():.0f} tokens; "
-          f"acceptance {m.accepted.total() / max(1, m.proposed.total()):.2f}")
+    print(
+        f"\nbatch sizes: mean {m.batch_size.mean:.2f} max {max(m.batch_size._recent)}; "
+        f"forwards {m.forwards.total():.0f} for {m.committed.total():.0f} tokens; "
+        f"acceptance {m.accepted.total() / max(1, m.proposed.total()):.2f}"
+    )
     for o in run.outcomes:
-        print(o.session_id, {k: round(v, 2) for k, v in o.stats.items()
-                             if k in ("acceptance_rate", "mean_accepted", "tokens_per_s")})
+        print(
+            o.session_id,
+            {
+                k: round(v, 2)
+                for k, v in o.stats.items()
+                if k in ("acceptance_rate", "mean_accepted", "tokens_per_s")
+            },
+        )
     assert max(m.batch_size._recent) >= 2  # drafts of different sessions really shared forwards
     assert m.forwards.total() < m.committed.total()
     full = [o for o, (dev, _) in zip(run.outcomes, jobs, strict=True) if dev == "jetson-full"]
     assert all(o.stats["acceptance_rate"] > 0.9 for o in full)  # drafter == target: near 100%
 
 
-async def test_coupled_sampling_lossless(mosquitto, unique_prefix, smollm2, quant4, prompt_ids) -> None:
+async def test_coupled_sampling_lossless(
+    mosquitto, unique_prefix, smollm2, quant4, prompt_ids
+) -> None:
     tok = smollm2.tokenizer
     sp = SamplingParams(mode="coupled", seed=42, temperature=0.7, top_k=50, top_p=0.95)
     stops = stop_ids_of(tok)
     devices = [Device("pi-4bit", lambda: HFDrafter(quant4, tok))]
     jobs = [("pi-4bit", ids) for ids in prompt_ids[:3]]
     session = SessionConfig(max_new_tokens=MAX_NEW, stop_ids=stops, sampling=sp)
-    run = await run_system(mosquitto.host, mosquitto.port, unique_prefix, smollm2, devices, jobs, session)
+    run = await run_system(
+        mosquitto.host, mosquitto.port, unique_prefix, smollm2, devices, jobs, session
+    )
     for (_, ids), o in zip(jobs, run.outcomes, strict=True):
         assert list(o.tokens) == reference_sample(smollm2.model, ids, MAX_NEW, stops, sp)
     assert run.verifier.metrics.accepted.total() > 0

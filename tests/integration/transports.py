@@ -49,16 +49,35 @@ class Rig:
 def _mqtt(broker: Any, prefix: str) -> BusFactory:
     def make(client_id: str, will: Will | None) -> Bus:
         cid = f"{prefix}-{client_id}".replace("/", "-")
-        return MqttBus(MqttSettings(host=broker.host, port=broker.port, client_id=cid, will=will,
-                                    reconnect_min=0.05, reconnect_max=0.5))
+        return MqttBus(
+            MqttSettings(
+                host=broker.host,
+                port=broker.port,
+                client_id=cid,
+                will=will,
+                reconnect_min=0.05,
+                reconnect_max=0.5,
+            )
+        )
+
     return make
 
 
 def _zmq(hub: ZmqHub, prefix: str) -> BusFactory:
     def make(client_id: str, will: Will | None) -> Bus:
         cid = f"{prefix}-{client_id}".replace("/", "-")
-        return ZmqBus(ZmqSettings(port=hub.port, client_id=cid, will=will, heartbeat=0.5,
-                                  liveness=5, reconnect_min=0.02, reconnect_max=0.5))
+        return ZmqBus(
+            ZmqSettings(
+                port=hub.port,
+                client_id=cid,
+                will=will,
+                heartbeat=0.5,
+                liveness=5,
+                reconnect_min=0.02,
+                reconnect_max=0.5,
+            )
+        )
+
     return make
 
 
@@ -75,23 +94,34 @@ async def open_rig(path: str, prefix: str, broker: Any | None) -> AsyncIterator[
             return
         if path != "bridge":
             raise ValueError(f"unknown path {path!r}")
-        async with _mqtt(broker, prefix)("bridge", None) as m, \
-                _zmq(hub, prefix)("bridge", None) as z, \
-                Bridge(m, z, prefix=prefix, bridge_id="conformance") as bridge:
+        async with (
+            _mqtt(broker, prefix)("bridge", None) as m,
+            _zmq(hub, prefix)("bridge", None) as z,
+            Bridge(m, z, prefix=prefix, bridge_id="conformance") as bridge,
+        ):
             yield Rig(path, topics, _zmq(hub, prefix), _mqtt(broker, prefix), bridge)
 
 
 class HandDevice:
     """One session driven message by message on the device side (duplicates, losses by hand)."""
 
-    def __init__(self, bus: Bus, topics: Topics, session_id: str, prompt: Sequence[int],
-                 fingerprint: str, max_new_tokens: int = 16) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        topics: Topics,
+        session_id: str,
+        prompt: Sequence[int],
+        fingerprint: str,
+        max_new_tokens: int = 16,
+    ) -> None:
         self.bus, self.topics, self.session_id = bus, topics, session_id
         self.prompt, self.fingerprint, self.max_new = tuple(prompt), fingerprint, max_new_tokens
         self._sub: Subscription | None = None
 
     async def __aenter__(self) -> HandDevice:
-        self._sub = await self.bus.subscribe(self.topics.session("hand", self.session_id, "verdict"))
+        self._sub = await self.bus.subscribe(
+            self.topics.session("hand", self.session_id, "verdict")
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -99,16 +129,30 @@ class HandDevice:
             await self._sub.close()
 
     async def open(self, epoch: int, seq: int, committed: Sequence[int] = ()) -> Verdict:
-        await self.bus.publish(self.topics.session("hand", self.session_id, "open"), OpenSession(
-            session_id=self.session_id, device_id="hand", epoch=epoch, seq=seq,
-            tokenizer=self.fingerprint, prompt=self.prompt, committed=tuple(committed),
-            max_new_tokens=self.max_new).encode(), qos=1, content_type=CONTENT_MSGPACK)
+        await self.bus.publish(
+            self.topics.session("hand", self.session_id, "open"),
+            OpenSession(
+                session_id=self.session_id,
+                device_id="hand",
+                epoch=epoch,
+                seq=seq,
+                tokenizer=self.fingerprint,
+                prompt=self.prompt,
+                committed=tuple(committed),
+                max_new_tokens=self.max_new,
+            ).encode(),
+            qos=1,
+            content_type=CONTENT_MSGPACK,
+        )
         return await self.verdict(seq)
 
     async def draft(self, epoch: int, seq: int, base: int, tokens: Sequence[int]) -> None:
-        await self.bus.publish(self.topics.session("hand", self.session_id, "draft"),
-                               Draft(self.session_id, epoch, seq, base, tuple(tokens)).encode(),
-                               qos=1, content_type=CONTENT_MSGPACK)
+        await self.bus.publish(
+            self.topics.session("hand", self.session_id, "draft"),
+            Draft(self.session_id, epoch, seq, base, tuple(tokens)).encode(),
+            qos=1,
+            content_type=CONTENT_MSGPACK,
+        )
 
     async def verdict(self, seq: int, limit: float = 30.0) -> Verdict:
         """The next verdict answering ``seq`` (others are skipped)."""
@@ -145,28 +189,49 @@ class Fleet:
         make = self.rig.verifier_bus if side == "verifier" else self.rig.device_bus
         return await self._stack.enter_async_context(make(client_id, will))
 
-    async def start_verifier(self, model: Any, fingerprint: str,
-                             verifier_id: str = "v1") -> VerifierService:
+    async def start_verifier(
+        self, model: Any, fingerprint: str, verifier_id: str = "v1"
+    ) -> VerifierService:
         t = self.rig.topics
-        bus = await self.bus("verifier", verifier_id,
-                             Will(t.verifier_status(verifier_id), verifier_will(verifier_id)))
-        verifier = VerifierService(bus, TargetEngine(model), tokenizer_fingerprint=fingerprint,
-                                   config=VerifierConfig(verifier_id=verifier_id, prefix=t.prefix))
+        bus = await self.bus(
+            "verifier",
+            verifier_id,
+            Will(t.verifier_status(verifier_id), verifier_will(verifier_id)),
+        )
+        verifier = VerifierService(
+            bus,
+            TargetEngine(model),
+            tokenizer_fingerprint=fingerprint,
+            config=VerifierConfig(verifier_id=verifier_id, prefix=t.prefix),
+        )
         task = asyncio.create_task(verifier.run(), name=f"verifier-{verifier_id}")
         self._tasks.append(task)
         self._verifier_tasks[verifier_id] = task
         await asyncio.wait_for(verifier.ready.wait(), 30)
         return verifier
 
-    async def start_node(self, device_id: str, tokenizer: Any, fingerprint: str,
-                         factory: Callable[[], Drafter], session: SessionConfig) -> NodeService:
+    async def start_node(
+        self,
+        device_id: str,
+        tokenizer: Any,
+        fingerprint: str,
+        factory: Callable[[], Drafter],
+        session: SessionConfig,
+    ) -> NodeService:
         t = self.rig.topics
-        bus = await self.bus("device", device_id,
-                             Will(t.device_status(device_id), device_will(device_id)))
-        node = NodeService(bus, tokenizer=tokenizer, tokenizer_fp=fingerprint,
-                           drafter_factory=factory, drafter_name=device_id,
-                           config=NodeConfig(device_id=device_id, prefix=t.prefix,
-                                             max_concurrent=8, session=session))
+        bus = await self.bus(
+            "device", device_id, Will(t.device_status(device_id), device_will(device_id))
+        )
+        node = NodeService(
+            bus,
+            tokenizer=tokenizer,
+            tokenizer_fp=fingerprint,
+            drafter_factory=factory,
+            drafter_name=device_id,
+            config=NodeConfig(
+                device_id=device_id, prefix=t.prefix, max_concurrent=8, session=session
+            ),
+        )
         self._tasks.append(asyncio.create_task(node.run(), name=f"node-{device_id}"))
         await asyncio.wait_for(node.ready.wait(), 30)
         return node
@@ -174,15 +239,19 @@ class Fleet:
     async def hand(self, session_id: str, prompt: Sequence[int], fingerprint: str) -> HandDevice:
         bus = await self.bus("device", f"hand-{session_id}")
         return await self._stack.enter_async_context(
-            HandDevice(bus, self.rig.topics, session_id, prompt, fingerprint))
+            HandDevice(bus, self.rig.topics, session_id, prompt, fingerprint)
+        )
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         results = await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        failed = [r for r in results if isinstance(r, BaseException)
-                  and not isinstance(r, asyncio.CancelledError)]
+        failed = [
+            r
+            for r in results
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+        ]
         if failed:
             raise failed[0]
 

@@ -49,6 +49,7 @@ def one_hot_logprobs(tokens: list[int], vocab: int = 16) -> torch.Tensor:
 
 # -- greedy ------------------------------------------------------------------
 
+
 def test_greedy_accepts_all_and_takes_bonus() -> None:
     assert greedy_accept([5, 6, 7], [5, 6, 7, 9]) == (3, 9)
 
@@ -69,6 +70,7 @@ def test_greedy_rejects_wrong_shapes() -> None:
 
 # -- seeded sampling -----------------------------------------------------------
 
+
 def test_gumbel_noise_is_deterministic_per_seed_and_position() -> None:
     a = gumbel_noise(7, 3, 64)
     assert a.dtype == torch.float32 and a.shape == (64,)
@@ -79,8 +81,12 @@ def test_gumbel_noise_is_deterministic_per_seed_and_position() -> None:
 
 
 def test_mixed_key_fits_63_bits_and_separates_streams() -> None:
-    keys = {mixed_key(s, p, st) for s in (0, 1, (1 << 63) - 1) for p in (0, 1, 10**6)
-            for st in (0, STREAM_REJECTION)}
+    keys = {
+        mixed_key(s, p, st)
+        for s in (0, 1, (1 << 63) - 1)
+        for p in (0, 1, 10**6)
+        for st in (0, STREAM_REJECTION)
+    }
     assert len(keys) == 18
     assert all(0 <= k < (1 << 63) for k in keys)
 
@@ -124,13 +130,16 @@ def test_coupled_choice_samples_softmax() -> None:
 
 
 def test_coupled_choice_never_picks_filtered_tokens() -> None:
-    logprobs = process_logits(torch.randn(32, generator=torch.Generator().manual_seed(0)),
-                              SamplingParams(mode="coupled", top_k=3))
+    logprobs = process_logits(
+        torch.randn(32, generator=torch.Generator().manual_seed(0)),
+        SamplingParams(mode="coupled", top_k=3),
+    )
     allowed = set(torch.topk(logprobs, 3).indices.tolist())
     assert {coupled_choice(logprobs, 5, p) for p in range(200)} <= allowed
 
 
 # -- coupled -----------------------------------------------------------------
+
 
 def test_coupled_accept_with_certain_targets() -> None:
     lp = one_hot_logprobs([3, 4, 5, 6])
@@ -150,6 +159,7 @@ def test_coupled_accept_uses_one_noise_per_generated_position() -> None:
 
 
 # -- speculative sampling (rejection) -----------------------------------------
+
 
 def dense_to_sparse(q: torch.Tensor) -> SparseDist:
     ids = [i for i in range(q.numel()) if float(q[i]) > 0]
@@ -180,11 +190,16 @@ def test_rejection_rejects_zero_target_probability_and_tokens_outside_q() -> Non
 
 def test_rejection_is_reproducible_with_the_same_generator_seed() -> None:
     p = torch.softmax(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), -1)
-    q = [dense_to_sparse(torch.softmax(torch.randn(8, generator=torch.Generator().manual_seed(i)),
-                                       -1))
-         for i in (2, 3)]
-    results = {speculative_sampling_accept([1, 2], q, p, seeded_generator(5, 9, STREAM_REJECTION))
-               for _ in range(5)}
+    q = [
+        dense_to_sparse(
+            torch.softmax(torch.randn(8, generator=torch.Generator().manual_seed(i)), -1)
+        )
+        for i in (2, 3)
+    ]
+    results = {
+        speculative_sampling_accept([1, 2], q, p, seeded_generator(5, 9, STREAM_REJECTION))
+        for _ in range(5)
+    }
     assert len(results) == 1
 
 
@@ -208,8 +223,12 @@ def test_rejection_first_token_is_distributed_as_target(q_kind: str) -> None:
     the output exact.
     """
     vocab, trials = 8, 4000
-    p = torch.tensor([[0.30, 0.05, 0.20, 0.0, 0.15, 0.10, 0.12, 0.08],
-                      [0.10, 0.10, 0.10, 0.20, 0.10, 0.10, 0.10, 0.20]])  # [k+1, V]
+    p = torch.tensor(
+        [
+            [0.30, 0.05, 0.20, 0.0, 0.15, 0.10, 0.12, 0.08],
+            [0.10, 0.10, 0.10, 0.20, 0.10, 0.10, 0.10, 0.20],
+        ]
+    )  # [k+1, V]
     q_full = torch.tensor([0.05, 0.40, 0.10, 0.15, 0.05, 0.05, 0.10, 0.10])
     if q_kind == "dense":
         q = dense_to_sparse(q_full)

@@ -65,16 +65,38 @@ LAST_WILL_CHANNELS = {"deviceStatus", "verifierStatus"}
 
 # One fully populated value per type (every optional wire field present).
 FULL: dict[str, Any] = {
-    "open": OpenSession("s-1", "pi-1", 2, 5, "fp", (1, 2), committed=(3,),
-                        sampling=SamplingParams("coupled", 7, 0.8, 40, 0.9), max_new_tokens=64,
-                        stop_ids=(2,), drafter="ngram", sent_at=12.5),
-    "draft": Draft("s-1", 2, 6, 3, (4, 5), q=(SparseDist((4, 9), (0.5, 0.25)),
-                                               SparseDist((5,), (0.9,))), sent_at=13.0, think_ms=1.5, token_ms=12.0),
+    "open": OpenSession(
+        "s-1",
+        "pi-1",
+        2,
+        5,
+        "fp",
+        (1, 2),
+        committed=(3,),
+        sampling=SamplingParams("coupled", 7, 0.8, 40, 0.9),
+        max_new_tokens=64,
+        stop_ids=(2,),
+        drafter="ngram",
+        sent_at=12.5,
+    ),
+    "draft": Draft(
+        "s-1",
+        2,
+        6,
+        3,
+        (4, 5),
+        q=(SparseDist((4, 9), (0.5, 0.25)), SparseDist((5,), (0.9,))),
+        sent_at=13.0,
+        think_ms=1.5,
+        token_ms=12.0,
+    ),
     "close": CloseSession("s-1", 2, 7, reason="done"),
-    "verdict": Verdict("s-1", 2, 6, "resync", reason="stale", committed_len=9, verifier_id="v-1",
-                       echo_ts=13.0),
-    "state": SessionState("s-1", "pi-1", 2, "v-1", "open", (1, 2, 3), prompt_len=2,
-                          finish_reason="", updated_at=1.5),
+    "verdict": Verdict(
+        "s-1", 2, 6, "resync", reason="stale", committed_len=9, verifier_id="v-1", echo_ts=13.0
+    ),
+    "state": SessionState(
+        "s-1", "pi-1", 2, "v-1", "open", (1, 2, 3), prompt_len=2, finish_reason="", updated_at=1.5
+    ),
     "device_status": DeviceStatus("pi-1", "online", "ngram", "fp", ("s-1",), {"a": 0.5}, 1.5),
     "verifier_status": VerifierStatus("v-1", "degraded", "m", "fp", 3, {"b": 2.0}, 1.5),
     "text": TextChunk("s-1", "pi-1", 0, "provisional", 0, 2, "Hi", final=True, lossy=True),
@@ -147,13 +169,33 @@ _TYPES = {
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
     "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: (isinstance(v, int | float) and not isinstance(v, bool)
-                         and math.isfinite(v)),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
 }
-_KNOWN = {"type", "const", "enum", "minimum", "maximum", "exclusiveMinimum", "minLength",
-          "maxLength", "pattern", "minItems", "maxItems", "items", "additionalItems",
-          "properties", "required", "additionalProperties", "maxProperties", "propertyNames",
-          "description", "default", "title", "examples", "$ref"}
+_KNOWN = {
+    "type",
+    "const",
+    "enum",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "items",
+    "additionalItems",
+    "properties",
+    "required",
+    "additionalProperties",
+    "maxProperties",
+    "propertyNames",
+    "description",
+    "default",
+    "title",
+    "examples",
+    "$ref",
+}
 
 
 def schema_errors(doc: dict[str, Any], schema: Any, value: Any, path: str = "$") -> list[str]:
@@ -249,8 +291,11 @@ def test_channels_are_exactly_the_topic_tree(doc: dict[str, Any]) -> None:
     expected = set()
     for pattern in topics.all_patterns():
         root = pattern.split("/")[2]
-        expected.add(pattern.replace("{id}", "{" + PARAM_FOR_ROOT[root] + "}")
-                     .replace("{device}", "{deviceId}"))
+        expected.add(
+            pattern.replace("{id}", "{" + PARAM_FOR_ROOT[root] + "}").replace(
+                "{device}", "{deviceId}"
+            )
+        )
     addresses = {ch["address"] for ch in doc["channels"].values()}
     assert addresses == expected
     assert len(addresses) == len(doc["channels"])  # no topic described twice
@@ -424,8 +469,11 @@ def test_last_wills(doc: dict[str, Any]) -> None:
         if "x-last-will" in op:
             assert op["action"] == "send"
             assert op["x-last-will"] == {"qos": 1, "retain": True, "state": "offline"}
-    offline = [ex["payload"] for ex in doc["components"]["messages"]["deviceStatus"]["examples"]
-               if ex["payload"]["state"] == "offline"]
+    offline = [
+        ex["payload"]
+        for ex in doc["components"]["messages"]["deviceStatus"]["examples"]
+        if ex["payload"]["state"] == "offline"
+    ]
     assert offline and offline[0]["online"] is False
 
 
@@ -442,9 +490,34 @@ def test_encoded_values_satisfy_their_schema(doc: dict[str, Any]) -> None:
         assert schema_errors(doc, payload_schema(doc, tag), envelope(value.encode())) == [], tag
 
 
-NASTY: list[Any] = [None, True, 0, -1, 1, 2**24, 2**31, 2**62, 2**63 - 1, 0.5, 1e17, float("nan"),
-                    "", "x", "a/b", "x" * 65, "x" * 5000, [], [1], [2**24], [[1], [0.5]], {},
-                    {"a": 1}, {"a": "b"}, {"mode": "beam"}, list(range(300))]
+NASTY: list[Any] = [
+    None,
+    True,
+    0,
+    -1,
+    1,
+    2**24,
+    2**31,
+    2**62,
+    2**63 - 1,
+    0.5,
+    1e17,
+    float("nan"),
+    "",
+    "x",
+    "a/b",
+    "x" * 65,
+    "x" * 5000,
+    [],
+    [1],
+    [2**24],
+    [[1], [0.5]],
+    {},
+    {"a": 1},
+    {"a": "b"},
+    {"mode": "beam"},
+    list(range(300)),
+]
 
 
 def _mutate(rng: random.Random, v: Any) -> Any:
@@ -477,21 +550,46 @@ def test_schemas_never_refuse_what_the_decoder_accepts(doc: dict[str, Any]) -> N
     assert accepted > 200  # the loop exercised the accepting side, not only rejections
 
 
-@pytest.mark.parametrize(("tag", "key", "bad"), [
-    ("draft", "tokens", [2**24]), ("draft", "tokens", list(range(257))), ("draft", "sid", "a/b"),
-    ("draft", "sid", "a+b"), ("draft", "sid", "#"), ("draft", "epoch", 2**31),
-    ("draft", "seq", 2**62), ("draft", "base", 32769), ("draft", "ts", -1.0),
-    ("draft", "q", [[[1], [1.5]], [[2], [0.5]]]), ("open", "prompt", []),
-    ("open", "stop", list(range(65))), ("open", "max_new", 0), ("open", "sampling", {"mode": "x"}),
-    ("open", "sampling", {"top_p": 0.0}), ("open", "sampling", {"temperature": 0.0}),
-    ("verdict", "kind", "maybe"), ("verdict", "acc", 257), ("verdict", "fin", "x" * 33),
-    ("verdict", "vid", "x" * 65), ("state", "status", "gone"), ("state", "owner", "x" * 65),
-    ("device_status", "state", "asleep"), ("device_status", "sessions", ["a/b"]),
-    ("device_status", "stats", {"a": "1"}), ("verifier_status", "sessions", -1),
-    ("text", "kind", "draft"), ("text", "text", 5), ("result", "verified", 1),
-    ("prompt", "prompt", ""), ("prompt", "session", "a#b"), ("prompt", "max_new_tokens", -1),
-    ("prompt", "chat", "yes"), ("close", "reason", "x" * 4097), ("draft", "v", 2),
-])
+@pytest.mark.parametrize(
+    ("tag", "key", "bad"),
+    [
+        ("draft", "tokens", [2**24]),
+        ("draft", "tokens", list(range(257))),
+        ("draft", "sid", "a/b"),
+        ("draft", "sid", "a+b"),
+        ("draft", "sid", "#"),
+        ("draft", "epoch", 2**31),
+        ("draft", "seq", 2**62),
+        ("draft", "base", 32769),
+        ("draft", "ts", -1.0),
+        ("draft", "q", [[[1], [1.5]], [[2], [0.5]]]),
+        ("open", "prompt", []),
+        ("open", "stop", list(range(65))),
+        ("open", "max_new", 0),
+        ("open", "sampling", {"mode": "x"}),
+        ("open", "sampling", {"top_p": 0.0}),
+        ("open", "sampling", {"temperature": 0.0}),
+        ("verdict", "kind", "maybe"),
+        ("verdict", "acc", 257),
+        ("verdict", "fin", "x" * 33),
+        ("verdict", "vid", "x" * 65),
+        ("state", "status", "gone"),
+        ("state", "owner", "x" * 65),
+        ("device_status", "state", "asleep"),
+        ("device_status", "sessions", ["a/b"]),
+        ("device_status", "stats", {"a": "1"}),
+        ("verifier_status", "sessions", -1),
+        ("text", "kind", "draft"),
+        ("text", "text", 5),
+        ("result", "verified", 1),
+        ("prompt", "prompt", ""),
+        ("prompt", "session", "a#b"),
+        ("prompt", "max_new_tokens", -1),
+        ("prompt", "chat", "yes"),
+        ("close", "reason", "x" * 4097),
+        ("draft", "v", 2),
+    ],
+)
 def test_code_and_schema_both_refuse(doc: dict[str, Any], tag: str, key: str, bad: Any) -> None:
     env = envelope(FULL[tag].encode()) | {key: bad}
     assert not _decodes(tag, env)

@@ -88,8 +88,7 @@ def test_a_devices_next_session_starts_from_what_its_last_one_taught() -> None:
         c.on_round("d1-s1", proposed=2, accepted=0, now=t + 0.5)
     learnt = c.model.device("d1-s1")
     assert learnt.device_id == "d1-s1" and learnt.rtt_s > 0.05 and learnt.alpha < 0.2
-    c.decide([Pending("d1-s1", Draft("d1-s1", 1, 31, 0, (1, 2)), arrived=40.0)], now=40.0,
-             idle=[])
+    c.decide([Pending("d1-s1", Draft("d1-s1", 1, 31, 0, (1, 2)), arrived=40.0)], now=40.0, idle=[])
     told = c.hint("d1-s1")
     c.forget("d1-s1")
     assert c.hint("d1-s1") == 0 and "d1-s1" not in c.model
@@ -134,8 +133,10 @@ def test_verify_cap_trims_one_long_draft_that_pads_every_row_when_tokens_are_dea
 
     def cost(cap: int) -> float:  # the rule, computed independently
         v = c.model.forward.predict(len(rows), cap + 1)
-        return sum((v + c.model.device(s).rtt_s) / c.model.device(s).expected_committed(min(cap, n))
-                   for s, n in rows)
+        return sum(
+            (v + c.model.device(s).rtt_s) / c.model.device(s).expected_committed(min(cap, n))
+            for s, n in rows
+        )
 
     assert cost(cap) == min(cost(k) for k in range(1, 9))
 

@@ -37,9 +37,16 @@ def tiny() -> LlamaForCausalLM:
     torch.manual_seed(0)
     # A large init range makes the random model's distributions peaked, so
     # argmax ties (which float reordering could flip) do not occur.
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5,
-                      max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.5,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -74,8 +81,16 @@ def test_policy_limit_and_hint() -> None:
 
 
 def test_policy_adapts_within_bounds() -> None:
-    cfg = PolicyConfig(threshold=0.4, min_len=1, max_len=4, max_len_cap=6, threshold_min=0.2,
-                       threshold_max=0.6, threshold_step=0.1, ema_alpha=0.5)
+    cfg = PolicyConfig(
+        threshold=0.4,
+        min_len=1,
+        max_len=4,
+        max_len_cap=6,
+        threshold_min=0.2,
+        threshold_max=0.6,
+        threshold_step=0.1,
+        ema_alpha=0.5,
+    )
     pol = DraftPolicy(cfg)
     for _ in range(10):
         pol.observe(4, 4)
@@ -98,11 +113,18 @@ def test_policy_not_adaptive_keeps_settings() -> None:
     assert (pol.max_len, pol.threshold) == (8, 0.4)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"metric": "nope"}, {"min_len": 0}, {"min_len": 5, "max_len": 4},
-    {"max_len": 20, "max_len_cap": 16}, {"threshold": 1.5}, {"ema_alpha": 0.0},
-    {"low": 0.9, "high": 0.5},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"metric": "nope"},
+        {"min_len": 0},
+        {"min_len": 5, "max_len": 4},
+        {"max_len": 20, "max_len_cap": 16},
+        {"threshold": 1.5},
+        {"ema_alpha": 0.0},
+        {"low": 0.9, "high": 0.5},
+    ],
+)
 def test_policy_config_rejects_bad_settings(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         PolicyConfig(**kwargs)  # type: ignore[arg-type]
@@ -200,8 +222,9 @@ def test_ngram_rejection_mode_reports_point_masses() -> None:
 
 
 def test_ngram_respects_max_tokens_and_policy_threshold() -> None:
-    d = NGramDrafter(3, DraftPolicy(PolicyConfig(threshold=0.9, min_len=1, max_len=8,
-                                                 adaptive=False)))
+    d = NGramDrafter(
+        3, DraftPolicy(PolicyConfig(threshold=0.9, min_len=1, max_len=8, adaptive=False))
+    )
     d.start([1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 9, 1], GREEDY)
     # Only the 1-gram "1" matches: confidence 1/3, below the threshold, so one token.
     p = d.propose([], [], 8, 0)
@@ -327,8 +350,12 @@ def test_hf_top_k_sampling_never_drafts_filtered_tokens(tiny: LlamaForCausalLM) 
 
 
 def test_hf_policy_threshold_stops_early(tiny: LlamaForCausalLM) -> None:
-    d = HFDrafter(tiny, policy=DraftPolicy(PolicyConfig(threshold=1.0, min_len=2, max_len=8,
-                                                        threshold_max=1.0, adaptive=False)))
+    d = HFDrafter(
+        tiny,
+        policy=DraftPolicy(
+            PolicyConfig(threshold=1.0, min_len=2, max_len=8, threshold_max=1.0, adaptive=False)
+        ),
+    )
     d.start(PROMPT, GREEDY)
     assert len(d.propose([], [], 8, 0).tokens) == 2  # nothing is certain: stop at min_len
     d.hint(1)
@@ -349,8 +376,10 @@ def test_quantization_error_decreases_with_bits() -> None:
     torch.manual_seed(1)
     w = torch.randn(64, 100)  # 100 is not a multiple of the group size: exercises padding
     for symmetric in (True, False):
-        errors = [float((quantize_tensor(w, b, 32, symmetric=symmetric) - w).pow(2).mean())
-                  for b in (2, 3, 4, 8)]
+        errors = [
+            float((quantize_tensor(w, b, 32, symmetric=symmetric) - w).pow(2).mean())
+            for b in (2, 3, 4, 8)
+        ]
         assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] / 100
 
 
@@ -378,8 +407,15 @@ def test_quantize_model_copies_and_keeps_untied_head(tiny: LlamaForCausalLM) -> 
 
 def test_quantize_model_tied_head_follows_embeddings() -> None:
     torch.manual_seed(3)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg).eval()
     emb = model.get_input_embeddings().weight.detach().clone()
     keep = quantize_model(model, 4)

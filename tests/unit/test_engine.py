@@ -42,9 +42,16 @@ def model() -> LlamaForCausalLM:
     torch.manual_seed(0)
     # A wide init spreads the logits, so greedy picks are not near-ties of a
     # uniform distribution (which would make any comparison meaningless).
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         initializer_range=0.3, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        max_position_embeddings=512,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -75,6 +82,7 @@ def full_forward_logits(model: LlamaForCausalLM, tokens: list[int], rows: int) -
 
 # -- a miniature verifier round ----------------------------------------------------
 
+
 @dataclass
 class Sess:
     key: str
@@ -94,8 +102,14 @@ def noisy_drafter(s: Sess, rnd: random.Random) -> list[int]:
     return draft
 
 
-def speculative_decode(engine: TargetEngine, sessions: list[Sess], params: SamplingParams,
-                       max_new: int, stop_ids: frozenset[int], seed: int = 0) -> int:
+def speculative_decode(
+    engine: TargetEngine,
+    sessions: list[Sess],
+    params: SamplingParams,
+    max_new: int,
+    stop_ids: frozenset[int],
+    seed: int = 0,
+) -> int:
     """Run rounds over random subsets of live sessions until all finish; returns the rounds."""
     rnd = random.Random(seed)
     rounds = 0
@@ -109,8 +123,9 @@ def speculative_decode(engine: TargetEngine, sessions: list[Sess], params: Sampl
             if params.mode == "greedy":
                 n, nxt = greedy_accept(d, lg.argmax(-1).tolist())
             else:
-                n, nxt = coupled_accept(d, process_logits(lg, params), params.seed,
-                                        len(s.generated))
+                n, nxt = coupled_accept(
+                    d, process_logits(lg, params), params.seed, len(s.generated)
+                )
             for token in [*d[:n], nxt]:
                 s.generated.append(token)
                 if token in stop_ids or len(s.generated) == max_new:
@@ -127,18 +142,22 @@ def speculative_decode(engine: TargetEngine, sessions: list[Sess], params: Sampl
 
 # -- numerics -----------------------------------------------------------------------
 
+
 def test_batched_verify_matches_unbatched_and_plain_forward(model: LlamaForCausalLM) -> None:
     drafts = [random_tokens(k, 100 + k) for k in (3, 0, 5, 2, 6, 1)]
     batched = TargetEngine(model).verify_batch(
-        [VerifyItem(i, p, d) for i, (p, d) in enumerate(zip(PROMPTS, drafts))])
+        [VerifyItem(i, p, d) for i, (p, d) in enumerate(zip(PROMPTS, drafts))]
+    )
     worst_alone = worst_full = 0.0
     for i, (p, d) in enumerate(zip(PROMPTS, drafts)):
         alone = TargetEngine(model).verify_batch([VerifyItem(i, p, d)])[0]
         full = full_forward_logits(model, p + d, len(d) + 1)
         worst_alone = max(worst_alone, assert_same_logits(batched[i], alone))
         worst_full = max(worst_full, assert_same_logits(alone, full))
-    print(f"tiny llama: max|batched - alone| = {worst_alone:.3g}, "
-          f"max|alone - full forward| = {worst_full:.3g}")
+    print(
+        f"tiny llama: max|batched - alone| = {worst_alone:.3g}, "
+        f"max|alone - full forward| = {worst_full:.3g}"
+    )
 
 
 def test_verify_matches_step_by_step_decoding_logits(model: LlamaForCausalLM) -> None:
@@ -173,8 +192,10 @@ def test_mixed_draft_lengths_split_into_forwards_by_width(model: LlamaForCausalL
     """Rows are grouped by draft length when that saves more padding than a forward costs;
     the logits come back in the items' order, equal to one padded forward's."""
     lengths = (1, 12, 0, 11, 1, 12)
-    items = [VerifyItem(i, PROMPTS[i % len(PROMPTS)], random_tokens(k, 50 + i))
-             for i, k in enumerate(lengths)]
+    items = [
+        VerifyItem(i, PROMPTS[i % len(PROMPTS)], random_tokens(k, 50 + i))
+        for i, k in enumerate(lengths)
+    ]
     one = TargetEngine(model, forward_overhead_tokens=10_000)  # never splits
     split = TargetEngine(model, forward_overhead_tokens=4)
     for engine in (one, split):
@@ -191,12 +212,20 @@ def test_mixed_draft_lengths_split_into_forwards_by_width(model: LlamaForCausalL
 
 # -- lossless decoding --------------------------------------------------------------
 
-def generate_greedy(model: LlamaForCausalLM, prompt: list[int], max_new: int,
-                    eos: int | None) -> list[int]:
+
+def generate_greedy(
+    model: LlamaForCausalLM, prompt: list[int], max_new: int, eos: int | None
+) -> list[int]:
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos or 0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new,
+        eos_token_id=eos,
+        pad_token_id=eos or 0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_reference_greedy_equals_generate(model: LlamaForCausalLM) -> None:
@@ -213,10 +242,12 @@ def test_reference_sample_follows_coupled_choice_and_is_seeded(model: LlamaForCa
     params = SamplingParams(mode="coupled", seed=11, temperature=0.8)
     a = reference_sample(model, PROMPTS[0], 16, (), params)
     assert a == reference_sample(model, PROMPTS[0], 16, (), params)
-    assert a != reference_sample(model, PROMPTS[0], 16, (), SamplingParams(mode="coupled", seed=12,
-                                                                         temperature=0.8))
+    assert a != reference_sample(
+        model, PROMPTS[0], 16, (), SamplingParams(mode="coupled", seed=12, temperature=0.8)
+    )
     assert reference_sample(model, PROMPTS[0], 16, (), SamplingParams()) == reference_greedy(
-        model, PROMPTS[0], 16)
+        model, PROMPTS[0], 16
+    )
     # Resuming at a generated position continues the same sequence.
     assert reference_sample(model, PROMPTS[0] + a[:5], 11, (), params, start_position=5) == a[5:]
 
@@ -253,6 +284,7 @@ def test_speculative_coupled_equals_reference_sample(model: LlamaForCausalLM, bu
 
 
 # -- cache bookkeeping ---------------------------------------------------------------
+
 
 def test_cache_follows_the_authoritative_context(model: LlamaForCausalLM) -> None:
     engine = TargetEngine(model)
@@ -308,9 +340,16 @@ def qwen2(**kw: Any) -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         initializer_range=0.3, **kw)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        **kw,
+    )
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -338,14 +377,18 @@ def test_verify_batch_rejects_bad_items(model: LlamaForCausalLM) -> None:
 
 # -- loading -------------------------------------------------------------------------
 
+
 def make_tokenizer(words: Sequence[str]) -> Any:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *words])}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
-                                   unk_token="<unk>", eos_token="<eos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+        unk_token="<unk>",
+        eos_token="<eos>",
+    )
 
 
 def test_tokenizer_fingerprint_is_stable_and_vocab_sensitive() -> None:

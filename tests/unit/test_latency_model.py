@@ -156,8 +156,11 @@ def test_invalid_observations_are_ignored() -> None:
     model.observe_rtt("d", -1.0)
     model.observe_turnaround("d", 5.0, 4.0, 3)
     est = model.device("d")
-    assert (est.alpha, est.rtt_s, est.draft_s) == (model.priors.alpha, model.priors.rtt_s,
-                                                   model.priors.draft_s)
+    assert (est.alpha, est.rtt_s, est.draft_s) == (
+        model.priors.alpha,
+        model.priors.rtt_s,
+        model.priors.draft_s,
+    )
 
 
 def test_forget_and_the_device_bound() -> None:
@@ -173,8 +176,9 @@ def test_forget_and_the_device_bound() -> None:
     assert model.device("b").rtt_s == model.priors.rtt_s
 
 
-@pytest.mark.parametrize("kwargs", [{"rtt_s": -1.0}, {"alpha": 1.0}, {"alpha": 0.0},
-                                    {"alpha_strength": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"rtt_s": -1.0}, {"alpha": 1.0}, {"alpha": 0.0}, {"alpha_strength": 0.0}]
+)
 def test_invalid_priors_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         LatencyPriors(**kwargs)  # type: ignore[arg-type]
@@ -221,8 +225,14 @@ def test_forward_model_recovers_coefficients_from_noisy_observations() -> None:
 def test_forward_coefficients_stay_non_negative() -> None:
     fm = ForwardModel()
     # time falls with rows at fixed tokens: unconstrained least squares would give b < 0
-    for rows, tokens, s in [(1, 4, 0.050), (2, 4, 0.049), (4, 4, 0.048), (8, 4, 0.047),
-                            (1, 8, 0.051), (8, 8, 0.048)]:
+    for rows, tokens, s in [
+        (1, 4, 0.050),
+        (2, 4, 0.049),
+        (4, 4, 0.048),
+        (8, 4, 0.047),
+        (1, 8, 0.051),
+        (8, 8, 0.048),
+    ]:
         fm.observe(rows, tokens, s)
     co = fm.coefficients()
     assert min(co.a, co.b, co.c) >= 0.0

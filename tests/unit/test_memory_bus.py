@@ -45,12 +45,20 @@ async def test_publish_subscribe_with_metadata(broker: InMemoryBroker) -> None:
     async with InMemoryBus(broker, "a") as a, InMemoryBus(broker, "b") as b:
         async with b.subscribe(T.all_sessions("draft")) as sub:
             topic = T.session("d1", "s1", "draft")
-            await a.publish(topic, b"x", qos=1, content_type="application/msgpack", expiry=30.0,
-                            user_properties={"trace": "t1"}, correlation=b"c1")
+            await a.publish(
+                topic,
+                b"x",
+                qos=1,
+                content_type="application/msgpack",
+                expiry=30.0,
+                user_properties={"trace": "t1"},
+                correlation=b"c1",
+            )
             await a.publish(T.session("d1", "s1", "verdict"), b"not for sub")
             msg = await sub.get(timeout=5)
-            assert msg == BusMessage(topic, b"x", 1, False, "application/msgpack", 30.0,
-                                     {"trace": "t1"}, b"c1")
+            assert msg == BusMessage(
+                topic, b"x", 1, False, "application/msgpack", 30.0, {"trace": "t1"}, b"c1"
+            )
             assert drain(sub) == []
 
 
@@ -66,8 +74,11 @@ async def test_async_for_and_delivered_count(broker: InMemoryBroker) -> None:
 
 
 async def test_fan_out_to_every_matching_subscription(broker: InMemoryBroker) -> None:
-    async with InMemoryBus(broker, "pub") as pub, InMemoryBus(broker, "c1") as c1, \
-            InMemoryBus(broker, "c2") as c2:
+    async with (
+        InMemoryBus(broker, "pub") as pub,
+        InMemoryBus(broker, "c1") as c1,
+        InMemoryBus(broker, "c2") as c2,
+    ):
         s1 = await c1.subscribe("mw/v1/session/+/+/text")
         s2 = await c1.subscribe("mw/v1/session/d1/s1/#")
         s3 = await c2.subscribe("mw/v1/#")
@@ -187,8 +198,11 @@ async def test_two_share_groups_each_round_robin(broker: InMemoryBroker) -> None
 
 
 async def test_shared_member_that_leaves_gets_nothing(broker: InMemoryBroker) -> None:
-    async with InMemoryBus(broker, "dev") as dev, InMemoryBus(broker, "v1") as v1, \
-            InMemoryBus(broker, "v2") as v2:
+    async with (
+        InMemoryBus(broker, "dev") as dev,
+        InMemoryBus(broker, "v1") as v1,
+        InMemoryBus(broker, "v2") as v2,
+    ):
         keep = await v1.subscribe(T.shared_open())
         s_a = await v2.subscribe(T.shared_open())
         s_b = await v2.subscribe(T.shared_open())  # the same filter twice on one client

@@ -14,8 +14,9 @@ from middleware.errors import BusError
 text = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=40)
 
 
-def paho_reference(content_type: str | None, expiry: int | None,
-                   user: dict[str, str], corr: bytes | None) -> bytes:
+def paho_reference(
+    content_type: str | None, expiry: int | None, user: dict[str, str], corr: bytes | None
+) -> bytes:
     ref = Properties(PacketTypes.PUBLISH)
     if content_type is not None:
         ref.ContentType = content_type
@@ -29,8 +30,12 @@ def paho_reference(content_type: str | None, expiry: int | None,
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.none() | text, st.none() | st.integers(1, 2**32 - 1),
-       st.dictionaries(text, text, max_size=4), st.none() | st.binary(max_size=40))
+@given(
+    st.none() | text,
+    st.none() | st.integers(1, 2**32 - 1),
+    st.dictionaries(text, text, max_size=4),
+    st.none() | st.binary(max_size=40),
+)
 def test_packed_properties_equal_paho(content_type, expiry, user, corr) -> None:
     mine = publish_properties(content_type, expiry, user, corr)
     if content_type is None and expiry is None and not user and corr is None:

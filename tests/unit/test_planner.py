@@ -31,8 +31,16 @@ from middleware.verifier.planner import (
 )
 
 
-def teach(model: LatencyModel, device: str, *, rtt: float, draft: float, alpha: float,
-          rounds: int = 400, seed: int = 0) -> None:
+def teach(
+    model: LatencyModel,
+    device: str,
+    *,
+    rtt: float,
+    draft: float,
+    alpha: float,
+    rounds: int = 400,
+    seed: int = 0,
+) -> None:
     """Feed a device's link, drafter and acceptance into the model."""
     rng = random.Random(f"{seed}/{device}")
     for _ in range(40):
@@ -60,8 +68,13 @@ FWD = ForwardCoefficients(a=0.025, b=0.001, c=0.0004)
 
 
 def test_longer_k_for_high_acceptance_and_slow_links_shorter_for_low_acceptance() -> None:
-    model = model_with(FWD, far_good=(0.200, 0.006, 0.9), near_good=(0.010, 0.006, 0.9),
-                       near_poor=(0.010, 0.006, 0.3), far_poor=(0.200, 0.006, 0.3))
+    model = model_with(
+        FWD,
+        far_good=(0.200, 0.006, 0.9),
+        near_good=(0.010, 0.006, 0.9),
+        near_poor=(0.010, 0.006, 0.3),
+        far_poor=(0.200, 0.006, 0.3),
+    )
     # the near devices are in; the far ones come in their own, later batch
     waiting = [WaitingDraft(d, 4) for d in ("near_good", "near_poor")]
     expected = [ExpectedArrival(d, 0.19, 4) for d in ("far_good", "far_poor")]
@@ -87,17 +100,30 @@ def test_a_larger_forward_fixed_cost_lengthens_k() -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(
-    fleet=st.lists(st.tuples(st.floats(0.0, 0.5), st.floats(0.0, 0.1), st.floats(0.01, 0.99),
-                             st.integers(0, 20), st.floats(-0.05, 0.3), st.booleans()),
-                   min_size=1, max_size=24),
+    fleet=st.lists(
+        st.tuples(
+            st.floats(0.0, 0.5),
+            st.floats(0.0, 0.1),
+            st.floats(0.01, 0.99),
+            st.integers(0, 20),
+            st.floats(-0.05, 0.3),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=24,
+    ),
     k_max=st.integers(1, 16),
     max_wait=st.floats(0.0, 0.1),
     objective=st.sampled_from(["latency", "throughput"]),
     forward=st.tuples(st.floats(0.0, 0.2), st.floats(0.0, 0.01), st.floats(0.0, 0.005)),
 )
-def test_plans_are_well_formed(fleet: list[tuple[float, float, float, int, float, bool]],
-                               k_max: int, max_wait: float, objective: str,
-                               forward: tuple[float, float, float]) -> None:
+def test_plans_are_well_formed(
+    fleet: list[tuple[float, float, float, int, float, bool]],
+    k_max: int,
+    max_wait: float,
+    objective: str,
+    forward: tuple[float, float, float],
+) -> None:
     model = LatencyModel(LatencyPriors(forward=ForwardCoefficients(*forward)), alpha_decay=1.0)
     waiting, expected = [], []
     for i, (rtt, draft, alpha, n, t, present) in enumerate(fleet):
@@ -109,8 +135,13 @@ def test_plans_are_well_formed(fleet: list[tuple[float, float, float, int, float
             waiting.append(WaitingDraft(dev, n, max(0.0, t)))
         else:
             expected.append(ExpectedArrival(dev, t, n))
-    cfg = PlannerConfig(objective=objective, k_max=k_max, max_wait_s=max_wait,  # type: ignore[arg-type]
-                        latency_target_s=0.05, max_batch=8)
+    cfg = PlannerConfig(
+        objective=objective,
+        k_max=k_max,
+        max_wait_s=max_wait,  # type: ignore[arg-type]
+        latency_target_s=0.05,
+        max_batch=8,
+    )
     plan = JointPlanner(cfg).plan(waiting, expected, model)
     assert set(plan.k) == {f"d{i}" for i in range(len(fleet))}
     assert all(1 <= k <= k_max for k in plan.k.values())
@@ -129,8 +160,11 @@ def test_plans_are_well_formed(fleet: list[tuple[float, float, float, int, float
 
 
 def test_does_not_wait_for_a_slow_device_when_waiting_costs_more_than_it_saves() -> None:
-    model = model_with(ForwardCoefficients(0.005, 0.001, 0.0001),
-                       fast=(0.005, 0.005, 0.7), slow=(0.100, 0.020, 0.7))
+    model = model_with(
+        ForwardCoefficients(0.005, 0.001, 0.0001),
+        fast=(0.005, 0.005, 0.7),
+        slow=(0.100, 0.020, 0.7),
+    )
     waiting = [WaitingDraft("fast", 4)]
     expected = [ExpectedArrival("slow", 0.015, 4)]
     plan = JointPlanner(PlannerConfig(max_wait_s=0.05)).plan(waiting, expected, model)
@@ -140,16 +174,21 @@ def test_does_not_wait_for_a_slow_device_when_waiting_costs_more_than_it_saves()
 
 
 def test_waits_for_an_imminent_arrival_when_a_forward_is_dear() -> None:
-    model = model_with(ForwardCoefficients(0.080, 0.001, 0.0001),
-                       fast=(0.005, 0.005, 0.7), slow=(0.100, 0.020, 0.7))
+    model = model_with(
+        ForwardCoefficients(0.080, 0.001, 0.0001),
+        fast=(0.005, 0.005, 0.7),
+        slow=(0.100, 0.020, 0.7),
+    )
     plan = JointPlanner(PlannerConfig(max_wait_s=0.05)).plan(
-        [WaitingDraft("fast", 4)], [ExpectedArrival("slow", 0.001, 4)], model)
+        [WaitingDraft("fast", 4)], [ExpectedArrival("slow", 0.001, 4)], model
+    )
     assert plan.batch == () and plan.wait_s == pytest.approx(0.001)
 
 
 def test_never_waits_past_max_wait() -> None:
-    model = model_with(ForwardCoefficients(0.080, 0.001, 0.0001), a=(0.01, 0.01, 0.7),
-                       b=(0.01, 0.01, 0.7))
+    model = model_with(
+        ForwardCoefficients(0.080, 0.001, 0.0001), a=(0.01, 0.01, 0.7), b=(0.01, 0.01, 0.7)
+    )
     planner = JointPlanner(PlannerConfig(max_wait_s=0.010))
     # b is due in 1 ms but a has waited 9.5 ms already: at most 0.5 ms more
     plan = planner.plan([WaitingDraft("a", 4, 0.0095)], [ExpectedArrival("b", 0.001, 4)], model)
@@ -162,22 +201,27 @@ def test_zero_max_wait_never_waits() -> None:
     model = model_with(ForwardCoefficients(0.200, 0.001, 0.0001))
     plan = JointPlanner(PlannerConfig(max_wait_s=0.0)).plan(
         [WaitingDraft("a", 4)],
-        [ExpectedArrival("b", 0.0005, 4), ExpectedArrival("c", 0.0015, 4)], model)
+        [ExpectedArrival("b", 0.0005, 4), ExpectedArrival("c", 0.0015, 4)],
+        model,
+    )
     assert plan.batch == ("a",)
 
 
 def test_throughput_objective_fills_batches_within_the_latency_target() -> None:
-    model = model_with(ForwardCoefficients(0.030, 0.001, 0.0002),
-                       a=(0.010, 0.005, 0.7), b=(0.010, 0.005, 0.7))
+    model = model_with(
+        ForwardCoefficients(0.030, 0.001, 0.0002), a=(0.010, 0.005, 0.7), b=(0.010, 0.005, 0.7)
+    )
     waiting, expected = [WaitingDraft("a", 4)], [ExpectedArrival("b", 0.030, 4)]
     latency = JointPlanner(PlannerConfig(max_wait_s=0.05))
     assert latency.plan(waiting, expected, model).batch == ("a",)  # go now: the wait outweighs
-    loose = JointPlanner(PlannerConfig(objective="throughput", latency_target_s=0.06,
-                                       max_wait_s=0.05))
+    loose = JointPlanner(
+        PlannerConfig(objective="throughput", latency_target_s=0.06, max_wait_s=0.05)
+    )
     plan = loose.plan(waiting, expected, model)
     assert plan.batch == () and plan.wait_s == pytest.approx(0.030)  # one forward, not two
-    tight = JointPlanner(PlannerConfig(objective="throughput", latency_target_s=0.03,
-                                       max_wait_s=0.05))
+    tight = JointPlanner(
+        PlannerConfig(objective="throughput", latency_target_s=0.03, max_wait_s=0.05)
+    )
     assert tight.plan(waiting, expected, model).batch == ("a",)  # waiting would break the target
 
 
@@ -206,10 +250,17 @@ def test_duplicate_waiting_devices_are_refused() -> None:
         JointPlanner().plan([WaitingDraft("x", 4), WaitingDraft("x", 2)], [], model_with(FWD))
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"objective": "speed"}, {"objective": "throughput"}, {"k_max": 0}, {"max_batch": 0},
-    {"max_wait_s": -1.0}, {"min_eta_s": 0.0},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"objective": "speed"},
+        {"objective": "throughput"},
+        {"k_max": 0},
+        {"max_batch": 0},
+        {"max_wait_s": -1.0},
+        {"min_eta_s": 0.0},
+    ],
+)
 def test_invalid_config_is_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         PlannerConfig(**kwargs)
@@ -229,13 +280,15 @@ def test_max_batch_planner_waits_for_everyone_or_max_wait() -> None:
     model = model_with(FWD)
     planner = MaxBatchPlanner(4, max_wait_s=0.02)
     waiting = [WaitingDraft("a", 4, 0.005)]
-    plan = planner.plan(waiting, [ExpectedArrival("b", 0.004, 4), ExpectedArrival("c", 0.03, 4)],
-                        model)
+    plan = planner.plan(
+        waiting, [ExpectedArrival("b", 0.004, 4), ExpectedArrival("c", 0.03, 4)], model
+    )
     assert plan.batch == () and plan.wait_s == pytest.approx(0.015)  # max_wait, not c's eta
     plan = planner.plan(waiting, [ExpectedArrival("b", 0.004, 4)], model)
     assert plan.batch == () and plan.wait_s == pytest.approx(0.004)
-    assert planner.plan([WaitingDraft("a", 4, 0.02)], [ExpectedArrival("b", 0.004, 4)],
-                        model).batch == ("a",)
+    assert planner.plan(
+        [WaitingDraft("a", 4, 0.02)], [ExpectedArrival("b", 0.004, 4)], model
+    ).batch == ("a",)
     assert planner.plan(waiting, [], model).batch == ("a",)
 
 
@@ -278,8 +331,14 @@ class SimResult:
     per_token_s: dict[str, float]
 
 
-def simulate(planner: Planner, fleet: tuple[SimDevice, ...] = FLEET, *, horizon_s: float = 30.0,
-             k0: int = 4, seed: int = 1) -> SimResult:
+def simulate(
+    planner: Planner,
+    fleet: tuple[SimDevice, ...] = FLEET,
+    *,
+    horizon_s: float = 30.0,
+    k0: int = 4,
+    seed: int = 1,
+) -> SimResult:
     """Discrete-event simulation: devices draft, send, get verdicts; the verifier follows the plan.
 
     Device i drafts ``k`` tokens (``k * draft_s``), the draft arrives after
@@ -307,8 +366,10 @@ def simulate(planner: Planner, fleet: tuple[SimDevice, ...] = FLEET, *, horizon_
         if state["busy"] or not waiting:
             return
         w = [WaitingDraft(d, n, now - at) for d, (at, n) in waiting.items()]
-        e = [ExpectedArrival(d, sent + model.device(d).turnaround_s(k) - now, k)
-             for d, (sent, k) in outstanding.items()]
+        e = [
+            ExpectedArrival(d, sent + model.device(d).turnaround_s(k) - now, k)
+            for d, (sent, k) in outstanding.items()
+        ]
         p = planner.plan(w, e, model)
         hints.update(p.k)
         if p.batch:
@@ -355,8 +416,9 @@ def simulate(planner: Planner, fleet: tuple[SimDevice, ...] = FLEET, *, horizon_
                 push(t + rtt + k * d.draft_s, "arrive", (dev, k))
             plan(t)
     per_token = {d: horizon_s / max(1, n) for d, n in tokens.items()}
-    return SimResult(sum(per_token.values()) / len(per_token),
-                     sum(tokens.values()) / horizon_s, per_token)
+    return SimResult(
+        sum(per_token.values()) / len(per_token), sum(tokens.values()) / horizon_s, per_token
+    )
 
 
 @pytest.fixture(scope="module")
@@ -370,15 +432,15 @@ def test_simulation_is_deterministic() -> None:
     assert simulate(JointPlanner(), horizon_s=3.0, seed=2) != first
 
 
-BASELINES: list[tuple[str, Planner]] = (
-    [(f"uniform-{k}", UniformPlanner(k)) for k in (1, 2, 3, 4, 6, 8, 12, 16)]
-    + [(f"max-batch-{k}", MaxBatchPlanner(k, max_wait_s=0.02)) for k in (2, 4, 8)]
-)
+BASELINES: list[tuple[str, Planner]] = [
+    (f"uniform-{k}", UniformPlanner(k)) for k in (1, 2, 3, 4, 6, 8, 12, 16)
+] + [(f"max-batch-{k}", MaxBatchPlanner(k, max_wait_s=0.02)) for k in (2, 4, 8)]
 
 
 @pytest.mark.parametrize(("name", "baseline"), BASELINES, ids=[n for n, _ in BASELINES])
 def test_joint_planner_beats_the_baselines_on_a_heterogeneous_fleet(
-        joint_result: SimResult, name: str, baseline: Planner) -> None:
+    joint_result: SimResult, name: str, baseline: Planner
+) -> None:
     # Figures (30 s simulated, seed 1), mean over devices of seconds per committed token:
     # joint 0.05067; uniform k=1,2,3,4,6,8,12,16: 0.07479 0.06365 0.06049 0.06082 0.06589
     # 0.07111 0.08580 0.10343; max-batch k=2,4,8: 0.06388 0.06214 0.07383.

@@ -35,8 +35,11 @@ from middleware.protocol.status import STATES
 from middleware.protocol.text import CHUNK_KINDS
 
 L = DEFAULT_LIMITS
-PROPS = settings(max_examples=150, deadline=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPS = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # --- strategies for valid values -------------------------------------------------------
 
@@ -58,20 +61,33 @@ def floats(lo: float, hi: float) -> st.SearchStrategy[float]:
     return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
 
 
-stats = st.dictionaries(st.text(chars, max_size=64),
-                        st.floats(allow_nan=False, allow_infinity=False), max_size=8)
+stats = st.dictionaries(
+    st.text(chars, max_size=64), st.floats(allow_nan=False, allow_infinity=False), max_size=8
+)
 
 sampling = st.builds(
-    SamplingParams, mode=st.sampled_from(MODES), seed=st.integers(0, (1 << 63) - 1),
-    temperature=floats(1e-4, 100.0), top_k=st.integers(0, 1 << 20),
+    SamplingParams,
+    mode=st.sampled_from(MODES),
+    seed=st.integers(0, (1 << 63) - 1),
+    temperature=floats(1e-4, 100.0),
+    top_k=st.integers(0, 1 << 20),
     top_p=floats(0.0, 1.0).filter(lambda p: p > 0.0),
 )
 
 opens = st.builds(
-    OpenSession, session_id=ids, device_id=ids, epoch=epochs, seq=seqs, tokenizer=short_text,
-    prompt=tokens(64, min_size=1), committed=tokens(64), sampling=sampling,
-    max_new_tokens=st.integers(1, L.max_context_tokens), stop_ids=tokens(64),
-    drafter=short_text, sent_at=floats(0.0, 1e16),
+    OpenSession,
+    session_id=ids,
+    device_id=ids,
+    epoch=epochs,
+    seq=seqs,
+    tokenizer=short_text,
+    prompt=tokens(64, min_size=1),
+    committed=tokens(64),
+    sampling=sampling,
+    max_new_tokens=st.integers(1, L.max_context_tokens),
+    stop_ids=tokens(64),
+    drafter=short_text,
+    sent_at=floats(0.0, 1e16),
 )
 
 
@@ -93,9 +109,17 @@ def drafts(draw: st.DrawFn) -> Draft:
     q: tuple[SparseDist, ...] = ()
     if toks and len(toks) <= 8 and draw(st.booleans()):
         q = tuple(draw(sparse_dist()) for _ in toks)
-    return Draft(session_id=draw(ids), epoch=draw(epochs), seq=draw(seqs), base=draw(ctx),
-                 tokens=toks, q=q, sent_at=draw(floats(0.0, 1e16)),
-                 think_ms=draw(floats(0.0, 3.6e6)), token_ms=draw(floats(0.0, 3.6e6)))
+    return Draft(
+        session_id=draw(ids),
+        epoch=draw(epochs),
+        seq=draw(seqs),
+        base=draw(ctx),
+        tokens=toks,
+        q=q,
+        sent_at=draw(floats(0.0, 1e16)),
+        think_ms=draw(floats(0.0, 3.6e6)),
+        token_ms=draw(floats(0.0, 3.6e6)),
+    )
 
 
 @st.composite
@@ -105,50 +129,100 @@ def verdicts(draw: st.DrawFn) -> Verdict:
     base = draw(st.integers(0, L.max_context_tokens - len(toks)))
     clen = base + len(toks) if kind in ("accept", "catchup") else draw(ctx)
     return Verdict(
-        session_id=draw(ids), epoch=draw(epochs), seq=draw(seqs), kind=kind, base=base,
-        accepted=draw(st.integers(0, L.max_draft_tokens)), tokens=toks, committed_len=clen,
-        done=draw(st.booleans()), finish_reason=draw(st.sampled_from(("", "stop", "length"))),
-        reason=draw(short_text), next_len=draw(st.integers(0, L.max_draft_tokens)),
-        verifier_id=draw(st.text(chars, max_size=64)), echo_ts=draw(floats(0.0, 1e16)),
+        session_id=draw(ids),
+        epoch=draw(epochs),
+        seq=draw(seqs),
+        kind=kind,
+        base=base,
+        accepted=draw(st.integers(0, L.max_draft_tokens)),
+        tokens=toks,
+        committed_len=clen,
+        done=draw(st.booleans()),
+        finish_reason=draw(st.sampled_from(("", "stop", "length"))),
+        reason=draw(short_text),
+        next_len=draw(st.integers(0, L.max_draft_tokens)),
+        verifier_id=draw(st.text(chars, max_size=64)),
+        echo_ts=draw(floats(0.0, 1e16)),
         lossy=draw(st.booleans()),
     )
 
 
 states = st.builds(
-    SessionState, session_id=ids, device_id=ids, epoch=epochs, owner=st.text(chars, max_size=64),
-    status=st.sampled_from(("open", "done", "closed")), committed=tokens(128), prompt_len=ctx,
-    finish_reason=st.text(chars, max_size=32), updated_at=floats(0.0, 1e12),
+    SessionState,
+    session_id=ids,
+    device_id=ids,
+    epoch=epochs,
+    owner=st.text(chars, max_size=64),
+    status=st.sampled_from(("open", "done", "closed")),
+    committed=tokens(128),
+    prompt_len=ctx,
+    finish_reason=st.text(chars, max_size=32),
+    updated_at=floats(0.0, 1e12),
 )
 closes = st.builds(CloseSession, session_id=ids, epoch=epochs, seq=seqs, reason=short_text)
 device_statuses = st.builds(
-    DeviceStatus, device_id=ids, state=st.sampled_from(STATES), drafter=short_text,
-    tokenizer=short_text, sessions=st.lists(ids, max_size=8).map(tuple), stats=stats,
+    DeviceStatus,
+    device_id=ids,
+    state=st.sampled_from(STATES),
+    drafter=short_text,
+    tokenizer=short_text,
+    sessions=st.lists(ids, max_size=8).map(tuple),
+    stats=stats,
     at=floats(0.0, 1e12),
 )
 verifier_statuses = st.builds(
-    VerifierStatus, verifier_id=ids, state=st.sampled_from(STATES), model=short_text,
-    tokenizer=short_text, sessions=st.integers(0, 1 << 30), stats=stats, at=floats(0.0, 1e12),
+    VerifierStatus,
+    verifier_id=ids,
+    state=st.sampled_from(STATES),
+    model=short_text,
+    tokenizer=short_text,
+    sessions=st.integers(0, 1 << 30),
+    stats=stats,
+    at=floats(0.0, 1e12),
 )
 text_chunks = st.builds(
-    TextChunk, session_id=ids, device_id=ids, seq=st.integers(0, 1 << 62),
-    kind=st.sampled_from(CHUNK_KINDS), pos=ctx, n_tokens=ctx, text=st.text(chars, max_size=200),
-    final=st.booleans(), lossy=st.booleans(),
+    TextChunk,
+    session_id=ids,
+    device_id=ids,
+    seq=st.integers(0, 1 << 62),
+    kind=st.sampled_from(CHUNK_KINDS),
+    pos=ctx,
+    n_tokens=ctx,
+    text=st.text(chars, max_size=200),
+    final=st.booleans(),
+    lossy=st.booleans(),
 )
 results = st.builds(
-    Result, session_id=ids, device_id=ids, text=st.text(chars, max_size=200), n_tokens=ctx,
-    finish_reason=st.text(chars, max_size=32), verified=st.booleans(), stats=stats,
+    Result,
+    session_id=ids,
+    device_id=ids,
+    text=st.text(chars, max_size=200),
+    n_tokens=ctx,
+    finish_reason=st.text(chars, max_size=32),
+    verified=st.booleans(),
+    stats=stats,
     lossy=st.booleans(),
 )
 prompt_text = st.text(chars, min_size=1, max_size=200).filter(lambda s: s.strip() != "")
 prompts = st.builds(
-    PromptRequest, prompt=prompt_text, session_id=st.none() | ids,
-    max_new_tokens=st.none() | st.integers(1, L.max_context_tokens), chat=st.booleans(),
+    PromptRequest,
+    prompt=prompt_text,
+    session_id=st.none() | ids,
+    max_new_tokens=st.none() | st.integers(1, L.max_context_tokens),
+    chat=st.booleans(),
 )
 
 STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
-    "open": opens, "draft": drafts(), "verdict": verdicts(), "state": states, "close": closes,
-    "device_status": device_statuses, "verifier_status": verifier_statuses, "text": text_chunks,
-    "result": results, "prompt": prompts,
+    "open": opens,
+    "draft": drafts(),
+    "verdict": verdicts(),
+    "state": states,
+    "close": closes,
+    "device_status": device_statuses,
+    "verifier_status": verifier_statuses,
+    "text": text_chunks,
+    "result": results,
+    "prompt": prompts,
 }
 MSGPACK_TYPES = {"open", "draft", "verdict", "state", "close"}
 any_message = st.one_of(*STRATEGIES.values())
@@ -228,17 +302,68 @@ def test_json_integers_for_float_fields_compare_equal() -> None:
 # --- wire field names (the AsyncAPI document mirrors these) --------------------------
 
 WIRE_KEYS = {
-    "open": {"v", "t", "sid", "dev", "epoch", "seq", "tok", "prompt", "committed", "sampling",
-             "max_new", "stop", "drafter", "ts"},
+    "open": {
+        "v",
+        "t",
+        "sid",
+        "dev",
+        "epoch",
+        "seq",
+        "tok",
+        "prompt",
+        "committed",
+        "sampling",
+        "max_new",
+        "stop",
+        "drafter",
+        "ts",
+    },
     "draft": {"v", "t", "sid", "epoch", "seq", "base", "tokens", "ts"},
-    "verdict": {"v", "t", "sid", "epoch", "seq", "kind", "base", "acc", "tokens", "clen", "done",
-                "fin", "reason", "next", "vid", "ts", "lossy"},
+    "verdict": {
+        "v",
+        "t",
+        "sid",
+        "epoch",
+        "seq",
+        "kind",
+        "base",
+        "acc",
+        "tokens",
+        "clen",
+        "done",
+        "fin",
+        "reason",
+        "next",
+        "vid",
+        "ts",
+        "lossy",
+    },
     "state": {"v", "t", "sid", "dev", "epoch", "owner", "status", "committed", "plen", "fin", "at"},
     "close": {"v", "t", "sid", "epoch", "seq", "reason"},
-    "device_status": {"v", "t", "device", "state", "online", "drafter", "tokenizer", "sessions",
-                      "stats", "at"},
-    "verifier_status": {"v", "t", "verifier", "state", "online", "model", "tokenizer", "sessions",
-                        "stats", "at"},
+    "device_status": {
+        "v",
+        "t",
+        "device",
+        "state",
+        "online",
+        "drafter",
+        "tokenizer",
+        "sessions",
+        "stats",
+        "at",
+    },
+    "verifier_status": {
+        "v",
+        "t",
+        "verifier",
+        "state",
+        "online",
+        "model",
+        "tokenizer",
+        "sessions",
+        "stats",
+        "at",
+    },
     "text": {"v", "t", "session", "device", "seq", "kind", "pos", "n", "text", "final", "lossy"},
     "result": {"v", "t", "session", "device", "text", "n", "fin", "verified", "stats", "lossy"},
     "prompt": {"v", "t", "prompt", "chat"},
@@ -250,8 +375,9 @@ WIRE_KEYS = {
 def test_wire_field_names_are_stable(msg: Any) -> None:
     data = msg.encode()
     env = msgpack.unpackb(data, raw=False) if msg.TYPE in MSGPACK_TYPES else json.loads(data)
-    optional = {"draft": {"q", "think", "tms"},
-                "prompt": {"session", "max_new_tokens"}}.get(msg.TYPE, set())
+    optional = {"draft": {"q", "think", "tms"}, "prompt": {"session", "max_new_tokens"}}.get(
+        msg.TYPE, set()
+    )
     assert WIRE_KEYS[msg.TYPE] <= set(env) <= WIRE_KEYS[msg.TYPE] | optional
     if msg.TYPE == "open":
         assert set(env["sampling"]) == {"mode", "seed", "temperature", "top_k", "top_p"}
@@ -277,8 +403,18 @@ def test_status_online_flag_follows_state() -> None:
 
 
 def test_open_defaults_when_optional_fields_absent() -> None:
-    raw = msgpack.packb({"v": 1, "t": "open", "sid": "s", "dev": "d", "epoch": 0, "seq": 0,
-                         "tok": "fp", "prompt": [1, 2]})
+    raw = msgpack.packb(
+        {
+            "v": 1,
+            "t": "open",
+            "sid": "s",
+            "dev": "d",
+            "epoch": 0,
+            "seq": 0,
+            "tok": "fp",
+            "prompt": [1, 2],
+        }
+    )
     out = decode(raw)
     assert out == OpenSession("s", "d", 0, 0, "fp", (1, 2))
     assert out.sampling == SamplingParams()
@@ -289,44 +425,48 @@ def test_sampling_mode_defaults_to_greedy() -> None:
 
 
 def test_verdict_minimal() -> None:
-    raw = msgpack.packb({"v": 1, "t": "verdict", "sid": "s", "epoch": 1, "seq": 2,
-                         "kind": "resync"})
+    raw = msgpack.packb(
+        {"v": 1, "t": "verdict", "sid": "s", "epoch": 1, "seq": 2, "kind": "resync"}
+    )
     assert decode(raw) == Verdict("s", 1, 2, "resync")
 
 
 # --- constructor validation ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [
-    lambda: OpenSession("s", "d", 0, 0, "t", ()),                       # empty prompt
-    lambda: OpenSession("s/x", "d", 0, 0, "t", (1,)),                   # id with '/'
-    lambda: OpenSession("s", "d+", 0, 0, "t", (1,)),                    # id with '+'
-    lambda: OpenSession("s", "d", -1, 0, "t", (1,)),                    # negative epoch
-    lambda: OpenSession("s", "d", 0, 0, "t", (1,), max_new_tokens=0),
-    lambda: Draft("#", 0, 0, 0, (1,)),
-    lambda: Draft("s", 0, 0, -1, (1,)),                                 # negative base
-    lambda: Draft("s", 0, 0, 0, (1, 2), q=(SparseDist((1,), (1.0,)),)),  # q per token
-    lambda: SparseDist((), ()),
-    lambda: SparseDist((1, 2), (0.5,)),
-    lambda: SparseDist((1, 2), (0.9, 0.9)),                             # sums above 1
-    lambda: Verdict("s", 0, 0, "maybe"),                                # type: ignore[arg-type]
-    lambda: Verdict("s", 0, 0, "accept", base=3, tokens=(1,), committed_len=5),
-    lambda: Verdict("s", 0, 0, "catchup", base=-1, tokens=(1,), committed_len=0),
-    lambda: SessionState("s", "d", 0, "v", "gone", ()),                 # type: ignore[arg-type]
-    lambda: CloseSession("", 0, 0),
-    lambda: DeviceStatus("d", "asleep"),                                # type: ignore[arg-type]
-    lambda: VerifierStatus("", "online"),
-    lambda: TextChunk("s", "d", 0, "draft", 0, 0, "x"),                 # type: ignore[arg-type]
-    lambda: Result("s", "d d", "x", 1, "stop", True),
-    lambda: PromptRequest("   "),
-    lambda: PromptRequest("hi", session_id="a/b"),
-    lambda: PromptRequest("hi", max_new_tokens=0),
-    lambda: SamplingParams(mode="beam"),                                # type: ignore[arg-type]
-    lambda: SamplingParams(temperature=0.0),
-    lambda: SamplingParams(top_p=0.0),
-    lambda: SamplingParams(top_k=-1),
-    lambda: SamplingParams(seed=1 << 63),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: OpenSession("s", "d", 0, 0, "t", ()),  # empty prompt
+        lambda: OpenSession("s/x", "d", 0, 0, "t", (1,)),  # id with '/'
+        lambda: OpenSession("s", "d+", 0, 0, "t", (1,)),  # id with '+'
+        lambda: OpenSession("s", "d", -1, 0, "t", (1,)),  # negative epoch
+        lambda: OpenSession("s", "d", 0, 0, "t", (1,), max_new_tokens=0),
+        lambda: Draft("#", 0, 0, 0, (1,)),
+        lambda: Draft("s", 0, 0, -1, (1,)),  # negative base
+        lambda: Draft("s", 0, 0, 0, (1, 2), q=(SparseDist((1,), (1.0,)),)),  # q per token
+        lambda: SparseDist((), ()),
+        lambda: SparseDist((1, 2), (0.5,)),
+        lambda: SparseDist((1, 2), (0.9, 0.9)),  # sums above 1
+        lambda: Verdict("s", 0, 0, "maybe"),  # type: ignore[arg-type]
+        lambda: Verdict("s", 0, 0, "accept", base=3, tokens=(1,), committed_len=5),
+        lambda: Verdict("s", 0, 0, "catchup", base=-1, tokens=(1,), committed_len=0),
+        lambda: SessionState("s", "d", 0, "v", "gone", ()),  # type: ignore[arg-type]
+        lambda: CloseSession("", 0, 0),
+        lambda: DeviceStatus("d", "asleep"),  # type: ignore[arg-type]
+        lambda: VerifierStatus("", "online"),
+        lambda: TextChunk("s", "d", 0, "draft", 0, 0, "x"),  # type: ignore[arg-type]
+        lambda: Result("s", "d d", "x", 1, "stop", True),
+        lambda: PromptRequest("   "),
+        lambda: PromptRequest("hi", session_id="a/b"),
+        lambda: PromptRequest("hi", max_new_tokens=0),
+        lambda: SamplingParams(mode="beam"),  # type: ignore[arg-type]
+        lambda: SamplingParams(temperature=0.0),
+        lambda: SamplingParams(top_p=0.0),
+        lambda: SamplingParams(top_k=-1),
+        lambda: SamplingParams(seed=1 << 63),
+    ],
+)
 def test_constructors_validate(make: Any) -> None:
     with pytest.raises(ProtocolError):
         make()
@@ -341,26 +481,48 @@ def _draft_env(**over: Any) -> dict[str, Any]:
     return env
 
 
-@pytest.mark.parametrize("over", [
-    {"tokens": list(range(L.max_draft_tokens + 1))},
-    {"tokens": [L.max_token_id + 1]},
-    {"tokens": [-1]},
-    {"tokens": [True]},
-    {"tokens": [1.0]},
-    {"tokens": "abc"},
-    {"sid": "a/b"}, {"sid": "a+b"}, {"sid": "a#"}, {"sid": ""}, {"sid": "x" * 65}, {"sid": 5},
-    {"epoch": MAX_EPOCH + 1}, {"epoch": -1}, {"epoch": 1.5}, {"epoch": True},
-    {"seq": MAX_SEQ + 1}, {"base": L.max_context_tokens + 1},
-    {"ts": float("nan")}, {"ts": float("inf")}, {"ts": -1.0}, {"ts": "now"},
-    {"q": [[[1], [0.5]], [[2], [0.5]]]},        # two distributions for one token
-    {"q": [[[1], [float("nan")]]]},
-    {"q": [[[1], [1.5]]]},
-    {"q": [[[1, 2], [0.7, 0.7]]]},
-    {"q": [[[1], [0.5], [0.5]]]},
-    {"q": "x"},
-    {"v": 2}, {"v": 0}, {"v": "1"}, {"v": True}, {"v": 1.0}, {"v": None},
-    {"t": "nope"}, {"t": 1}, {"t": "x" * 33},
-])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"tokens": list(range(L.max_draft_tokens + 1))},
+        {"tokens": [L.max_token_id + 1]},
+        {"tokens": [-1]},
+        {"tokens": [True]},
+        {"tokens": [1.0]},
+        {"tokens": "abc"},
+        {"sid": "a/b"},
+        {"sid": "a+b"},
+        {"sid": "a#"},
+        {"sid": ""},
+        {"sid": "x" * 65},
+        {"sid": 5},
+        {"epoch": MAX_EPOCH + 1},
+        {"epoch": -1},
+        {"epoch": 1.5},
+        {"epoch": True},
+        {"seq": MAX_SEQ + 1},
+        {"base": L.max_context_tokens + 1},
+        {"ts": float("nan")},
+        {"ts": float("inf")},
+        {"ts": -1.0},
+        {"ts": "now"},
+        {"q": [[[1], [0.5]], [[2], [0.5]]]},  # two distributions for one token
+        {"q": [[[1], [float("nan")]]]},
+        {"q": [[[1], [1.5]]]},
+        {"q": [[[1, 2], [0.7, 0.7]]]},
+        {"q": [[[1], [0.5], [0.5]]]},
+        {"q": "x"},
+        {"v": 2},
+        {"v": 0},
+        {"v": "1"},
+        {"v": True},
+        {"v": 1.0},
+        {"v": None},
+        {"t": "nope"},
+        {"t": 1},
+        {"t": "x" * 33},
+    ],
+)
 def test_draft_decode_rejects(over: dict[str, Any]) -> None:
     env = _draft_env(**over)
     with pytest.raises(ProtocolError):
@@ -402,8 +564,17 @@ def test_payload_bounds() -> None:
 
 def test_open_context_bound() -> None:
     half = L.max_context_tokens // 2 + 1
-    env = {"v": 1, "t": "open", "sid": "s", "dev": "d", "epoch": 0, "seq": 0, "tok": "x",
-           "prompt": [1] * half, "committed": [1] * half}
+    env = {
+        "v": 1,
+        "t": "open",
+        "sid": "s",
+        "dev": "d",
+        "epoch": 0,
+        "seq": 0,
+        "tok": "x",
+        "prompt": [1] * half,
+        "committed": [1] * half,
+    }
     with pytest.raises(ProtocolError, match="max_context_tokens"):
         decode(msgpack.packb(env))
 
@@ -419,15 +590,25 @@ def test_expect_filters_types() -> None:
 
 def test_stats_must_be_finite_numbers() -> None:
     base = b'{"v":1,"t":"device_status","device":"d","state":"online","stats":'
-    for bad in (b'{"a":NaN}', b'{"a":Infinity}', b'{"a":-Infinity}', b'{"a":"1"}',
-                b'{"a":true}', b'[1]', b'{"a":1e999}', b'{"a":' + b"9" * 400 + b"}"):
+    for bad in (
+        b'{"a":NaN}',
+        b'{"a":Infinity}',
+        b'{"a":-Infinity}',
+        b'{"a":"1"}',
+        b'{"a":true}',
+        b"[1]",
+        b'{"a":1e999}',
+        b'{"a":' + b"9" * 400 + b"}",
+    ):
         with pytest.raises(ProtocolError):
             decode(base + bad + b"}")
 
 
 def test_lone_surrogate_in_json_string_is_rejected() -> None:
-    raw = (b'{"v":1,"t":"text","session":"s","device":"d","seq":0,"kind":"verified",'
-           b'"pos":0,"n":0,"text":"\\ud800"}')
+    raw = (
+        b'{"v":1,"t":"text","session":"s","device":"d","seq":0,"kind":"verified",'
+        b'"pos":0,"n":0,"text":"\\ud800"}'
+    )
     with pytest.raises(ProtocolError, match="Unicode"):
         decode(raw)
     ok = raw.replace(b"\\ud800", b"\\ud83d\\ude00")  # a valid surrogate pair is fine
@@ -468,13 +649,24 @@ def test_parse_examples() -> None:
     assert PromptRequest.parse("héllo wörld".encode()) == PromptRequest("héllo wörld")
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"   \n\t", b"\xff\xfe", b"{not json", b'{"prompt": ""}', b'{"prompt": 5}',
-    b'{"session": "s"}', b'{"prompt": "x", "session": "a/b"}',
-    b'{"prompt": "x", "max_new_tokens": -3}', b'{"prompt": "x", "max_new_tokens": "7"}',
-    b'{"prompt": "x", "chat": "yes"}', b'{"prompt": "\\udc00"}',
-    b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}",  # deeper than the recursion limit
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"   \n\t",
+        b"\xff\xfe",
+        b"{not json",
+        b'{"prompt": ""}',
+        b'{"prompt": 5}',
+        b'{"session": "s"}',
+        b'{"prompt": "x", "session": "a/b"}',
+        b'{"prompt": "x", "max_new_tokens": -3}',
+        b'{"prompt": "x", "max_new_tokens": "7"}',
+        b'{"prompt": "x", "chat": "yes"}',
+        b'{"prompt": "\\udc00"}',
+        b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}",  # deeper than the recursion limit
+    ],
+)
 def test_parse_rejects(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         PromptRequest.parse(data)

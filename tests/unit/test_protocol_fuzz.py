@@ -38,28 +38,70 @@ from middleware.protocol import (
 )
 
 L = DEFAULT_LIMITS
-FUZZ = settings(max_examples=400, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 CORPUS: list[Any] = [
     OpenSession("s-1", "pi-1", 0, 0, "sha:abc", (1, 2, 3)),
-    OpenSession("sess.2", "dev:2", 3, 17, "fp", (5,) * 20, committed=(9, 8, 7),
-                sampling=SamplingParams("coupled", seed=42, temperature=0.7, top_k=40, top_p=0.9),
-                max_new_tokens=64, stop_ids=(2,), drafter="ngram", sent_at=1.7e12),
+    OpenSession(
+        "sess.2",
+        "dev:2",
+        3,
+        17,
+        "fp",
+        (5,) * 20,
+        committed=(9, 8, 7),
+        sampling=SamplingParams("coupled", seed=42, temperature=0.7, top_k=40, top_p=0.9),
+        max_new_tokens=64,
+        stop_ids=(2,),
+        drafter="ngram",
+        sent_at=1.7e12,
+    ),
     Draft("s-1", 0, 1, 3, (10, 11, 12, 13), sent_at=12.5),
     Draft("s-1", 1, 2, 0, (4, 5), q=(SparseDist((4, 6), (0.6, 0.3)), SparseDist((5,), (0.99,)))),
     Draft("s-1", 0, 0, 0, ()),
-    Verdict("s-1", 0, 1, "accept", base=3, accepted=2, tokens=(10, 11, 99), committed_len=6,
-            next_len=4, verifier_id="v-1", echo_ts=12.5),
+    Verdict(
+        "s-1",
+        0,
+        1,
+        "accept",
+        base=3,
+        accepted=2,
+        tokens=(10, 11, 99),
+        committed_len=6,
+        next_len=4,
+        verifier_id="v-1",
+        echo_ts=12.5,
+    ),
     Verdict("s-1", 0, 1, "catchup", base=0, tokens=(1, 2), committed_len=2),
     Verdict("s-1", 0, 1, "resync", reason="unknown session", committed_len=9),
-    Verdict("s-1", 2, 5, "accept", base=1, tokens=(3,), committed_len=2, done=True,
-            finish_reason="stop", lossy=True),
+    Verdict(
+        "s-1",
+        2,
+        5,
+        "accept",
+        base=1,
+        tokens=(3,),
+        committed_len=2,
+        done=True,
+        finish_reason="stop",
+        lossy=True,
+    ),
     SessionState("s-1", "pi-1", 0, "v-1", "open", (1, 2, 3), prompt_len=5, updated_at=1.7e9),
     SessionState("s-1", "pi-1", 4, "v-2", "done", (), finish_reason="length"),
     CloseSession("s-1", 0, 9, reason="done"),
-    DeviceStatus("pi-1", "online", drafter="ngram", tokenizer="fp", sessions=("s-1", "s-2"),
-                 stats={"acceptance_rate": 0.75, "rounds": 12.0}, at=1.7e9),
+    DeviceStatus(
+        "pi-1",
+        "online",
+        drafter="ngram",
+        tokenizer="fp",
+        sessions=("s-1", "s-2"),
+        stats={"acceptance_rate": 0.75, "rounds": 12.0},
+        at=1.7e9,
+    ),
     DeviceStatus("pi-1", "offline"),
     VerifierStatus("v-1", "degraded", model="smollm2", sessions=3, stats={"x": -1.5}),
     TextChunk("s-1", "pi-1", 0, "verified", 0, 3, "Hello, wörld \u2603"),
@@ -101,8 +143,19 @@ def test_corpus_is_valid() -> None:
 
 # --- random bytes ------------------------------------------------------------------------------
 
-_HEADS = [b"", b"\x80", b"\x82", b"\x8f", b"\xde\x00\x10", b"\xdf\x00\x00\x00\x03", b"{",
-          b'{"v":1,', b'{"v":1,"t":"', b"\x82\xa1v\x01\xa1t", b"\x83\xa1v\x01\xa1t\xa5draft"]
+_HEADS = [
+    b"",
+    b"\x80",
+    b"\x82",
+    b"\x8f",
+    b"\xde\x00\x10",
+    b"\xdf\x00\x00\x00\x03",
+    b"{",
+    b'{"v":1,',
+    b'{"v":1,"t":"',
+    b"\x82\xa1v\x01\xa1t",
+    b"\x83\xa1v\x01\xa1t\xa5draft",
+]
 
 
 def test_random_bytes_seeded() -> None:
@@ -146,13 +199,32 @@ def _insert(rng: random.Random, b: bytearray) -> bytearray:
 
 def _delete(rng: random.Random, b: bytearray) -> bytearray:
     i = rng.randrange(len(b))
-    return b[:i] + b[i + rng.randint(1, 8):]
+    return b[:i] + b[i + rng.randint(1, 8) :]
 
 
 def _byte_set(rng: random.Random, b: bytearray) -> bytearray:
     i = rng.randrange(len(b))
-    b[i] = rng.choice([0x00, 0x7F, 0x80, 0xC0, 0xC1, 0xC4, 0xCB, 0xCF, 0xD3, 0xDC, 0xDD, 0xDE,
-                       0xDF, 0xFF, ord("{"), ord('"'), ord("\\")])
+    b[i] = rng.choice(
+        [
+            0x00,
+            0x7F,
+            0x80,
+            0xC0,
+            0xC1,
+            0xC4,
+            0xCB,
+            0xCF,
+            0xD3,
+            0xDC,
+            0xDD,
+            0xDE,
+            0xDF,
+            0xFF,
+            ord("{"),
+            ord('"'),
+            ord("\\"),
+        ]
+    )
     return b
 
 
@@ -163,7 +235,12 @@ def _splice(rng: random.Random, b: bytearray) -> bytearray:
 
 
 BYTE_MUTATORS: list[Callable[[random.Random, bytearray], bytearray]] = [
-    _bitflip, _truncate, _insert, _delete, _byte_set, _splice,
+    _bitflip,
+    _truncate,
+    _insert,
+    _delete,
+    _byte_set,
+    _splice,
 ]
 
 
@@ -205,12 +282,54 @@ def _deep(depth: int, leaf: Any = 0, as_map: bool = False) -> Any:
 
 
 NASTY: list[Any] = [
-    None, True, False, 0, -1, 1, 2**31, 2**62, 2**63 - 1, -(2**63), 2**64 - 1,
-    float("nan"), float("inf"), float("-inf"), -0.0, 1e308, 5e-324, 0.5,
-    "", "x", "a/b", "a+b", "#", "+", "$share", "x" * 65, "x" * 5000, "\u0000", "é" * 70,
-    b"", b"bytes", [], [1], [-1], [2**24], [True], [1.0], ["1"], [[1, 2], [0.5, 0.5]],
-    {}, {"a": 1}, {"": float("nan")}, {"mode": "greedy"}, list(range(300)),
-    _deep(200), _deep(200, as_map=True), _deep(400), msgpack.ExtType(5, b"xx"),
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2**31,
+    2**62,
+    2**63 - 1,
+    -(2**63),
+    2**64 - 1,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    -0.0,
+    1e308,
+    5e-324,
+    0.5,
+    "",
+    "x",
+    "a/b",
+    "a+b",
+    "#",
+    "+",
+    "$share",
+    "x" * 65,
+    "x" * 5000,
+    "\u0000",
+    "é" * 70,
+    b"",
+    b"bytes",
+    [],
+    [1],
+    [-1],
+    [2**24],
+    [True],
+    [1.0],
+    ["1"],
+    [[1, 2], [0.5, 0.5]],
+    {},
+    {"a": 1},
+    {"": float("nan")},
+    {"mode": "greedy"},
+    list(range(300)),
+    _deep(200),
+    _deep(200, as_map=True),
+    _deep(400),
+    msgpack.ExtType(5, b"xx"),
     msgpack.Timestamp(1, 2),
 ]
 
@@ -278,19 +397,56 @@ def test_structure_mutations_hypothesis(seed: bytes, r: int) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 
 @settings(FUZZ, max_examples=200)
-@given(st.sampled_from(sorted(MESSAGE_TYPES)), st.dictionaries(
-    st.sampled_from(["sid", "dev", "device", "verifier", "session", "epoch", "seq", "base",
-                     "tokens", "q", "kind", "clen", "prompt", "committed", "stats", "sessions",
-                     "state", "status", "text", "n", "pos", "sampling", "ts", "at", "tok", "acc",
-                     "verified", "max_new_tokens", "chat", "fin", "owner"]),
-    json_values, max_size=12))
+@given(
+    st.sampled_from(sorted(MESSAGE_TYPES)),
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "sid",
+                "dev",
+                "device",
+                "verifier",
+                "session",
+                "epoch",
+                "seq",
+                "base",
+                "tokens",
+                "q",
+                "kind",
+                "clen",
+                "prompt",
+                "committed",
+                "stats",
+                "sessions",
+                "state",
+                "status",
+                "text",
+                "n",
+                "pos",
+                "sampling",
+                "ts",
+                "at",
+                "tok",
+                "acc",
+                "verified",
+                "max_new_tokens",
+                "chat",
+                "fin",
+                "owner",
+            ]
+        ),
+        json_values,
+        max_size=12,
+    ),
+)
 def test_random_bodies_under_every_tag(tag: str, body: dict[str, Any]) -> None:
     env = {"v": 1, "t": tag, **body}
     try:
@@ -316,15 +472,29 @@ def _raises(data: bytes, limits: Limits = L) -> None:
 
 def test_deep_nesting() -> None:
     for depth in (10, 500, 1000, 5000, 100_000):
-        _raises(b"\x91" * depth + b"\x00")                                  # bare arrays
-        _raises(b"\x82\xa1v\x01\xa1t" + b"\x91" * depth + b"\x00")          # as the type tag
+        _raises(b"\x91" * depth + b"\x00")  # bare arrays
+        _raises(b"\x82\xa1v\x01\xa1t" + b"\x91" * depth + b"\x00")  # as the type tag
         _raises(b'{"v":1,"t":"draft","tokens":' + b"[" * depth + b"]" * depth + b"}")
-        _raises(b'{"v":' + b"[" * depth)                                    # unterminated
-        _raises(b'{"v":1,"t":"prompt","prompt":"x","session":' + b'{"a":' * depth + b"1"
-                + b"}" * depth + b"}")
+        _raises(b'{"v":' + b"[" * depth)  # unterminated
+        _raises(
+            b'{"v":1,"t":"prompt","prompt":"x","session":'
+            + b'{"a":' * depth
+            + b"1"
+            + b"}" * depth
+            + b"}"
+        )
     for depth in (100, 500):  # msgpack's packer stops at 512 levels
-        for seed, key in ((3, "sid"), (3, "tokens"), (1, "sampling"), (3, "q"), (3, "v"),
-                          (3, "t"), (12, "stats"), (12, "sessions"), (1, "prompt")):
+        for seed, key in (
+            (3, "sid"),
+            (3, "tokens"),
+            (1, "sampling"),
+            (3, "q"),
+            (3, "v"),
+            (3, "t"),
+            (12, "stats"),
+            (12, "sessions"),
+            (1, "prompt"),
+        ):
             for leaf in (0, "x", 1.5):
                 for value in (_deep(depth, leaf), _deep(depth, leaf, as_map=True)):
                     if key == "sampling":  # unknown keys inside sampling are ignored
@@ -342,8 +512,11 @@ def test_huge_ints() -> None:
         _raises(b'{"v":' + n + b',"t":"close","sid":"s","epoch":0,"seq":0}')
         _raises(b'{"v":1,"t":"verifier_status","verifier":"v","state":"online","at":' + n + b"}")
         if digits > 308:  # beyond float range: no finite stat value
-            _raises(b'{"v":1,"t":"device_status","device":"d","state":"online","stats":{"a":'
-                    + n + b"}}")
+            _raises(
+                b'{"v":1,"t":"device_status","device":"d","state":"online","stats":{"a":'
+                + n
+                + b"}}"
+            )
     for big in (2**63, 2**64 - 1, -(2**63)):
         env = _env(SEEDS[2]) | {"seq": big}
         _raises(msgpack.packb(env))
@@ -353,10 +526,16 @@ def test_huge_ints() -> None:
 
 def test_nan_and_inf() -> None:
     for tok in (b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999"):
-        _raises(b'{"v":1,"t":"draft","sid":"s","epoch":0,"seq":0,"base":0,"tokens":[],"ts":'
-                + tok + b"}")
-        _raises(b'{"v":1,"t":"verifier_status","verifier":"v","state":"online","stats":{"a":'
-                + tok + b"}}")
+        _raises(
+            b'{"v":1,"t":"draft","sid":"s","epoch":0,"seq":0,"base":0,"tokens":[],"ts":'
+            + tok
+            + b"}"
+        )
+        _raises(
+            b'{"v":1,"t":"verifier_status","verifier":"v","state":"online","stats":{"a":'
+            + tok
+            + b"}}"
+        )
         _raises(b'{"v":' + tok + b',"t":"close","sid":"s","epoch":0,"seq":0}')
     for x in (float("nan"), float("inf"), float("-inf")):
         for key in ("ts", "epoch", "base"):
@@ -381,8 +560,12 @@ def test_wrong_schema_version_and_unknown_tag() -> None:
 
 def test_oversize_payload() -> None:
     pad = "x" * (L.max_payload + 10)
-    _raises(TextChunk("s", "d", 0, "verified", 0, 1, "x").encode()[:-1] + b',"p":"' + pad.encode()
-            + b'"}')
+    _raises(
+        TextChunk("s", "d", 0, "verified", 0, 1, "x").encode()[:-1]
+        + b',"p":"'
+        + pad.encode()
+        + b'"}'
+    )
     _raises(b"\xc4" + bytes(L.max_payload + 5))
     for data in SEEDS:
         tight = Limits(max_payload=len(data) - 1)
@@ -413,16 +596,29 @@ def test_too_many_tokens_and_out_of_range_ids() -> None:
     _raises(json.dumps(ds | {"stats": {str(i): 1 for i in range(65)}}).encode())
 
 
-@pytest.mark.parametrize("bad", ["a/b", "a+b", "a#b", "/", "+", "#", "$SYS", "a b", "", "-x",
-                                 "x" * 65, "é", "a\u0000", "a\n"])
+@pytest.mark.parametrize(
+    "bad",
+    ["a/b", "a+b", "a#b", "/", "+", "#", "$SYS", "a b", "", "-x", "x" * 65, "é", "a\u0000", "a\n"],
+)
 def test_ids_with_topic_characters(bad: str) -> None:
     """Ids land in topic levels: '/', '+', '#' and friends must never pass."""
-    for data, keys in ((SEEDS[0], ("sid", "dev")), (SEEDS[2], ("sid",)), (SEEDS[5], ("sid",)),
-                       (SEEDS[9], ("sid", "dev")), (SEEDS[11], ("sid",))):
+    for data, keys in (
+        (SEEDS[0], ("sid", "dev")),
+        (SEEDS[2], ("sid",)),
+        (SEEDS[5], ("sid",)),
+        (SEEDS[9], ("sid", "dev")),
+        (SEEDS[11], ("sid",)),
+    ):
         for key in keys:
             _raises(msgpack.packb(_env(data) | {key: bad}))
-    for data, key in ((SEEDS[12], "device"), (SEEDS[14], "verifier"), (SEEDS[15], "session"),
-                      (SEEDS[15], "device"), (SEEDS[17], "session"), (SEEDS[19], "session")):
+    for data, key in (
+        (SEEDS[12], "device"),
+        (SEEDS[14], "verifier"),
+        (SEEDS[15], "session"),
+        (SEEDS[15], "device"),
+        (SEEDS[17], "session"),
+        (SEEDS[19], "session"),
+    ):
         _raises(json.dumps(_env(data) | {key: bad}).encode())
     _raises(json.dumps(_env(SEEDS[12]) | {"sessions": ["ok", bad]}).encode())
     with pytest.raises(ProtocolError):

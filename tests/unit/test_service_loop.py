@@ -38,19 +38,34 @@ def draft_model() -> torch.nn.Module:
     return noisy_copy(seed=0)
 
 
-async def _run(target, factory, sampling: SamplingParams, prompts, max_new: int = 24,
-               memory_budget: int = 65536, relaxed: RelaxedAcceptance | None = None,
-               texts: list | None = None, batch: BatchConfig | None = None):
+async def _run(
+    target,
+    factory,
+    sampling: SamplingParams,
+    prompts,
+    max_new: int = 24,
+    memory_budget: int = 65536,
+    relaxed: RelaxedAcceptance | None = None,
+    texts: list | None = None,
+    batch: BatchConfig | None = None,
+):
     broker = InMemoryBroker()
     engine = TargetEngine(target, memory_budget_tokens=memory_budget)
     vcfg = VerifierConfig(verifier_id="v1", relaxed=relaxed, batch=batch or BatchConfig())
     async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "d") as dbus:
         verifier = VerifierService(vbus, engine, tokenizer_fingerprint="tiny", config=vcfg)
-        node = NodeService(dbus, tokenizer=TinyTokenizer(), tokenizer_fp="tiny", drafter_factory=factory,
-                           drafter_name="test",
-                           config=NodeConfig(device_id="dev-1", max_concurrent=len(prompts),
-                                             session=SessionConfig(max_new_tokens=max_new,
-                                                                   sampling=sampling, stop_ids=(EOS,))))
+        node = NodeService(
+            dbus,
+            tokenizer=TinyTokenizer(),
+            tokenizer_fp="tiny",
+            drafter_factory=factory,
+            drafter_name="test",
+            config=NodeConfig(
+                device_id="dev-1",
+                max_concurrent=len(prompts),
+                session=SessionConfig(max_new_tokens=max_new, sampling=sampling, stop_ids=(EOS,)),
+            ),
+        )
         if texts is not None:
             node.on_text = texts.append
         async with asyncio.TaskGroup() as tg:
@@ -58,8 +73,12 @@ async def _run(target, factory, sampling: SamplingParams, prompts, max_new: int 
             nt = tg.create_task(node.run())
             await verifier.ready.wait()
             await node.ready.wait()
-            outs = await asyncio.wait_for(asyncio.gather(*(
-                node.generate_ids(p, session_id=f"s{i}") for i, p in enumerate(prompts))), 120)
+            outs = await asyncio.wait_for(
+                asyncio.gather(
+                    *(node.generate_ids(p, session_id=f"s{i}") for i, p in enumerate(prompts))
+                ),
+                120,
+            )
             vt.cancel()
             nt.cancel()
     return outs, verifier
@@ -67,7 +86,9 @@ async def _run(target, factory, sampling: SamplingParams, prompts, max_new: int 
 
 @pytest.mark.parametrize("kind", ["ngram", "hf"])
 async def test_greedy_equals_target_only(target, draft_model, kind: str) -> None:
-    factory = (lambda: make_drafter("ngram")) if kind == "ngram" else (lambda: HFDrafter(draft_model))
+    factory = (
+        (lambda: make_drafter("ngram")) if kind == "ngram" else (lambda: HFDrafter(draft_model))
+    )
     outs, verifier = await _run(target, factory, SamplingParams(), PROMPTS)
     for p, o in zip(PROMPTS, outs, strict=True):
         assert list(o.tokens) == reference_greedy(target, p, 24, (EOS,))
@@ -92,8 +113,9 @@ async def test_coupled_sampling_equals_target_only_sampling(target, draft_model)
 
 
 async def test_eviction_rebuilds_sessions_by_prefill(target, draft_model) -> None:
-    outs, verifier = await _run(target, lambda: HFDrafter(draft_model), SamplingParams(), PROMPTS,
-                                memory_budget=24)
+    outs, verifier = await _run(
+        target, lambda: HFDrafter(draft_model), SamplingParams(), PROMPTS, memory_budget=24
+    )
     assert verifier.engine.evictions > 0
     for p, o in zip(PROMPTS, outs, strict=True):
         assert list(o.tokens) == reference_greedy(target, p, 24, (EOS,))
@@ -104,8 +126,9 @@ async def test_relaxed_mode_is_lossy_and_says_so_everywhere(target, draft_model)
     result of the session is marked lossy; the lossless default is never marked."""
     texts: list = []
     rule = RelaxedAcceptance(ratio=0.05, confidence=1.0)  # very loose: deviations are certain
-    outs, verifier = await _run(target, lambda: HFDrafter(draft_model), SamplingParams(), PROMPTS,
-                                relaxed=rule, texts=texts)
+    outs, verifier = await _run(
+        target, lambda: HFDrafter(draft_model), SamplingParams(), PROMPTS, relaxed=rule, texts=texts
+    )
     m = verifier.metrics
     assert m.lossy.get() == 1.0 and m.relaxed.total() > 0
     refs = [reference_greedy(target, p, 24, (EOS,)) for p in PROMPTS]
@@ -115,8 +138,9 @@ async def test_relaxed_mode_is_lossy_and_says_so_everywhere(target, draft_model)
     assert verifier.status().stats["lossy_mode"] == 1.0
 
     plain: list = []
-    outs, verifier = await _run(target, lambda: HFDrafter(draft_model), SamplingParams(), PROMPTS,
-                                texts=plain)
+    outs, verifier = await _run(
+        target, lambda: HFDrafter(draft_model), SamplingParams(), PROMPTS, texts=plain
+    )
     assert [list(o.tokens) for o in outs] == refs
     assert plain and not any(t.lossy for t in plain)
     assert verifier.metrics.lossy.get() == 0.0 and verifier.metrics.relaxed.total() == 0
@@ -126,9 +150,13 @@ async def test_planned_policy_stays_lossless_and_sends_length_hints(target, draf
     """Speculation control on: batches and draft lengths come from the planner; the output is
     still the target's own, and devices receive (and honour) the planner's hints."""
     hints: list[int] = []
-    outs, verifier = await _run(target, lambda: _Recording(draft_model, hints),
-                                SamplingParams(), PROMPTS,
-                                batch=BatchConfig(policy="planned", window=0.02))
+    outs, verifier = await _run(
+        target,
+        lambda: _Recording(draft_model, hints),
+        SamplingParams(),
+        PROMPTS,
+        batch=BatchConfig(policy="planned", window=0.02),
+    )
     for p, o in zip(PROMPTS, outs, strict=True):
         assert list(o.tokens) == reference_greedy(target, p, 24, (EOS,))
     control = verifier.control

@@ -64,8 +64,9 @@ def verify(unit_text: str, name: str, tmp: Path) -> subprocess.CompletedProcess[
     assert MW_CLI in unit_text
     path = tmp / name
     path.write_text(unit_text.replace(MW_CLI, str(stub)))
-    return subprocess.run([_analyze(), "verify", str(path)], capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [_analyze(), "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def instance_name(unit: str) -> str:
@@ -82,8 +83,9 @@ def test_unit_file_passes_systemd_analyze_verify(unit: str, tmp_path: Path) -> N
 def test_gpu_variant_passes_systemd_analyze_verify(unit: str, tmp_path: Path) -> None:
     """The commented GPU block, switched on as its comment says."""
     text = (UNITS / unit).read_text()
-    gpu = re.findall(r"^#((?:PrivateDevices|DevicePolicy|DeviceAllow|SupplementaryGroups)=.*)$",
-                     text, flags=re.M)
+    gpu = re.findall(
+        r"^#((?:PrivateDevices|DevicePolicy|DeviceAllow|SupplementaryGroups)=.*)$", text, flags=re.M
+    )
     assert "PrivateDevices=no" in gpu and any(g.startswith("DeviceAllow=") for g in gpu)
     text = text.replace("\nPrivateDevices=yes\n", "\n" + "\n".join(gpu) + "\n")
     done = verify(text, instance_name(unit), tmp_path)
@@ -102,10 +104,19 @@ def test_verify_reports_a_broken_unit(tmp_path: Path) -> None:
 def test_unit_runs_as_a_notify_service_with_watchdog_and_sandbox(unit: str) -> None:
     d = directives((UNITS / unit).read_text())
     single = {k: v[-1] for k, v in d.items()}
-    expected = {"Type": "notify", "NotifyAccess": "main", "WatchdogSec": "30s",
-                "Restart": "on-failure", "DynamicUser": "yes", "NoNewPrivileges": "yes",
-                "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-                "PrivateDevices": "yes", "CapabilityBoundingSet": ""}
+    expected = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "WatchdogSec": "30s",
+        "Restart": "on-failure",
+        "DynamicUser": "yes",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "CapabilityBoundingSet": "",
+    }
     assert {k: single.get(k) for k in expected} == expected
     assert single["ExecStart"].startswith(MW_CLI + " ")
     assert single["StateDirectory"].startswith("mw/")
@@ -156,7 +167,10 @@ def test_notify_sends_to_a_path_socket(notify_socket, monkeypatch: pytest.Monkey
     assert systemd.notify_stopping() is True
     assert systemd.notify_status("draining") is True
     assert [sock.recv(4096).decode() for _ in range(3)] == [
-        "READY=1\nSTATUS=serving 0 sessions", "STOPPING=1", "STATUS=draining"]
+        "READY=1\nSTATUS=serving 0 sessions",
+        "STOPPING=1",
+        "STATUS=draining",
+    ]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets are Linux-only")
@@ -175,14 +189,17 @@ def test_notify_failure_is_reported_not_raised(tmp_path: Path) -> None:
     assert systemd.notify("READY=1", env={"NOTIFY_SOCKET": "vsock:2:1234"}) is False
 
 
-@pytest.mark.parametrize(("env", "want"), [
-    ({}, None),
-    ({"WATCHDOG_USEC": "30000000"}, 30.0),
-    ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": str(os.getpid())}, 0.5),
-    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),  # meant for another process
-    ({"WATCHDOG_USEC": "0"}, None),
-    ({"WATCHDOG_USEC": "soon"}, None),
-])
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        ({}, None),
+        ({"WATCHDOG_USEC": "30000000"}, 30.0),
+        ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": str(os.getpid())}, 0.5),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),  # meant for another process
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+    ],
+)
 def test_watchdog_interval(env: dict[str, str], want: float | None) -> None:
     assert systemd.watchdog_interval(env) == want
 
@@ -192,8 +209,9 @@ async def test_watchdog_loop_returns_without_a_watchdog(monkeypatch: pytest.Monk
     await asyncio.wait_for(systemd.watchdog_loop(), 5)  # returns at once instead of looping
 
 
-async def test_unhealthy_service_gets_no_pings(notify_socket,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unhealthy_service_gets_no_pings(
+    notify_socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sock, path = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     calls = 0
@@ -235,16 +253,21 @@ asyncio.run(main())
 
 def test_a_stalled_event_loop_stops_the_watchdog_pings(notify_socket) -> None:
     sock, path = notify_socket
-    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": path,
+        "WATCHDOG_USEC": "200000",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     argv = ["sh", "-c", 'WATCHDOG_PID=$$ exec "$0" -c "$1"', sys.executable, PROBE]
-    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          check=False)
+    done = subprocess.run(
+        argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, done.stderr
     msgs = received(sock)
     assert msgs[0] == "READY=1" and msgs[-1] == "STOPPING=1", msgs
     stall, recover = msgs.index("STATUS=stalling"), msgs.index("STATUS=recovered")
-    before, during, after = msgs[1:stall], msgs[stall + 1:recover], msgs[recover + 1:-1]
+    before, during, after = msgs[1:stall], msgs[stall + 1 : recover], msgs[recover + 1 : -1]
     assert before and set(before) == {"WATCHDOG=1"}  # pinging while the loop runs
     assert during == []  # a thread would have kept pinging through the stall
     assert after and set(after) == {"WATCHDOG=1"}  # and it resumes when the loop does

@@ -21,8 +21,24 @@ from middleware.protocol.topics import (
 T = Topics()
 ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
 PROPS = settings(max_examples=200, deadline=None)
-BAD_IDS = ["", "a/b", "a+b", "a#b", "+", "#", "/", "$x", "-lead", "_lead", ".lead", "a b",
-           "x" * 65, "é", "a\n", "a\u0000"]
+BAD_IDS = [
+    "",
+    "a/b",
+    "a+b",
+    "a#b",
+    "+",
+    "#",
+    "/",
+    "$x",
+    "-lead",
+    "_lead",
+    ".lead",
+    "a b",
+    "x" * 65,
+    "é",
+    "a\n",
+    "a\u0000",
+]
 
 
 # --- builders -----------------------------------------------------------------------
@@ -62,8 +78,9 @@ def test_custom_prefix() -> None:
     assert t.everything() == "site-a/edge/mw_v1/#"
 
 
-@pytest.mark.parametrize("prefix", ["", "/mw", "mw/", "mw//v1", "mw/+", "mw/#", "$SYS", "m w",
-                                    "mw/v1\n", "x" * 129, "é"])
+@pytest.mark.parametrize(
+    "prefix", ["", "/mw", "mw/", "mw//v1", "mw/+", "mw/#", "$SYS", "m w", "mw/v1\n", "x" * 129, "é"]
+)
 def test_invalid_prefix(prefix: str) -> None:
     with pytest.raises(TopicError):
         Topics(prefix)
@@ -71,9 +88,15 @@ def test_invalid_prefix(prefix: str) -> None:
 
 @pytest.mark.parametrize("bad", BAD_IDS)
 def test_builders_reject_bad_ids(bad: str) -> None:
-    for build in (lambda i: T.session("d", i, "draft"), lambda i: T.session(i, "s", "draft"),
-                  lambda i: T.device_sessions(i, "draft"), T.device_status, T.device_inbox,
-                  T.verifier_status, T.shared_open):
+    for build in (
+        lambda i: T.session("d", i, "draft"),
+        lambda i: T.session(i, "s", "draft"),
+        lambda i: T.device_sessions(i, "draft"),
+        T.device_status,
+        T.device_inbox,
+        T.verifier_status,
+        T.shared_open,
+    ):
         with pytest.raises(TopicError):
             build(bad)
 
@@ -105,15 +128,33 @@ def test_parse_round_trips_device_and_verifier(ident: str) -> None:
     assert T.parse(T.verifier_status(ident)) == TopicRef("verifier", ident, "status")
 
 
-@pytest.mark.parametrize("topic", [
-    "mw/v2/session/d/s/draft", "other/session/d/s/draft", "mw/v1", "mw/v1/", "mw/v1/session",
-    "mw/v1/session/s", "mw/v1/session/s/draft", "mw/v1/session/d/s/draft/x",
-    "mw/v1/session/d//draft", "mw/v1/session//s/draft", "mw/v1/session/d/+/draft",
-    "mw/v1/session/+/s/draft", "mw/v1/session/#", "mw/v1/session/d/a+b/draft",
-    "mw/v1/session/d/s/status", "mw/v1/device/d/draft", "mw/v1/verifier/v/inbox",
-    "mw/v1/box/x/status", "mw/v1/device/d/s/status", "$share/g/mw/v1/session/d/s/open",
-    "mw/v1x/session/d/s/draft", "mw/v1/session/d/s/draft\n",
-])
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "mw/v2/session/d/s/draft",
+        "other/session/d/s/draft",
+        "mw/v1",
+        "mw/v1/",
+        "mw/v1/session",
+        "mw/v1/session/s",
+        "mw/v1/session/s/draft",
+        "mw/v1/session/d/s/draft/x",
+        "mw/v1/session/d//draft",
+        "mw/v1/session//s/draft",
+        "mw/v1/session/d/+/draft",
+        "mw/v1/session/+/s/draft",
+        "mw/v1/session/#",
+        "mw/v1/session/d/a+b/draft",
+        "mw/v1/session/d/s/status",
+        "mw/v1/device/d/draft",
+        "mw/v1/verifier/v/inbox",
+        "mw/v1/box/x/status",
+        "mw/v1/device/d/s/status",
+        "$share/g/mw/v1/session/d/s/open",
+        "mw/v1x/session/d/s/draft",
+        "mw/v1/session/d/s/draft\n",
+    ],
+)
 def test_parse_rejects(topic: str) -> None:
     with pytest.raises(TopicError):
         T.parse(topic)
@@ -149,32 +190,47 @@ def test_all_patterns_cover_the_tree() -> None:
 # --- subtree (CLI specs) ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("spec", "expected"), [
-    ("session/123", "mw/v1/session/+/123/#"),
-    ("session/pi-1/123", "mw/v1/session/pi-1/123/#"),
-    ("session/pi-1/123/text", "mw/v1/session/pi-1/123/text"),
-    ("session/*/123/text", "mw/v1/session/+/123/text"),
-    ("session/pi-1/*", "mw/v1/session/pi-1/+/#"),
-    ("device/pi-1/sessions", "mw/v1/session/pi-1/+/#"),
-    ("device/pi-1", "mw/v1/device/pi-1/#"),
-    ("verifier/v1", "mw/v1/verifier/v1/#"),
-    ("all", "mw/v1/#"),
-    ("", "mw/v1/#"),
-    ("#", "mw/v1/#"),
-    ("session", "mw/v1/session/#"),
-    ("/device/", "mw/v1/device/#"),
-    ("session/*", "mw/v1/session/+/+/#"),
-    ("session/+/draft", "mw/v1/session/+/+/draft"),
-    ("session/123/verdict", "mw/v1/session/+/123/verdict"),
-    ("device/pi-1/inbox", "mw/v1/device/pi-1/inbox"),
-])
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("session/123", "mw/v1/session/+/123/#"),
+        ("session/pi-1/123", "mw/v1/session/pi-1/123/#"),
+        ("session/pi-1/123/text", "mw/v1/session/pi-1/123/text"),
+        ("session/*/123/text", "mw/v1/session/+/123/text"),
+        ("session/pi-1/*", "mw/v1/session/pi-1/+/#"),
+        ("device/pi-1/sessions", "mw/v1/session/pi-1/+/#"),
+        ("device/pi-1", "mw/v1/device/pi-1/#"),
+        ("verifier/v1", "mw/v1/verifier/v1/#"),
+        ("all", "mw/v1/#"),
+        ("", "mw/v1/#"),
+        ("#", "mw/v1/#"),
+        ("session", "mw/v1/session/#"),
+        ("/device/", "mw/v1/device/#"),
+        ("session/*", "mw/v1/session/+/+/#"),
+        ("session/+/draft", "mw/v1/session/+/+/draft"),
+        ("session/123/verdict", "mw/v1/session/+/123/verdict"),
+        ("device/pi-1/inbox", "mw/v1/device/pi-1/inbox"),
+    ],
+)
 def test_subtree(spec: str, expected: str) -> None:
     assert T.subtree(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["sessions/1", "session/a/b/c", "session/a/b/c/text",
-                                  "session/a#", "device/a/draft", "verifier/v/inbox",
-                                  "session/a b", "x", "session//draft", "verifier/v/sessions"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "sessions/1",
+        "session/a/b/c",
+        "session/a/b/c/text",
+        "session/a#",
+        "device/a/draft",
+        "verifier/v/inbox",
+        "session/a b",
+        "x",
+        "session//draft",
+        "verifier/v/sessions",
+    ],
+)
 def test_subtree_rejects(spec: str) -> None:
     with pytest.raises(TopicError):
         T.subtree(spec)
@@ -199,32 +255,35 @@ def test_subtree_filters_match_their_topics() -> None:
 # --- matches ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("filter_", "topic", "expected"), [
-    ("a/b/c", "a/b/c", True),
-    ("a/b/c", "a/b", False),
-    ("a/b", "a/b/c", False),
-    ("a/+/c", "a/x/c", True),
-    ("a/+/c", "a/x/y/c", False),
-    ("a/+", "a/", True),           # '+' matches an empty level
-    ("a/+", "a", False),
-    ("+/+", "a/b", True),
-    ("+", "a/b", False),
-    ("a/#", "a", True),            # '#' includes the parent level
-    ("a/#", "a/b/c/d", True),
-    ("a/#", "b/a", False),
-    ("#", "a/b", True),
-    ("#", "$SYS/broker", False),   # wildcards at the first level never match '$' topics
-    ("+/broker", "$SYS/broker", False),
-    ("$SYS/#", "$SYS/broker", True),
-    ("mw/v1/session/+/draft", "mw/v1/session/s1/draft", True),
-    ("mw/v1/session/+/draft", "mw/v1/session/s1/verdict", False),
-    ("mw/v1/session/+/#", "mw/v1/session/s1/verdict", True),
-    ("$share/g/mw/v1/session/+/open", "mw/v1/session/s1/open", True),
-    ("$share/g/mw/v1/session/+/open", "mw/v1/session/s1/draft", False),
-    ("$share/g/#", "mw/v1/x", True),
-    ("$share/g/a/b", "$share/g/a/b", False),
-    ("A/b", "a/b", False),         # case-sensitive
-])
+@pytest.mark.parametrize(
+    ("filter_", "topic", "expected"),
+    [
+        ("a/b/c", "a/b/c", True),
+        ("a/b/c", "a/b", False),
+        ("a/b", "a/b/c", False),
+        ("a/+/c", "a/x/c", True),
+        ("a/+/c", "a/x/y/c", False),
+        ("a/+", "a/", True),  # '+' matches an empty level
+        ("a/+", "a", False),
+        ("+/+", "a/b", True),
+        ("+", "a/b", False),
+        ("a/#", "a", True),  # '#' includes the parent level
+        ("a/#", "a/b/c/d", True),
+        ("a/#", "b/a", False),
+        ("#", "a/b", True),
+        ("#", "$SYS/broker", False),  # wildcards at the first level never match '$' topics
+        ("+/broker", "$SYS/broker", False),
+        ("$SYS/#", "$SYS/broker", True),
+        ("mw/v1/session/+/draft", "mw/v1/session/s1/draft", True),
+        ("mw/v1/session/+/draft", "mw/v1/session/s1/verdict", False),
+        ("mw/v1/session/+/#", "mw/v1/session/s1/verdict", True),
+        ("$share/g/mw/v1/session/+/open", "mw/v1/session/s1/open", True),
+        ("$share/g/mw/v1/session/+/open", "mw/v1/session/s1/draft", False),
+        ("$share/g/#", "mw/v1/x", True),
+        ("$share/g/a/b", "$share/g/a/b", False),
+        ("A/b", "a/b", False),  # case-sensitive
+    ],
+)
 def test_matches(filter_: str, topic: str, expected: bool) -> None:
     assert matches(filter_, topic) is expected
 

@@ -16,7 +16,15 @@ import pytest
 from middleware.broker_bridge.bus import Subscription
 from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
 from middleware.metrics import Registry, serve_metrics
-from middleware.protocol import CloseSession, Draft, OpenSession, SessionState, Topics, Verdict, decode
+from middleware.protocol import (
+    CloseSession,
+    Draft,
+    OpenSession,
+    SessionState,
+    Topics,
+    Verdict,
+    decode,
+)
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy
 from middleware.verifier.service import VerifierConfig, VerifierService
@@ -44,10 +52,23 @@ class Harness:
             if v.session_id == sid:
                 return v
 
-    async def open(self, sid: str, epoch: int = 1, committed: tuple[int, ...] = (), **kw: object) -> Verdict:
-        await self.send(OpenSession(session_id=sid, device_id="dev", epoch=epoch, seq=0, tokenizer="tiny",
-                                    prompt=PROMPT, committed=committed, max_new_tokens=32,
-                                    stop_ids=(EOS,), **kw))  # type: ignore[arg-type]
+    async def open(
+        self, sid: str, epoch: int = 1, committed: tuple[int, ...] = (), **kw: object
+    ) -> Verdict:
+        await self.send(
+            OpenSession(
+                session_id=sid,
+                device_id="dev",
+                epoch=epoch,
+                seq=0,
+                tokenizer="tiny",
+                prompt=PROMPT,
+                committed=committed,
+                max_new_tokens=32,
+                stop_ids=(EOS,),
+                **kw,
+            )
+        )  # type: ignore[arg-type]
         return await self.verdict(sid)
 
     def rejected(self, reason: str) -> float:
@@ -68,9 +89,17 @@ def config() -> VerifierConfig:
 async def h(model, config: VerifierConfig) -> AsyncIterator[Harness]:
     broker = InMemoryBroker()
     async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
-        verifier = VerifierService(vbus, TargetEngine(model), tokenizer_fingerprint="tiny",
-                                   config=config, registry=Registry())
-        async with asyncio.TaskGroup() as tg, dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts:
+        verifier = VerifierService(
+            vbus,
+            TargetEngine(model),
+            tokenizer_fingerprint="tiny",
+            config=config,
+            registry=Registry(),
+        )
+        async with (
+            asyncio.TaskGroup() as tg,
+            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
+        ):
             task = tg.create_task(verifier.run())
             await verifier.ready.wait()
             yield Harness(dbus, verdicts, verifier)
@@ -130,12 +159,23 @@ async def test_reopen_with_committed_rebuilds_by_prefill(h: Harness, model) -> N
 
 
 async def test_refusals_tokenizer_vocab_and_length(h: Harness) -> None:
-    await h.send(OpenSession(session_id="bad", device_id="dev", epoch=1, seq=0, tokenizer="other",
-                             prompt=PROMPT))
+    await h.send(
+        OpenSession(
+            session_id="bad", device_id="dev", epoch=1, seq=0, tokenizer="other", prompt=PROMPT
+        )
+    )
     v = await h.verdict("bad")
     assert v.kind == "refused" and "tokenizer" in v.reason
-    await h.send(OpenSession(session_id="bad2", device_id="dev", epoch=1, seq=0, tokenizer="tiny",
-                             prompt=(1, VOCAB + 5)))
+    await h.send(
+        OpenSession(
+            session_id="bad2",
+            device_id="dev",
+            epoch=1,
+            seq=0,
+            tokenizer="tiny",
+            prompt=(1, VOCAB + 5),
+        )
+    )
     assert (await h.verdict("bad2")).kind == "refused"
     await h.open("s1")
     await h.send(Draft("s1", 1, 1, 0, (VOCAB + 1,)))
@@ -148,11 +188,19 @@ async def test_refusals_tokenizer_vocab_and_length(h: Harness) -> None:
     assert h.verifier.sessions["s1"].committed == []  # nothing was committed by refused drafts
 
 
-async def test_malformed_payloads_are_counted_and_dropped_others_still_served(h: Harness, model) -> None:
+async def test_malformed_payloads_are_counted_and_dropped_others_still_served(
+    h: Harness, model
+) -> None:
     ref = reference_greedy(model, PROMPT, 8, (EOS,))
     await h.open("s1")
-    garbage = [b"", b"\xc1", b"{not json", b"\x93\x01\x02\x03", b"\x81\xa1v\x02",
-               Draft("other", 1, 1, 0, (1,)).encode()]  # session id not matching the topic
+    garbage = [
+        b"",
+        b"\xc1",
+        b"{not json",
+        b"\x93\x01\x02\x03",
+        b"\x81\xa1v\x02",
+        Draft("other", 1, 1, 0, (1,)).encode(),
+    ]  # session id not matching the topic
     for g in garbage:
         await h.raw(T.session("dev", "s1", "draft"), g)
     await h.raw(T.session("dev", "s1", "open"), Draft("s1", 1, 1, 0, (1,)).encode())  # wrong leaf
@@ -167,19 +215,24 @@ async def test_sessions_are_bound_to_the_device_that_opened_them(h: Harness, mod
     draft into it or close it, and an open whose device id disagrees with its topic is dropped."""
     ref = reference_greedy(model, PROMPT, 8, (EOS,))
     await h.open("s1")  # device "dev"
-    mallory = OpenSession(session_id="s1", device_id="mallory", epoch=9, seq=0, tokenizer="tiny",
-                          prompt=(2, 2, 2))
+    mallory = OpenSession(
+        session_id="s1", device_id="mallory", epoch=9, seq=0, tokenizer="tiny", prompt=(2, 2, 2)
+    )
     async with h.bus.subscribe(T.session("mallory", "s1", "verdict")) as to_mallory:
         await h.raw(T.session("mallory", "s1", "open"), mallory.encode())
         v = decode((await to_mallory.get(5)).payload, expect=Verdict)
         assert (v.kind, v.reason) == ("refused", "session id in use by another device")
         await h.raw(T.session("mallory", "s1", "draft"), Draft("s1", 1, 1, 0, (3, 3)).encode())
-        await h.raw(T.session("mallory", "s1", "draft"),
-                    CloseSession("s1", 1, 2, "hijack").encode())
+        await h.raw(
+            T.session("mallory", "s1", "draft"), CloseSession("s1", 1, 2, "hijack").encode()
+        )
         # an open claiming to be "dev" on mallory's topic, and one for a new id
-        await h.raw(T.session("mallory", "s9", "open"), OpenSession(
-            session_id="s9", device_id="dev", epoch=1, seq=0, tokenizer="tiny",
-            prompt=PROMPT).encode())
+        await h.raw(
+            T.session("mallory", "s9", "open"),
+            OpenSession(
+                session_id="s9", device_id="dev", epoch=1, seq=0, tokenizer="tiny", prompt=PROMPT
+            ).encode(),
+        )
         await h.send(Draft("s1", 1, 1, 0, tuple(ref[:3])))  # the owner goes on undisturbed
         v = await h.verdict("s1")
         assert (v.kind, v.tokens) == ("accept", tuple(ref[:4]))
@@ -215,10 +268,22 @@ async def test_metrics_endpoint_serves_prometheus_text(h: Harness, model) -> Non
     await h.verdict("s1")
     async with serve_metrics(h.verifier.metrics.registry, port=0) as port:
         body = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
-    for name in ("mw_verifier_forward_passes_total", "mw_verifier_batch_size", "mw_verifier_accepted_tokens_total",
-                 "mw_verifier_queue_wait_seconds", "mw_verifier_live_sessions", "mw_verifier_kv_evictions",
-                 "mw_verifier_rejected_messages_total", "mw_verifier_forward_seconds"):
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+                .read()
+                .decode()
+            )
+        )
+    for name in (
+        "mw_verifier_forward_passes_total",
+        "mw_verifier_batch_size",
+        "mw_verifier_accepted_tokens_total",
+        "mw_verifier_queue_wait_seconds",
+        "mw_verifier_live_sessions",
+        "mw_verifier_kv_evictions",
+        "mw_verifier_rejected_messages_total",
+        "mw_verifier_forward_seconds",
+    ):
         assert f"# TYPE {name}" in body, name
     assert "mw_verifier_accepted_tokens_total 2.0" in body
 
@@ -239,9 +304,16 @@ async def test_a_failing_session_does_not_stall_the_batch(model) -> None:
     ref = reference_greedy(model, PROMPT, 8, (EOS,))
     broker = InMemoryBroker()
     async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
-        verifier = VerifierService(vbus, PoisonedEngine(model), tokenizer_fingerprint="tiny",
-                                   config=VerifierConfig(verifier_id="v1"))
-        async with asyncio.TaskGroup() as tg, dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts:
+        verifier = VerifierService(
+            vbus,
+            PoisonedEngine(model),
+            tokenizer_fingerprint="tiny",
+            config=VerifierConfig(verifier_id="v1"),
+        )
+        async with (
+            asyncio.TaskGroup() as tg,
+            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
+        ):
             task = tg.create_task(verifier.run())
             await verifier.ready.wait()
             h = Harness(dbus, verdicts, verifier)
@@ -272,8 +344,9 @@ async def test_verdicts_carry_the_trace_id_of_their_request(h: Harness, model) -
     assert msg.content_type == "application/msgpack"
 
 
-@pytest.mark.parametrize("config", [VerifierConfig(verifier_id="v1", max_draft=16,
-                                                   max_sessions_per_device=2)])
+@pytest.mark.parametrize(
+    "config", [VerifierConfig(verifier_id="v1", max_draft=16, max_sessions_per_device=2)]
+)
 async def test_one_device_cannot_take_every_session(h: Harness, model) -> None:
     assert (await h.open("a")).kind == "opened"
     assert (await h.open("b")).kind == "opened"
@@ -283,8 +356,9 @@ async def test_one_device_cannot_take_every_session(h: Harness, model) -> None:
     assert (await h.open("a")).kind == "opened"  # a duplicate open of a held session still works
 
 
-@pytest.mark.parametrize("config", [VerifierConfig(verifier_id="v1", max_draft=16,
-                                                   session_idle_timeout=0.3)])
+@pytest.mark.parametrize(
+    "config", [VerifierConfig(verifier_id="v1", max_draft=16, session_idle_timeout=0.3)]
+)
 async def test_idle_sessions_expire_and_their_device_recovers_losslessly(h: Harness, model) -> None:
     ref = reference_greedy(model, PROMPT, 8, (EOS,))
     await h.open("s1")

@@ -22,8 +22,14 @@ from middleware.errors import BusClosedError, BusError, ConfigError, TopicError
 
 pytestmark = pytest.mark.timeout(30)
 
-FAST = {"heartbeat": 0.05, "liveness": 3, "reconnect_min": 0.02, "reconnect_max": 0.2,
-        "connect_timeout": 5.0, "request_timeout": 5.0}
+FAST = {
+    "heartbeat": 0.05,
+    "liveness": 3,
+    "reconnect_min": 0.02,
+    "reconnect_max": 0.2,
+    "connect_timeout": 5.0,
+    "request_timeout": 5.0,
+}
 
 
 @pytest.fixture
@@ -62,10 +68,16 @@ def raw_dealer(port: int, **opts: int) -> zmq.asyncio.Socket:
     return sock
 
 
-async def raw_hello(sock: zmq.asyncio.Socket, client_id: str, hb: float = 10.0, live: int = 3,
-                    will: Will | None = None) -> None:
-    await sock.send_multipart([w.pack(w.HELLO, id=client_id, v=w.VERSION, hb=hb, live=live,
-                                      will=w.will_to_wire(will))])
+async def raw_hello(
+    sock: zmq.asyncio.Socket,
+    client_id: str,
+    hb: float = 10.0,
+    live: int = 3,
+    will: Will | None = None,
+) -> None:
+    await sock.send_multipart(
+        [w.pack(w.HELLO, id=client_id, v=w.VERSION, hb=hb, live=live, will=w.will_to_wire(will))]
+    )
     head = w.unpack((await asyncio.wait_for(sock.recv_multipart(), 5))[0])
     assert head["c"] == w.WELCOME
 
@@ -74,24 +86,39 @@ async def raw_hello(sock: zmq.asyncio.Socket, client_id: str, hb: float = 10.0, 
 async def test_round_trip_keeps_every_property(hub: ZmqHub) -> None:
     async with ZmqBus(cfg(hub)) as pub, ZmqBus(cfg(hub)) as sub_bus:
         async with sub_bus.subscribe("t/+/draft") as sub:
-            await pub.publish("t/s1/draft", b"\x00\x01\xffbin", qos=1, content_type=CONTENT_MSGPACK,
-                              expiry=30, user_properties={"trace": "t-1", "sid": "s1"},
-                              correlation=b"\xde\xad\xbe\xef")
+            await pub.publish(
+                "t/s1/draft",
+                b"\x00\x01\xffbin",
+                qos=1,
+                content_type=CONTENT_MSGPACK,
+                expiry=30,
+                user_properties={"trace": "t-1", "sid": "s1"},
+                correlation=b"\xde\xad\xbe\xef",
+            )
             await pub.publish("t/s2/draft", b"plain", qos=0)
             await pub.publish("t/s3/other", b"not matched", qos=1)
             first, second = await sub.get(5), await sub.get(5)
             assert await drain(sub) == []
-    assert first == BusMessage("t/s1/draft", b"\x00\x01\xffbin", qos=1, retain=False,
-                               content_type=CONTENT_MSGPACK, expiry=30.0,
-                               user_properties={"trace": "t-1", "sid": "s1"},
-                               correlation=b"\xde\xad\xbe\xef")
+    assert first == BusMessage(
+        "t/s1/draft",
+        b"\x00\x01\xffbin",
+        qos=1,
+        retain=False,
+        content_type=CONTENT_MSGPACK,
+        expiry=30.0,
+        user_properties={"trace": "t-1", "sid": "s1"},
+        correlation=b"\xde\xad\xbe\xef",
+    )
     assert second == BusMessage("t/s2/draft", b"plain", qos=0)
 
 
 async def test_overlapping_filters_deliver_once_per_subscription(hub: ZmqHub) -> None:
     async with ZmqBus(cfg(hub)) as pub, ZmqBus(cfg(hub)) as sub_bus:
-        async with sub_bus.subscribe("a/#") as wide, sub_bus.subscribe("a/b") as exact, \
-                sub_bus.subscribe("+/b") as plus:
+        async with (
+            sub_bus.subscribe("a/#") as wide,
+            sub_bus.subscribe("a/b") as exact,
+            sub_bus.subscribe("+/b") as plus,
+        ):
             await pub.publish("a/b", b"1")
             await pub.publish("$sys/b", b"dollar topics never match wildcards")
             got = [await drain(s) for s in (wide, exact, plus)]
@@ -138,8 +165,9 @@ async def test_first_connect_fails_without_a_hub() -> None:
 # --- retained messages -------------------------------------------------------------------
 async def test_retained_delivered_to_new_subscribers_and_deleted_by_empty(hub: ZmqHub) -> None:
     async with ZmqBus(cfg(hub)) as pub, ZmqBus(cfg(hub)) as late:
-        await pub.publish("r/state", b"v1", retain=True, content_type="x",
-                          user_properties={"k": "v"})
+        await pub.publish(
+            "r/state", b"v1", retain=True, content_type="x", user_properties={"k": "v"}
+        )
         await pub.publish("r/state", b"v2", retain=True)
         await pub.publish("r/short", b"expires", retain=True, expiry=0.05)
         await asyncio.sleep(0.1)  # let r/short's expiry pass
@@ -224,10 +252,17 @@ async def test_clean_close_and_early_return_discard_the_will(hub: ZmqHub) -> Non
 
 # --- shared subscriptions -------------------------------------------------------------------
 async def test_shared_subscription_round_robin(hub: ZmqHub) -> None:
-    async with ZmqBus(cfg(hub)) as pub, ZmqBus(cfg(hub)) as a, ZmqBus(cfg(hub)) as b, \
-            ZmqBus(cfg(hub)) as plain:
-        async with a.subscribe("$share/v/s/+/open") as sa, b.subscribe("$share/v/s/+/open") as sb, \
-                plain.subscribe("s/+/open") as sp:
+    async with (
+        ZmqBus(cfg(hub)) as pub,
+        ZmqBus(cfg(hub)) as a,
+        ZmqBus(cfg(hub)) as b,
+        ZmqBus(cfg(hub)) as plain,
+    ):
+        async with (
+            a.subscribe("$share/v/s/+/open") as sa,
+            b.subscribe("$share/v/s/+/open") as sb,
+            plain.subscribe("s/+/open") as sp,
+        ):
             for i in range(10):
                 await pub.publish(f"s/{i}/open", b"%d" % i)
             got_a, got_b, got_p = [await drain(s) for s in (sa, sb, sp)]

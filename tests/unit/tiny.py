@@ -14,9 +14,18 @@ def tiny_llama(seed: int = 0, vocab: int = VOCAB, layers: int = 2) -> torch.nn.M
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=EOS, bos_token_id=1, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=EOS,
+        bos_token_id=1,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(cfg)
     # Larger weights than the default init make logits far apart: no greedy near-ties
     # to blur what these unit tests check (the real model's numerics are tested separately).

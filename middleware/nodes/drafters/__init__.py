@@ -26,8 +26,16 @@ if TYPE_CHECKING:
 Kind = Literal["ngram", "hf", "quant"]
 
 __all__ = [
-    "METRICS", "DraftPolicy", "DraftStats", "Drafter", "DrafterSpec", "Metric", "NGramDrafter",
-    "PolicyConfig", "Proposal", "make_drafter",
+    "METRICS",
+    "DraftPolicy",
+    "DraftStats",
+    "Drafter",
+    "DrafterSpec",
+    "Metric",
+    "NGramDrafter",
+    "PolicyConfig",
+    "Proposal",
+    "make_drafter",
 ]
 
 
@@ -79,9 +87,15 @@ class DrafterSpec:
         return f"{self.kind}{self.bits if self.kind == 'quant' else ''}:{self.model}"
 
 
-def make_drafter(spec: DrafterSpec | str, *, base: LoadedModel | None = None,
-                 models: dict[str, LoadedModel] | None = None, device: str = "cpu",
-                 policy: PolicyConfig | None = None, name: str | None = None) -> Drafter:
+def make_drafter(
+    spec: DrafterSpec | str,
+    *,
+    base: LoadedModel | None = None,
+    models: dict[str, LoadedModel] | None = None,
+    device: str = "cpu",
+    policy: PolicyConfig | None = None,
+    name: str | None = None,
+) -> Drafter:
     """Build the drafter ``spec`` describes.
 
     Model drafters draft with ``base`` when given (an ``hf`` drafter shares
@@ -104,9 +118,16 @@ def make_drafter(spec: DrafterSpec | str, *, base: LoadedModel | None = None,
         return HFDrafter(loaded.model, loaded.tokenizer, DraftPolicy(spec.policy), name=label)
     from middleware.nodes.drafters.quantized import QuantizedDrafter
 
-    return QuantizedDrafter(loaded.model, spec.bits, loaded.tokenizer, DraftPolicy(spec.policy),
-                            group_size=spec.group_size, symmetric=spec.symmetric,
-                            embeddings=spec.embeddings, name=label)
+    return QuantizedDrafter(
+        loaded.model,
+        spec.bits,
+        loaded.tokenizer,
+        DraftPolicy(spec.policy),
+        group_size=spec.group_size,
+        symmetric=spec.symmetric,
+        embeddings=spec.embeddings,
+        name=label,
+    )
 
 
 def _load(model: str, device: str, models: dict[str, LoadedModel] | None) -> LoadedModel:

@@ -100,8 +100,9 @@ class Drafter(ABC):
         """Begin a new session: drop all per-session state."""
 
     @abstractmethod
-    def propose(self, committed: Sequence[int], speculative: Sequence[int], max_tokens: int,
-                position: int) -> Proposal:
+    def propose(
+        self, committed: Sequence[int], speculative: Sequence[int], max_tokens: int, position: int
+    ) -> Proposal:
         """Draft up to ``max_tokens`` tokens after ``prompt + committed + speculative``.
 
         ``position`` is the index among generated tokens of the first token to

@@ -35,10 +35,18 @@ STREAM_DRAFT = 2
 class HFDrafter(Drafter):
     """Drafts with a causal LM on one device (float32 CPU by default)."""
 
-    def __init__(self, model: Any, tokenizer: Any = None, policy: DraftPolicy | None = None, *,
-                 name: str | None = None, topk_q: int = REJECTION_TOPK) -> None:
-        super().__init__(name or f"hf:{getattr(model.config, 'name_or_path', '') or 'model'}",
-                         policy)
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        policy: DraftPolicy | None = None,
+        *,
+        name: str | None = None,
+        topk_q: int = REJECTION_TOPK,
+    ) -> None:
+        super().__init__(
+            name or f"hf:{getattr(model.config, 'name_or_path', '') or 'model'}", policy
+        )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.topk_q = topk_q
@@ -59,8 +67,9 @@ class HFDrafter(Drafter):
         self._cache = None
         self._cached = []
 
-    def propose(self, committed: Sequence[int], speculative: Sequence[int], max_tokens: int,
-                position: int) -> Proposal:
+    def propose(
+        self, committed: Sequence[int], speculative: Sequence[int], max_tokens: int, position: int
+    ) -> Proposal:
         context = [*self._prompt, *(int(t) for t in committed), *(int(t) for t in speculative)]
         if not context:
             raise ModelError(f"{self.name}: propose() before start() or with an empty prompt")
@@ -82,8 +91,11 @@ class HFDrafter(Drafter):
             logits = self._advance([*context, *tokens])
         return Proposal(tuple(tokens), tuple(confs), tuple(qs))
 
-    def _choose(self, logits: torch.Tensor, position: int,
-                ) -> tuple[int, float, SparseDist | None]:
+    def _choose(
+        self,
+        logits: torch.Tensor,
+        position: int,
+    ) -> tuple[int, float, SparseDist | None]:
         """One draft token from next-token ``logits`` [V]: (token, confidence, q or None)."""
         mode = self.sampling.mode
         metric = self.policy.metric
@@ -110,8 +122,9 @@ class HFDrafter(Drafter):
         new = torch.tensor([context[keep:]], dtype=torch.long, device=self.device)  # [1, T]
         try:
             with torch.inference_mode():
-                out = self.model(input_ids=new, past_key_values=self._cache, use_cache=True,
-                                 logits_to_keep=1)
+                out = self.model(
+                    input_ids=new, past_key_values=self._cache, use_cache=True, logits_to_keep=1
+                )
         except (RuntimeError, ValueError, IndexError) as exc:
             self._cache, self._cached = None, []
             raise ModelError(f"{self.name}: forward failed: {exc}") from exc
@@ -141,4 +154,3 @@ def sparse_topk(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     finite = torch.isfinite(top.values)
     ids, vals = top.indices[finite], top.values[finite]
     return ids, torch.softmax(vals.double(), dim=-1).float()
-

@@ -42,12 +42,12 @@ class NGramIndex:
         self.tokens.append(token)
         end = len(self.tokens) - 1
         for n in range(1, min(self.max_n, end + 1) + 1):
-            self._ends.setdefault(tuple(self.tokens[end - n + 1:end + 1]), []).append(end)
+            self._ends.setdefault(tuple(self.tokens[end - n + 1 : end + 1]), []).append(end)
 
     def pop(self) -> None:
         end = len(self.tokens) - 1
         for n in range(1, min(self.max_n, end + 1) + 1):
-            key = tuple(self.tokens[end - n + 1:end + 1])
+            key = tuple(self.tokens[end - n + 1 : end + 1])
             ends = self._ends[key]
             ends.pop()  # ascending, so the last entry is `end`
             if not ends:
@@ -67,7 +67,7 @@ class NGramIndex:
         size = len(self.tokens)
         if size < n + 1:
             return []
-        ends = self._ends.get(tuple(self.tokens[size - n:]), [])
+        ends = self._ends.get(tuple(self.tokens[size - n :]), [])
         return ends[:-1]  # the last entry is the suffix itself
 
 
@@ -101,9 +101,17 @@ class BigramTable:
 class NGramDrafter(Drafter):
     """Prompt-lookup drafter: copies what followed earlier occurrences of the context's tail."""
 
-    def __init__(self, n: int = 3, policy: DraftPolicy | None = None, *, min_n: int = 1,
-                 followers: int = 16, bigram: bool = True, bigram_weight: float = 0.25,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        n: int = 3,
+        policy: DraftPolicy | None = None,
+        *,
+        min_n: int = 1,
+        followers: int = 16,
+        bigram: bool = True,
+        bigram_weight: float = 0.25,
+        name: str | None = None,
+    ) -> None:
         if not 1 <= min_n <= n:
             raise ConfigError("ngram: need 1 <= min_n <= n")
         super().__init__(name or f"ngram{n}", policy)
@@ -124,8 +132,9 @@ class NGramDrafter(Drafter):
         if self.bigram is not None:
             self.bigram.learn(self._prompt)
 
-    def propose(self, committed: Sequence[int], speculative: Sequence[int], max_tokens: int,
-                position: int) -> Proposal:
+    def propose(
+        self, committed: Sequence[int], speculative: Sequence[int], max_tokens: int, position: int
+    ) -> Proposal:
         self._learn_committed(committed)
         self._index.sync([*self._prompt, *committed, *speculative])
         limit = self.policy.limit(max_tokens)
@@ -141,8 +150,11 @@ class NGramDrafter(Drafter):
             self._index.push(tok)
             if self.policy.should_stop(len(tokens) - 1, conf):
                 break
-        q = (tuple(SparseDist((t,), (1.0,)) for t in tokens)
-             if self.sampling.mode == "rejection" else ())
+        q = (
+            tuple(SparseDist((t,), (1.0,)) for t in tokens)
+            if self.sampling.mode == "rejection"
+            else ()
+        )
         return Proposal(tuple(tokens), tuple(confs), q)
 
     def next_token(self) -> tuple[int, float] | None:
@@ -153,7 +165,7 @@ class NGramDrafter(Drafter):
                 continue
             toks = self._index.tokens
             tok = toks[ends[-1] + 1]
-            recent = ends[-self.followers:]
+            recent = ends[-self.followers :]
             agree = sum(1 for e in recent if toks[e + 1] == tok) / len(recent)
             return tok, agree * n / self.max_n
         if self.bigram is not None and self._index.tokens:
@@ -166,8 +178,6 @@ class NGramDrafter(Drafter):
         if self.bigram is None or len(committed) <= self._learned:
             return
         # Include the joint with the previous token (or the prompt's last token).
-        prev = ([int(committed[self._learned - 1])] if self._learned
-                else list(self._prompt[-1:]))
-        self.bigram.learn([*prev, *(int(t) for t in committed[self._learned:])])
+        prev = [int(committed[self._learned - 1])] if self._learned else list(self._prompt[-1:])
+        self.bigram.learn([*prev, *(int(t) for t in committed[self._learned :])])
         self._learned = len(committed)
-

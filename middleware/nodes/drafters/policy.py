@@ -128,8 +128,10 @@ class DraftPolicy:
         self._hint = 0
 
     def __repr__(self) -> str:
-        return (f"DraftPolicy(metric={self.metric!r}, threshold={self.threshold:.3f}, "
-                f"max_len={self.max_len}, ema={self.ema}, hint={self._hint})")
+        return (
+            f"DraftPolicy(metric={self.metric!r}, threshold={self.threshold:.3f}, "
+            f"max_len={self.max_len}, ema={self.ema}, hint={self._hint})"
+        )
 
 
 def confidence_from_probs(probs: Sequence[float], metric: Metric) -> float:

@@ -33,8 +33,9 @@ from middleware.nodes.drafters.policy import DraftPolicy
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 
 
-def quantize_tensor(w: torch.Tensor, bits: int, group_size: int = 32, *,
-                    symmetric: bool = True) -> torch.Tensor:
+def quantize_tensor(
+    w: torch.Tensor, bits: int, group_size: int = 32, *, symmetric: bool = True
+) -> torch.Tensor:
     """Group-wise round-to-nearest quantization of ``w`` [..., in], returned dequantized."""
     if bits not in SUPPORTED_BITS:
         raise ConfigError(f"quantize: bits={bits} not in {SUPPORTED_BITS}")
@@ -53,17 +54,23 @@ def quantize_tensor(w: torch.Tensor, bits: int, group_size: int = 32, *,
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         deq = torch.clamp(torch.round(g / scale), -qmax - 1, qmax) * scale
     else:
-        levels = 2 ** bits - 1
+        levels = 2**bits - 1
         lo = g.amin(dim=-1, keepdim=True)
         scale = (g.amax(dim=-1, keepdim=True) - lo) / levels
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         deq = torch.clamp(torch.round((g - lo) / scale), 0, levels) * scale + lo
-    deq = deq.reshape(x.shape[0], -1)[:, :shape[-1]]
+    deq = deq.reshape(x.shape[0], -1)[:, : shape[-1]]
     return deq.reshape(shape).to(torch.float32)
 
 
-def quantize_model(model: nn.Module, bits: int, group_size: int = 32, *, symmetric: bool = True,
-                   embeddings: bool = False) -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    bits: int,
+    group_size: int = 32,
+    *,
+    symmetric: bool = True,
+    embeddings: bool = False,
+) -> nn.Module:
     """A float32 copy of ``model`` with ``bits``-bit RTN Linear weights (simulated; see module doc).
 
     ``model`` itself is not modified.  The untied output head is never
@@ -94,12 +101,21 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 32, *, symmetr
 class QuantizedDrafter(HFDrafter):
     """An :class:`HFDrafter` over a ``bits``-bit copy of ``base_model`` made here."""
 
-    def __init__(self, base_model: nn.Module, bits: int, tokenizer: Any = None,
-                 policy: DraftPolicy | None = None, *, group_size: int = 32,
-                 symmetric: bool = True, embeddings: bool = False,
-                 name: str | None = None) -> None:
-        model = quantize_model(base_model, bits, group_size, symmetric=symmetric,
-                               embeddings=embeddings)
+    def __init__(
+        self,
+        base_model: nn.Module,
+        bits: int,
+        tokenizer: Any = None,
+        policy: DraftPolicy | None = None,
+        *,
+        group_size: int = 32,
+        symmetric: bool = True,
+        embeddings: bool = False,
+        name: str | None = None,
+    ) -> None:
+        model = quantize_model(
+            base_model, bits, group_size, symmetric=symmetric, embeddings=embeddings
+        )
         base_name = getattr(getattr(base_model, "config", None), "name_or_path", "") or "model"
         super().__init__(model, tokenizer, policy, name=name or f"quant{bits}:{base_name}")
         self.bits = bits
