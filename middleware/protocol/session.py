@@ -12,12 +12,34 @@ Semantics (see README "Protocol semantics"):
 - A draft for an unknown session, a stale epoch or a base ahead of the
   committed length gets ``resync``: the device re-opens with its committed
   tokens and a higher epoch.
+
+Identity and trust (docs/threat-model.md):
+
+- A session is ``(device, session id, instance)``.  The instance is derived by
+  both sides from the open's content (:func:`session_instance`: a nonce the
+  device draws per generation, the prompt, sampling, limits and tokenizer), so a
+  reused session id, or a different prompt under the same id, is a different
+  instance.  Verdicts, retained state, text chunks and results carry it; a
+  device ignores anything of another instance.
+- Committed tokens in an open are a *claim*.  The verifier keeps only what it
+  committed itself in this process or can prove: greedy and coupled tokens by
+  re-verifying them with the target during the re-open prefill, rejection-sampled
+  tokens by a MAC (``tag``) that it or a verifier sharing its key issued.  The
+  ``opened`` verdict carries the proven truth from the first position where it
+  differs from the claim (``base``/``tokens``), so the device rolls back what
+  failed and shows a correction.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self
+
+import msgpack
 
 from middleware.errors import ProtocolError
 from middleware.protocol.codec import DEFAULT_LIMITS, Fields, Limits, check_id, pack
@@ -36,6 +58,49 @@ MAX_MS = 3_600_000.0  # bound of the latency fields (ms)
 def trace_id(session_id: str, epoch: int, seq: int) -> str:
     """The MQTT 5 user property ``trace`` of a request and of the verdict answering it."""
     return f"{session_id}/{epoch}/{seq}"
+
+
+INSTANCE_LEN = 16  # hex chars (64 bits)
+TAG_LEN = 32  # hex chars (128 bits of HMAC-SHA256)
+
+
+def session_instance(open_: OpenSession) -> str:
+    """The instance id of the generation an open describes (hex, both sides compute it).
+
+    Bound to everything that determines the target's output: a generation
+    with another prompt, sampling, limit or tokenizer is another instance even
+    under the same session id, and the device's nonce separates two
+    generations of the same prompt.
+    """
+    body = [
+        1,
+        open_.device_id,
+        open_.session_id,
+        open_.nonce,
+        open_.tokenizer,
+        list(open_.prompt),
+        open_.sampling.to_wire(),
+        open_.max_new_tokens,
+        sorted(set(open_.stop_ids)),
+    ]
+    return hashlib.sha256(msgpack.packb(body)).hexdigest()[:INSTANCE_LEN]
+
+
+def tokens_digest(tokens: Sequence[int], start: Any = None) -> Any:
+    """A running SHA-256 over token ids (``start``: a digest object to continue)."""
+    h = start if start is not None else hashlib.sha256()
+    if tokens:
+        h.update(struct.pack(f"<{len(tokens)}I", *tokens))
+    return h
+
+
+def commit_tag(key: bytes, instance: str, n_tokens: int, digest: Any) -> str:
+    """MAC over (instance, committed tokens): verifiers sharing ``key`` can check a claim.
+
+    ``digest`` is :func:`tokens_digest` of exactly ``n_tokens`` committed tokens.
+    """
+    msg = f"mw-commit/1|{instance}|{n_tokens}|".encode() + digest.copy().digest()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()[:TAG_LEN]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +170,13 @@ class OpenSession:
     stop_ids: tuple[int, ...] = ()
     drafter: str = ""  # free-text description, for metrics
     sent_at: float = 0.0  # sender's clock, ms; echoed back for RTT
+    nonce: str = ""  # drawn by the device per generation; part of the instance id
+    tag: str = ""  # MAC of ``committed`` from a verdict (rejection mode's proof), or ""
 
     def __post_init__(self) -> None:
         check_id(self.session_id, "open.session_id")
+        if len(self.nonce) > 64 or len(self.tag) > 64:
+            raise ProtocolError("open: nonce or tag too long")
         check_id(self.device_id, "open.device_id")
         if not 0 <= self.epoch <= MAX_EPOCH or not 0 <= self.seq <= MAX_SEQ:
             raise ProtocolError("open: epoch or seq out of range")
@@ -132,6 +201,8 @@ class OpenSession:
                 "stop": list(self.stop_ids),
                 "drafter": self.drafter,
                 "ts": self.sent_at,
+                "nonce": self.nonce,
+                "tag": self.tag,
             },
         )
 
@@ -155,6 +226,8 @@ class OpenSession:
             stop_ids=f.tokens("stop", 64, ()),
             drafter=f.str("drafter", ""),
             sent_at=f.float("ts", 0.0, 1e16, 0.0),
+            nonce=f.str("nonce", "", 64),
+            tag=f.str("tag", "", 64),
         )
 
 
@@ -255,7 +328,12 @@ class Verdict:
     ``tokens`` are committed tokens starting at committed position ``base``;
     after applying them the device's committed length is ``committed_len``.
     For ``accept``, ``accepted`` draft tokens were taken and the last token of
-    ``tokens`` is the target's own (correction or bonus).
+    ``tokens`` is the target's own (correction or bonus).  For ``opened``,
+    ``base``/``tokens`` give the proven truth where it differs from the open's
+    claim: committed tokens from ``base`` on are ``tokens`` (a device whose
+    committed tokens go past ``base`` rolls them back).  ``inst`` is the
+    session instance; ``tag`` the MAC of the ``committed_len`` committed tokens
+    (rejection mode only).
     """
 
     TYPE: ClassVar[str] = "verdict"
@@ -275,6 +353,8 @@ class Verdict:
     verifier_id: str = ""
     echo_ts: float = 0.0  # the request's sent_at, for RTT
     lossy: bool = False  # true only in the opt-in relaxed acceptance mode
+    instance: str = ""
+    tag: str = ""
 
     def __post_init__(self) -> None:
         check_id(self.session_id, "verdict.session_id")
@@ -283,7 +363,7 @@ class Verdict:
         if self.accepted < 0 or self.base < 0 or self.committed_len < 0:
             raise ProtocolError("verdict: negative counter")
         if (
-            self.kind in ("accept", "catchup")
+            self.kind in ("accept", "catchup", "opened")
             and self.base + len(self.tokens) != self.committed_len
         ):
             raise ProtocolError("verdict: base + len(tokens) != committed_len")
@@ -307,6 +387,8 @@ class Verdict:
                 "vid": self.verifier_id,
                 "ts": self.echo_ts,
                 "lossy": self.lossy,
+                "inst": self.instance,
+                "tag": self.tag,
             },
         )
 
@@ -330,15 +412,18 @@ class Verdict:
             verifier_id=vid,
             echo_ts=f.float("ts", 0.0, 1e16, 0.0),
             lossy=f.bool("lossy", False),
+            instance=f.str("inst", "", 64),
+            tag=f.str("tag", "", 64),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class SessionState:
-    """Verifier -> retained ``session/{device}/{id}/state``: the durable committed truth.
+    """Verifier -> retained ``session/{device}/{id}/state``: the committed tokens, as a hint.
 
-    A reconnecting device reads it to reconcile; a verifier taking over a
-    session reads the owner and epoch from it.
+    Anyone who may write the topic could have written it, so nobody trusts it:
+    a re-opening device of the same ``instance`` adds the tokens it missed to
+    its open's claim, and the verifier proves them before they count.
     """
 
     TYPE: ClassVar[str] = "state"
@@ -352,6 +437,8 @@ class SessionState:
     prompt_len: int = 0
     finish_reason: str = ""
     updated_at: float = 0.0  # unix seconds
+    instance: str = ""
+    tag: str = ""  # MAC of ``committed`` (rejection mode only)
 
     def __post_init__(self) -> None:
         check_id(self.session_id, "state.session_id")
@@ -371,6 +458,8 @@ class SessionState:
                 "plen": self.prompt_len,
                 "fin": self.finish_reason,
                 "at": self.updated_at,
+                "inst": self.instance,
+                "tag": self.tag,
             },
         )
 
@@ -387,6 +476,8 @@ class SessionState:
             prompt_len=f.int("plen", 0, limits.max_context_tokens, 0),
             finish_reason=f.str("fin", "", 32),
             updated_at=f.float("at", 0.0, 1e12, 0.0),
+            instance=f.str("inst", "", 64),
+            tag=f.str("tag", "", 64),
         )
 
 

@@ -41,6 +41,7 @@ class TextChunk:
     text: str
     final: bool = False
     lossy: bool = False
+    instance: str = ""  # the session instance (a reused session id is another instance)
 
     def __post_init__(self) -> None:
         check_id(self.session_id, "text.session_id")
@@ -61,6 +62,7 @@ class TextChunk:
                 "text": self.text,
                 "final": self.final,
                 "lossy": self.lossy,
+                "inst": self.instance,
             },
         )
 
@@ -77,6 +79,7 @@ class TextChunk:
             text=f.str("text", max_len=limits.max_text),
             final=f.bool("final", False),
             lossy=f.bool("lossy", False),
+            instance=f.str("inst", "", 64),
         )
 
 
@@ -94,9 +97,13 @@ class Result:
     verified: bool  # false only if released unverified (never confirmed)
     stats: dict[str, float] = field(default_factory=dict)
     lossy: bool = False
+    instance: str = ""  # the session instance the text belongs to
+    request: str = ""  # the inbox request's id, when it carried one
 
     def __post_init__(self) -> None:
         check_id(self.session_id, "result.session_id")
+        if len(self.request) > 64:
+            raise ProtocolError("result.request: too long")
         check_id(self.device_id, "result.device_id")
 
     def encode(self) -> bytes:
@@ -111,6 +118,8 @@ class Result:
                 "verified": self.verified,
                 "stats": self.stats,
                 "lossy": self.lossy,
+                "inst": self.instance,
+                "request": self.request,
             },
         )
 
@@ -128,6 +137,8 @@ class Result:
             verified=f.bool("verified"),
             stats=_stats(f.raw("stats", {})),
             lossy=f.bool("lossy", False),
+            instance=f.str("inst", "", 64),
+            request=f.str("request", "", 64),
         )
 
 
@@ -135,8 +146,10 @@ class Result:
 class PromptRequest:
     """``device/{id}/inbox``: a prompt for a device, from any IoT stack.
 
-    Accepts JSON (``{"prompt": "...", "session": "...", "max_new_tokens": 64}``)
-    or plain UTF-8 text (the whole payload is the prompt).
+    Accepts JSON (``{"prompt": "...", "session": "...", "max_new_tokens": 64,
+    "request": "..."}``) or plain UTF-8 text (the whole payload is the prompt).
+    ``request`` is echoed in the session's result, so a caller can tell its
+    result from an earlier one under the same session id.
     """
 
     TYPE: ClassVar[str] = "prompt"
@@ -145,8 +158,11 @@ class PromptRequest:
     session_id: str | None = None
     max_new_tokens: int | None = None
     chat: bool = True  # apply the tokenizer's chat template
+    request_id: str = ""
 
     def __post_init__(self) -> None:
+        if len(self.request_id) > 64:
+            raise ProtocolError("prompt.request: too long")
         if not self.prompt.strip():
             raise ProtocolError("prompt: empty")
         if self.session_id is not None:
@@ -162,6 +178,8 @@ class PromptRequest:
             body["session"] = self.session_id
         if self.max_new_tokens is not None:
             body["max_new_tokens"] = self.max_new_tokens
+        if self.request_id:
+            body["request"] = self.request_id
         return pack_json(self.TYPE, body)
 
     @classmethod
@@ -177,6 +195,7 @@ class PromptRequest:
             session_id=f.opt_id("session"),
             max_new_tokens=mnt,
             chat=f.bool("chat", True),
+            request_id=f.str("request", "", 64),
         )
 
     @classmethod

@@ -127,7 +127,7 @@ def verdicts(draw: st.DrawFn) -> Verdict:
     kind = draw(st.sampled_from(VERDICT_KINDS))
     toks = draw(tokens(64))
     base = draw(st.integers(0, L.max_context_tokens - len(toks)))
-    clen = base + len(toks) if kind in ("accept", "catchup") else draw(ctx)
+    clen = base + len(toks) if kind in ("accept", "catchup", "opened") else draw(ctx)
     return Verdict(
         session_id=draw(ids),
         epoch=draw(epochs),
@@ -144,6 +144,8 @@ def verdicts(draw: st.DrawFn) -> Verdict:
         verifier_id=draw(st.text(chars, max_size=64)),
         echo_ts=draw(floats(0.0, 1e16)),
         lossy=draw(st.booleans()),
+        instance=draw(st.text("0123456789abcdef", max_size=16)),
+        tag=draw(st.text("0123456789abcdef", max_size=32)),
     )
 
 
@@ -317,6 +319,8 @@ WIRE_KEYS = {
         "stop",
         "drafter",
         "ts",
+        "nonce",
+        "tag",
     },
     "draft": {"v", "t", "sid", "epoch", "seq", "base", "tokens", "ts"},
     "verdict": {
@@ -337,8 +341,24 @@ WIRE_KEYS = {
         "vid",
         "ts",
         "lossy",
+        "inst",
+        "tag",
     },
-    "state": {"v", "t", "sid", "dev", "epoch", "owner", "status", "committed", "plen", "fin", "at"},
+    "state": {
+        "v",
+        "t",
+        "sid",
+        "dev",
+        "epoch",
+        "owner",
+        "status",
+        "committed",
+        "plen",
+        "fin",
+        "at",
+        "inst",
+        "tag",
+    },
     "close": {"v", "t", "sid", "epoch", "seq", "reason"},
     "device_status": {
         "v",
@@ -364,8 +384,34 @@ WIRE_KEYS = {
         "stats",
         "at",
     },
-    "text": {"v", "t", "session", "device", "seq", "kind", "pos", "n", "text", "final", "lossy"},
-    "result": {"v", "t", "session", "device", "text", "n", "fin", "verified", "stats", "lossy"},
+    "text": {
+        "v",
+        "t",
+        "session",
+        "device",
+        "seq",
+        "kind",
+        "pos",
+        "n",
+        "text",
+        "final",
+        "lossy",
+        "inst",
+    },
+    "result": {
+        "v",
+        "t",
+        "session",
+        "device",
+        "text",
+        "n",
+        "fin",
+        "verified",
+        "stats",
+        "lossy",
+        "inst",
+        "request",
+    },
     "prompt": {"v", "t", "prompt", "chat"},
 }
 
@@ -375,9 +421,10 @@ WIRE_KEYS = {
 def test_wire_field_names_are_stable(msg: Any) -> None:
     data = msg.encode()
     env = msgpack.unpackb(data, raw=False) if msg.TYPE in MSGPACK_TYPES else json.loads(data)
-    optional = {"draft": {"q", "think", "tms"}, "prompt": {"session", "max_new_tokens"}}.get(
-        msg.TYPE, set()
-    )
+    optional = {
+        "draft": {"q", "think", "tms"},
+        "prompt": {"session", "max_new_tokens", "request"},
+    }.get(msg.TYPE, set())
     assert WIRE_KEYS[msg.TYPE] <= set(env) <= WIRE_KEYS[msg.TYPE] | optional
     if msg.TYPE == "open":
         assert set(env["sampling"]) == {"mode", "seed", "temperature", "top_k", "top_p"}
