@@ -68,12 +68,10 @@ case "$role" in
   # A device's rights come from the ACL's `pattern` lines (%u = its username =
   # its device id): its own status and inbox, and its own sessions
   # ($p/session/<id>/+/...).  Its block only records that it was provisioned.
-  # Every role but the verifier: no shared subscriptions.  A member of the
-  # verifiers' share group takes its turn of opens/drafts, and Mosquitto drops
-  # a turn the member may not read instead of giving it to another member, so
-  # a device could swallow opens.  Mosquitto checks deny rules on SUBSCRIBE
-  # (2.0.11, test_security.py): the SUBACK says 0x87 not authorized.
-  device) rules="topic deny \$share/#" ;;
+  # NOT closed by this file (Mosquitto 2.0.11, test_security.py): any user may
+  # join the verifiers' share group; a turn its member may not read is dropped,
+  # not handed to another verifier.  See docs/threat-model.md.
+  device) rules="# device: rights from the pattern lines (own status, inbox, sessions)" ;;
   verifier) rules="topic deny $p/device/$id/#
 topic deny $p/session/$id/#
 topic read $p/session/+/+/open
@@ -81,18 +79,15 @@ topic read $p/session/+/+/draft
 topic write $p/session/+/+/verdict
 topic write $p/session/+/+/state
 topic write $p/verifier/$id/status" ;;
-  monitor) rules="topic deny \$share/#
-topic deny $p/device/$id/#
+  monitor) rules="topic deny $p/device/$id/#
 topic deny $p/session/$id/#
 topic read $p/#
 topic read \$SYS/#" ;;
-  operator) rules="topic deny \$share/#
-topic deny $p/device/$id/#
+  operator) rules="topic deny $p/device/$id/#
 topic deny $p/session/$id/#
 topic read $p/#
 topic write $p/device/+/inbox" ;;
-  bridge) rules="topic deny \$share/#
-topic deny $p/device/$id/#
+  bridge) rules="topic deny $p/device/$id/#
 topic deny $p/session/$id/#
 topic write $p/session/+/+/open
 topic write $p/session/+/+/draft
@@ -103,8 +98,7 @@ topic read $p/session/+/+/state
 topic write $p/device/+/status
 topic read $p/device/+/inbox
 topic read $p/verifier/+/status" ;;
-  relay) rules="topic deny \$share/#
-topic deny $p/device/$id/#
+  relay) rules="topic deny $p/device/$id/#
 topic deny $p/session/$id/#
 topic readwrite $p/#" ;;
   *) die "unknown role '$role' (device, verifier, monitor, operator, bridge, relay)" ;;
