@@ -68,6 +68,9 @@ case "$role" in
   # A device's rights come from the ACL's `pattern` lines (%u = its username =
   # its device id): its own status and inbox, and its own sessions
   # ($p/session/<id>/+/...).  Its block only records that it was provisioned.
+  # NOT closed by this file (Mosquitto 2.0.11, test_security.py): any user may
+  # join the verifiers' share group; a turn its member may not read is dropped,
+  # not handed to another verifier.  See docs/threat-model.md.
   device) rules="# device: rights from the pattern lines (own status, inbox, sessions)" ;;
   verifier) rules="topic deny $p/device/$id/#
 topic deny $p/session/$id/#

@@ -52,6 +52,7 @@ ROLES = {
     "pi-e": "device",
     "verifier-1": "verifier",
     "monitor": "monitor",
+    "watch": "monitor",  # a second reader: the client id is the username, one connection each
     "ops": "operator",
     "site-1": "bridge",
     "relay-1": "relay",
@@ -349,7 +350,7 @@ PUBLISH_RIGHTS: list[tuple[str, str, str]] = [
 async def test_publish_rights_per_role(secure: Secure) -> None:
     users = sorted({u for u, _, _ in PUBLISH_RIGHTS})
     async with contextlib.AsyncExitStack() as stack:
-        mon = await stack.enter_async_context(connected(secure.settings("monitor")))
+        mon = await stack.enter_async_context(connected(secure.settings("watch")))
         watch = await stack.enter_async_context(mon.subscribe("mw/v1/#"))
         buses = {u: await stack.enter_async_context(connected(secure.settings(u))) for u in users}
         outcomes = {
@@ -566,3 +567,99 @@ async def test_edge_broker_bridges_sessions_to_the_secured_broker(secure: Secure
         await asyncio.to_thread(edge.stop)
     assert down[-1].topic == T.session("pi-e", "pi-e-1", "state")
     assert got[-1].topic == T.session("pi-e", "pi-e-1", "open")
+
+
+# --- holes of issue 14 closed by the production config ------------------------------------
+async def test_no_one_can_take_over_the_verifiers_client_id(secure: Secure) -> None:
+    """use_username_as_clientid: a device connecting as ``mw-verifier-{vid}`` gets its
+    own username as client id, so the verifier stays connected and its will never fires
+    (with the client id free to choose, the takeover published the will)."""
+    will = verifier_will("verifier-1")
+    async with (
+        connected(secure.settings("monitor")) as mon,
+        mon.subscribe(T.verifier_status("verifier-1")) as watch,
+        connected(
+            secure.settings(
+                "verifier-1",
+                client_id="mw-verifier-verifier-1",
+                will=Will(T.verifier_status("verifier-1"), will, qos=1, retain=False),
+            )
+        ) as ver,
+    ):
+        async with connected(secure.settings("pi-a", client_id="mw-verifier-verifier-1")):
+            pass
+        await ver.publish(T.verifier_status("verifier-1"), b"sentinel-takeover", qos=1)
+        got = await until(watch, b"sentinel-takeover")
+        assert ver.is_connected
+    assert [m.payload for m in got if m.payload == will] == []
+
+
+async def test_no_one_can_take_over_a_devices_persistent_session(secure: Secure) -> None:
+    """Another user connecting with the device's client id and clean_start=0 (expiry 0)
+    does not touch the device's persistent session: it is still there on reconnect."""
+    own = secure.settings("pi-a", client_id="mw-node-pi-a", clean_start=False, session_expiry=60)
+    async with connected(own):
+        pass
+    thief = secure.settings("pi-b", client_id="mw-node-pi-a", clean_start=False, session_expiry=0)
+    async with connected(thief) as t:
+        stolen = t.session_present
+    async with connected(own) as again:
+        kept = again.session_present
+    assert (stolen, kept) == (False, True)
+
+
+async def test_a_device_reads_verifier_status(secure: Secure) -> None:
+    """Devices fail over on a verifier's will: they must read ``verifier/+/status``."""
+    async with (
+        connected(secure.settings("pi-a")) as dev,
+        dev.subscribe("mw/v1/verifier/+/status") as sub,
+        connected(secure.settings("verifier-1")) as ver,
+    ):
+        await ver.publish(T.verifier_status("verifier-1"), b"verifier-status", qos=1)
+        got = (await until(sub, b"verifier-status"))[-1]  # after any retained status
+    assert (got.topic, got.payload) == (T.verifier_status("verifier-1"), b"verifier-status")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: Mosquitto 2.0.11's acl_file grants every SUBSCRIBE, also "
+    "'$share/mw-verifiers/...' ('topic deny $share/#' does not refuse it); "
+    "see docs/threat-model.md",
+)
+@pytest.mark.parametrize("user", ["pi-a"])
+async def test_only_verifiers_join_the_verifier_share_group(secure: Secure, user: str) -> None:
+    """A member of the share group takes its turn of opens; Mosquitto drops a turn its
+    member may not read, so a device in the group swallowed opens (12.5 s -> 133.5 s for
+    three prompts).  The subscription should be refused."""
+    async with connected(secure.settings(user)) as bus:
+        with pytest.raises(BusError, match="refused subscription"):
+            await bus.subscribe(T.shared_open())
+    async with connected(secure.settings("verifier-1")) as ver:
+        async with ver.subscribe(T.shared_open()):
+            pass
+
+
+async def test_an_oversize_publish_is_refused_by_the_broker(secure: Secure) -> None:
+    """max_packet_size: a publish over the limit (sent past MqttBus's own check) ends the
+    sender's connection and reaches no one."""
+    import paho.mqtt.client as paho
+
+    limit = 1114112
+    async with (
+        connected(secure.settings("monitor")) as mon,
+        mon.subscribe(T.session("pi-a", "pi-a-big", "result")) as sub,
+    ):
+        bus = MqttBus(secure.settings("pi-a"))
+        await bus.connect()
+        try:
+            client = bus._client  # paho itself: MqttBus would refuse the size before sending
+            assert isinstance(client, paho.Client)
+            info = client.publish(T.session("pi-a", "pi-a-big", "result"), b"x" * limit, qos=0)
+            assert info.rc == paho.MQTT_ERR_SUCCESS  # paho sends it; only the broker refuses
+        finally:
+            bus.crash()
+        async with connected(secure.settings("pi-a")) as dev:
+            await dev.publish(T.session("pi-a", "pi-a-big", "result"), b"sentinel-big", qos=1)
+        got = await until(sub, b"sentinel-big")
+    # The reconnect under the same client id (= username) ends the old connection first.
+    assert [len(m.payload) for m in got] == [len(b"sentinel-big")]
