@@ -91,6 +91,7 @@ def verifier_bus(cfg: Config) -> Bus:
 
 async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
     stop_on_sigterm()
+    config = verifier_config(cfg)  # refuse bad settings before a model load of up to a minute
     loaded, engine = await asyncio.to_thread(build_engine, cfg.verifier)
     registry = Registry()
     async with verifier_bus(cfg) as bus, contextlib.AsyncExitStack() as stack:
@@ -104,7 +105,7 @@ async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
             engine,
             tokenizer_fingerprint=loaded.fingerprint,
             model_name=loaded.name,
-            config=verifier_config(cfg),
+            config=config,
             registry=registry,
         )
         try:
@@ -208,14 +209,15 @@ def node_bus(cfg: Config) -> Bus:
 async def run_node(cfg: Config, args: argparse.Namespace) -> int:
     stop_on_sigterm()
     n = cfg.node
-    factory, tok = await asyncio.to_thread(drafter_factory, n.drafter, policy_config(n))
-    tokenizer, fp = await asyncio.to_thread(load_tokenizer, n.tokenizer)
-    node_cfg = NodeConfig(
+    node_cfg = NodeConfig(  # settings first: refused before any model or tokenizer loads
         device_id=n.id,
         prefix=cfg.bus.prefix,
         max_concurrent=n.max_concurrent,
         session=session_config(n),
     )
+    policy = policy_config(n)
+    factory, _ = await asyncio.to_thread(drafter_factory, n.drafter, policy)
+    tokenizer, fp = await asyncio.to_thread(load_tokenizer, n.tokenizer)
     async with node_bus(cfg) as bus:
         node = NodeService(
             bus,
