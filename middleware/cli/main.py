@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
@@ -371,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_MODEL
     except SessionError as exc:
         print(f"mw-cli: session {exc.session_id}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except Exception as exc:  # a task crashed (a bug): non-zero, so systemd restarts us
+        traceback.print_exception(exc, file=sys.stderr)
+        print(f"mw-cli: fatal: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAIL
 
 

@@ -20,7 +20,7 @@ from middleware.errors import ConfigError
 from middleware.metrics import Registry, serve_metrics
 from middleware.nodes.drafters.base import Drafter
 from middleware.nodes.drafters.policy import PolicyConfig
-from middleware.nodes.service import NodeConfig, NodeService
+from middleware.nodes.service import SESSION_FAILURES, NodeConfig, NodeService
 from middleware.nodes.service import offline_status_payload as device_will
 from middleware.nodes.session import SessionConfig
 from middleware.protocol import SamplingParams, Topics
@@ -227,13 +227,22 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
             drafter_name=n.drafter,
             config=node_cfg,
         )
+        failed = 0
         async with asyncio.TaskGroup() as tg:
             runner = tg.create_task(node.run(), name="node")
             notifier = tg.create_task(_notify_when_ready(node.ready), name="sd-notify")
             await node.ready.wait()
             if args.prompt:
-                outs = await asyncio.gather(*(node.submit(p) for p in args.prompt))
+                outs = await asyncio.gather(
+                    *(node.submit(p) for p in args.prompt), return_exceptions=True
+                )
                 for o in outs:
+                    if isinstance(o, SESSION_FAILURES):  # logged, failed result published
+                        print(f"mw-cli: session failed: {o}", file=sys.stderr)
+                        failed += 1
+                        continue
+                    if isinstance(o, BaseException):
+                        raise o
                     print(o.text)
                     print(
                         f"-- {o.session_id}: {len(o.tokens)} tokens, acceptance "
@@ -241,10 +250,12 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                 if not args.serve:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(node.flush(), 5.0)
                     runner.cancel()
                     notifier.cancel()
     notify_stopping()
-    return 0
+    return 1 if failed else 0  # only without --serve: a served node stops by signal
 
 
 # --- ZeroMQ hub and bridge ----------------------------------------------------------

@@ -91,9 +91,14 @@ class Result:
     text: str
     n_tokens: int
     finish_reason: str
-    verified: bool  # false only if released unverified (never confirmed)
+    # True only for a session that ended normally (stop, length) with every token verified;
+    # false if text was released unverified, or the session failed (``error`` says why).
+    verified: bool
     stats: dict[str, float] = field(default_factory=dict)
     lossy: bool = False
+    # Why a session failed (finish_reason "refused" or "failed"); empty, and not on the
+    # wire, for one that ended normally.
+    error: str = ""
 
     def __post_init__(self) -> None:
         check_id(self.session_id, "result.session_id")
@@ -111,6 +116,7 @@ class Result:
                 "verified": self.verified,
                 "stats": self.stats,
                 "lossy": self.lossy,
+                **({"error": self.error} if self.error else {}),
             },
         )
 
@@ -128,6 +134,7 @@ class Result:
             verified=f.bool("verified"),
             stats=_stats(f.raw("stats", {})),
             lossy=f.bool("lossy", False),
+            error=f.str("error", ""),
         )
 
 

@@ -375,9 +375,11 @@ WIRE_KEYS = {
 def test_wire_field_names_are_stable(msg: Any) -> None:
     data = msg.encode()
     env = msgpack.unpackb(data, raw=False) if msg.TYPE in MSGPACK_TYPES else json.loads(data)
-    optional = {"draft": {"q", "think", "tms"}, "prompt": {"session", "max_new_tokens"}}.get(
-        msg.TYPE, set()
-    )
+    optional = {
+        "draft": {"q", "think", "tms"},
+        "prompt": {"session", "max_new_tokens"},
+        "result": {"error"},
+    }.get(msg.TYPE, set())
     assert WIRE_KEYS[msg.TYPE] <= set(env) <= WIRE_KEYS[msg.TYPE] | optional
     if msg.TYPE == "open":
         assert set(env["sampling"]) == {"mode", "seed", "temperature", "top_k", "top_p"}
