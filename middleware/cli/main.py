@@ -357,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         except BaseExceptionGroup as group:  # a TaskGroup failed: report its first real cause
             raise _first_leaf(group) from group
     except asyncio.CancelledError:  # SIGTERM (systemctl stop): a clean, deliberate stop
-        return EXIT_OK
+        services = sys.modules.get("middleware.cli.services")
+        if services is None or services.stop_requested():
+            return EXIT_OK
+        print("mw-cli: fatal: cancelled without a stop request", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -33,6 +33,7 @@ from middleware.verifier.service import offline_status_payload as verifier_will
 log = structlog.get_logger("middleware.cli")
 
 WILL_DELAY_S = 2.0
+_stop = {"requested": False}  # set by SIGTERM: the only cancellation that is a clean exit
 
 
 def progress(msg: str) -> None:
@@ -110,11 +111,25 @@ async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
         )
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(service.run(), name="verifier")
-                tg.create_task(_notify_when_ready(service.ready), name="sd-notify")
+                await until_done(
+                    tg.create_task(service.run(), name="verifier"),
+                    tg.create_task(_notify_when_ready(service.ready), name="sd-notify"),
+                )
         finally:
             notify_stopping()
     return 0
+
+
+async def until_done(*tasks: asyncio.Task[Any]) -> None:
+    """Wait for a TaskGroup's ``tasks`` inside its body, never in its ``__aexit__``.
+
+    On Python 3.11, a child that fails while the parent task already waits in
+    ``__aexit__`` leaves the parent with a cancellation request TaskGroup never takes
+    back (3.12 fixed it); the next await that checks ``cancelling()`` (the bus's close)
+    then turned the crash into a CancelledError, and ``mw-cli`` exited 0 with no log line,
+    so systemd's ``Restart=on-failure`` never restarted the service.  Waiting in the body,
+    the parent is cancelled there and TaskGroup takes the request back as it should."""
+    await asyncio.wait(tasks)
 
 
 async def _notify_when_ready(ready: asyncio.Event) -> None:
@@ -130,8 +145,18 @@ def stop_on_sigterm() -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     if task is not None:
+
+        def stop() -> None:
+            _stop["requested"] = True
+            task.cancel()
+
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+            loop.add_signal_handler(signal.SIGTERM, stop)
+
+
+def stop_requested() -> bool:
+    """Whether SIGTERM asked us to stop (a CancelledError is then a clean exit)."""
+    return _stop["requested"]
 
 
 # --- node -------------------------------------------------------------------------
@@ -254,6 +279,7 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
                         await asyncio.wait_for(node.flush(), 5.0)
                     runner.cancel()
                     notifier.cancel()
+            await until_done(runner, notifier)
     notify_stopping()
     return 1 if failed else 0  # only without --serve: a served node stops by signal
 
@@ -267,8 +293,12 @@ async def run_hub(cfg: Config, args: argparse.Namespace) -> int:
     log.info("hub_starting", bind=f"{cfg.bus.zmq_host}:{cfg.bus.zmq_port}")
     try:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(serve_hub(cfg.bus.zmq_host, cfg.bus.zmq_port, ready=ready), name="hub")
-            tg.create_task(_notify_when_ready(ready), name="sd-notify")
+            await until_done(
+                tg.create_task(
+                    serve_hub(cfg.bus.zmq_host, cfg.bus.zmq_port, ready=ready), name="hub"
+                ),
+                tg.create_task(_notify_when_ready(ready), name="sd-notify"),
+            )
     finally:
         notify_stopping()
     return 0

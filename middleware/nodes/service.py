@@ -121,15 +121,21 @@ class NodeService:
         link_ready = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            tg.create_task(self.link.run(link_ready), name="link")
-            tg.create_task(self._publish_text(), name="text")
+            tasks = [
+                tg.create_task(self.link.run(link_ready), name="link"),
+                tg.create_task(self._publish_text(), name="text"),
+            ]
             await link_ready.wait()
             inbox = await self.bus.subscribe(self.topics.device_inbox(self.config.device_id))
             await self._publish_status("online")
-            tg.create_task(self._inbox(inbox), name="inbox")
-            tg.create_task(self._status_loop(), name="status")
+            tasks.append(tg.create_task(self._inbox(inbox), name="inbox"))
+            tasks.append(tg.create_task(self._status_loop(), name="status"))
             self.ready.set()
             log.info("node_ready", device=self.config.device_id, drafter=self.drafter_name)
+            # Wait here, not in the TaskGroup's __aexit__: on Python 3.11 a task failing
+            # while the parent waits there leaves the caller's task with a stray
+            # cancellation request (see middleware.cli.services.until_done).
+            await asyncio.wait(tasks)
 
     def submit(
         self,
