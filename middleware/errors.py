@@ -12,6 +12,7 @@ Hierarchy::
      +-- ModelError           a model or tokenizer could not be loaded or used
      +-- SessionError         a session-level failure, carries the ids to diagnose
           +-- VerifierTimeout no verdict arrived in time
+          +-- SessionRefused  the verifier answered ``refused`` (limit, tokenizer, ...)
 
 Library errors are converted where they enter: ``raise BusError(...) from exc``.
 """
@@ -60,3 +61,18 @@ class SessionError(MiddlewareError):
 
 class VerifierTimeout(SessionError):
     """No verdict arrived within the request's deadline."""
+
+
+class SessionRefused(SessionError):
+    """The verifier refused to open or continue the session; ``reason`` is its answer."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        session_id: str | None = None,
+        device_id: str | None = None,
+    ) -> None:
+        super().__init__(message, session_id=session_id, device_id=device_id)
+        self.reason = reason

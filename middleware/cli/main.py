@@ -14,11 +14,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import traceback
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NoReturn
 
 from middleware import __version__
-from middleware.config import Config, load_config
+from middleware.config import (
+    Check,
+    Config,
+    at_least,
+    identifier,
+    load_config,
+    model_spec,
+    parse_setting,
+)
 from middleware.errors import BusError, ConfigError, ModelError, SessionError, TopicError
 from middleware.logs import configure_logging
 
@@ -43,23 +52,69 @@ exit codes: 0 ok, 1 failure, 2 usage/config error, 3 broker unreachable,
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the flag (``mw-cli: --temperature: must be ...``),
+    exit 2: what a systemd journal or a script's log shows, with no usage block around it."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"mw-cli: {message.removeprefix('argument ')}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def setting(section: str, key: str) -> Callable[[str], Any]:
+    """A flag's argparse type: the value of ``[section] key``, checked by the same validator
+    as the config file, so a bad flag is refused while parsing, before anything connects."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_setting(section, key, text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = key
+    return parse
+
+
+def checked(typ: type, check: Check) -> Callable[[str], Any]:
+    """A flag's argparse type for flags that are not config keys (``--timeout``, ``--count``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = typ(text)
+        except ValueError:
+            kind = {int: "an integer", float: "a number"}.get(typ, typ.__name__)
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        problem = check(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = typ.__name__
+    return parse
+
+
+SECONDS = checked(float, lambda v: None if 0 < v < 1e9 else f"must be > 0 seconds, got {v:g}")
+COUNT = checked(int, at_least(1))
+PROMPT = checked(str, lambda v: None if v.strip() else "must not be empty")
+
+
 def _bus_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("bus")
     g.add_argument(
         "--config", help="TOML configuration file (default: $MW_CONFIG, /etc/mw/mw.toml)"
     )
-    g.add_argument("--host", help="MQTT broker host")
-    g.add_argument("--port", type=int, help="MQTT broker port")
-    g.add_argument("--prefix", help="topic prefix (default mw/v1)")
+    g.add_argument("--host", type=setting("bus", "host"), help="MQTT broker host")
+    g.add_argument("--port", type=setting("bus", "port"), help="MQTT broker port")
+    g.add_argument("--prefix", type=setting("bus", "prefix"), help="topic prefix (default mw/v1)")
     g.add_argument("--transport", choices=["mqtt", "zmq"], help="mqtt (broker) or zmq (hub)")
-    g.add_argument("--username")
-    g.add_argument("--password")
+    g.add_argument("--username", type=setting("bus", "username"))
+    g.add_argument("--password", type=setting("bus", "password"))
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     g.add_argument("--log-json", choices=["auto", "true", "false"])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mw-cli",
         description="Distributed, lossless speculative decoding over MQTT.",
         epilog=EPILOG,
@@ -85,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "target model alone.",
         "mw-cli demo --prompts 6 --max-new-tokens 48",
     )
-    p.add_argument("--prompts", type=int, default=6, help="number of prompts (default 6)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--prompts", type=COUNT, default=6, help="number of prompts (default 6)")
+    p.add_argument("--max-new-tokens", type=setting("node", "max_new_tokens"), default=48)
     p.add_argument(
         "--broker",
         choices=["auto", "mosquitto", "memory"],
@@ -94,21 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: local Mosquitto if installed, else an in-process bus",
     )
     p.add_argument("--no-reference", action="store_true", help="skip the target-only comparison")
-    p.add_argument("--model", help="target model spec (default smollm2)")
+    p.add_argument(
+        "--model", type=setting("verifier", "model"), help="target model spec (default smollm2)"
+    )
 
     p = add(
         "verifier",
         "Run the verifier service (target model, batching, verdicts).",
         "mw-cli verifier --model smollm2 --metrics-port 9101",
     )
-    p.add_argument("--id", dest="verifier_id")
-    p.add_argument("--model")
-    p.add_argument("--device", dest="torch_device", help="cpu, cuda, cuda:0 ...")
-    p.add_argument("--dtype")
+    p.add_argument("--id", dest="verifier_id", type=setting("verifier", "id"))
+    p.add_argument("--model", type=setting("verifier", "model"))
+    p.add_argument(
+        "--device",
+        dest="torch_device",
+        type=setting("verifier", "device"),
+        help="cpu, cuda, cuda:0 ...",
+    )
+    p.add_argument("--dtype", type=setting("verifier", "dtype"))
     p.add_argument("--batch-policy", choices=["adaptive", "fixed", "none", "planned"])
-    p.add_argument("--batch-window-ms", type=float)
-    p.add_argument("--max-batch", type=int)
-    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--batch-window-ms", type=setting("verifier", "batch_window_ms"))
+    p.add_argument("--max-batch", type=setting("verifier", "max_batch"))
+    p.add_argument("--metrics-port", type=setting("verifier", "metrics_port"))
     p.add_argument(
         "--shared",
         action="store_const",
@@ -123,17 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
         "Run a device node: drafts locally, verifies through the verifier.",
         "mw-cli node --id pi-1 --drafter ngram --prompt 'What is MQTT?'",
     )
-    p.add_argument("--id", dest="device_id")
-    p.add_argument("--drafter", help="ngram | hf:SPEC | quant4:SPEC | quant3:SPEC")
-    p.add_argument("--tokenizer", help="model spec whose tokenizer to use (default smollm2)")
-    p.add_argument("--mode", choices=["greedy", "coupled", "rejection"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--id", dest="device_id", type=setting("node", "id"))
     p.add_argument(
-        "--prompt", action="append", default=[], help="generate for this prompt (repeatable)"
+        "--drafter",
+        type=setting("node", "drafter"),
+        help="ngram | hf:SPEC | quant4:SPEC | quant3:SPEC",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=setting("node", "tokenizer"),
+        help="model spec whose tokenizer to use (default smollm2)",
+    )
+    p.add_argument("--mode", choices=["greedy", "coupled", "rejection"])
+    p.add_argument("--seed", type=setting("node", "seed"))
+    p.add_argument("--temperature", type=setting("node", "temperature"))
+    p.add_argument("--top-k", type=setting("node", "top_k"))
+    p.add_argument("--top-p", type=setting("node", "top_p"))
+    p.add_argument("--max-new-tokens", type=setting("node", "max_new_tokens"))
+    p.add_argument(
+        "--prompt",
+        type=PROMPT,
+        action="append",
+        default=[],
+        help="generate for this prompt (repeatable)",
     )
     p.add_argument("--serve", action="store_true", help="keep serving the inbox after --prompt")
 
@@ -142,16 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Run a ZeroMQ hub: the broker-less transport for a LAN.",
         "mw-cli hub --zmq-host 0.0.0.0 --zmq-port 5555",
     )
-    p.add_argument("--zmq-host", help="bind address (default from [bus] zmq_host)")
-    p.add_argument("--zmq-port", type=int)
+    p.add_argument(
+        "--zmq-host", type=setting("bus", "zmq_host"), help="bind address (default [bus] zmq_host)"
+    )
+    p.add_argument("--zmq-port", type=setting("bus", "zmq_port"))
 
     p = add(
         "bridge",
         "Relay the topic tree both ways between the MQTT broker and a ZeroMQ hub.",
         "mw-cli bridge --host broker.local --zmq-host hub.local --zmq-port 5555",
     )
-    p.add_argument("--zmq-host", help="the ZeroMQ hub to relay to")
-    p.add_argument("--zmq-port", type=int)
+    p.add_argument("--zmq-host", type=setting("bus", "zmq_host"), help="the ZeroMQ hub to relay to")
+    p.add_argument("--zmq-port", type=setting("bus", "zmq_port"))
 
     p = add(
         "tail",
@@ -169,16 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--type", action="append", default=[], help="only these message types (repeatable)"
     )
-    p.add_argument("--tokenizer", help="decode token ids with this model's tokenizer")
-    p.add_argument("--count", type=int, help="exit after N messages")
-    p.add_argument("--timeout", type=float, help="exit after S seconds")
+    p.add_argument(
+        "--tokenizer",
+        type=checked(str, model_spec),
+        help="decode token ids with this model's tokenizer",
+    )
+    p.add_argument("--count", type=COUNT, help="exit after N messages")
+    p.add_argument("--timeout", type=SECONDS, help="exit after S seconds")
 
     p = add("sessions", "Table of sessions from the retained state.", "mw-cli sessions --wait 1")
-    p.add_argument("--wait", type=float, default=1.0, help="seconds to collect retained messages")
+    p.add_argument("--wait", type=SECONDS, default=1.0, help="seconds to collect retained messages")
     p.add_argument("--json", action="store_true")
 
     p = add("stats", "Verifier and device figures from their retained status.", "mw-cli stats")
-    p.add_argument("--wait", type=float, default=1.0)
+    p.add_argument("--wait", type=SECONDS, default=1.0)
     p.add_argument("--json", action="store_true")
 
     p = add(
@@ -186,11 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Send a prompt to a device's inbox and stream the answer.",
         "mw-cli generate 'What is MQTT?' --device pi-1",
     )
-    p.add_argument("prompt")
-    p.add_argument("--device", required=True, help="device id")
-    p.add_argument("--session", help="session id (default: random)")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("prompt", type=PROMPT)
+    p.add_argument("--device", required=True, type=checked(str, identifier), help="device id")
+    p.add_argument("--session", type=checked(str, identifier), help="session id (default: random)")
+    p.add_argument("--max-new-tokens", type=setting("node", "max_new_tokens"))
+    p.add_argument("--timeout", type=SECONDS, default=300.0)
     return parser
 
 
@@ -277,12 +357,16 @@ def main(argv: list[str] | None = None) -> int:
         except BaseExceptionGroup as group:  # a TaskGroup failed: report its first real cause
             raise _first_leaf(group) from group
     except asyncio.CancelledError:  # SIGTERM (systemctl stop): a clean, deliberate stop
-        return EXIT_OK
+        services = sys.modules.get("middleware.cli.services")
+        if services is None or services.stop_requested():
+            return EXIT_OK
+        print("mw-cli: fatal: cancelled without a stop request", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ConfigError, TopicError) as exc:
-        print(f"mw-cli: configuration error: {exc}", file=sys.stderr)
+        print(f"mw-cli: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BusError as exc:
         print(f"mw-cli: broker unreachable: {exc}", file=sys.stderr)
@@ -292,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_MODEL
     except SessionError as exc:
         print(f"mw-cli: session {exc.session_id}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except Exception as exc:  # a task crashed (a bug): non-zero, so systemd restarts us
+        traceback.print_exception(exc, file=sys.stderr)
+        print(f"mw-cli: fatal: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAIL
 
 

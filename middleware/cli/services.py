@@ -20,7 +20,7 @@ from middleware.errors import ConfigError
 from middleware.metrics import Registry, serve_metrics
 from middleware.nodes.drafters.base import Drafter
 from middleware.nodes.drafters.policy import PolicyConfig
-from middleware.nodes.service import NodeConfig, NodeService
+from middleware.nodes.service import SESSION_FAILURES, NodeConfig, NodeService
 from middleware.nodes.service import offline_status_payload as device_will
 from middleware.nodes.session import SessionConfig
 from middleware.protocol import SamplingParams, Topics
@@ -33,6 +33,7 @@ from middleware.verifier.service import offline_status_payload as verifier_will
 log = structlog.get_logger("middleware.cli")
 
 WILL_DELAY_S = 2.0
+_stop = {"requested": False}  # set by SIGTERM: the only cancellation that is a clean exit
 
 
 def progress(msg: str) -> None:
@@ -91,6 +92,7 @@ def verifier_bus(cfg: Config) -> Bus:
 
 async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
     stop_on_sigterm()
+    config = verifier_config(cfg)  # refuse bad settings before a model load of up to a minute
     loaded, engine = await asyncio.to_thread(build_engine, cfg.verifier)
     registry = Registry()
     async with verifier_bus(cfg) as bus, contextlib.AsyncExitStack() as stack:
@@ -104,16 +106,30 @@ async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
             engine,
             tokenizer_fingerprint=loaded.fingerprint,
             model_name=loaded.name,
-            config=verifier_config(cfg),
+            config=config,
             registry=registry,
         )
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(service.run(), name="verifier")
-                tg.create_task(_notify_when_ready(service.ready), name="sd-notify")
+                await until_done(
+                    tg.create_task(service.run(), name="verifier"),
+                    tg.create_task(_notify_when_ready(service.ready), name="sd-notify"),
+                )
         finally:
             notify_stopping()
     return 0
+
+
+async def until_done(*tasks: asyncio.Task[Any]) -> None:
+    """Wait for a TaskGroup's ``tasks`` inside its body, never in its ``__aexit__``.
+
+    On Python 3.11, a child that fails while the parent task already waits in
+    ``__aexit__`` leaves the parent with a cancellation request TaskGroup never takes
+    back (3.12 fixed it); the next await that checks ``cancelling()`` (the bus's close)
+    then turned the crash into a CancelledError, and ``mw-cli`` exited 0 with no log line,
+    so systemd's ``Restart=on-failure`` never restarted the service.  Waiting in the body,
+    the parent is cancelled there and TaskGroup takes the request back as it should."""
+    await asyncio.wait(tasks)
 
 
 async def _notify_when_ready(ready: asyncio.Event) -> None:
@@ -129,8 +145,18 @@ def stop_on_sigterm() -> None:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     if task is not None:
+
+        def stop() -> None:
+            _stop["requested"] = True
+            task.cancel()
+
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+            loop.add_signal_handler(signal.SIGTERM, stop)
+
+
+def stop_requested() -> bool:
+    """Whether SIGTERM asked us to stop (a CancelledError is then a clean exit)."""
+    return _stop["requested"]
 
 
 # --- node -------------------------------------------------------------------------
@@ -208,14 +234,15 @@ def node_bus(cfg: Config) -> Bus:
 async def run_node(cfg: Config, args: argparse.Namespace) -> int:
     stop_on_sigterm()
     n = cfg.node
-    factory, tok = await asyncio.to_thread(drafter_factory, n.drafter, policy_config(n))
-    tokenizer, fp = await asyncio.to_thread(load_tokenizer, n.tokenizer)
-    node_cfg = NodeConfig(
+    node_cfg = NodeConfig(  # settings first: refused before any model or tokenizer loads
         device_id=n.id,
         prefix=cfg.bus.prefix,
         max_concurrent=n.max_concurrent,
         session=session_config(n),
     )
+    policy = policy_config(n)
+    factory, _ = await asyncio.to_thread(drafter_factory, n.drafter, policy)
+    tokenizer, fp = await asyncio.to_thread(load_tokenizer, n.tokenizer)
     async with node_bus(cfg) as bus:
         node = NodeService(
             bus,
@@ -225,13 +252,22 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
             drafter_name=n.drafter,
             config=node_cfg,
         )
+        failed = 0
         async with asyncio.TaskGroup() as tg:
             runner = tg.create_task(node.run(), name="node")
             notifier = tg.create_task(_notify_when_ready(node.ready), name="sd-notify")
             await node.ready.wait()
             if args.prompt:
-                outs = await asyncio.gather(*(node.submit(p) for p in args.prompt))
+                outs = await asyncio.gather(
+                    *(node.submit(p) for p in args.prompt), return_exceptions=True
+                )
                 for o in outs:
+                    if isinstance(o, SESSION_FAILURES):  # logged, failed result published
+                        print(f"mw-cli: session failed: {o}", file=sys.stderr)
+                        failed += 1
+                        continue
+                    if isinstance(o, BaseException):
+                        raise o
                     print(o.text)
                     print(
                         f"-- {o.session_id}: {len(o.tokens)} tokens, acceptance "
@@ -239,10 +275,13 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                 if not args.serve:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(node.flush(), 5.0)
                     runner.cancel()
                     notifier.cancel()
+            await until_done(runner, notifier)
     notify_stopping()
-    return 0
+    return 1 if failed else 0  # only without --serve: a served node stops by signal
 
 
 # --- ZeroMQ hub and bridge ----------------------------------------------------------
@@ -254,8 +293,12 @@ async def run_hub(cfg: Config, args: argparse.Namespace) -> int:
     log.info("hub_starting", bind=f"{cfg.bus.zmq_host}:{cfg.bus.zmq_port}")
     try:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(serve_hub(cfg.bus.zmq_host, cfg.bus.zmq_port, ready=ready), name="hub")
-            tg.create_task(_notify_when_ready(ready), name="sd-notify")
+            await until_done(
+                tg.create_task(
+                    serve_hub(cfg.bus.zmq_host, cfg.bus.zmq_port, ready=ready), name="hub"
+                ),
+                tg.create_task(_notify_when_ready(ready), name="sd-notify"),
+            )
     finally:
         notify_stopping()
     return 0

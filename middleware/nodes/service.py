@@ -4,6 +4,13 @@ Tasks (one TaskGroup, named): ``link`` (verdict routing), ``inbox`` (prompts
 from ``device/{id}/inbox`` in JSON or plain text), ``text`` (publishes text
 chunks in order), ``status`` (retained presence with acceptance figures; the
 MQTT last will marks the device offline), and one task per session.
+
+A session that fails (the verifier refused it: its limits, a tokenizer mismatch; or it
+became unreachable with offline mode off) ends with a retained failed result
+(``verified: false``, ``fin: refused|failed``, ``error``: why) and a log line, and the
+node keeps serving: one prompt must not take a device's other sessions down.  Anything
+else escaping a task is a bug: it ends the TaskGroup, and ``mw-cli node`` exits non-zero
+so systemd's ``Restart=on-failure`` restarts it.
 """
 
 from __future__ import annotations
@@ -12,14 +19,14 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 
 from middleware.broker_bridge.bus import CONTENT_JSON, Bus
-from middleware.errors import MiddlewareError, ProtocolError
+from middleware.errors import MiddlewareError, ProtocolError, SessionError, SessionRefused
 from middleware.nodes.drafters.base import Drafter
 from middleware.nodes.link import BusLink
 from middleware.nodes.session import DeviceSession, SessionConfig
@@ -29,6 +36,10 @@ from middleware.protocol import DeviceStatus, PromptRequest, Result, TextChunk, 
 log = structlog.get_logger("middleware.node")
 
 OUTCOMES_KEPT = 256  # NodeService.outcomes keeps the latest ones only
+
+# What ends one session, not the node (ProtocolError: a prompt or setting the wire format
+# refuses, e.g. a prompt beyond the context limit).
+SESSION_FAILURES = (SessionError, ProtocolError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +106,7 @@ class NodeService:
         # The latest outcomes only: a node runs for months, one Outcome per session would pile up.
         self.outcomes: deque[Outcome] = deque(maxlen=OUTCOMES_KEPT)
         self.sessions_done = 0
+        self.sessions_failed = 0
         self.active: set[str] = set()
         self._text: asyncio.Queue[TextChunk | Result] = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
@@ -109,15 +121,21 @@ class NodeService:
         link_ready = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            tg.create_task(self.link.run(link_ready), name="link")
-            tg.create_task(self._publish_text(), name="text")
+            tasks = [
+                tg.create_task(self.link.run(link_ready), name="link"),
+                tg.create_task(self._publish_text(), name="text"),
+            ]
             await link_ready.wait()
             inbox = await self.bus.subscribe(self.topics.device_inbox(self.config.device_id))
             await self._publish_status("online")
-            tg.create_task(self._inbox(inbox), name="inbox")
-            tg.create_task(self._status_loop(), name="status")
+            tasks.append(tg.create_task(self._inbox(inbox), name="inbox"))
+            tasks.append(tg.create_task(self._status_loop(), name="status"))
             self.ready.set()
             log.info("node_ready", device=self.config.device_id, drafter=self.drafter_name)
+            # Wait here, not in the TaskGroup's __aexit__: on Python 3.11 a task failing
+            # while the parent waits there leaves the caller's task with a stray
+            # cancellation request (see middleware.cli.services.until_done).
+            await asyncio.wait(tasks)
 
     def submit(
         self,
@@ -126,15 +144,52 @@ class NodeService:
         session_id: str | None = None,
         max_new_tokens: int | None = None,
         chat: bool = True,
-    ) -> asyncio.Task[Outcome]:
-        """Start a generation in the service's task group (the service must be running)."""
+    ) -> asyncio.Future[Outcome]:
+        """Start a generation in the service's task group (the service must be running).
+
+        The future holds the Outcome, or the session's failure (a SESSION_FAILURES error,
+        after its failed result was published); a failure never ends the service."""
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._start(prompt, session_id, max_new_tokens, chat, fut)
+        return fut
+
+    def _start(
+        self,
+        prompt: str,
+        session_id: str | None,
+        max_new_tokens: int | None,
+        chat: bool,
+        fut: asyncio.Future[Outcome] | None,
+    ) -> None:
         if self._tg is None:
             raise RuntimeError("NodeService.run() is not running")
         sid = session_id or f"{self.config.device_id}-{uuid.uuid4().hex[:8]}"
-        return self._tg.create_task(
-            self.generate(prompt, session_id=sid, max_new_tokens=max_new_tokens, chat=chat),
+        self._tg.create_task(
+            self._guarded(
+                self.generate(prompt, session_id=sid, max_new_tokens=max_new_tokens, chat=chat),
+                fut,
+            ),
             name=f"session-{sid}",
         )
+
+    @staticmethod
+    async def _guarded(
+        run: Coroutine[Any, Any, Outcome], fut: asyncio.Future[Outcome] | None
+    ) -> None:
+        """Run one session inside the TaskGroup: its failure goes to ``fut`` (already logged
+        and published as a failed result), never into the group."""
+        try:
+            outcome = await run
+        except SESSION_FAILURES as exc:
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+            return
+        except BaseException:
+            if fut is not None:
+                fut.cancel()
+            raise
+        if fut is not None and not fut.done():
+            fut.set_result(outcome)
 
     async def generate(
         self, prompt: str, *, session_id: str, max_new_tokens: int | None = None, chat: bool = True
@@ -168,6 +223,9 @@ class NodeService:
             await self.link.attach(session_id)
             try:
                 tokens = await session.run()
+            except SESSION_FAILURES as exc:
+                self._failed(session, stream, exc)
+                raise
             finally:
                 self.active.discard(session_id)
                 await self.link.detach(session_id)
@@ -199,6 +257,34 @@ class NodeService:
             )
             return outcome
 
+    def _failed(self, session: DeviceSession, stream: TextStream, exc: Exception) -> None:
+        """Log a failed session and queue its retained failed result (the outcome a waiting
+        ``mw-cli generate`` or dashboard gets instead of only a timeout)."""
+        refused = isinstance(exc, SessionRefused)
+        finish = "refused" if refused else "failed"
+        committed = len(session.committed)
+        self.sessions_failed += 1
+        log.warning(
+            "session_failed",
+            session=session.session_id,
+            finish_reason=finish,
+            error=str(exc)[:500],
+            tokens=committed,
+        )
+        self._text.put_nowait(
+            Result(
+                session_id=session.session_id,
+                device_id=self.config.device_id,
+                text=stream.text,
+                n_tokens=committed,
+                finish_reason=finish,
+                verified=False,
+                stats=session.stats.as_dict(committed),
+                lossy=stream.lossy,
+                error=str(exc)[:4096] or type(exc).__name__,
+            )
+        )
+
     # --- tasks -------------------------------------------------------------------
     async def _inbox(self, sub: Any) -> None:
         async for msg in sub:
@@ -207,12 +293,7 @@ class NodeService:
             except ProtocolError as exc:
                 log.warning("prompt_rejected", error=str(exc)[:200])
                 continue
-            self.submit(
-                req.prompt,
-                session_id=req.session_id,
-                max_new_tokens=req.max_new_tokens,
-                chat=req.chat,
-            )
+            self._start(req.prompt, req.session_id, req.max_new_tokens, req.chat, None)
 
     async def _publish_text(self) -> None:
         """Publish text chunks and results in order; while the link is down, wait and retry
@@ -237,6 +318,12 @@ class NodeService:
                     log.warning("text_publish_retry", topic=topic, error=str(exc), retry_in=delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
+            self._text.task_done()
+
+    async def flush(self) -> None:
+        """Wait until every queued text chunk and result is published: ``mw-cli node
+        --prompt`` without ``--serve`` stops only after its results are out."""
+        await self._text.join()
 
     def _emit(self, item: TextChunk) -> None:
         self._text.put_nowait(item)
@@ -249,6 +336,7 @@ class NodeService:
             "acceptance_rate": t["accepted"] / t["proposed"] if t["proposed"] else 0.0,
             "mean_accepted": t["accepted"] / t["rounds"] if t["rounds"] else 0.0,
             "sessions_done": float(self.sessions_done),
+            "sessions_failed": float(self.sessions_failed),
             "tokens": t["tokens"],
         }
         return DeviceStatus(

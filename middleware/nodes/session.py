@@ -31,7 +31,7 @@ from typing import Protocol
 
 import structlog
 
-from middleware.errors import BusError, SessionError
+from middleware.errors import BusError, SessionError, SessionRefused
 from middleware.nodes.drafters.base import Drafter, Proposal
 from middleware.nodes.link import OwnerLost
 from middleware.protocol import CloseSession, Draft, OpenSession, SamplingParams, Verdict
@@ -269,8 +269,9 @@ class DeviceSession:
                     raise LinkDown
                 continue
             if v.kind == "refused":
-                raise SessionError(
+                raise SessionRefused(
                     f"verifier refused the session: {v.reason}",
+                    reason=v.reason,
                     session_id=self.session_id,
                     device_id=self.device_id,
                 )
@@ -415,7 +416,9 @@ class DeviceSession:
             await self._open()
             return
         if v.kind == "refused":
-            raise SessionError(f"draft refused: {v.reason}", session_id=self.session_id)
+            raise SessionRefused(
+                f"draft refused: {v.reason}", reason=v.reason, session_id=self.session_id
+            )
         if v.next_len:
             self.drafter.hint(v.next_len)
         self._apply(v, draft)

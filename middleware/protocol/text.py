@@ -94,11 +94,16 @@ class Result:
     text: str
     n_tokens: int
     finish_reason: str
-    verified: bool  # false only if released unverified (never confirmed)
+    # True only for a session that ended normally (stop, length) with every token verified;
+    # false if text was released unverified, or the session failed (``error`` says why).
+    verified: bool
     stats: dict[str, float] = field(default_factory=dict)
     lossy: bool = False
     instance: str = ""  # the session instance the text belongs to
     request: str = ""  # the inbox request's id, when it carried one
+    # Why a session failed (finish_reason "refused" or "failed"); empty, and not on the
+    # wire, for one that ended normally.
+    error: str = ""
 
     def __post_init__(self) -> None:
         check_id(self.session_id, "result.session_id")
@@ -120,6 +125,7 @@ class Result:
                 "lossy": self.lossy,
                 "inst": self.instance,
                 "request": self.request,
+                **({"error": self.error} if self.error else {}),
             },
         )
 
@@ -139,6 +145,7 @@ class Result:
             lossy=f.bool("lossy", False),
             instance=f.str("inst", "", 64),
             request=f.str("request", "", 64),
+            error=f.str("error", ""),
         )
 
 

@@ -100,7 +100,9 @@ FULL: dict[str, Any] = {
     "device_status": DeviceStatus("pi-1", "online", "ngram", "fp", ("s-1",), {"a": 0.5}, 1.5),
     "verifier_status": VerifierStatus("v-1", "degraded", "m", "fp", 3, {"b": 2.0}, 1.5),
     "text": TextChunk("s-1", "pi-1", 0, "provisional", 0, 2, "Hi", final=True, lossy=True),
-    "result": Result("s-1", "pi-1", "Hi.", 3, "stop", True, {"tok_s": 9.5}, lossy=False),
+    "result": Result(
+        "s-1", "pi-1", "Hi.", 3, "refused", False, {"tok_s": 9.5}, lossy=False, error="full"
+    ),
     "prompt": PromptRequest(
         "Hello", session_id="s-9", max_new_tokens=16, chat=False, request_id="r-1"
     ),

@@ -424,6 +424,7 @@ def test_wire_field_names_are_stable(msg: Any) -> None:
     optional = {
         "draft": {"q", "think", "tms"},
         "prompt": {"session", "max_new_tokens", "request"},
+        "result": {"error"},
     }.get(msg.TYPE, set())
     assert WIRE_KEYS[msg.TYPE] <= set(env) <= WIRE_KEYS[msg.TYPE] | optional
     if msg.TYPE == "open":
