@@ -86,6 +86,8 @@ class NodeSection:
     max_draft: int = 8
     max_failures: int = 3
     offline: bool = True
+    metrics_port: int = 0  # device-side Prometheus endpoint; 0: none
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)

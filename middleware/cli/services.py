@@ -216,7 +216,7 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
         max_concurrent=n.max_concurrent,
         session=session_config(n),
     )
-    async with node_bus(cfg) as bus:
+    async with node_bus(cfg) as bus, contextlib.AsyncExitStack() as stack:
         node = NodeService(
             bus,
             tokenizer=tokenizer,
@@ -225,6 +225,11 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
             drafter_name=n.drafter,
             config=node_cfg,
         )
+        if n.metrics_port:
+            port = await stack.enter_async_context(
+                serve_metrics(node.metrics.registry, n.metrics_host, n.metrics_port)
+            )
+            log.info("metrics_endpoint", url=f"http://{n.metrics_host}:{port}/metrics")
         async with asyncio.TaskGroup() as tg:
             runner = tg.create_task(node.run(), name="node")
             notifier = tg.create_task(_notify_when_ready(node.ready), name="sd-notify")

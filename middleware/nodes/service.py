@@ -22,6 +22,7 @@ from middleware.broker_bridge.bus import CONTENT_JSON, Bus
 from middleware.errors import MiddlewareError, ProtocolError
 from middleware.nodes.drafters.base import Drafter
 from middleware.nodes.link import BusLink
+from middleware.nodes.metrics import DeviceMetrics
 from middleware.nodes.session import DeviceSession, SessionConfig
 from middleware.nodes.text import TextStream
 from middleware.protocol import DeviceStatus, PromptRequest, Result, TextChunk, Topics
@@ -103,6 +104,7 @@ class NodeService:
         # Local delivery of every text chunk as it is produced (a local UI, a test), also
         # while the bus is down: provisional text reaches the user even offline.
         self.on_text: Callable[[TextChunk], None] | None = None
+        self.metrics = DeviceMetrics()  # served only when [node] metrics_port is set
 
     async def run(self) -> None:
         """Serve the inbox until cancelled."""
@@ -164,17 +166,21 @@ class NodeService:
                 sink=stream,
                 config=cfg,
             )
+            session.stats.observe = self.metrics.observe
             self.active.add(session_id)
+            self.metrics.active.set(len(self.active))
             await self.link.attach(session_id)
             try:
                 tokens = await session.run()
             finally:
                 self.active.discard(session_id)
+                self.metrics.active.set(len(self.active))
                 await self.link.detach(session_id)
             stats = session.stats.as_dict(len(tokens))
             for k in ("proposed", "accepted", "rounds"):
                 self._totals[k] += stats[k]
             self._totals["tokens"] += len(tokens)
+            self.metrics.session_done(stats)
             outcome = Outcome(session_id, tuple(tokens), stream.text, session.finish_reason, stats)
             self.outcomes.append(outcome)
             self.sessions_done += 1
