@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", help="session id (default: random)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--timeout", type=float, default=300.0)
+
+    p = add(
+        "decommission",
+        "Remove a device: clear its Home Assistant discovery configs and retained status.",
+        "mw-cli decommission pi-1",
+    )
+    p.add_argument("device", help="device id")
     return parser
 
 
@@ -245,6 +252,7 @@ def _commands() -> dict[str, Callable[[Config, argparse.Namespace], Coroutine[An
         "sessions": tools.sessions,
         "stats": tools.stats,
         "generate": tools.generate,
+        "decommission": tools.decommission,
         "hub": services.run_hub,
         "bridge": services.run_bridge,
     }

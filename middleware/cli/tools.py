@@ -77,21 +77,34 @@ async def tail(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def _collect_retained(cfg: Config, filters: list[str], wait: float) -> list[Any]:
-    out = []
+    """Retained messages on every filter, read concurrently for ``wait`` seconds.
+
+    One reader per filter: reading them one after another spent the whole wait on the first
+    filter (``stats`` never listed devices).  Keyed by topic, so a status seen twice (retained
+    copy, then a live update) is listed once, latest first wins."""
+    by_topic: dict[str, Any] = {}
     async with tool_bus(cfg, "query") as bus:
         subs = [await bus.subscribe(f) for f in filters]
         deadline = time.monotonic() + wait
-        for sub in subs:
+
+        async def drain(sub: Any) -> None:
             while (remaining := deadline - time.monotonic()) > 0:
                 try:
                     msg = await sub.get(remaining)
                 except TimeoutError:
                     break
+                if not msg.payload:  # a cleared retained topic (decommissioned)
+                    by_topic.pop(msg.topic, None)
+                    continue
                 try:
-                    out.append(decode(msg.payload))
+                    by_topic[msg.topic] = decode(msg.payload)
                 except ProtocolError:
                     continue
-    return out
+
+        async with asyncio.TaskGroup() as tg:
+            for sub in subs:
+                tg.create_task(drain(sub))
+    return list(by_topic.values())
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -248,4 +261,18 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
             f"acceptance={r.stats.get('acceptance_rate', 0):.0%}",
             file=sys.stderr,
         )
+    return 0
+
+
+async def decommission(cfg: Config, args: argparse.Namespace) -> int:
+    """Empty retained payloads on the device's discovery configs (Home Assistant deletes the
+    entities) and on its status topic (``stats`` stops listing it)."""
+    from middleware.protocol.homeassistant import device_removal
+
+    t = Topics(cfg.bus.prefix)
+    targets = [*device_removal(t, args.device), t.device_status(args.device)]
+    async with tool_bus(cfg, "decommission") as bus:
+        for topic in targets:
+            await bus.publish(topic, b"", qos=1, retain=True)
+    print(f"decommissioned {args.device}: {len(targets)} retained topics cleared", file=sys.stderr)
     return 0

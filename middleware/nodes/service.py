@@ -26,6 +26,7 @@ from middleware.nodes.metrics import DeviceMetrics
 from middleware.nodes.session import DeviceSession, SessionConfig
 from middleware.nodes.text import TextStream
 from middleware.protocol import DeviceStatus, PromptRequest, Result, TextChunk, Topics
+from middleware.protocol.homeassistant import device_configs
 
 log = structlog.get_logger("middleware.node")
 
@@ -38,6 +39,7 @@ class NodeConfig:
     prefix: str = "mw/v1"
     max_concurrent: int = 4
     status_interval: float = 5.0
+    ha_discovery: bool = True  # retained Home Assistant discovery configs under homeassistant/
     session: SessionConfig = field(default_factory=SessionConfig)
 
 
@@ -100,7 +102,13 @@ class NodeService:
         self._text: asyncio.Queue[TextChunk | Result] = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
         self._tg: asyncio.TaskGroup | None = None
-        self._totals = {"proposed": 0.0, "accepted": 0.0, "rounds": 0.0, "tokens": 0.0}
+        self._totals = {
+            "proposed": 0.0,
+            "accepted": 0.0,
+            "rounds": 0.0,
+            "tokens": 0.0,
+            "elapsed_s": 0.0,
+        }
         # Local delivery of every text chunk as it is produced (a local UI, a test), also
         # while the bus is down: provisional text reaches the user even offline.
         self.on_text: Callable[[TextChunk], None] | None = None
@@ -116,6 +124,8 @@ class NodeService:
             await link_ready.wait()
             inbox = await self.bus.subscribe(self.topics.device_inbox(self.config.device_id))
             await self._publish_status("online")
+            if self.config.ha_discovery:
+                await self.publish_discovery()
             tg.create_task(self._inbox(inbox), name="inbox")
             tg.create_task(self._status_loop(), name="status")
             self.ready.set()
@@ -180,6 +190,7 @@ class NodeService:
             for k in ("proposed", "accepted", "rounds"):
                 self._totals[k] += stats[k]
             self._totals["tokens"] += len(tokens)
+            self._totals["elapsed_s"] += stats["elapsed_s"]
             self.metrics.session_done(stats)
             outcome = Outcome(session_id, tuple(tokens), stream.text, session.finish_reason, stats)
             self.outcomes.append(outcome)
@@ -256,6 +267,7 @@ class NodeService:
             "mean_accepted": t["accepted"] / t["rounds"] if t["rounds"] else 0.0,
             "sessions_done": float(self.sessions_done),
             "tokens": t["tokens"],
+            "tokens_per_s": t["tokens"] / t["elapsed_s"] if t["elapsed_s"] else 0.0,
         }
         return DeviceStatus(
             device_id=self.config.device_id,
@@ -275,6 +287,11 @@ class NodeService:
             retain=True,
             content_type=CONTENT_JSON,
         )
+
+    async def publish_discovery(self) -> None:
+        """Retained Home Assistant discovery configs (see middleware/protocol/homeassistant)."""
+        for topic, payload in device_configs(self.topics, self.config.device_id, self.drafter_name):
+            await self.bus.publish(topic, payload, qos=1, retain=True, content_type=CONTENT_JSON)
 
     async def _status_loop(self) -> None:
         while True:
