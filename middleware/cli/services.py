@@ -111,9 +111,20 @@ async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(service.run(), name="verifier")
                 tg.create_task(_notify_when_ready(service.ready), name="sd-notify")
+                tg.create_task(_verifier_discovery(bus, cfg, service), name="ha-discovery")
         finally:
             notify_stopping()
     return 0
+
+
+async def _verifier_discovery(bus: Bus, cfg: Config, service: VerifierService) -> None:
+    """Retained Home Assistant discovery configs for this verifier, once it is ready."""
+    from middleware.protocol.homeassistant import verifier_configs
+
+    await service.ready.wait()
+    t = Topics(cfg.bus.prefix)
+    for topic, payload in verifier_configs(t, cfg.verifier.id, service.model_name):
+        await bus.publish(topic, payload, qos=1, retain=True, content_type="application/json")
 
 
 async def _notify_when_ready(ready: asyncio.Event) -> None:

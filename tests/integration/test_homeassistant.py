@@ -175,3 +175,16 @@ async def test_stats_lists_each_device_and_verifier_once(
         assert r.stdout.count("v-1") == 1
         for topic in (t.device_status("pi-1"), t.device_status("pi-2"), t.verifier_status("v-1")):
             await bus.publish(topic, b"", qos=1, retain=True)
+
+
+def test_verifier_configs_follow_ha_schema() -> None:
+    from middleware.protocol.homeassistant import verifier_configs
+
+    t = Topics("mw/v1")
+    configs = verifier_configs(t, "v-1", "SmolLM2-135M")
+    assert {topic.split("/")[3] for topic, _ in configs} >= {"online", "status", "sessions"}
+    for topic, payload in configs:
+        component = topic.split("/")[1]
+        cfg = json.loads(payload)
+        assert set(cfg) <= ALLOWED[component], set(cfg) - ALLOWED[component]
+        assert cfg["state_topic"] == t.verifier_status("v-1")
