@@ -10,6 +10,8 @@ import time
 import uuid
 from typing import Any
 
+import structlog
+
 from middleware.broker_bridge.bus import CONTENT_JSON, Bus
 from middleware.broker_bridge.factory import make_bus
 from middleware.cli.render import describe, human_line
@@ -274,5 +276,5 @@ async def decommission(cfg: Config, args: argparse.Namespace) -> int:
     async with tool_bus(cfg, "decommission") as bus:
         for topic in targets:
             await bus.publish(topic, b"", qos=1, retain=True)
-    print(f"decommissioned {args.device}: {len(targets)} retained topics cleared", file=sys.stderr)
+    structlog.get_logger("mw.cli").info("decommissioned", device=args.device, cleared=len(targets))
     return 0
