@@ -217,6 +217,26 @@ async def stats(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+# `generate` to a device whose retained status says offline, or that has none: a distinct
+# exit status so scripts can tell "device down" from "broker down" (3) or "no result" (1).
+EXIT_DEVICE_UNAVAILABLE = 5
+STATUS_WAIT_S = 2.0  # retained messages arrive right after SUBACK; 2 s is generous
+
+
+async def _device_status(bus: Bus, topic: str, wait: float) -> DeviceStatus | None:
+    async with bus.subscribe(topic) as sub:
+        try:
+            msg = await sub.get(wait)
+        except TimeoutError:
+            return None
+    if not msg.payload:
+        return None
+    try:
+        return decode(msg.payload, expect=DeviceStatus)
+    except ProtocolError:
+        return None
+
+
 async def generate(cfg: Config, args: argparse.Namespace) -> int:
     t = Topics(cfg.bus.prefix)
     sid = args.session or f"gen-{uuid.uuid4().hex[:8]}"
@@ -226,6 +246,19 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
         bus.subscribe(t.session(args.device, sid, "text")) as text,
         bus.subscribe(t.session(args.device, sid, "result")) as res,
     ):
+        # The device's retained status first: an offline or unknown device would otherwise
+        # leave us waiting the whole --timeout (300 s) in silence.
+        status = await _device_status(
+            bus, t.device_status(args.device), min(STATUS_WAIT_S, args.timeout)
+        )
+        if status is None or not status.online:
+            why = (
+                "has no retained status (unknown or decommissioned)"
+                if status is None
+                else ("is offline (its retained status says so)")
+            )
+            print(f"mw-cli: device {args.device} {why}; nothing sent", file=sys.stderr)
+            return EXIT_DEVICE_UNAVAILABLE
         await bus.publish(
             t.device_inbox(args.device), req.encode(), qos=1, content_type=CONTENT_JSON
         )
