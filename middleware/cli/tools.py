@@ -52,7 +52,10 @@ async def tail(cfg: Config, args: argparse.Namespace) -> int:
     seen = 0
     deadline = time.monotonic() + args.timeout if args.timeout else None
     async with tool_bus(cfg, "tail") as bus, bus.subscribe(filter_) as sub:
-        print(f"# tail {filter_} on {cfg.bus.host}:{cfg.bus.port}", file=sys.stderr, flush=True)
+        if sys.stderr.isatty():
+            print(f"# tail {filter_} on {cfg.bus.host}:{cfg.bus.port}", file=sys.stderr, flush=True)
+        else:  # every stderr line is JSON off a terminal
+            structlog.get_logger("mw.cli").info("tail_subscribed", filter=filter_)
         while args.count is None or seen < args.count:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -61,7 +64,7 @@ async def tail(cfg: Config, args: argparse.Namespace) -> int:
                 msg = await sub.get(remaining)
             except TimeoutError:
                 break
-            d = describe(msg, tokenizer)
+            d = describe(msg, tokenizer, wire=bool(args.json))
             if types and d["type"] not in types:
                 continue
             seen += 1
