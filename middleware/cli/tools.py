@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
@@ -31,6 +32,11 @@ from middleware.protocol import (
 
 def tool_bus(cfg: Config, role: str) -> Bus:
     return make_bus(cfg.bus, f"mw-{role}-{uuid.uuid4().hex[:8]}")
+
+
+def _colour() -> bool:
+    """ANSI colours only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
 
 
 def _print(line: str) -> None:
@@ -275,9 +281,7 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
                 except ProtocolError:
                     continue
                 marker = {"provisional": "\x1b[2m", "correction": "\x1b[33m"}.get(c.kind, "")
-                sys.stdout.write(
-                    f"{marker}{c.text}\x1b[0m" if marker and sys.stdout.isatty() else c.text
-                )
+                sys.stdout.write(f"{marker}{c.text}\x1b[0m" if marker and _colour() else c.text)
                 sys.stdout.flush()
 
         async with asyncio.TaskGroup() as tg:
