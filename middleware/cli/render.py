@@ -78,7 +78,7 @@ def describe(msg: BusMessage, tokenizer: Any = None, *, wire: bool = False) -> d
             )
             return out
     try:
-        value = decode(msg.payload)
+        value: Any = decode(msg.payload)
     except ProtocolError as exc:
         out["type"] = "unknown"
         try:
