@@ -214,6 +214,8 @@ class NodeSection:
     max_draft: int = setting(8, between(1, 256))
     max_failures: int = setting(3, at_least(1))
     offline: bool = setting(True, None)
+    metrics_port: int = setting(0, between(0, 65_535))  # device-side Prometheus endpoint; 0: none
+    metrics_host: str = setting("127.0.0.1", hostname)
 
 
 @dataclass(frozen=True, slots=True)

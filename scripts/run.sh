@@ -29,6 +29,8 @@ ensure_system_packages() {
     if [ "${1:-}" = "test" ]; then
         command -v openssl >/dev/null 2>&1 || missing+=(openssl)
         command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+        # promtool (Debian package prometheus) checks the metrics endpoint and deploy/ rules.
+        command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
     fi
     [ ${#missing[@]} -eq 0 ] && return 0
     local sudo=""

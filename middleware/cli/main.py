@@ -271,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", type=checked(str, identifier), help="session id (default: random)")
     p.add_argument("--max-new-tokens", type=setting("node", "max_new_tokens"))
     p.add_argument("--timeout", type=SECONDS, default=300.0)
+
+    p = add(
+        "decommission",
+        "Remove a device: clear its Home Assistant discovery configs and retained status.",
+        "mw-cli decommission pi-1",
+    )
+    p.add_argument("device", type=checked(str, identifier), help="device id")
     return parser
 
 
@@ -325,6 +332,7 @@ def _commands() -> dict[str, Callable[[Config, argparse.Namespace], Coroutine[An
         "sessions": tools.sessions,
         "stats": tools.stats,
         "generate": tools.generate,
+        "decommission": tools.decommission,
         "hub": services.run_hub,
         "bridge": services.run_bridge,
     }

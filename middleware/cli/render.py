@@ -10,7 +10,8 @@ from typing import Any
 
 from middleware.broker_bridge.bus import BusMessage
 from middleware.errors import ProtocolError
-from middleware.protocol import decode
+from middleware.protocol import PromptRequest, decode
+from middleware.protocol.codec import unpack
 
 KEY_FIELDS: dict[str, tuple[str, ...]] = {
     "open": ("device_id", "epoch", "seq", "prompt", "committed", "max_new_tokens", "drafter"),
@@ -46,11 +47,38 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def describe(msg: BusMessage, tokenizer: Any = None) -> dict[str, Any]:
-    """A JSON-able description: time, topic, type, fields (token text when a tokenizer is given)."""
+def _wire(value: Any) -> dict[str, Any]:
+    """The message's fields under their wire (AsyncAPI) names, as a consumer sees them."""
+    env = unpack(value.encode())
+    return {k: _plain(v) for k, v in env.items() if k not in ("v", "t")}
+
+
+def describe(msg: BusMessage, tokenizer: Any = None, *, wire: bool = False) -> dict[str, Any]:
+    """A JSON-able description: time, topic, type, fields (token text when a tokenizer is given).
+
+    ``wire=True`` (``tail --json``) names fields as on the wire and in docs/asyncapi.yaml
+    (``sid``, ``n``...); the human line keeps the descriptive names.  Inbox prompts, which
+    any IoT stack may send as plain text or untyped JSON, are decoded as prompts."""
     out: dict[str, Any] = {"ts": round(time.time(), 3), "topic": msg.topic, "retain": msg.retain}
+    if msg.topic.endswith("/inbox"):
+        try:
+            req = PromptRequest.parse(msg.payload)
+        except ProtocolError:
+            pass
+        else:
+            out["type"] = "prompt"
+            out["msg"] = (
+                {
+                    "prompt": req.prompt,
+                    "session": req.session_id,
+                    "max_new_tokens": req.max_new_tokens,
+                }
+                if wire
+                else _plain(req)
+            )
+            return out
     try:
-        value = decode(msg.payload)
+        value: Any = decode(msg.payload)
     except ProtocolError as exc:
         out["type"] = "unknown"
         try:
@@ -63,7 +91,7 @@ def describe(msg: BusMessage, tokenizer: Any = None) -> dict[str, Any]:
         out["error"] = str(exc)[:200]
         return out
     out["type"] = value.TYPE
-    fields = _plain(value)
+    fields = _wire(value) if wire else _plain(value)
     if tokenizer is not None:
         for key in ("tokens", "committed", "prompt"):
             if isinstance(fields.get(key), list) and fields[key]:

@@ -114,6 +114,7 @@ async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
                 await until_done(
                     tg.create_task(service.run(), name="verifier"),
                     tg.create_task(_notify_when_ready(service.ready), name="sd-notify"),
+                    tg.create_task(_verifier_discovery(bus, cfg, service), name="ha-discovery"),
                 )
         finally:
             notify_stopping()
@@ -130,6 +131,16 @@ async def until_done(*tasks: asyncio.Task[Any]) -> None:
     so systemd's ``Restart=on-failure`` never restarted the service.  Waiting in the body,
     the parent is cancelled there and TaskGroup takes the request back as it should."""
     await asyncio.wait(tasks)
+
+
+async def _verifier_discovery(bus: Bus, cfg: Config, service: VerifierService) -> None:
+    """Retained Home Assistant discovery configs for this verifier, once it is ready."""
+    from middleware.protocol.homeassistant import verifier_configs
+
+    await service.ready.wait()
+    t = Topics(cfg.bus.prefix)
+    for topic, payload in verifier_configs(t, cfg.verifier.id, service.model_name):
+        await bus.publish(topic, payload, qos=1, retain=True, content_type="application/json")
 
 
 async def _notify_when_ready(ready: asyncio.Event) -> None:
@@ -243,7 +254,7 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
     policy = policy_config(n)
     factory, _ = await asyncio.to_thread(drafter_factory, n.drafter, policy)
     tokenizer, fp = await asyncio.to_thread(load_tokenizer, n.tokenizer)
-    async with node_bus(cfg) as bus:
+    async with node_bus(cfg) as bus, contextlib.AsyncExitStack() as stack:
         node = NodeService(
             bus,
             tokenizer=tokenizer,
@@ -253,6 +264,11 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
             config=node_cfg,
         )
         failed = 0
+        if n.metrics_port:
+            port = await stack.enter_async_context(
+                serve_metrics(node.metrics.registry, n.metrics_host, n.metrics_port)
+            )
+            log.info("metrics_endpoint", url=f"http://{n.metrics_host}:{port}/metrics")
         async with asyncio.TaskGroup() as tg:
             runner = tg.create_task(node.run(), name="node")
             notifier = tg.create_task(_notify_when_ready(node.ready), name="sd-notify")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
 from typing import Any
+
+import structlog
 
 from middleware.broker_bridge.bus import CONTENT_JSON, Bus
 from middleware.broker_bridge.factory import make_bus
@@ -31,6 +34,11 @@ def tool_bus(cfg: Config, role: str) -> Bus:
     return make_bus(cfg.bus, f"mw-{role}-{uuid.uuid4().hex[:8]}")
 
 
+def _colour() -> bool:
+    """ANSI colours only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
 def _print(line: str) -> None:
     try:
         print(line, flush=True)
@@ -50,7 +58,10 @@ async def tail(cfg: Config, args: argparse.Namespace) -> int:
     seen = 0
     deadline = time.monotonic() + args.timeout if args.timeout else None
     async with tool_bus(cfg, "tail") as bus, bus.subscribe(filter_) as sub:
-        print(f"# tail {filter_} on {cfg.bus.host}:{cfg.bus.port}", file=sys.stderr, flush=True)
+        if sys.stderr.isatty():
+            print(f"# tail {filter_} on {cfg.bus.host}:{cfg.bus.port}", file=sys.stderr, flush=True)
+        else:  # every stderr line is JSON off a terminal
+            structlog.get_logger("mw.cli").info("tail_subscribed", filter=filter_)
         while args.count is None or seen < args.count:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -59,7 +70,7 @@ async def tail(cfg: Config, args: argparse.Namespace) -> int:
                 msg = await sub.get(remaining)
             except TimeoutError:
                 break
-            d = describe(msg, tokenizer)
+            d = describe(msg, tokenizer, wire=bool(args.json))
             if types and d["type"] not in types:
                 continue
             seen += 1
@@ -77,21 +88,34 @@ async def tail(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def _collect_retained(cfg: Config, filters: list[str], wait: float) -> list[Any]:
-    out = []
+    """Retained messages on every filter, read concurrently for ``wait`` seconds.
+
+    One reader per filter: reading them one after another spent the whole wait on the first
+    filter (``stats`` never listed devices).  Keyed by topic, so a status seen twice (retained
+    copy, then a live update) is listed once, latest first wins."""
+    by_topic: dict[str, Any] = {}
     async with tool_bus(cfg, "query") as bus:
         subs = [await bus.subscribe(f) for f in filters]
         deadline = time.monotonic() + wait
-        for sub in subs:
+
+        async def drain(sub: Any) -> None:
             while (remaining := deadline - time.monotonic()) > 0:
                 try:
                     msg = await sub.get(remaining)
                 except TimeoutError:
                     break
+                if not msg.payload:  # a cleared retained topic (decommissioned)
+                    by_topic.pop(msg.topic, None)
+                    continue
                 try:
-                    out.append(decode(msg.payload))
+                    by_topic[msg.topic] = decode(msg.payload)
                 except ProtocolError:
                     continue
-    return out
+
+        async with asyncio.TaskGroup() as tg:
+            for sub in subs:
+                tg.create_task(drain(sub))
+    return list(by_topic.values())
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -202,6 +226,26 @@ async def stats(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+# `generate` to a device whose retained status says offline, or that has none: a distinct
+# exit status so scripts can tell "device down" from "broker down" (3) or "no result" (1).
+EXIT_DEVICE_UNAVAILABLE = 5
+STATUS_WAIT_S = 2.0  # retained messages arrive right after SUBACK; 2 s is generous
+
+
+async def _device_status(bus: Bus, topic: str, wait: float) -> DeviceStatus | None:
+    async with bus.subscribe(topic) as sub:
+        try:
+            msg = await sub.get(wait)
+        except TimeoutError:
+            return None
+    if not msg.payload:
+        return None
+    try:
+        return decode(msg.payload, expect=DeviceStatus)
+    except ProtocolError:
+        return None
+
+
 async def generate(cfg: Config, args: argparse.Namespace) -> int:
     t = Topics(cfg.bus.prefix)
     sid = args.session or f"gen-{uuid.uuid4().hex[:8]}"
@@ -211,6 +255,19 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
         bus.subscribe(t.session(args.device, sid, "text")) as text,
         bus.subscribe(t.session(args.device, sid, "result")) as res,
     ):
+        # The device's retained status first: an offline or unknown device would otherwise
+        # leave us waiting the whole --timeout (300 s) in silence.
+        status = await _device_status(
+            bus, t.device_status(args.device), min(STATUS_WAIT_S, args.timeout)
+        )
+        if status is None or not status.online:
+            why = (
+                "has no retained status (unknown or decommissioned)"
+                if status is None
+                else ("is offline (its retained status says so)")
+            )
+            print(f"mw-cli: device {args.device} {why}; nothing sent", file=sys.stderr)
+            return EXIT_DEVICE_UNAVAILABLE
         await bus.publish(
             t.device_inbox(args.device), req.encode(), qos=1, content_type=CONTENT_JSON
         )
@@ -224,9 +281,7 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
                 except ProtocolError:
                     continue
                 marker = {"provisional": "\x1b[2m", "correction": "\x1b[33m"}.get(c.kind, "")
-                sys.stdout.write(
-                    f"{marker}{c.text}\x1b[0m" if marker and sys.stdout.isatty() else c.text
-                )
+                sys.stdout.write(f"{marker}{c.text}\x1b[0m" if marker and _colour() else c.text)
                 sys.stdout.flush()
 
         async with asyncio.TaskGroup() as tg:
@@ -248,4 +303,18 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
             f"acceptance={r.stats.get('acceptance_rate', 0):.0%}",
             file=sys.stderr,
         )
+    return 0
+
+
+async def decommission(cfg: Config, args: argparse.Namespace) -> int:
+    """Empty retained payloads on the device's discovery configs (Home Assistant deletes the
+    entities) and on its status topic (``stats`` stops listing it)."""
+    from middleware.protocol.homeassistant import device_removal
+
+    t = Topics(cfg.bus.prefix)
+    targets = [*device_removal(t, args.device), t.device_status(args.device)]
+    async with tool_bus(cfg, "decommission") as bus:
+        for topic in targets:
+            await bus.publish(topic, b"", qos=1, retain=True)
+    structlog.get_logger("mw.cli").info("decommissioned", device=args.device, cleared=len(targets))
     return 0

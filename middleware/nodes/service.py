@@ -29,9 +29,11 @@ from middleware.broker_bridge.bus import CONTENT_JSON, Bus
 from middleware.errors import MiddlewareError, ProtocolError, SessionError, SessionRefused
 from middleware.nodes.drafters.base import Drafter
 from middleware.nodes.link import BusLink
+from middleware.nodes.metrics import DeviceMetrics
 from middleware.nodes.session import DeviceSession, SessionConfig
 from middleware.nodes.text import TextStream
 from middleware.protocol import DeviceStatus, PromptRequest, Result, TextChunk, Topics
+from middleware.protocol.homeassistant import device_configs
 
 log = structlog.get_logger("middleware.node")
 
@@ -48,6 +50,7 @@ class NodeConfig:
     prefix: str = "mw/v1"
     max_concurrent: int = 4
     status_interval: float = 5.0
+    ha_discovery: bool = True  # retained Home Assistant discovery configs under homeassistant/
     session: SessionConfig = field(default_factory=SessionConfig)
 
 
@@ -111,10 +114,17 @@ class NodeService:
         self._text: asyncio.Queue[TextChunk | Result] = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
         self._tg: asyncio.TaskGroup | None = None
-        self._totals = {"proposed": 0.0, "accepted": 0.0, "rounds": 0.0, "tokens": 0.0}
+        self._totals = {
+            "proposed": 0.0,
+            "accepted": 0.0,
+            "rounds": 0.0,
+            "tokens": 0.0,
+            "elapsed_s": 0.0,
+        }
         # Local delivery of every text chunk as it is produced (a local UI, a test), also
         # while the bus is down: provisional text reaches the user even offline.
         self.on_text: Callable[[TextChunk], None] | None = None
+        self.metrics = DeviceMetrics()  # served only when [node] metrics_port is set
 
     async def run(self) -> None:
         """Serve the inbox until cancelled."""
@@ -128,6 +138,8 @@ class NodeService:
             await link_ready.wait()
             inbox = await self.bus.subscribe(self.topics.device_inbox(self.config.device_id))
             await self._publish_status("online")
+            if self.config.ha_discovery:
+                await self.publish_discovery()
             tasks.append(tg.create_task(self._inbox(inbox), name="inbox"))
             tasks.append(tg.create_task(self._status_loop(), name="status"))
             self.ready.set()
@@ -219,7 +231,9 @@ class NodeService:
                 sink=stream,
                 config=cfg,
             )
+            session.stats.observe = self.metrics.observe
             self.active.add(session_id)
+            self.metrics.active.set(len(self.active))
             await self.link.attach(session_id)
             try:
                 tokens = await session.run()
@@ -228,11 +242,14 @@ class NodeService:
                 raise
             finally:
                 self.active.discard(session_id)
+                self.metrics.active.set(len(self.active))
                 await self.link.detach(session_id)
             stats = session.stats.as_dict(len(tokens))
             for k in ("proposed", "accepted", "rounds"):
                 self._totals[k] += stats[k]
             self._totals["tokens"] += len(tokens)
+            self._totals["elapsed_s"] += stats["elapsed_s"]
+            self.metrics.session_done(stats)
             outcome = Outcome(session_id, tuple(tokens), stream.text, session.finish_reason, stats)
             self.outcomes.append(outcome)
             self.sessions_done += 1
@@ -338,6 +355,7 @@ class NodeService:
             "sessions_done": float(self.sessions_done),
             "sessions_failed": float(self.sessions_failed),
             "tokens": t["tokens"],
+            "tokens_per_s": t["tokens"] / t["elapsed_s"] if t["elapsed_s"] else 0.0,
         }
         return DeviceStatus(
             device_id=self.config.device_id,
@@ -357,6 +375,11 @@ class NodeService:
             retain=True,
             content_type=CONTENT_JSON,
         )
+
+    async def publish_discovery(self) -> None:
+        """Retained Home Assistant discovery configs (see middleware/protocol/homeassistant)."""
+        for topic, payload in device_configs(self.topics, self.config.device_id, self.drafter_name):
+            await self.bus.publish(topic, payload, qos=1, retain=True, content_type=CONTENT_JSON)
 
     async def _status_loop(self) -> None:
         while True:

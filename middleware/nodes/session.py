@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -122,6 +122,13 @@ class SessionStats:
     corrections: int = 0
     started: float = field(default_factory=time.monotonic)
     finished: float = 0.0
+    # Optional observer for the device's Prometheus endpoint: called with ("draft_s" |
+    # "round_trip_s" | "offline_s", seconds).  None (the default) costs nothing.
+    observe: Callable[[str, float], None] | None = field(default=None, repr=False, compare=False)
+
+    def note(self, what: str, seconds: float) -> None:
+        if self.observe is not None:
+            self.observe(what, seconds)
 
     def as_dict(self, n_tokens: int) -> dict[str, float]:
         elapsed = (self.finished or time.monotonic()) - self.started
@@ -337,6 +344,7 @@ class DeviceSession:
         p = await asyncio.to_thread(
             self.drafter.propose, list(self.committed), list(after), max_tokens, position
         )
+        self.stats.note("draft_s", time.monotonic() - t0)
         if p.tokens:
             per_token = (time.monotonic() - t0) / len(p.tokens)
             self._token_s = (
@@ -410,6 +418,7 @@ class DeviceSession:
             self.stats.resends += 1
             return
         self.stats.rounds += 1
+        self.stats.note("round_trip_s", time.monotonic() - sent)
         if v.kind == "resync":
             self.stats.reopens += 1
             self.speculative = []
@@ -466,6 +475,7 @@ class DeviceSession:
         """Release drafts as provisional text, keep drafting, probe until a verifier answers."""
         cfg = self.config
         self.stats.offline_periods += 1
+        went_offline = time.monotonic()
         self._log.warning(
             "offline", committed=len(self.committed), speculative=len(self.speculative)
         )
@@ -485,6 +495,7 @@ class DeviceSession:
                 interval = min(cfg.probe_interval_max, interval * 2)
                 continue
             self._failures = 0
+            self.stats.note("offline_s", time.monotonic() - went_offline)
             self._log.info("online_again", provisional=len(self.shown))
             return
 

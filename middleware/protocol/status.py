@@ -81,7 +81,9 @@ class DeviceStatus:
                 "tokenizer": self.tokenizer,
                 "sessions": list(self.sessions),
                 "stats": self.stats,
-                "at": self.at,
+                # A last will is written at connect time, so its time is unknown: omitted
+                # rather than 0.0, which Home Assistant and Grafana show as 1970.
+                **({"at": self.at} if self.at else {}),
             },
         )
 
@@ -136,7 +138,9 @@ class VerifierStatus:
                 "tokenizer": self.tokenizer,
                 "sessions": self.sessions,
                 "stats": self.stats,
-                "at": self.at,
+                # A last will is written at connect time, so its time is unknown: omitted
+                # rather than 0.0, which Home Assistant and Grafana show as 1970.
+                **({"at": self.at} if self.at else {}),
             },
         )
 

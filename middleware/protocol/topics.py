@@ -71,6 +71,11 @@ def _level(part: str, what: str) -> str:
     return "+" if part in ("*", "+") else _checked(part, what)
 
 
+HA_PREFIX = "homeassistant"
+HA_COMPONENTS = ("sensor", "binary_sensor")
+_HA_ID_RE = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
     """Builds and parses every topic of the middleware."""
@@ -102,6 +107,28 @@ class Topics:
 
     def verifier_status(self, verifier_id: str) -> str:
         return self._build("verifier", verifier_id, "status")
+
+    def ha_discovery(
+        self, component: str, node_id: str, object_id: str, discovery_prefix: str = HA_PREFIX
+    ) -> str:
+        """Home Assistant discovery: ``{discovery_prefix}/{component}/{node}/{object}/config``.
+
+        Outside the middleware prefix (Home Assistant listens on its own prefix); node ids
+        are made of the middleware prefix and the device or verifier id, so two fleets on one
+        broker do not collide."""
+        if component not in HA_COMPONENTS:
+            raise TopicError(f"unknown Home Assistant component {component!r}")
+        parts = (node_id, object_id)
+        for part in parts:
+            if not _HA_ID_RE.fullmatch(part):
+                raise TopicError(f"invalid Home Assistant id {part!r}")
+        root = _checked(discovery_prefix, "discovery prefix")
+        return f"{root}/{component}/{node_id}/{object_id}/config"
+
+    def ha_node_id(self, kind: str, ident: str) -> str:
+        """``mw_v1_device_pi-1``: the discovery node id of a device or verifier."""
+        raw = f"{self.prefix}_{kind}_{_checked(ident, f'{kind} id')}"
+        return re.sub(r"[^a-zA-Z0-9_-]", "_", raw)
 
     # --- filters -----------------------------------------------------------
     def all_sessions(self, leaf: SessionLeaf | Literal["#"]) -> str:

@@ -24,7 +24,13 @@ from middleware.broker_bridge.bus import (
     Subscription,
 )
 from middleware.errors import BusError, ProtocolError, TopicError
-from middleware.metrics import Registry
+from middleware.metrics import (
+    BATCH_BUCKETS,
+    LATENCY_BUCKETS,
+    SECONDS_BUCKETS,
+    TOKEN_BUCKETS,
+    Registry,
+)
 from middleware.protocol import (
     DEFAULT_LIMITS,
     CloseSession,
@@ -36,7 +42,7 @@ from middleware.protocol import (
     VerifierStatus,
     decode,
 )
-from middleware.protocol.session import trace_id
+from middleware.protocol.session import VERDICT_KINDS, trace_id
 from middleware.protocol.topics import DEFAULT_SHARE_GROUP
 from middleware.verifier.acceptance import RelaxedAcceptance
 from middleware.verifier.batcher import BatchConfig, Batcher, Pending
@@ -84,6 +90,22 @@ class VerifierConfig:
     limits: Limits = DEFAULT_LIMITS
 
 
+# Known refusal reasons, pre-initialised so alert rules see a 0 series from the start.
+REJECT_REASONS = (
+    "malformed",
+    "bad_topic",
+    "foreign_session",
+    "tokenizer_mismatch",
+    "token_out_of_range",
+    "session_taken",
+    "stale_epoch",
+    "too_many_sessions",
+    "device_session_limit",
+    "queue_full",
+    "verify_failed",
+)
+
+
 class VerifierMetrics:
     """The verifier's Prometheus metrics, named in one place."""
 
@@ -100,22 +122,38 @@ class VerifierMetrics:
         self.accepted = r.counter("mw_verifier_accepted_tokens_total", "Draft tokens accepted")
         self.committed = r.counter("mw_verifier_committed_tokens_total", "Tokens committed")
         self.rejected = r.counter(
-            "mw_verifier_rejected_messages_total", "Messages refused, by reason"
+            "mw_verifier_rejected_messages_total",
+            "Messages refused, by reason",
+            ("reason",),
+            ({"reason": k} for k in REJECT_REASONS),
         )
-        self.answers = r.counter("mw_verifier_answers_total", "Verdicts by kind")
-        self.batch_size = r.summary("mw_verifier_batch_size", "Drafts per forward pass")
-        self.accepted_len = r.summary(
-            "mw_verifier_accepted_length", "Accepted draft tokens per round"
+        self.answers = r.counter(
+            "mw_verifier_answers_total",
+            "Verdicts by kind",
+            ("kind",),
+            ({"kind": k} for k in VERDICT_KINDS),
         )
-        self.tokens_per_round = r.summary(
-            "mw_verifier_tokens_per_round", "Committed tokens per round"
+        self.batch_size = r.histogram(
+            "mw_verifier_batch_size", "Drafts per forward pass", BATCH_BUCKETS
         )
-        self.queue_wait = r.summary("mw_verifier_queue_wait_seconds", "Arrival to forward start")
-        self.forward_time = r.summary("mw_verifier_forward_seconds", "Forward pass duration")
+        self.accepted_len = r.histogram(
+            "mw_verifier_accepted_length", "Accepted draft tokens per round", TOKEN_BUCKETS
+        )
+        self.tokens_per_round = r.histogram(
+            "mw_verifier_tokens_per_round", "Committed tokens per round", TOKEN_BUCKETS
+        )
+        self.queue_wait = r.histogram(
+            "mw_verifier_queue_wait_seconds", "Arrival to forward start", LATENCY_BUCKETS
+        )
+        self.forward_time = r.histogram(
+            "mw_verifier_forward_seconds", "Forward pass duration", SECONDS_BUCKETS
+        )
         self.sessions = r.gauge("mw_verifier_live_sessions", "Sessions owned by this verifier")
-        self.evictions = r.gauge(
+        # A counter (it only grows); exported as mw_verifier_kv_evictions_total.
+        self.evictions = r.counter(
             "mw_verifier_kv_evictions", "KV caches evicted under the memory budget"
         )
+        self._evictions_seen = 0
         self.relaxed = r.counter(
             "mw_verifier_relaxed_tokens_total",
             "LOSSY relaxed mode: accepted tokens the target would not have chosen",
@@ -529,7 +567,10 @@ class VerifierService:
         m.forwards.inc()
         m.batch_size.observe(result.batch_size)
         m.forward_time.observe(result.forward_s)
-        m.evictions.set(float(getattr(self.engine, "evictions", 0)))
+        seen = int(getattr(self.engine, "evictions", 0))
+        if seen > m._evictions_seen:
+            m.evictions.inc(seen - m._evictions_seen)
+            m._evictions_seen = seen
         sends = []
         for inp, out in zip(inputs, result.outputs, strict=True):
             s = self.sessions.get(out.session_id)
