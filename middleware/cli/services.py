@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -25,10 +25,10 @@ from middleware.nodes.service import offline_status_payload as device_will
 from middleware.nodes.session import SessionConfig
 from middleware.protocol import SamplingParams, Topics
 from middleware.systemd import notify_ready, notify_stopping, watchdog_loop
-from middleware.verifier.acceptance import RelaxedAcceptance
-from middleware.verifier.batcher import BatchConfig
-from middleware.verifier.service import VerifierConfig, VerifierService
-from middleware.verifier.service import offline_status_payload as verifier_will
+
+if TYPE_CHECKING:  # the verifier stack imports torch: only `mw-cli verifier` loads it
+    from middleware.verifier.acceptance import RelaxedAcceptance
+    from middleware.verifier.service import VerifierConfig
 
 log = structlog.get_logger("middleware.cli")
 
@@ -41,6 +41,9 @@ def progress(msg: str) -> None:
 
 # --- verifier -------------------------------------------------------------------
 def verifier_config(cfg: Config) -> VerifierConfig:
+    from middleware.verifier.batcher import BatchConfig
+    from middleware.verifier.service import VerifierConfig
+
     v = cfg.verifier
     return VerifierConfig(
         verifier_id=v.id,
@@ -63,6 +66,8 @@ def verifier_config(cfg: Config) -> VerifierConfig:
 def _relaxed(v: VerifierSection) -> RelaxedAcceptance | None:
     if not v.relaxed_lossy:
         return None
+    from middleware.verifier.acceptance import RelaxedAcceptance
+
     try:
         return RelaxedAcceptance(v.relaxed_ratio, v.relaxed_confidence)
     except ValueError as exc:
@@ -84,12 +89,16 @@ def build_engine(v: VerifierSection, loaded: Any = None) -> tuple[Any, Any]:
 
 
 def verifier_bus(cfg: Config) -> Bus:
+    from middleware.verifier.service import offline_status_payload as verifier_will
+
     vid = cfg.verifier.id
     will = Will(Topics(cfg.bus.prefix).verifier_status(vid), verifier_will(vid), qos=1, retain=True)
     return make_bus(cfg.bus, f"mw-verifier-{vid}", will=will)
 
 
 async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
+    from middleware.verifier.service import VerifierService
+
     stop_on_sigterm()
     loaded, engine = await asyncio.to_thread(build_engine, cfg.verifier)
     registry = Registry()
