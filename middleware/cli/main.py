@@ -124,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         "mw-cli node --id pi-1 --drafter ngram --prompt 'What is MQTT?'",
     )
     p.add_argument("--id", dest="device_id")
-    p.add_argument("--drafter", help="ngram | hf:SPEC | quant4:SPEC | quant3:SPEC")
+    p.add_argument(
+        "--drafter",
+        help="ngram | llamacpp[@THREADS]:GGUF|smollm2 | hf:SPEC | quant4:SPEC | quant3:SPEC",
+    )
     p.add_argument("--tokenizer", help="model spec whose tokenizer to use (default smollm2)")
     p.add_argument("--mode", choices=["greedy", "coupled", "rejection"])
     p.add_argument("--seed", type=int)

@@ -176,6 +176,9 @@ def drafter_factory(
     ds = DrafterSpec.parse(spec, policy)
     if ds.kind == "ngram":
         return (lambda: make_drafter(ds)), None
+    if ds.kind == "llamacpp":  # one llama.cpp context per session; the weights are mmapped
+        make_drafter(ds)  # load once now: a bad path fails at start-up, not per session
+        return (lambda: make_drafter(ds)), None
     from middleware.models.loading import load_causal_lm
     from middleware.nodes.drafters.hf import HFDrafter
     from middleware.nodes.drafters.policy import DraftPolicy
