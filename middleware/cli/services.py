@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -25,10 +25,10 @@ from middleware.nodes.service import offline_status_payload as device_will
 from middleware.nodes.session import SessionConfig
 from middleware.protocol import SamplingParams, Topics
 from middleware.systemd import notify_ready, notify_stopping, watchdog_loop
-from middleware.verifier.acceptance import RelaxedAcceptance
-from middleware.verifier.batcher import BatchConfig
-from middleware.verifier.service import VerifierConfig, VerifierService
-from middleware.verifier.service import offline_status_payload as verifier_will
+
+if TYPE_CHECKING:  # the verifier stack imports torch: only `mw-cli verifier` loads it
+    from middleware.verifier.acceptance import RelaxedAcceptance
+    from middleware.verifier.service import VerifierConfig
 
 log = structlog.get_logger("middleware.cli")
 
@@ -42,6 +42,9 @@ def progress(msg: str) -> None:
 
 # --- verifier -------------------------------------------------------------------
 def verifier_config(cfg: Config) -> VerifierConfig:
+    from middleware.verifier.batcher import BatchConfig
+    from middleware.verifier.service import VerifierConfig
+
     v = cfg.verifier
     return VerifierConfig(
         verifier_id=v.id,
@@ -64,6 +67,8 @@ def verifier_config(cfg: Config) -> VerifierConfig:
 def _relaxed(v: VerifierSection) -> RelaxedAcceptance | None:
     if not v.relaxed_lossy:
         return None
+    from middleware.verifier.acceptance import RelaxedAcceptance
+
     try:
         return RelaxedAcceptance(v.relaxed_ratio, v.relaxed_confidence)
     except ValueError as exc:
@@ -85,12 +90,16 @@ def build_engine(v: VerifierSection, loaded: Any = None) -> tuple[Any, Any]:
 
 
 def verifier_bus(cfg: Config) -> Bus:
+    from middleware.verifier.service import offline_status_payload as verifier_will
+
     vid = cfg.verifier.id
     will = Will(Topics(cfg.bus.prefix).verifier_status(vid), verifier_will(vid), qos=1, retain=True)
     return make_bus(cfg.bus, f"mw-verifier-{vid}", will=will)
 
 
 async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
+    from middleware.verifier.service import VerifierService
+
     stop_on_sigterm()
     config = verifier_config(cfg)  # refuse bad settings before a model load of up to a minute
     loaded, engine = await asyncio.to_thread(build_engine, cfg.verifier)
@@ -203,6 +212,9 @@ def drafter_factory(
 
     ds = DrafterSpec.parse(spec, policy)
     if ds.kind == "ngram":
+        return (lambda: make_drafter(ds)), None
+    if ds.kind == "llamacpp":  # one llama.cpp context per session; the weights are mmapped
+        make_drafter(ds)  # load once now: a bad path fails at start-up, not per session
         return (lambda: make_drafter(ds)), None
     from middleware.models.loading import load_causal_lm
     from middleware.nodes.drafters.hf import HFDrafter

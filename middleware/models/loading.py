@@ -147,6 +147,19 @@ def load_causal_lm(
 def load_tokenizer(spec: str) -> tuple[Any, str]:
     """Only the tokenizer of ``spec`` and its fingerprint (for devices that draft without a model)."""
     source = _resolve(spec)
+    if source.gguf_file:
+        # Devices: the GGUF's own tokenizer through `tokenizers`, no transformers/torch import.
+        from middleware.models.light_tokenizer import UnsupportedTokenizer, load_gguf_tokenizer
+
+        try:
+            light = load_gguf_tokenizer(Path(source.path) / source.gguf_file)
+            return light, tokenizer_fingerprint(light)
+        except (ImportError, UnsupportedTokenizer):
+            pass  # transformers below
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(
+                f"cannot load the tokenizer of {spec!r}: {type(exc).__name__}: {exc}"
+            ) from exc
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:

@@ -5,6 +5,7 @@ Specs (``make_drafter``)::
     ngram            prompt lookup, n = 3 (``ngram:4`` for n = 4); no model
     hf:MODEL         a small causal LM, e.g. ``hf:smollm2`` or ``hf:/path/to/dir``
     quant4:MODEL     a 4-bit copy of MODEL made here (``quant3:``... likewise)
+    llamacpp:GGUF    llama.cpp on a ``.gguf`` file or ``smollm2`` (``llamacpp@2:`` = 2 threads)
 
 ``MODEL`` is anything :func:`middleware.models.load_causal_lm` accepts.  The
 model stack (torch, transformers) is imported only for model drafters.
@@ -23,7 +24,7 @@ from middleware.nodes.drafters.policy import METRICS, DraftPolicy, Metric, Polic
 if TYPE_CHECKING:
     from middleware.models.loading import LoadedModel
 
-Kind = Literal["ngram", "hf", "quant"]
+Kind = Literal["ngram", "hf", "quant", "llamacpp"]
 
 __all__ = [
     "METRICS",
@@ -50,11 +51,14 @@ class DrafterSpec:
     group_size: int = 32
     symmetric: bool = True
     embeddings: bool = False  # quant: also quantize the embedding (and a tied head)
+    threads: int = 1  # llamacpp only: llama.cpp n_threads
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ngram", "hf", "quant"):
-            raise ConfigError(f"drafter kind {self.kind!r} not one of ngram, hf, quant")
+        if self.kind not in ("ngram", "hf", "quant", "llamacpp"):
+            raise ConfigError(f"drafter kind {self.kind!r} not one of ngram, hf, quant, llamacpp")
+        if self.threads < 1:
+            raise ConfigError("llamacpp drafter: threads must be >= 1")
         if self.kind != "ngram" and not self.model:
             raise ConfigError(f"drafter {self.kind!r} needs a model spec")
         if self.kind == "quant" and self.bits not in (2, 3, 4, 5, 6, 8):
@@ -77,6 +81,11 @@ class DrafterSpec:
             raise ConfigError(f"drafter spec {text!r}: expected KIND:MODEL")
         if head == "hf":
             return cls("hf", rest, policy=pol)
+        if head == "llamacpp" or head.startswith("llamacpp@"):
+            threads = head.partition("@")[2] or "1"
+            if not threads.isdigit():
+                raise ConfigError(f"drafter spec {text!r}: llamacpp@N needs an int N")
+            return cls("llamacpp", rest, threads=int(threads), policy=pol)
         if head.startswith("quant") and head[5:].isdigit():
             return cls("quant", rest, bits=int(head[5:]), policy=pol)
         raise ConfigError(f"drafter spec {text!r}: unknown kind {head!r}")
@@ -84,6 +93,8 @@ class DrafterSpec:
     def __str__(self) -> str:
         if self.kind == "ngram":
             return "ngram" if self.n == 3 else f"ngram:{self.n}"
+        if self.kind == "llamacpp":
+            return f"llamacpp{'' if self.threads == 1 else f'@{self.threads}'}:{self.model}"
         return f"{self.kind}{self.bits if self.kind == 'quant' else ''}:{self.model}"
 
 
@@ -111,6 +122,11 @@ def make_drafter(
     label = name or str(spec)
     if spec.kind == "ngram":
         return NGramDrafter(spec.n, DraftPolicy(spec.policy), name=label)
+    if spec.kind == "llamacpp":
+        from middleware.nodes.drafters.llamacpp import LlamaCppDrafter, load_llama
+
+        llama = load_llama(spec.model, n_threads=spec.threads)
+        return LlamaCppDrafter(llama, DraftPolicy(spec.policy), name=label)
     loaded = base or _load(spec.model, device, models)
     if spec.kind == "hf":
         from middleware.nodes.drafters.hf import HFDrafter
