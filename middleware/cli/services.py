@@ -29,6 +29,7 @@ from middleware.systemd import notify_ready, notify_stopping, watchdog_loop
 if TYPE_CHECKING:  # the verifier stack imports torch: only `mw-cli verifier` loads it
     from middleware.verifier.acceptance import RelaxedAcceptance
     from middleware.verifier.service import VerifierConfig
+    from middleware.verifier.service import VerifierService
 
 log = structlog.get_logger("middleware.cli")
 
