@@ -219,9 +219,7 @@ class Bus(ABC):
     ) -> None:
         """Publish; for QoS >= 1 returns once the transport has taken the message."""
 
-    def subscribe(
-        self, filter_: str = "", *, qos: int = 1, maxsize: int = 10_000
-    ) -> _SubscribeCtx:
+    def subscribe(self, filter_: str = "", *, qos: int = 1, maxsize: int = 10_000) -> _SubscribeCtx:
         """Subscribe to a filter; use as ``async with bus.subscribe(f) as sub``
         or ``sub = await bus.subscribe(f)``.  With no filter the subscription starts
         empty and filters are added with :meth:`Subscription.add`."""

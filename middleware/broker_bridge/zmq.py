@@ -58,10 +58,10 @@ from middleware.broker_bridge._aio import Wakeup
 from middleware.broker_bridge._aio import backoff as _backoff
 from middleware.broker_bridge._aio import cancel_and_wait as _cancel
 from middleware.broker_bridge.bus import Bus, Will
-from middleware.broker_bridge.mqtt import check_filter, check_topic
 from middleware.broker_bridge.zmq_hub import DEFAULT_PORT, HubSettings, HubStats, ZmqHub, serve_hub
 from middleware.broker_bridge.zmq_pump import Pump
 from middleware.errors import BusClosedError, BusError, ConfigError, ProtocolError, TopicError
+from middleware.protocol.topics import check_filter, check_topic
 
 __all__ = [
     "DEFAULT_PORT",

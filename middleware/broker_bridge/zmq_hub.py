@@ -59,10 +59,9 @@ import zmq
 
 from middleware.broker_bridge import zmq_wire as w
 from middleware.broker_bridge.bus import BusMessage, Will
-from middleware.broker_bridge.mqtt import check_filter, check_topic
 from middleware.broker_bridge.zmq_pump import Pump
 from middleware.errors import BusError, ConfigError, ProtocolError, TopicError
-from middleware.protocol.topics import matches, strip_share
+from middleware.protocol.topics import check_filter, check_topic, matches, strip_share
 
 log = structlog.get_logger("middleware.zmq.hub")
 

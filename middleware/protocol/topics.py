@@ -254,3 +254,24 @@ def matches(filter_: str, topic: str) -> bool:
         if part != "+" and part != t[i]:
             return False
     return len(f) == len(t)
+
+
+def check_topic(topic: str) -> None:
+    """Raise TopicError unless ``topic`` is a valid MQTT topic name (no wildcards)."""
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic or len(topic.encode()) > 65535:
+        raise TopicError(f"invalid topic name {topic!r}")
+
+
+def check_filter(filter_: str) -> None:
+    """Raise TopicError unless ``filter_`` is a valid MQTT topic filter (shares allowed)."""
+    if not filter_ or len(filter_.encode()) > 65535 or "\x00" in filter_:
+        raise TopicError(f"invalid topic filter {filter_!r}")
+    if filter_.startswith("$share/"):
+        group = filter_.split("/", 2)[1]
+        if not group or "+" in group or "#" in group:
+            raise TopicError(f"invalid share group in {filter_!r}")
+    levels = strip_share(filter_).split("/")
+    for i, level in enumerate(levels):
+        bad_hash = "#" in level and (level != "#" or i != len(levels) - 1)
+        if bad_hash or ("+" in level and level != "+"):
+            raise TopicError(f"invalid wildcard in topic filter {filter_!r}")

@@ -15,6 +15,8 @@ from middleware.protocol.topics import (
     SESSION_LEAVES,
     VERIFIER_LEAVES,
     TopicRef,
+    check_filter,
+    check_topic,
     strip_share,
 )
 
@@ -313,3 +315,27 @@ def test_builders_and_filters_agree(did: str, sid: str, leaf: str, other: str) -
     if other not in SESSION_LEAVES:
         assert matches(T.subtree(f"session/{other}"), topic) is (other == sid)
     assert not matches(T.all_device_status(), topic)
+
+
+@pytest.mark.parametrize("topic", ["mw/v1/session/1/draft", "a", "$SYS/x", "a//b"])
+def test_check_topic_accepts_names(topic: str) -> None:
+    check_topic(topic)
+
+
+@pytest.mark.parametrize("topic", ["", "a/+/b", "a/#", "a\x00b", "x" * 65536])
+def test_check_topic_rejects_wildcards_and_bad_names(topic: str) -> None:
+    with pytest.raises(TopicError):
+        check_topic(topic)
+
+
+@pytest.mark.parametrize("filter_", ["a/+/b", "a/#", "#", "$share/g/a/+", "a/b"])
+def test_check_filter_accepts_filters(filter_: str) -> None:
+    check_filter(filter_)
+
+
+@pytest.mark.parametrize(
+    "filter_", ["", "a/#/b", "a/b#", "a+/b", "$share//a", "$share/g+/a", "$share/g"]
+)
+def test_check_filter_rejects_malformed(filter_: str) -> None:
+    with pytest.raises(TopicError):
+        check_filter(filter_)
