@@ -69,6 +69,13 @@ DEVICE = "bench-dev"
 DRAFT_LEN = 4
 PROMPT = (1, 2, 3)
 MAX_NEW = 4000  # tokens per session before it is rotated
+# The verifier admits at most 64 sessions per device; the load spreads its sessions over devices
+# of 32 each so that none is refused (a refusal fails the run instead of skewing the figure).
+SESSIONS_PER_DEVICE = 32
+
+
+def _device_of(i: int) -> str:
+    return f"{DEVICE}-{i // SESSIONS_PER_DEVICE}"
 
 
 def _fast_paho(name: str, port: int) -> paho.Client:
@@ -184,6 +191,7 @@ def load_main(port: int, sessions: int, seconds: float, mode: str) -> None:
     c = _fast_paho(f"load-{mode}", port)
     lock = threading.Lock()
     state: dict[str, list[int]] = {}  # sid -> [epoch, seq, base, gen]
+    device: dict[str, str] = {}  # sid -> device id
     counts = {"verdicts": 0, "opens": 0, "unexpected": 0}
     started = threading.Event()
     stop_at = [float("inf")]
@@ -191,10 +199,10 @@ def load_main(port: int, sessions: int, seconds: float, mode: str) -> None:
     def send_open(sid: str) -> None:
         state[sid] = [1, 0, 0, state.get(sid, [0, 0, 0, 0])[3]]
         c.publish(
-            topics.session(DEVICE, sid, "open"),
+            topics.session(device[sid], sid, "open"),
             OpenSession(
                 session_id=sid,
-                device_id=DEVICE,
+                device_id=device[sid],
                 epoch=1,
                 seq=0,
                 tokenizer="noop",
@@ -210,7 +218,7 @@ def load_main(port: int, sessions: int, seconds: float, mode: str) -> None:
         draft = Draft(
             sid, st[0], st[1], st[2], tuple((st[2] + j) % 60 + 1 for j in range(DRAFT_LEN))
         )
-        c.publish(topics.session(DEVICE, sid, "draft"), draft.encode(), qos=1)
+        c.publish(topics.session(device[sid], sid, "draft"), draft.encode(), qos=1)
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
         if time.monotonic() > stop_at[0]:
@@ -246,7 +254,7 @@ def load_main(port: int, sessions: int, seconds: float, mode: str) -> None:
 
     c.on_message = on_message
     c.on_subscribe = on_subscribe
-    c.subscribe(topics.device_sessions(DEVICE, "verdict"), qos=1)
+    c.subscribe(topics.all_sessions("verdict"), qos=1)
     c.loop_start()
     if not started.wait(10):
         raise SystemExit("load: no SUBACK")
@@ -255,6 +263,7 @@ def load_main(port: int, sessions: int, seconds: float, mode: str) -> None:
     with lock:
         for i in range(sessions):
             sid = f"load-{os.getpid()}-{i}"
+            device[sid] = _device_of(i)
             if mode == "echo":
                 state[sid] = [1, 0, 0, 0]
                 send_draft(sid)
@@ -341,6 +350,12 @@ async def _verifier_under_load(
             task.cancel()
     m = verifier.metrics
     batches = m.forwards.get()
+    if load["unexpected"] or m.rejected.total() or load["opens"] < sessions:
+        # A refusal, rejection or stray answer means the load was not what the figure claims.
+        raise RuntimeError(
+            f"invalid throughput run: {load['unexpected']} unexpected answers, "
+            f"{m.rejected.total()} rejected messages, {load['opens']}/{sessions} sessions opened"
+        )
     return {
         "load": load,
         "rounds": m.rounds.get(),
