@@ -28,8 +28,7 @@ from middleware.systemd import notify_ready, notify_stopping, watchdog_loop
 
 if TYPE_CHECKING:  # the verifier stack imports torch: only `mw-cli verifier` loads it
     from middleware.verifier.acceptance import RelaxedAcceptance
-    from middleware.verifier.service import VerifierConfig
-    from middleware.verifier.service import VerifierService
+    from middleware.verifier.service import VerifierConfig, VerifierService
 
 log = structlog.get_logger("middleware.cli")
 
