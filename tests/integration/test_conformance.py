@@ -1,8 +1,8 @@
 """One end-to-end conformance suite, run over every transport path.
 
-Each test body runs three times: ``mqtt`` (all on Mosquitto), ``zmq`` (all on
-the ZeroMQ hub) and ``bridge`` (devices on Mosquitto, verifier on the hub,
-joined by the bridge).  Whatever the path, committed output equals
+Each test body runs three times: ``mqtt`` (all on Mosquitto), ``zmq`` (device
+DEALERs straight to verifier ROUTERs, no broker) and ``bridge`` (devices on
+Mosquitto, verifiers on ZeroMQ, joined by the bridge).  Whatever the path, committed output equals
 target-only decoding and the session protocol's healing rules hold.
 """
 
@@ -171,6 +171,8 @@ async def test_resync_answers_and_reopen_with_committed(crew: Fleet, target, ref
 async def test_absent_verifier_timeouts_offline_then_lossless(
     crew: Fleet, rig: Rig, target, references
 ) -> None:
+    if rig.path == "zmq":
+        pytest.skip("no bus without a verifier: on ZeroMQ the verifier is the other end")
     watch_bus = await crew.bus("device", "watch")
     opens = await watch_bus.subscribe(rig.topics.all_sessions("open"))
     cfg = _session(
