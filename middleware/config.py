@@ -105,6 +105,32 @@ def hostname(v: str) -> str | None:
     return None if _HOST_RE.fullmatch(v) else f"must be a host name or address, got {v!r}"
 
 
+def zmq_endpoints(v: str) -> str | None:
+    """Comma-separated verifier endpoints (tcp://host:port), tried in turn."""
+    from middleware.broker_bridge.zmq import check_endpoint
+    from middleware.errors import ConfigError
+
+    parts = [e.strip() for e in v.split(",")]
+    try:
+        for e in parts:
+            check_endpoint(e)
+    except ConfigError as exc:
+        return f"must be comma-separated tcp://host:port endpoints; {exc}"
+    return None
+
+
+def zmq_bind(v: str) -> str | None:
+    """Where a verifier binds its ROUTER: tcp://host:port (``*`` for any host)."""
+    from middleware.broker_bridge.zmq import check_endpoint
+    from middleware.errors import ConfigError
+
+    try:
+        check_endpoint(v, bind=True)
+    except ConfigError as exc:
+        return f"must be a bind address like tcp://*:5555; {exc}"
+    return None
+
+
 def mqtt_string(v: str) -> str | None:
     """An MQTT UTF-8 string: at most 65,535 bytes, no U+0000."""
     if "\x00" in v or len(v.encode("utf-8", "surrogatepass")) > 65_535:
@@ -158,9 +184,11 @@ class BusSection:
     keepalive: int = setting(15, PORT)  # MQTT's keepalive is 16 bits; 0 (none) is refused
     # seconds the broker keeps a device's session while offline (MQTT 5: 32 bits)
     session_expiry: int = setting(300, between(0, 2**32 - 1))
-    # mw-cli bridge: the ZeroMQ hub it relays to; mw-cli hub: bind address
-    zmq_host: str = setting("127.0.0.1", hostname)
-    zmq_port: int = setting(5555, PORT)
+    # transport = "zmq" (no broker): devices, tools and `mw-cli bridge` connect to these
+    # verifiers, one at a time, moving to the next when one goes silent
+    zmq_endpoints: str = setting("tcp://127.0.0.1:5555", zmq_endpoints)
+    # transport = "zmq": where `mw-cli verifier` binds its ROUTER
+    zmq_bind: str = setting("tcp://*:5555", zmq_bind)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,9 +8,16 @@ from middleware.errors import ConfigError
 
 
 def make_bus(
-    cfg: BusSection, client_id: str, *, will: Will | None = None, persistent: bool = False
+    cfg: BusSection,
+    client_id: str,
+    *,
+    will: Will | None = None,
+    persistent: bool = False,
+    serve: bool = False,
 ) -> Bus:
-    """A not-yet-connected Bus for ``cfg``; ``persistent`` keeps the broker session while offline."""
+    """A not-yet-connected Bus for ``cfg``; ``persistent`` keeps the broker session while
+    offline; ``serve`` (verifiers) binds ``zmq_bind`` instead of connecting to
+    ``zmq_endpoints`` on the ZeroMQ transport (MQTT: ignored, everyone connects)."""
     if cfg.transport == "mqtt":
         from middleware.broker_bridge.mqtt import MqttBus, MqttSettings, TlsSettings
 
@@ -36,7 +43,12 @@ def make_bus(
             )
         )
     if cfg.transport == "zmq":
-        from middleware.broker_bridge.zmq import ZmqBus, ZmqSettings
+        from middleware.broker_bridge import zmq as z
 
-        return ZmqBus(ZmqSettings(host=cfg.host, port=cfg.port, client_id=client_id, will=will))
+        if serve:
+            return z.ZmqServerBus(
+                z.ZmqServerSettings(bind=cfg.zmq_bind, server_id=client_id, will=will)
+            )
+        endpoints = tuple(e.strip() for e in cfg.zmq_endpoints.split(","))
+        return z.ZmqBus(z.ZmqSettings(endpoints=endpoints, client_id=client_id, will=will))
     raise ConfigError(f"unknown transport {cfg.transport!r} (expected 'mqtt' or 'zmq')")

@@ -44,8 +44,8 @@ examples:
   mw-cli generate "What is MQTT?" --device pi-1
   mw-cli sessions                              # live table from the retained state
   mw-cli stats                                 # verifier and device figures
-  mw-cli hub --zmq-port 5555                   # broker-less ZeroMQ transport
-  mw-cli bridge --zmq-host hub.local           # join MQTT devices and a ZeroMQ verifier
+  mw-cli verifier --transport zmq --zmq-bind tcp://*:5555     # no broker: devices connect
+  mw-cli bridge --zmq-endpoints tcp://v1:5555  # join MQTT devices and ZeroMQ verifiers
 
 exit codes: 0 ok, 1 failure, 2 usage/config error, 3 broker unreachable,
             4 model error, 130 interrupted
@@ -106,7 +106,17 @@ def _bus_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", type=setting("bus", "host"), help="MQTT broker host")
     g.add_argument("--port", type=setting("bus", "port"), help="MQTT broker port")
     g.add_argument("--prefix", type=setting("bus", "prefix"), help="topic prefix (default mw/v1)")
-    g.add_argument("--transport", choices=["mqtt", "zmq"], help="mqtt (broker) or zmq (hub)")
+    g.add_argument("--transport", choices=["mqtt", "zmq"], help="mqtt (broker) or zmq (no broker)")
+    g.add_argument(
+        "--zmq-endpoints",
+        type=setting("bus", "zmq_endpoints"),
+        help="zmq: verifier endpoints to connect to in turn, tcp://HOST:PORT[,...]",
+    )
+    g.add_argument(
+        "--zmq-bind",
+        type=setting("bus", "zmq_bind"),
+        help="zmq: where a verifier binds (default tcp://*:5555)",
+    )
     g.add_argument("--username", type=setting("bus", "username"))
     g.add_argument("--password", type=setting("bus", "password"))
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -212,22 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true", help="keep serving the inbox after --prompt")
 
     p = add(
-        "hub",
-        "Run a ZeroMQ hub: the broker-less transport for a LAN.",
-        "mw-cli hub --zmq-host 0.0.0.0 --zmq-port 5555",
-    )
-    p.add_argument(
-        "--zmq-host", type=setting("bus", "zmq_host"), help="bind address (default [bus] zmq_host)"
-    )
-    p.add_argument("--zmq-port", type=setting("bus", "zmq_port"))
-
-    p = add(
         "bridge",
-        "Relay the topic tree both ways between the MQTT broker and a ZeroMQ hub.",
-        "mw-cli bridge --host broker.local --zmq-host hub.local --zmq-port 5555",
+        "Relay the topic tree both ways between the MQTT broker and ZeroMQ verifiers.",
+        "mw-cli bridge --host broker.local --zmq-endpoints tcp://v1:5555,tcp://v2:5555",
     )
-    p.add_argument("--zmq-host", type=setting("bus", "zmq_host"), help="the ZeroMQ hub to relay to")
-    p.add_argument("--zmq-port", type=setting("bus", "zmq_port"))
 
     p = add(
         "tail",
@@ -289,8 +287,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "port": a.get("port"),
             "prefix": a.get("prefix"),
             "transport": a.get("transport"),
-            "zmq_host": a.get("zmq_host"),
-            "zmq_port": a.get("zmq_port"),
+            "zmq_endpoints": a.get("zmq_endpoints"),
+            "zmq_bind": a.get("zmq_bind"),
             "username": a.get("username"),
             "password": a.get("password"),
         },
@@ -340,7 +338,6 @@ def _command(name: str) -> Callable[[Config, argparse.Namespace], Coroutine[Any,
     return {
         "verifier": services.run_verifier,
         "node": services.run_node,
-        "hub": services.run_hub,
         "bridge": services.run_bridge,
     }[name]
 

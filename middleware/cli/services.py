@@ -94,7 +94,7 @@ def verifier_bus(cfg: Config) -> Bus:
 
     vid = cfg.verifier.id
     will = Will(Topics(cfg.bus.prefix).verifier_status(vid), verifier_will(vid), qos=1, retain=True)
-    return make_bus(cfg.bus, f"mw-verifier-{vid}", will=will)
+    return make_bus(cfg.bus, f"mw-verifier-{vid}", will=will, serve=True)
 
 
 async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
@@ -312,33 +312,14 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0  # only without --serve: a served node stops by signal
 
 
-# --- ZeroMQ hub and bridge ----------------------------------------------------------
-async def run_hub(cfg: Config, args: argparse.Namespace) -> int:
-    from middleware.broker_bridge.zmq_hub import serve_hub
-
-    stop_on_sigterm()
-    ready = asyncio.Event()
-    log.info("hub_starting", bind=f"{cfg.bus.zmq_host}:{cfg.bus.zmq_port}")
-    try:
-        async with asyncio.TaskGroup() as tg:
-            await until_done(
-                tg.create_task(
-                    serve_hub(cfg.bus.zmq_host, cfg.bus.zmq_port, ready=ready), name="hub"
-                ),
-                tg.create_task(_notify_when_ready(ready), name="sd-notify"),
-            )
-    finally:
-        notify_stopping()
-    return 0
-
-
+# --- MQTT <-> ZeroMQ bridge ---------------------------------------------------------
 async def run_bridge(cfg: Config, args: argparse.Namespace) -> int:
     from middleware.broker_bridge.bridge import Bridge
 
     stop_on_sigterm()
     mqtt_cfg = replace(cfg.bus, transport="mqtt")
-    zmq_cfg = replace(cfg.bus, transport="zmq", host=cfg.bus.zmq_host, port=cfg.bus.zmq_port)
-    bridge_id = f"bridge-{cfg.bus.zmq_host}-{cfg.bus.zmq_port}".replace(".", "-").replace(":", "-")
+    zmq_cfg = replace(cfg.bus, transport="zmq")
+    bridge_id = f"bridge-{cfg.bus.host}-{cfg.bus.port}".replace(".", "-").replace(":", "-")
     ready = asyncio.Event()
     async with (
         make_bus(mqtt_cfg, f"mw-{bridge_id}") as m,
@@ -348,7 +329,7 @@ async def run_bridge(cfg: Config, args: argparse.Namespace) -> int:
             log.info(
                 "bridge_ready",
                 mqtt=f"{cfg.bus.host}:{cfg.bus.port}",
-                zmq=f"{cfg.bus.zmq_host}:{cfg.bus.zmq_port}",
+                zmq=cfg.bus.zmq_endpoints,
                 prefix=cfg.bus.prefix,
             )
             ready.set()

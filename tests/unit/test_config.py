@@ -93,6 +93,12 @@ def test_the_defaults_and_the_example_config_pass() -> None:
         ("[bus]\nsession_expiry = -1\n", "[bus] session_expiry: must be between 0 and"),
         ('[bus]\ntransport = "amqp"\n', "[bus] transport: must be one of mqtt, zmq"),
         ('[bus]\nprefix = "mw/#"\n', "[bus] prefix: invalid topic prefix"),
+        ('[bus]\nzmq_endpoints = "v1:5555"\n', "[bus] zmq_endpoints: must be comma-separated"),
+        (
+            '[bus]\nzmq_endpoints = "tcp://v1:5555,tcp://*:5555"\n',
+            "[bus] zmq_endpoints: must be comma-separated",
+        ),
+        ('[bus]\nzmq_bind = "tcp://*:70000"\n', "[bus] zmq_bind: must be a bind address"),
         ('[bus]\nhost = "my broker"\n', "[bus] host: must be a host name or address"),
         ('[bus]\ntls_ca = "/nonexistent/ca.pem"\n', "[bus] tls_ca: no such file"),
         ('[bus]\nusername = "a\\u0000b"\n', "[bus] username: must be at most 65,535 bytes"),
