@@ -190,11 +190,15 @@ class Bus(ABC):
         """Disconnect cleanly (no last will) and end every subscription."""
         if self._closed:
             return
+        self._end_subscriptions()
+        await self._disconnect()
+
+    def _end_subscriptions(self) -> None:
+        """Mark the bus closed and end every subscription's iteration."""
         self._closed = True
         for sub in list(self._subs):
             sub.end()
         self._subs.clear()
-        await self._disconnect()
 
     @abstractmethod
     async def _disconnect(self) -> None: ...

@@ -58,11 +58,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from middleware.broker_bridge._aio import cancel_and_wait as _cancel
 from middleware.broker_bridge.bus import BusMessage, Will
 from middleware.broker_bridge.client import Lost, ReconnectingBus, Refused
-from middleware.errors import BusClosedError, BusError, ConfigError, TopicError
-from middleware.protocol.topics import check_filter, check_topic
+from middleware.errors import BusError, ConfigError, TopicError
+from middleware.protocol.topics import check_topic
 
 log = structlog.get_logger("middleware.mqtt")
 
@@ -140,6 +139,8 @@ class MqttBus(ReconnectingBus):
     subscription are re-subscribed after each reconnect.
     """
 
+    settings: MqttSettings
+
     def __init__(self, settings: MqttSettings) -> None:
         super().__init__()
         self.settings = settings
@@ -152,7 +153,6 @@ class MqttBus(ReconnectingBus):
         self._pub_acks: dict[int, asyncio.Future[None]] = {}
         self._sub_acks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._unsub_acks: dict[int, asyncio.Future[None]] = {}
-        self._live: set[str] = set()  # filters the broker acknowledged on this connection
         self._session_present = False
         self._max_packet: int | None = None
 
@@ -162,38 +162,13 @@ class MqttBus(ReconnectingBus):
         return self._session_present
 
     # --- lifecycle ------------------------------------------------------------
-    async def connect(self) -> None:
-        """Connect and wait for CONNACK, retrying refused/failed attempts for
-        ``connect_timeout``; then keep the connection up until ``close()``."""
-        self._check_open()
-        if self._task is not None:
-            raise BusError(f"{self.client_id}: already connected")
-        self._loop = asyncio.get_running_loop()
+    def _before_connect(self) -> None:
         self._loop_thread = threading.get_ident()
         self._client = self._make_client()
-        self._first = first = self._loop.create_future()
-        self._task = self._loop.create_task(
-            self._supervise(
-                first,
-                self.settings.reconnect_min,
-                self.settings.reconnect_max,
-                self.settings.connect_timeout,
-            ),
-            name=f"mqtt[{self.client_id}]",
-        )
-        try:
-            await first
-        except BaseException:
-            task, self._task = self._task, None
-            await _cancel(task)
-            self._drop_socket()
-            raise
 
     async def _disconnect(self) -> None:
         """Called by ``close()``: stop reconnecting, send DISCONNECT (no will), close."""
-        self._wake()
-        task, self._task = self._task, None
-        await _cancel(task)
+        await self._stop_supervisor()
         client = self._client
         if client is not None and self._connected.is_set():
             self._connected.clear()
@@ -202,26 +177,7 @@ class MqttBus(ReconnectingBus):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):
                         await self._lost.wait()  # DISCONNECT written, socket closed by paho
-        self._connected.clear()
-        self._drop_socket()
-        self._fail_pending(BusClosedError(f"{self.client_id}: bus closed"))
-
-    def crash(self) -> None:
-        """Vanish without DISCONNECT (fault injection): the broker then publishes
-        the last will, after its delay.  The bus is closed afterwards."""
-        if self._closed:
-            return
-        self._closed = True
-        for sub in list(self._subs):
-            sub.end()
-        self._subs.clear()
-        self._wake()
-        if self._task is not None:
-            self._task.cancel()  # finishes on the next loop turn; touches no socket
-            self._task = None
-        self._connected.clear()
-        self._drop_socket()
-        self._fail_pending(BusClosedError(f"{self.client_id}: bus crashed"))
+        self._end_connection("closed")
 
     # --- data path ------------------------------------------------------------
     async def publish(
@@ -278,29 +234,12 @@ class MqttBus(ReconnectingBus):
         finally:
             self._pub_acks.pop(info.mid, None)
 
-    async def _subscribe(self, filter_: str, qos: int) -> None:
-        check_filter(filter_)
-        if self._task is None:
-            return  # not connected yet: subscribed together with the others at connect
-        loop = self._require_loop()
-        deadline = loop.time() + self.settings.request_timeout
-        waited = False
-        while True:
-            if waited or not self._connected.is_set():
-                await self._wait_ready(deadline)
-                if filter_ in self._live:
-                    return  # the (re)connect subscribed it while we waited
-            waited = True
-            try:
-                codes = await self._send_subscribe(
-                    {filter_: qos}, SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE, deadline
-                )
-            except Lost:
-                continue
-            if codes[0].is_failure:
-                raise BusError(f"broker refused subscription {filter_!r}: {codes[0]}")
-            self._live.add(filter_)
-            return
+    async def _request_subscribe(self, filter_: str, qos: int, deadline: float) -> None:
+        codes = await self._send_subscribe(
+            {filter_: qos}, SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE, deadline
+        )
+        if codes[0].is_failure:
+            raise BusError(f"broker refused subscription {filter_!r}: {codes[0]}")
 
     async def _unsubscribe(self, filter_: str) -> None:
         self._live.discard(filter_)
@@ -668,15 +607,13 @@ class MqttBus(ReconnectingBus):
         if not self._lost.is_set():
             self._handle_lost(reason)
 
+    def _pending(self) -> tuple[dict[int, Any], ...]:
+        return (self._pub_acks, self._sub_acks, self._unsub_acks)
+
     def _fail_pending(self, exc: BusError) -> None:
-        for table in (self._pub_acks, self._sub_acks, self._unsub_acks):
-            for ack in table.values():
-                if not ack.done():
-                    ack.set_exception(exc)
         if self._connack is not None and not self._connack.done():
             self._connack.cancel()
-        if self._first is not None and not self._first.done():
-            self._first.set_exception(exc)  # a connect() still waiting ends with it
+        super()._fail_pending(exc)  # a connect() still waiting ends with it
 
     # --- helpers ------------------------------------------------------------------------
     def _require_client(self) -> paho.Client:

@@ -68,7 +68,7 @@ from middleware.broker_bridge import zmq_wire as w
 from middleware.broker_bridge._aio import cancel_and_wait as _cancel
 from middleware.broker_bridge.bus import Bus, BusMessage, Will
 from middleware.broker_bridge.client import Lost, ReconnectingBus, Refused
-from middleware.errors import BusClosedError, BusError, ConfigError, ProtocolError, TopicError
+from middleware.errors import BusError, ConfigError, ProtocolError, TopicError
 from middleware.protocol.topics import check_filter, check_topic, matches
 
 __all__ = [
@@ -158,6 +158,7 @@ class ZmqBus(ReconnectingBus):
     """
 
     _kind = "zmq"
+    settings: ZmqSettings
 
     def __init__(self, settings: ZmqSettings | None = None) -> None:
         super().__init__()
@@ -175,7 +176,6 @@ class ZmqBus(ReconnectingBus):
         self._rids = itertools.count(1)
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._live: set[str] = set()
 
     @property
     def endpoint(self) -> str:
@@ -193,55 +193,16 @@ class ZmqBus(ReconnectingBus):
         }
 
     # --- lifecycle ----------------------------------------------------------------
-    async def connect(self) -> None:
-        """Say hello to a verifier (trying the endpoints in turn for ``connect_timeout``)."""
-        self._check_open()
-        if self._task is not None:
-            raise BusError(f"{self.client_id}: already connected")
-        s = self.settings
-        self._loop = loop = asyncio.get_running_loop()
-        self._first = first = loop.create_future()
-        self._task = loop.create_task(
-            self._supervise(first, s.reconnect_min, s.reconnect_max, s.connect_timeout),
-            name=f"zmq[{self.client_id}]",
-        )
-        try:
-            await first
-        except BaseException:
-            task, self._task = self._task, None
-            await _cancel(task)
-            self._drop_socket()
-            raise
-
     async def _disconnect(self) -> None:
         """Called by ``close()``: say ``bye`` (the verifier drops the will) and close."""
-        self._wake()
         sock = self._sock
         if sock is not None and self._connected.is_set():
             with contextlib.suppress(zmq.ZMQError):
                 await sock.send_multipart([_BYE], flags=zmq.NOBLOCK)
             sock.setsockopt(zmq.LINGER, 500)  # let the bye leave before the socket goes
         self._connected.clear()
-        task, self._task = self._task, None
-        await _cancel(task)
-        self._drop_socket()
-        self._fail_pending(BusClosedError(f"{self.client_id}: bus closed"))
-
-    def crash(self) -> None:
-        """Vanish without ``bye`` (fault injection): the verifier delivers the will."""
-        if self._closed:
-            return
-        self._closed = True
-        for sub in list(self._subs):
-            sub.end()
-        self._subs.clear()
-        self._wake()
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        self._connected.clear()
-        self._drop_socket()
-        self._fail_pending(BusClosedError(f"{self.client_id}: bus crashed"))
+        await self._stop_supervisor()
+        self._end_connection("closed")
 
     # --- data path ------------------------------------------------------------------
     async def publish(
@@ -299,35 +260,22 @@ class ZmqBus(ReconnectingBus):
         finally:
             self._acks.pop(mid, None)
 
-    async def _subscribe(self, filter_: str, qos: int) -> None:
-        check_filter(filter_)
-        if self._task is None:
-            return  # not connected yet: requested together with the others at connect
-        loop = self._require_loop()
-        deadline = loop.time() + self.settings.request_timeout
-        waited = not self._connected.is_set()
-        while True:
-            await self._wait_ready(deadline)
-            if waited and filter_ in self._live:
-                return  # the (re)connect requested it while we waited
-            waited = True
-            rid = next(self._rids)
-            self._requests[rid] = fut = loop.create_future()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._require_sock().send_multipart([w.pack(w.SUB, rid=rid, f=filter_)])
-                    head = await fut
-            except (Lost, zmq.ZMQError):
-                await self._settle()
-                continue
-            except TimeoutError as exc:
-                raise BusError(f"{self.client_id}: no suback for {filter_!r} in time") from exc
-            finally:
-                self._requests.pop(rid, None)
-            if "err" in head:
-                raise TopicError(f"verifier refused subscription {filter_!r}: {head['err']}")
-            self._live.add(filter_)
-            return
+    async def _request_subscribe(self, filter_: str, qos: int, deadline: float) -> None:
+        """A subscription and a state request: the verifier sends its state, then ``suback``."""
+        rid = next(self._rids)
+        self._requests[rid] = fut = self._require_loop().create_future()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._require_sock().send_multipart([w.pack(w.SUB, rid=rid, f=filter_)])
+                head = await fut
+        except zmq.ZMQError as exc:
+            raise Lost(str(exc)) from exc
+        except TimeoutError as exc:
+            raise BusError(f"{self.client_id}: no suback for {filter_!r} in time") from exc
+        finally:
+            self._requests.pop(rid, None)
+        if "err" in head:
+            raise TopicError(f"verifier refused subscription {filter_!r}: {head['err']}")
 
     async def _unsubscribe(self, filter_: str) -> None:
         self._live.discard(filter_)
@@ -390,7 +338,7 @@ class ZmqBus(ReconnectingBus):
             watcher.cancel()
         self._connected.clear()
         self._live.clear()
-        for table in (self._acks, self._requests):
+        for table in self._pending():
             for fut in table.values():
                 if not fut.done():
                     fut.set_exception(Lost(reason))
@@ -480,13 +428,8 @@ class ZmqBus(ReconnectingBus):
             raise Lost("no socket")
         return self._sock
 
-    def _fail_pending(self, exc: BusError) -> None:
-        for table in (self._acks, self._requests):
-            for fut in table.values():
-                if not fut.done():
-                    fut.set_exception(exc)
-        if self._first is not None and not self._first.done():
-            self._first.set_exception(exc)
+    def _pending(self) -> tuple[dict[int, Any], ...]:
+        return (self._acks, self._requests)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self.is_connected else "disconnected"
@@ -543,24 +486,15 @@ class ZmqServerBus(Bus):
         self._monitor: zmq.asyncio.Socket | None = None
         self._fds: dict[int, bytes] = {}  # connection fd -> routing id of its hello
         self._task: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
-
-    @property
-    def connected(self) -> asyncio.Event:
-        return self._connected
 
     @property
     def is_connected(self) -> bool:
-        return self._connected.is_set()
+        """Bound and serving (a verifier's bus has no connection of its own to lose)."""
+        return self._sock is not None
 
     @property
     def peers(self) -> int:
         return len(self._peers)
-
-    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        self._check_open()
-        if not self._connected.is_set():
-            raise BusError(f"{self.server_id}: not bound (call connect() first)")
 
     @property
     def port(self) -> int:
@@ -587,7 +521,6 @@ class ZmqServerBus(Bus):
         self._task = asyncio.get_running_loop().create_task(
             self._serve(sock, self._monitor), name=f"zmq-server[{self.server_id}]"
         )
-        self._connected.set()
         log.info("zmq.bound", verifier=self.server_id, endpoint=self.endpoint)
 
     async def _disconnect(self) -> None:
@@ -604,15 +537,11 @@ class ZmqServerBus(Bus):
         """Vanish without ``bye`` (fault injection): devices deliver the will and fail over."""
         if self._closed:
             return
-        self._closed = True
-        for sub in list(self._subs):
-            sub.end()
-        self._subs.clear()
+        self._end_subscriptions()
         if self._task is not None:
             self._task.cancel()
             self._task = None
         self._close_sockets(linger=0)
-        self._connected.clear()
 
     def _close_sockets(self, linger: int | None = None) -> None:
         sock, mon = self._sock, self._monitor
@@ -628,7 +557,6 @@ class ZmqServerBus(Bus):
         task, self._task = self._task, None
         await _cancel(task)
         self._close_sockets()
-        self._connected.clear()
         self._peers.clear()
 
     # --- data path ------------------------------------------------------------------
