@@ -213,7 +213,7 @@ class ZmqBus(Bus):
         self.settings = settings or ZmqSettings()
         self.client_id = self.settings.client_id or f"mw-{uuid.uuid4().hex[:12]}"
         self.hub_id = ""
-        self.reconnects = 0
+        self._reconnects = 0
         self.hub_restarts = 0
         self.send_drops = 0  # QoS 0 publishes dropped: send queue at its high-water mark
         self.malformed = 0  # frames from the hub that were not valid protocol
@@ -240,10 +240,14 @@ class ZmqBus(Bus):
         return self._connected.is_set()
 
     @property
+    @property
+    def reconnects(self) -> int:
+        return self._reconnects
+
     def stats(self) -> dict[str, int]:
         """Counters: reconnects, hub restarts, drops (send and subscription queues), malformed."""
         return {
-            "reconnects": self.reconnects,
+            "reconnects": self._reconnects,
             "hub_restarts": self.hub_restarts,
             "send_drops": self.send_drops,
             "dropped": self.dropped,
@@ -457,12 +461,12 @@ class ZmqBus(Bus):
             self._connected.set()
             self._wake()
             if first.done():
-                self.reconnects += 1
+                self._reconnects += 1
                 log.info(
                     "zmq.reconnected",
                     client_id=self.client_id,
                     hub=self.hub_id,
-                    reconnects=self.reconnects,
+                    reconnects=self._reconnects,
                 )
             else:
                 first.set_result(None)

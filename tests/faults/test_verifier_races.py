@@ -106,7 +106,7 @@ async def test_round_finishing_after_a_reopen_is_not_applied(
     assert not stale, f"a round of epoch 1 was applied to epoch 2: {stale}"
     v = verdicts[-1]
     assert (v.kind, v.epoch, v.base, v.tokens) == ("accept", 2, 2, tuple(ref[2:7]))
-    committed = verifier.sessions["s1"].committed
+    committed = verifier.sessions["dev/s1"].committed
     assert committed == list(ref[:7])
     fault_report.record(
         faults=1,
