@@ -113,7 +113,9 @@ async def test_second_verifier_takes_over_when_one_dies(
         assert list(o.tokens) == ref
     moved = [o for o in outs if o.session_id in owned_by_v1]
     assert moved and all(o.stats["reopens"] >= 1 for o in moved)
-    assert {s.session_id for s in verifiers["v2"].sessions.values()} | {o.session_id for o in outs} >= owned_by_v1
+    assert {s.session_id for s in verifiers["v2"].sessions.values()} | {
+        o.session_id for o in outs
+    } >= owned_by_v1
     print(f"\nv1 owned {sorted(owned_by_v1)}; reopens: {[o.stats['reopens'] for o in outs]}")
     fault_report.record(
         faults=1,

@@ -355,7 +355,10 @@ async def test_one_device_cannot_take_every_session(h: Harness, model) -> None:
     assert (await h.open("b")).kind == "opened"
     v = await h.open("c")
     assert v.kind == "refused" and "device" in v.reason
-    assert h.rejected("device_session_limit") == 1 and set(h.verifier.sessions) == {"dev/a", "dev/b"}
+    assert h.rejected("device_session_limit") == 1 and set(h.verifier.sessions) == {
+        "dev/a",
+        "dev/b",
+    }
     assert (await h.open("a")).kind == "opened"  # a duplicate open of a held session still works
 
 
