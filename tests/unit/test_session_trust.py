@@ -22,7 +22,7 @@ from middleware.verifier.engine import TargetEngine, VerifyItem
 from middleware.verifier.opening import plan_open
 from middleware.verifier.reference import reference_greedy, reference_sample
 from middleware.verifier.service import VerifierConfig, VerifierService
-from tests.unit.test_verifier_robustness import PROMPT, T, Harness, config, h, model
+from tests.unit.test_verifier_robustness import PROMPT, Harness, T, config, h, model
 from tests.unit.tiny import EOS, VOCAB
 
 __all__ = ["config", "h", "model"]  # fixtures used here
