@@ -9,6 +9,7 @@ the verifier offline when it dies).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 import time
@@ -65,6 +66,43 @@ log = structlog.get_logger("middleware.verifier")
 DRAFT_EXPIRY_S = 30.0
 ACTIVE_WINDOW_S = 2.0
 PROOF_CHUNK = 64  # claimed tokens re-verified per proof round
+MIN_PREFILL_STEP = 8  # prompt tokens per prefill step at least (a step has fixed costs too)
+ROUND_WAIT_S = 2.0  # a prefill step waits at most this long for a pending round to run
+
+
+class PrefillPacer:
+    """Sizes prefill steps to cost about one verify round, from measured times (EMAs).
+
+    On SmolLM2-135M, CPU, a prompt token costs about 12 ms to prefill late in a
+    4,096-token prompt (attention over the context) and a verify round of a few
+    sessions about 0.1 s, so a step is then ~8 tokens; early in the prompt, or on a
+    GPU, steps are larger.  Unknown costs start at MIN_PREFILL_STEP * 4."""
+
+    def __init__(self) -> None:
+        self.round_s: float | None = None
+        self.token_s: float | None = None
+        self._round = asyncio.Event()
+
+    def on_round(self, seconds: float) -> None:
+        self.round_s = seconds if self.round_s is None else 0.8 * self.round_s + 0.2 * seconds
+        self._round.set()
+
+    def on_prefill(self, tokens: int, seconds: float) -> None:
+        per = seconds / tokens
+        self.token_s = per if self.token_s is None else 0.5 * self.token_s + 0.5 * per
+
+    def step(self, most: int, busy: bool) -> int:
+        if not busy:
+            return most
+        if self.round_s is None or self.token_s is None or self.token_s <= 0:
+            return min(most, MIN_PREFILL_STEP * 4)
+        return max(MIN_PREFILL_STEP, min(most, int(self.round_s / self.token_s)))
+
+    async def next_round(self, within: float) -> None:
+        """Until the next verify round has run (or ``within`` seconds: fairness only)."""
+        self._round.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._round.wait(), within)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +262,7 @@ class VerifierService:
         self._tag_key = self.config.tag_key or secrets.token_bytes(32)
         self.max_prompt_tokens = self.config.max_prompt_tokens or engine.max_positions
         self._prefill_lock = asyncio.Lock()  # one prefill step at a time, between rounds
+        self._pacer = PrefillPacer()
         self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
         self._clock = clock
@@ -544,6 +583,14 @@ class VerifierService:
             tag=s.tag,
         )
 
+    def _prefill_step(self) -> int:
+        """Prompt tokens for the next prefill step: the configured maximum when nobody else
+        is drafting; otherwise as many as cost about one verify round (at least
+        MIN_PREFILL_STEP), so a long prompt slows other sessions' rounds about 2x instead
+        of stalling them."""
+        busy = self._batcher.qsize() > 0 or self._expected_senders() > 0
+        return self._pacer.step(self.config.prefill_chunk, busy)
+
     async def _opening(self, s: VerifierSession, m: OpenSession, to_prove: tuple[int, ...]) -> None:
         """Prefill the session's context step by step, prove the claim, then answer ``opened``.
 
@@ -562,12 +609,17 @@ class VerifierService:
                 async with self._prefill_lock:
                     if not current():
                         return
-                    remaining = await asyncio.to_thread(
-                        self.engine.prefill, key, s.context, self.config.prefill_chunk
-                    )
+                    step = self._prefill_step()
+                    t0 = time.perf_counter()
+                    remaining = await asyncio.to_thread(self.engine.prefill, key, s.context, step)
+                    fed = (last - remaining) if last is not None else None
+                    if fed:
+                        self._pacer.on_prefill(fed, time.perf_counter() - t0)
                 if last is not None and remaining >= last:
                     break  # evicted under memory pressure: the first round rebuilds it
                 last = remaining
+                if remaining and self._batcher.qsize():
+                    await self._pacer.next_round(ROUND_WAIT_S)  # let waiting drafts go first
             claim = list(m.committed)
             while to_prove and current() and not s.done:
                 chunk = to_prove[:PROOF_CHUNK]
@@ -788,6 +840,7 @@ class VerifierService:
             if overhead is not None and hasattr(self.engine, "forward_overhead_tokens"):
                 self.engine.forward_overhead_tokens = overhead
         m.forwards.inc()
+        self._pacer.on_round(result.forward_s)
         m.batch_size.observe(result.batch_size)
         m.forward_time.observe(result.forward_s)
         seen = int(getattr(self.engine, "evictions", 0))
