@@ -218,6 +218,16 @@ class VerifierSection:
     exclusive: bool = setting(True, None)
     metrics_port: int = setting(0, between(0, 65_535))  # 0: no endpoint
     metrics_host: str = setting("127.0.0.1", hostname)
+    # Commit-tag key (a file of at least 16 bytes, mode 0600) shared by the verifiers of a
+    # fleet: they then accept each other's rejection-mode tokens on failover.  Empty: a
+    # random key per process (a restarted verifier re-proves greedy/coupled claims and rolls
+    # rejection-mode ones back).  See docs/threat-model.md.
+    session_key_file: str = setting("", file_or_empty)
+    max_prompt_tokens: int = setting(0, between(0, 1 << 20))  # 0: the model's max positions
+    prefill_chunk: int = setting(256, between(1, 65_536))  # prompt tokens per prefill step
+    # an idle session yields its slot (full verifier) or its id (another generation) after
+    reuse_idle_s: float = setting(10.0, at_least(0.0))
+    state_expiry_s: float = setting(86_400.0, between(0.0, 4_294_967_295.0))  # 0: never
     # Opt-in and LOSSY (output differs from the target alone; marked lossy everywhere).
     relaxed_lossy: bool = setting(False, None)
     relaxed_ratio: float = setting(0.5, fraction)

@@ -277,6 +277,12 @@ class Bus(ABC):
         """Messages dropped by full subscription queues."""
         return sum(s.dropped for s in self._subs)
 
+    @property
+    def reconnects(self) -> int:
+        """Connections re-established after a loss (0 for transports that never lose one).
+        Retained state a crashed broker lost is published again when it changes."""
+        return 0
+
 
 class _SubscribeCtx:
     def __init__(self, bus: Bus, filter_: str, qos: int, maxsize: int) -> None:

@@ -61,7 +61,27 @@ def verifier_config(cfg: Config) -> VerifierConfig:
             max_batch=v.max_batch,
         ),
         relaxed=_relaxed(v),
+        tag_key=_tag_key(v.session_key_file),
+        max_prompt_tokens=v.max_prompt_tokens,
+        prefill_chunk=v.prefill_chunk,
+        reuse_idle_s=v.reuse_idle_s,
+        state_expiry_s=v.state_expiry_s,
     )
+
+
+def _tag_key(path: str) -> bytes:
+    """The commit-tag key shared by a fleet's verifiers ("" = a random per-process key)."""
+    if not path:
+        return b""
+    from pathlib import Path
+
+    try:
+        key = Path(path).expanduser().read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"[verifier] session_key_file: cannot read {path!r}: {exc}") from exc
+    if len(key) < 16:
+        raise ConfigError(f"[verifier] session_key_file: {path!r} holds under 16 bytes")
+    return key
 
 
 def _relaxed(v: VerifierSection) -> RelaxedAcceptance | None:

@@ -333,7 +333,7 @@ class Verdict:
     claim: committed tokens from ``base`` on are ``tokens`` (a device whose
     committed tokens go past ``base`` rolls them back).  ``inst`` is the
     session instance; ``tag`` the MAC of the ``committed_len`` committed tokens
-    (rejection mode only).
+    (all modes; the only proof rejection-sampled tokens have).
     """
 
     TYPE: ClassVar[str] = "verdict"
@@ -438,7 +438,7 @@ class SessionState:
     finish_reason: str = ""
     updated_at: float = 0.0  # unix seconds
     instance: str = ""
-    tag: str = ""  # MAC of ``committed`` (rejection mode only)
+    tag: str = ""  # MAC of ``committed`` (all modes)
 
     def __post_init__(self) -> None:
         check_id(self.session_id, "state.session_id")
