@@ -53,10 +53,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -481,7 +482,7 @@ class ZmqServerBus(Bus):
         self.send_drops = 0  # messages to a peer whose queue was full: dropped
         self.wills = 0  # peers lost without bye whose will was delivered
         self._peers: dict[bytes, _Peer] = {}
-        self._state: dict[str, BusMessage] = {}
+        self._state: dict[str, tuple[BusMessage, float]] = {}  # topic -> (msg, expires at)
         self._sock: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
         self._fds: dict[int, bytes] = {}  # connection fd -> routing id of its hello
@@ -591,7 +592,8 @@ class ZmqServerBus(Bus):
         )
         if retain:
             if msg.payload:
-                self._state[topic] = msg
+                now = asyncio.get_running_loop().time()
+                self._state[topic] = (msg, now + expiry if expiry else math.inf)
             else:
                 self._state.pop(topic, None)
         self._dispatch(msg)
@@ -719,11 +721,23 @@ class ZmqServerBus(Bus):
                 await self._send(ident, [w.pack(w.SUBACK, rid=rid, err=str(exc))])
             raise
         peer.filters.add(f)
-        for topic, msg in list(self._state.items()):
-            if matches(f, topic):
-                await self._send(ident, w.msg_frames(msg))
+        for msg in self._current_state(f):
+            await self._send(ident, w.msg_frames(msg))
         if isinstance(rid, int):
             await self._send(ident, [w.pack(w.SUBACK, rid=rid)])
+
+    def _current_state(self, filter_: str) -> list[BusMessage]:
+        """The retained messages on topics matching ``filter_`` that have not expired, with
+        their remaining expiry (as an MQTT broker hands out retained messages)."""
+        now = asyncio.get_running_loop().time()
+        out = []
+        for topic, (msg, expires) in list(self._state.items()):
+            if expires <= now:
+                del self._state[topic]
+            elif matches(filter_, topic):
+                left = None if math.isinf(expires) else max(expires - now, 0.001)
+                out.append(replace(msg, expiry=left))
+        return out
 
     def _forget(self, ident: bytes, *, deliver_will: bool) -> None:
         peer = self._peers.pop(ident, None)

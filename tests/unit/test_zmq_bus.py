@@ -119,9 +119,17 @@ async def test_subscribe_is_a_state_request_answered_by_the_verifier(v: ZmqServe
     await v.publish("t/s2/state", b"gone", retain=True)
     await v.publish("t/s2/state", b"", retain=True)  # cleared
     await v.publish("t/s3/verdict", b"live only")  # not state
+    await v.publish("t/s4/state", b"expired", retain=True, expiry=0.05)
+    await v.publish("t/s5/state", b"expires", retain=True, expiry=3600)
+    await asyncio.sleep(0.1)
     async with device(v) as d, d.subscribe("t/+/#") as sub:
         got = await drain(sub)
-    assert [(m.topic, m.payload, m.retain) for m in got] == [("t/s1/state", b"epoch 2", True)]
+    assert [(m.topic, m.payload, m.retain) for m in got] == [
+        ("t/s1/state", b"epoch 2", True),
+        ("t/s5/state", b"expires", True),
+    ]
+    assert got[0].expiry is None
+    assert got[1].expiry is not None and 0 < got[1].expiry < 3600
 
 
 async def test_topic_errors_are_refused_before_sending(v: ZmqServerBus) -> None:
