@@ -47,7 +47,7 @@ import paho.mqtt.client as paho
 import zmq
 from paho.mqtt.enums import CallbackAPIVersion
 
-from middleware.broker_bridge.bus import Bus
+from middleware.broker_bridge.bus import Bus, Subscription
 from middleware.broker_bridge.embedded import MosquittoProcess, free_port, wait_for_port
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.broker_bridge.zmq import ZmqBus, ZmqServerBus, ZmqServerSettings, ZmqSettings
@@ -130,14 +130,14 @@ def raw_paho(host: str, port: int, n: int, warmup: int, payload: bytes) -> list[
 # --- raw pyzmq -----------------------------------------------------------------------------------
 def serve_echo(port: int) -> None:
     """A minimal ROUTER echo: [peer, payload] in -> [peer, payload] out."""
-    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     router.bind(f"tcp://127.0.0.1:{port}")
     while True:
         router.send_multipart(router.recv_multipart())
 
 
 def raw_zmq(port: int, n: int, warmup: int, payload: bytes) -> list[float]:
-    a = zmq.Context.instance().socket(zmq.DEALER)
+    a: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     a.setsockopt(zmq.LINGER, 0)
     a.connect(f"tcp://127.0.0.1:{port}")
     rtts: list[float] = []
@@ -165,18 +165,25 @@ async def bus_ping_pong(
                     await b.publish(PONG, m.payload, qos=qos)
 
             echoer = asyncio.create_task(echo(), name="echo")
-            rtts: list[float] = []
             try:
-                for i in range(warmup + n):
-                    t0 = time.perf_counter()
-                    await a.publish(PING, payload, qos=qos)
-                    await pongs.get(10)
-                    if i >= warmup:
-                        rtts.append(time.perf_counter() - t0)
+                return await _pings(a, pongs, n, warmup, payload, qos)
             finally:
                 echoer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await echoer
+
+
+async def _pings(
+    a: Bus, pongs: Subscription, n: int, warmup: int, payload: bytes, qos: int
+) -> list[float]:
+    """Round trips: publish a ping, wait for its pong; the first ``warmup`` not counted."""
+    rtts: list[float] = []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        await a.publish(PING, payload, qos=qos)
+        await pongs.get(10)
+        if i >= warmup:
+            rtts.append(time.perf_counter() - t0)
     return rtts
 
 
@@ -184,14 +191,7 @@ async def zmq_ping_pong(port: int, n: int, warmup: int, payload: bytes, qos: int
     """A device's bus against the verifier-role echo of ``--serve-verifier``."""
     settings = ZmqSettings(endpoints=(f"tcp://127.0.0.1:{port}",), client_id="bench-device")
     async with ZmqBus(settings) as a, a.subscribe(PONG, qos=qos) as pongs:
-        rtts: list[float] = []
-        for i in range(warmup + n):
-            t0 = time.perf_counter()
-            await a.publish(PING, payload, qos=qos)
-            await pongs.get(10)
-            if i >= warmup:
-                rtts.append(time.perf_counter() - t0)
-    return rtts
+        return await _pings(a, pongs, n, warmup, payload, qos)
 
 
 def run_bus(

@@ -613,9 +613,10 @@ class ZmqServerBus(Bus):
             self.send_drops += 1
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                self._forget(ident, deliver_will=True)  # gone before the notify came
-            else:
-                raise
+                self._forget(ident, deliver_will=True)  # its route is gone: it is gone
+            else:  # whatever else: this message is lost, the verifier keeps serving
+                self.send_drops += 1
+                log.warning("zmq.send_failed", verifier=self.server_id, error=str(exc))
 
     async def _subscribe(self, filter_: str, qos: int) -> None:
         check_filter(filter_)

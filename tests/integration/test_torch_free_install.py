@@ -221,7 +221,7 @@ def test_zmq_transport_and_bridge_without_torch(
     verifier itself needs torch) run from the torch-free install."""
     cli, env = _cli(light_venv), _clean_env()
     zport = free_port("127.0.0.1")
-    hub = subprocess.Popen(
+    verifier_socket = subprocess.Popen(
         [
             str(light_venv / "bin" / "python"),
             "-c",
@@ -247,7 +247,7 @@ def test_zmq_transport_and_bridge_without_torch(
         text=True,
     )
     time.sleep(5)  # both import, bind/connect and settle; a missing module dies at once
-    alive = hub.poll() is None, bridge.poll() is None
-    (_, hub_err), (_, bridge_err) = _stop(hub), _stop(bridge)
-    assert alive == (True, True), (hub_err[-2000:], bridge_err[-2000:])
-    assert "ModuleNotFoundError" not in hub_err + bridge_err
+    alive = verifier_socket.poll() is None, bridge.poll() is None
+    (_, v_err), (_, bridge_err) = _stop(verifier_socket), _stop(bridge)
+    assert alive == (True, True), (v_err[-2000:], bridge_err[-2000:])
+    assert "ModuleNotFoundError" not in v_err + bridge_err
