@@ -43,9 +43,13 @@ protocol used to get from a broker now comes from the verifier itself::
   match; a full queue drops and counts (``send_drops``): the session protocol
   heals lost verdicts by retry.
 
-Figures (loopback, this machine): the verifier notices a killed device and the
-device a killed verifier within ``heartbeat * liveness`` (tests use 0.2 s x 3);
-a closed TCP connection is noticed at once.
+Figures (loopback, this machine, defaults: heartbeat 1 s, liveness 3): a device
+whose verifier crashed (its TCP connection closed) talks to the next one 0.05 s
+later; one whose link went silent without a close (black-holed) after 4.0 s,
+the heartbeat timeout plus up to one interval.  A QoS 1 round trip device ->
+verifier -> device took 0.86-0.90 ms p50 against 0.13 ms for a raw pyzmq
+DEALER/ROUTER echo (``bench/transport_overhead.py``, load average 4.5): the
+cost is zmq.asyncio's futures and the Python on both ends, not the wire.
 """
 
 from __future__ import annotations
