@@ -245,3 +245,19 @@ async def test_bind_conflict_is_a_bus_error(v: ZmqServerBus) -> None:
     other = ZmqServerBus(ZmqServerSettings(bind=v.endpoint))
     with pytest.raises(BusError, match="cannot bind"):
         await other.connect()
+
+
+def test_factory_binds_verifiers_and_connects_everyone_else() -> None:
+    from middleware.broker_bridge.factory import make_bus
+    from middleware.config import BusSection
+
+    cfg = BusSection(
+        transport="zmq", zmq_endpoints="tcp://v1:5555, tcp://v2:5556", zmq_bind="tcp://*:5557"
+    )
+    verifier_bus = make_bus(cfg, "mw-verifier-v1", will=V_WILL, serve=True)
+    device_bus = make_bus(cfg, "mw-node-d", will=D_WILL, persistent=True)
+    assert isinstance(verifier_bus, ZmqServerBus)
+    assert (verifier_bus.settings.bind, verifier_bus.settings.will) == ("tcp://*:5557", V_WILL)
+    assert isinstance(device_bus, ZmqBus)
+    assert device_bus.settings.endpoints == ("tcp://v1:5555", "tcp://v2:5556")
+    assert (device_bus.client_id, device_bus.settings.will) == ("mw-node-d", D_WILL)
