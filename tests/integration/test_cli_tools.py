@@ -90,6 +90,8 @@ def test_environment_errors_name_the_variable() -> None:
     for var, value, expect in (
         ("MW_BUS_HOTS", "broker.local", "environment variable MW_BUS_HOTS: unknown key"),
         ("MW_BUS_PORT", "abc", "environment variable MW_BUS_PORT ([bus] port)"),
+        ("MW_BUSS_HOST", "broker.local", "MW_BUSS_HOST: unknown section 'buss'; did you mean"),
+        ("MW_NOD_ID", "pi-1", "MW_NOD_ID: unknown section 'nod'; did you mean MW_NODE_ID?"),
     ):
         r = subprocess.run(
             [*CLI, "stats", "--timeout", "2", "--port", port],

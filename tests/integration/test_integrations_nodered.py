@@ -33,9 +33,9 @@ DEVICE, SESSION = "pi-1", "s-nodered"
 
 
 def _red_js() -> list[str]:
-    """The command that starts Node-RED: ``$MW_NODE_RED``, the copy scripts/run.sh installs,
+    """The command that starts Node-RED: ``$NODE_RED_BIN``, the copy scripts/run.sh installs,
     or ``node-red`` on PATH; skipped (failed in CI) when none is there."""
-    env = os.environ.get("MW_NODE_RED")
+    env = os.environ.get("NODE_RED_BIN")
     if env:
         return [env]
     local = ROOT / ".cache" / "node-red" / "node_modules" / "node-red" / "red.js"
