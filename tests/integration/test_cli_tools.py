@@ -17,9 +17,13 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from middleware.broker_bridge.mqtt import MqttBus
 from middleware.cli.render import CORRECTION_MARK, DIM, YELLOW
 from middleware.protocol import DeviceStatus, PromptRequest, Result, TextChunk, Topics
+
+pytestmark = pytest.mark.integration
 
 CLI = [sys.executable, "-m", "middleware.cli.main"]
 

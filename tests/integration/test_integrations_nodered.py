@@ -27,6 +27,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from middleware.protocol import DeviceStatus, Result, TextChunk, Topics
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 FLOW = ROOT / "deploy" / "integrations" / "node-red" / "mw-text-flow.json"
 DEVICE, SESSION = "pi-1", "s-nodered"
