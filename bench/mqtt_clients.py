@@ -61,6 +61,7 @@ async def _with_aiomqtt(host: str, port: int, n: int, nodelay: bool = False) -> 
     async with aiomqtt.Client(host, port, identifier="bench-aiomqtt") as client:
         if nodelay:  # through aiomqtt's private paho client: what a fix would need
             sock = client._client.socket()
+            assert isinstance(sock, socket.socket), sock
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await client.subscribe(PONG, qos=1)
         messages = aiter(client.messages)
