@@ -8,9 +8,15 @@ from middleware.errors import ConfigError
 
 
 def make_bus(
-    cfg: BusSection, client_id: str, *, will: Will | None = None, persistent: bool = False
+    cfg: BusSection,
+    client_id: str,
+    *,
+    will: Will | None = None,
+    persistent: bool = False,
+    connect_timeout: float = 10.0,
 ) -> Bus:
-    """A not-yet-connected Bus for ``cfg``; ``persistent`` keeps the broker session while offline."""
+    """A not-yet-connected Bus for ``cfg``; ``persistent`` keeps the broker session while offline;
+    ``connect_timeout`` (seconds) bounds the first connect (``mw-cli`` tools: their --timeout)."""
     if cfg.transport == "mqtt":
         from middleware.broker_bridge.mqtt import MqttBus, MqttSettings, TlsSettings
 
@@ -33,10 +39,19 @@ def make_bus(
                 clean_start=not persistent,
                 session_expiry=cfg.session_expiry if persistent else 0,
                 will=will,
+                connect_timeout=connect_timeout,
             )
         )
     if cfg.transport == "zmq":
         from middleware.broker_bridge.zmq import ZmqBus, ZmqSettings
 
-        return ZmqBus(ZmqSettings(host=cfg.host, port=cfg.port, client_id=client_id, will=will))
+        return ZmqBus(
+            ZmqSettings(
+                host=cfg.host,
+                port=cfg.port,
+                client_id=client_id,
+                will=will,
+                connect_timeout=connect_timeout,
+            )
+        )
     raise ConfigError(f"unknown transport {cfg.transport!r} (expected 'mqtt' or 'zmq')")
