@@ -14,6 +14,7 @@ names the flag), raised before anything connects or loads a model (``mw-cli`` ex
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -435,6 +436,24 @@ def _by_variable(section: str, variables: dict[str, str], *, key_too: bool) -> C
     )
 
 
+def _check_section_typos(env: dict[str, str]) -> None:
+    """``MW_BUSS_HOST`` would otherwise be ignored in silence (no section ``buss``): a
+    variable whose first word is a near miss of a section (difflib ratio >= 0.8: a letter
+    added or dropped, as in BUSS, NOD, LOGS, VERIFER; not a swap like BSU, 0.67) is an
+    error naming it.  Other ``MW_`` variables (``MW_CONFIG``, ``MW_VENV``, test switches)
+    are not ours to judge."""
+    for var in sorted(env):
+        m = re.fullmatch(r"MW_([A-Z0-9]+)_(\w+)", var)
+        if m is None or m.group(1).lower() in _SECTIONS:
+            continue
+        close = difflib.get_close_matches(m.group(1).lower(), list(_SECTIONS), n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(
+                f"environment variable {var}: unknown section {m.group(1).lower()!r}; "
+                f"did you mean MW_{close[0].upper()}_{m.group(2)}?"
+            )
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -471,6 +490,7 @@ def load_config(
                 _by_variable(section, found, key_too=True),
                 _by_variable(section, found, key_too=False),
             )
+    _check_section_typos(env)
     for section, values in (overrides or {}).items():
         clean = {k: v for k, v in values.items() if v is not None}
         if clean:

@@ -14,10 +14,12 @@ def make_bus(
     will: Will | None = None,
     persistent: bool = False,
     serve: bool = False,
+    connect_timeout: float = 10.0,
 ) -> Bus:
     """A not-yet-connected Bus for ``cfg``; ``persistent`` keeps the broker session while
     offline; ``serve`` (verifiers) binds ``zmq_bind`` instead of connecting to
-    ``zmq_endpoints`` on the ZeroMQ transport (MQTT: ignored, everyone connects)."""
+    ``zmq_endpoints`` on the ZeroMQ transport (MQTT: ignored, everyone connects);
+    ``connect_timeout`` (seconds) bounds the first connect (``mw-cli`` tools: their --timeout)."""
     if cfg.transport == "mqtt":
         from middleware.broker_bridge.mqtt import MqttBus, MqttSettings, TlsSettings
 
@@ -40,6 +42,7 @@ def make_bus(
                 clean_start=not persistent,
                 session_expiry=cfg.session_expiry if persistent else 0,
                 will=will,
+                connect_timeout=connect_timeout,
             )
         )
     if cfg.transport == "zmq":
@@ -50,5 +53,12 @@ def make_bus(
                 z.ZmqServerSettings(bind=cfg.zmq_bind, server_id=client_id, will=will)
             )
         endpoints = tuple(e.strip() for e in cfg.zmq_endpoints.split(","))
-        return z.ZmqBus(z.ZmqSettings(endpoints=endpoints, client_id=client_id, will=will))
+        return z.ZmqBus(
+            z.ZmqSettings(
+                endpoints=endpoints,
+                client_id=client_id,
+                will=will,
+                connect_timeout=connect_timeout,
+            )
+        )
     raise ConfigError(f"unknown transport {cfg.transport!r} (expected 'mqtt' or 'zmq')")

@@ -96,6 +96,8 @@ def checked(typ: type, check: Check) -> Callable[[str], Any]:
 SECONDS = checked(float, lambda v: None if 0 < v < 1e9 else f"must be > 0 seconds, got {v:g}")
 COUNT = checked(int, at_least(1))
 PROMPT = checked(str, lambda v: None if v.strip() else "must not be empty")
+# The tools give up connecting after min(--timeout, 10 s) (middleware/cli/tools.py).
+CONNECT_HELP = "seconds to wait for the broker (default and at most 10)"
 
 
 def _bus_flags(p: argparse.ArgumentParser) -> None:
@@ -249,15 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode token ids with this model's tokenizer",
     )
     p.add_argument("--count", type=COUNT, help="exit after N messages")
-    p.add_argument("--timeout", type=SECONDS, help="exit after S seconds")
+    p.add_argument("--timeout", type=SECONDS, help="exit after S seconds (connecting included)")
 
     p = add("sessions", "Table of sessions from the retained state.", "mw-cli sessions --wait 1")
     p.add_argument("--wait", type=SECONDS, default=1.0, help="seconds to collect retained messages")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=SECONDS, help=CONNECT_HELP)
 
     p = add("stats", "Verifier and device figures from their retained status.", "mw-cli stats")
     p.add_argument("--wait", type=SECONDS, default=1.0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=SECONDS, help=CONNECT_HELP)
 
     p = add(
         "generate",
@@ -268,7 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True, type=checked(str, identifier), help="device id")
     p.add_argument("--session", type=checked(str, identifier), help="session id (default: random)")
     p.add_argument("--max-new-tokens", type=setting("node", "max_new_tokens"))
-    p.add_argument("--timeout", type=SECONDS, default=300.0)
+    p.add_argument(
+        "--timeout",
+        type=SECONDS,
+        default=300.0,
+        help="seconds to wait for the result (default 300); connecting: at most 10 of them",
+    )
 
     p = add(
         "decommission",
@@ -276,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mw-cli decommission pi-1",
     )
     p.add_argument("device", type=checked(str, identifier), help="device id")
+    p.add_argument("--timeout", type=SECONDS, help=CONNECT_HELP)
     return parser
 
 

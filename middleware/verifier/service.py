@@ -67,36 +67,60 @@ DRAFT_EXPIRY_S = 30.0
 ACTIVE_WINDOW_S = 2.0
 PROOF_CHUNK = 64  # claimed tokens re-verified per proof round
 MIN_PREFILL_STEP = 8  # prompt tokens per prefill step at least (a step has fixed costs too)
+# A step costs this fraction of a verify round: a draft that arrives during a step waits
+# for the rest of it, so rounds beside a long prefill take about 1.5-2x their time alone.
+STEP_OF_ROUND = 0.5
 ROUND_WAIT_S = 2.0  # a prefill step waits at most this long for a pending round to run
 
 
 class PrefillPacer:
-    """Sizes prefill steps to cost about one verify round, from measured times (EMAs).
+    """Sizes prefill steps to cost about half a verify round, from measured times.
 
-    On SmolLM2-135M, CPU, a prompt token costs about 12 ms to prefill late in a
-    4,096-token prompt (attention over the context) and a verify round of a few
-    sessions about 0.1 s, so a step is then ~8 tokens; early in the prompt, or on a
-    GPU, steps are larger.  Unknown costs start at MIN_PREFILL_STEP * 4."""
+    The next step's size is the last one's scaled by (target / its duration), at most
+    doubling or halving per step: that follows both the fixed cost of a forward pass
+    (on SmolLM2-135M, CPU, 8 prompt tokens cost about as much as a verify round of a few
+    sessions) and the per-token cost that grows with the context (attention).  While
+    nobody else drafts, steps are ``prefill_chunk`` tokens."""
 
     def __init__(self) -> None:
         self.round_s: float | None = None
-        self.token_s: float | None = None
+        self._last: tuple[int, float] | None = None  # (tokens, seconds) of the last step
         self._round = asyncio.Event()
+        self._idle = asyncio.Event()  # no verify round waiting for the engine or running
+        self._idle.set()
+        self._inflight = 0
+
+    def round_started(self) -> None:
+        self._inflight += 1
+        self._idle.clear()
+
+    def round_finished(self) -> None:
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
+        self._round.set()
 
     def on_round(self, seconds: float) -> None:
         self.round_s = seconds if self.round_s is None else 0.8 * self.round_s + 0.2 * seconds
-        self._round.set()
+
+    async def yield_to_rounds(self, within: float) -> None:
+        """Until no verify round is waiting or running: the engine lock is not fair, so a
+        prefill step must not race a round for it (it won, and rounds starved)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), within)
 
     def on_prefill(self, tokens: int, seconds: float) -> None:
-        per = seconds / tokens
-        self.token_s = per if self.token_s is None else 0.5 * self.token_s + 0.5 * per
+        self._last = (tokens, seconds)
 
     def step(self, most: int, busy: bool) -> int:
         if not busy:
             return most
-        if self.round_s is None or self.token_s is None or self.token_s <= 0:
+        if self.round_s is None or self._last is None:
             return min(most, MIN_PREFILL_STEP * 4)
-        return max(MIN_PREFILL_STEP, min(most, int(self.round_s / self.token_s)))
+        n, took = self._last
+        want = n * STEP_OF_ROUND * self.round_s / max(took, 1e-6)
+        want = min(max(want, n / 2), n * 2)
+        return int(max(MIN_PREFILL_STEP, min(most, want)))
 
     async def next_round(self, within: float) -> None:
         """Until the next verify round has run (or ``within`` seconds: fairness only)."""
@@ -585,7 +609,7 @@ class VerifierService:
 
     def _prefill_step(self) -> int:
         """Prompt tokens for the next prefill step: the configured maximum when nobody else
-        is drafting; otherwise as many as cost about one verify round (at least
+        is drafting; otherwise as many as cost about half a verify round (at least
         MIN_PREFILL_STEP), so a long prompt slows other sessions' rounds about 2x instead
         of stalling them."""
         busy = self._batcher.qsize() > 0 or self._expected_senders() > 0
@@ -607,13 +631,14 @@ class VerifierService:
             remaining, last = 1, None
             while remaining and current():
                 async with self._prefill_lock:
+                    await self._pacer.yield_to_rounds(ROUND_WAIT_S)
                     if not current():
                         return
                     step = self._prefill_step()
                     t0 = time.perf_counter()
                     remaining = await asyncio.to_thread(self.engine.prefill, key, s.context, step)
-                    fed = (last - remaining) if last is not None else None
-                    if fed:
+                    if last is None or last - remaining > 0:
+                        fed = step if last is None else last - remaining
                         self._pacer.on_prefill(fed, time.perf_counter() - t0)
                 if last is not None and remaining >= last:
                     break  # evicted under memory pressure: the first round rebuilds it
@@ -796,10 +821,17 @@ class VerifierService:
             out.append(inp)
         return out
 
+    async def _run_round(self, inputs: list[RoundInput]) -> RoundResult:
+        self._pacer.round_started()
+        try:
+            return await asyncio.to_thread(run_round, self.engine, inputs)
+        finally:
+            self._pacer.round_finished()
+
     async def _verify(self, inputs: list[RoundInput]) -> None:
         """Run a round; if it fails, isolate the failing draft so the others still get answers."""
         try:
-            result = await asyncio.to_thread(run_round, self.engine, inputs)
+            result = await self._run_round(inputs)
         except Exception as exc:  # a model/engine failure must not take the service down
             if len(inputs) > 1:
                 log.warning("batch_failed_isolating", size=len(inputs), error=repr(exc)[:200])
