@@ -105,6 +105,9 @@ class MqttSettings:
     max_inflight: int = 20  # QoS 1 publishes awaiting PUBACK at once; keep <= the broker's
     #                         Receive Maximum (Mosquitto's max_inflight_messages, default 20)
     max_queued: int = 10_000  # QoS 1 publishes paho may hold beyond those in flight
+    # Brokers to try after (host, port) when it cannot be reached, in order, round robin:
+    # a device's failover broker in a sharded fleet (broker_bridge/sharded.py).
+    fallbacks: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -121,6 +124,9 @@ class MqttSettings:
             raise ConfigError("need 0 < reconnect_min <= reconnect_max")
         if self.connect_timeout <= 0 or self.request_timeout <= 0:
             raise ConfigError("timeouts must be positive")
+        for host, port in self.fallbacks:
+            if not host or not 0 < port < 65536:
+                raise ConfigError(f"fallback broker {host}:{port} out of range")
         if self.max_inflight < 1 or self.max_queued < 0:
             raise ConfigError("max_inflight must be >= 1 and max_queued >= 0")
         if self.will is not None and self.will.delay > self.session_expiry:
@@ -155,6 +161,13 @@ class MqttBus(ReconnectingBus):
         self._live: set[str] = set()  # filters the broker acknowledged on this connection
         self._session_present = False
         self._max_packet: int | None = None
+        self._endpoints = [(settings.host, settings.port), *settings.fallbacks]
+        self._at = 0  # index into _endpoints of the broker tried or connected now
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """The broker connected to now (or tried next)."""
+        return self._endpoints[self._at]
 
     @property
     def session_present(self) -> bool:
@@ -328,6 +341,8 @@ class MqttBus(ReconnectingBus):
         self._unwatch()
         self._lost.clear()
         self._connack = connack = loop.create_future()
+        if len(self._endpoints) > 1:
+            self._target(client)  # failover may have moved on to another broker
         attempt = loop.run_in_executor(None, client.reconnect)
         try:
             await asyncio.shield(attempt)
@@ -335,17 +350,42 @@ class MqttBus(ReconnectingBus):
             attempt.add_done_callback(self._after_abandoned_attempt)
             raise
         except (OSError, ValueError, paho.WebsocketConnectionError) as exc:
-            raise BusError(
-                f"cannot connect to {self.settings.host}:{self.settings.port}: "
-                f"{exc or type(exc).__name__}"
-            ) from exc
+            where = self._where()
+            self._next_endpoint()
+            raise BusError(f"cannot connect to {where}: {exc or type(exc).__name__}") from exc
         self._watch()
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 self._session_present = await connack
         except TimeoutError as exc:
             self._abort_connection("no CONNACK")
-            raise BusError(f"no CONNACK from {self.settings.host}:{self.settings.port}") from exc
+            where = self._where()
+            self._next_endpoint()
+            raise BusError(f"no CONNACK from {where}") from exc
+        except BusError:  # refused or closed before CONNACK
+            self._next_endpoint()
+            raise
+
+    def _next_endpoint(self) -> None:
+        """After a failed attempt: the next broker of the list (failover), if any."""
+        if len(self._endpoints) > 1:
+            self._at = (self._at + 1) % len(self._endpoints)
+            log.info("mqtt.failover", client_id=self.client_id, next=self._where())
+
+    def _target(self, client: paho.Client) -> None:
+        """Point paho at the current endpoint (``connect_async`` only stores it)."""
+        s = self.settings
+        host, port = self._endpoints[self._at]
+        props = Properties(PacketTypes.CONNECT)
+        if s.session_expiry:
+            props.SessionExpiryInterval = s.session_expiry
+        client.connect_async(
+            host,
+            port,
+            s.keepalive,
+            clean_start=s.clean_start,
+            properties=props if s.session_expiry else None,
+        )
 
     def _after_abandoned_attempt(self, attempt: asyncio.Future[Any]) -> None:
         if not attempt.cancelled():
@@ -403,7 +443,8 @@ class MqttBus(ReconnectingBus):
     _after_connect = _resubscribe
 
     def _where(self) -> str:
-        return f"{self.settings.host}:{self.settings.port}"
+        host, port = self._endpoints[self._at]
+        return f"{host}:{port}"
 
     def _reconnect_fields(self) -> dict[str, object]:
         return {"session_present": self._session_present}
@@ -449,16 +490,7 @@ class MqttBus(ReconnectingBus):
             c.will_set(
                 s.will.topic, s.will.payload, s.will.qos, s.will.retain, will_properties(s.will)
             )
-        props = Properties(PacketTypes.CONNECT)
-        if s.session_expiry:
-            props.SessionExpiryInterval = s.session_expiry
-        c.connect_async(
-            s.host,
-            s.port,
-            s.keepalive,
-            clean_start=s.clean_start,
-            properties=props if s.session_expiry else None,
-        )
+        self._target(c)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -482,9 +514,7 @@ class MqttBus(ReconnectingBus):
         fut = self._connack
         if reason.is_failure:
             cls = BusError if reason.value in _RETRYABLE_CONNACK else Refused
-            err: BusError = cls(
-                f"{self.settings.host}:{self.settings.port} refused {self.client_id}: {reason}"
-            )
+            err: BusError = cls(f"{self._where()} refused {self.client_id}: {reason}")
             if fut is not None and not fut.done():
                 fut.set_exception(err)
             return
@@ -696,7 +726,7 @@ class MqttBus(ReconnectingBus):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "connected" if self.is_connected else "disconnected"
-        return f"MqttBus({self.client_id}@{self.settings.host}:{self.settings.port}, {state})"
+        return f"MqttBus({self.client_id}@{self._where()}, {state})"
 
 
 # --- pure helpers -----------------------------------------------------------------------
