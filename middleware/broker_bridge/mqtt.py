@@ -228,6 +228,7 @@ class MqttBus(ReconnectingBus):
         for sub in list(self._subs):
             sub.end()
         self._subs.clear()
+        self._routes.clear()
         self._wake()
         if self._task is not None:
             self._task.cancel()  # finishes on the next loop turn; touches no socket

@@ -155,6 +155,7 @@ class ShardedBus(Bus):
         self._check_open()
         for child, fwd in zip(self.children, self._forward, strict=True):
             child._subs.append(fwd)  # before connecting: subscribed with the CONNECT
+            child._routes.clear()
         try:
             async with asyncio.TaskGroup() as tg:
                 for child in self.children:

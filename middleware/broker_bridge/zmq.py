@@ -295,6 +295,7 @@ class ZmqBus(Bus):
         for sub in list(self._subs):
             sub.end()
         self._subs.clear()
+        self._routes.clear()
         self._wake()
         conn, self._conn = self._conn, None
         if conn is not None:
