@@ -163,6 +163,12 @@ class MqttBus(ReconnectingBus):
         self._max_packet: int | None = None
         self._endpoints = [(settings.host, settings.port), *settings.fallbacks]
         self._at = 0  # index into _endpoints of the broker tried or connected now
+        # While we call into paho and flush right after (publish, a read), paho's "register
+        # the writer" callback is not followed: the flush writes the bytes at once, and the
+        # writer is added only if some are left.  Adding and removing it for every message
+        # was two epoll_ctl calls and an asyncio handle per publish and per PUBACK.
+        self._flushing_after = False
+        self._writer_on = False
 
     @property
     def endpoint(self) -> tuple[str, int]:
@@ -267,15 +273,19 @@ class MqttBus(ReconnectingBus):
         deadline = loop.time() + (self.settings.request_timeout if timeout is None else timeout)
         while True:
             await self._wait_ready(deadline)
+            self._flushing_after = True
             try:
                 info = client.publish(topic, payload, qos, retain, props)
             except (ValueError, TypeError) as exc:
+                self._flushing_after = False
+                self._flush()
                 raise BusError(f"cannot publish to {topic!r}: {exc}") from exc
             if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
                 continue  # paho dropped it: wait for the next connection
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 raise BusError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
             break
+        self._flushing_after = False
         self._flush()
         if qos == 0:
             return
@@ -625,12 +635,21 @@ class MqttBus(ReconnectingBus):
 
     def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # Off the loop thread (during reconnect()) _watch() registers it afterwards.
-        if self._on_loop_thread() and self._fd is not None and self._loop is not None:
-            self._loop.add_writer(self._fd, self._on_writable)
+        if self._flushing_after:
+            return  # _flush() follows and adds the writer only if bytes are left
+        if self._on_loop_thread():
+            self._add_writer()
 
     def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._on_loop_thread() and self._fd is not None and self._loop is not None:
-            self._loop.remove_writer(self._fd)
+        if self._on_loop_thread() and self._writer_on:
+            self._writer_on = False
+            if self._fd is not None and self._loop is not None:
+                self._loop.remove_writer(self._fd)
+
+    def _add_writer(self) -> None:
+        if not self._writer_on and self._fd is not None and self._loop is not None:
+            self._writer_on = True
+            self._loop.add_writer(self._fd, self._on_writable)
 
     def _watch(self) -> None:
         client = self._require_client()
@@ -639,18 +658,21 @@ class MqttBus(ReconnectingBus):
         if sock is None:
             raise BusError("paho returned no socket after connecting")
         self._fd = sock.fileno()
+        self._writer_on = False
         loop.add_reader(self._fd, self._on_readable)
         if client.want_write():
-            loop.add_writer(self._fd, self._on_writable)
+            self._add_writer()
 
     def _unwatch(self) -> None:
         fd, self._fd = self._fd, None
+        self._writer_on = False
         if fd is not None and self._loop is not None:
             self._loop.remove_reader(fd)
             self._loop.remove_writer(fd)
 
     def _on_readable(self) -> None:
         client = self._require_client()
+        self._flushing_after = True  # acks queued while reading go out in the flush below
         try:
             rc = client.loop_read()
             sock = client.socket()
@@ -663,9 +685,11 @@ class MqttBus(ReconnectingBus):
                 rc = client.loop_read()
                 sock = client.socket()
         except Exception as exc:  # paho or ssl failed mid-packet: start over
+            self._flushing_after = False
             log.exception("mqtt.read_failed", client_id=self.client_id)
             self._abort_connection(f"read failed: {exc!r}")
             return
+        self._flushing_after = False
         self._flush()  # the acks (and answers) queued while reading
 
     def _flush(self) -> None:
@@ -677,6 +701,8 @@ class MqttBus(ReconnectingBus):
         """
         if self._fd is not None and self._client is not None and self._client.want_write():
             self._on_writable()
+            if self._fd is not None and self._client.want_write():
+                self._add_writer()  # the socket did not take it all: write when it can
 
     def _on_writable(self) -> None:
         client = self._require_client()
