@@ -15,8 +15,8 @@ client of all of them.
   shared subscription load-balances that broker's opens over all verifiers.
 * **Publishes route**: a topic under ``session/{did}/...`` or ``device/{did}/...``
   goes to the broker that device was last heard on (learned from every incoming
-  message, so a device that failed over is answered where it is now), else to its
-  hash-assigned broker.  Anything else (verifier status, Home Assistant
+  message that is not retained, so a device that failed over is answered where it
+  is now), else to its hash-assigned broker.  Anything else (verifier status, Home Assistant
   discovery) goes to every broker.
 * **Losing a broker affects only its devices**: the other connections are
   independent :class:`MqttBus` clients with their own reconnect supervisors.  A
@@ -203,7 +203,9 @@ class ShardedBus(Bus):
         return None
 
     def _from_child(self, index: int, msg: BusMessage) -> None:
-        did = self._device_of(msg.topic)
+        # Learned from live messages only: a retained one (a device's old status on a broker
+        # that came back) says where the device was, not where it is.
+        did = None if msg.retain else self._device_of(msg.topic)
         if did is not None and self._where.get(did) != index:
             if did in self._where:
                 log.info("sharded.device_moved", device_id=did, broker=self._name(index))
