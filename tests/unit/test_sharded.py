@@ -47,3 +47,24 @@ def test_failover_broker_is_the_second_ranked_and_differs() -> None:
         two = device_endpoints(did, BROKERS, failover=True)
         assert len(one) == 1 and len(two) == 2
         assert two[0] == one[0] and two[1] != two[0]
+
+
+def test_make_bus_gives_devices_one_broker_and_everyone_else_all() -> None:
+    from middleware.broker_bridge.factory import make_bus
+    from middleware.broker_bridge.mqtt import MqttBus
+    from middleware.broker_bridge.sharded import ShardedBus
+    from middleware.config import BusSection
+
+    cfg = BusSection(brokers=tuple(f"{h}:{p}" for h, p in BROKERS), failover=True)
+    verifier = make_bus(cfg, "mw-verifier-v1")
+    assert isinstance(verifier, ShardedBus)
+    assert [c.settings.port for c in verifier.children] == [1883] * 3
+    assert [c.settings.host for c in verifier.children] == ["mq-1", "mq-2", "mq-3"]
+    device = make_bus(cfg, "mw-node-pi-1", persistent=True, device_id="pi-1")
+    assert isinstance(device, MqttBus)
+    home, second = device_endpoints("pi-1", BROKERS, failover=True)
+    assert (device.settings.host, device.settings.port) == home
+    assert device.settings.fallbacks == (second,)
+    assert verifier.broker_of("pi-1") == BROKERS.index(home)
+    single = make_bus(BusSection(), "x", device_id="pi-1")
+    assert isinstance(single, MqttBus) and single.settings.fallbacks == ()
