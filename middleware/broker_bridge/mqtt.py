@@ -72,6 +72,7 @@ _MAX_UINT32 = 0xFFFFFFFF
 # unspecified); anything else (bad credentials, not authorized, bad client id,
 # malformed will) is a configuration error and fails the first connect at once.
 _RETRYABLE_CONNACK = frozenset({0x80, 0x88, 0x89, 0x97, 0x9C, 0x9D, 0x9F})
+_CORK: int = getattr(socket, "TCP_CORK", 0)  # Linux; elsewhere packets go out one by one
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +170,10 @@ class MqttBus(ReconnectingBus):
         # was two epoll_ctl calls and an asyncio handle per publish and per PUBACK.
         self._flushing_after = False
         self._writer_on = False
+        # A burst: publishes of one event-loop turn after the first (a batch's verdicts and
+        # states, gathered) wait for one flush at the start of the next turn instead of one
+        # each; the first still goes out at once, so a lone round trip waits for nothing.
+        self._burst = False
 
     @property
     def endpoint(self) -> tuple[str, int]:
@@ -189,6 +194,7 @@ class MqttBus(ReconnectingBus):
             raise BusError(f"{self.client_id}: already connected")
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._burst = False
         self._client = self._make_client()
         self._first = first = self._loop.create_future()
         self._task = self._loop.create_task(
@@ -286,7 +292,10 @@ class MqttBus(ReconnectingBus):
                 raise BusError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
             break
         self._flushing_after = False
-        self._flush()
+        if not self._burst:
+            self._flush()
+            self._burst = True
+            loop.call_soon(self._end_burst)
         if qos == 0:
             return
         # No read can run between client.publish() and here, so the PUBACK cannot be missed.
@@ -690,19 +699,43 @@ class MqttBus(ReconnectingBus):
             self._abort_connection(f"read failed: {exc!r}")
             return
         self._flushing_after = False
-        self._flush()  # the acks (and answers) queued while reading
+        self._flush(cork=True)  # the acks (and answers) queued while reading
 
-    def _flush(self) -> None:
+    def _end_burst(self) -> None:
+        self._burst = False
+        self._flush(cork=True)
+
+    def _flush(self, *, cork: bool = False) -> None:
         """Write what paho has queued now, not one event-loop turn later.
 
         paho defers every write to the writer callback when an external loop is
         registered; under load that turn is a good part of a round trip.  What
         the socket does not take at once stays queued for the writer callback.
+
+        paho writes each packet with its own ``send``; with ``cork`` (a read's PUBACKs,
+        a burst's verdicts and states) the socket is corked meanwhile on Linux
+        (``TCP_CORK``), so they leave as one segment: the loopback delivery and the
+        broker's wakeup per packet were the largest single cost of a no-op verifier
+        (paho's ``send`` 17% of its active samples under py-spy).  Interleaved A/B on
+        the loaded 2-core machine, 128 sessions: verifier CPU per draft 536 and 637 us
+        without, 502 and 552 us with the bursts and the cork (drafts/s 799 and 951 vs
+        834 and 1,110); a lone round trip's p50 unchanged within the noise (1.35 and
+        1.69 ms without, 1.36 and 1.53 ms with).
         """
-        if self._fd is not None and self._client is not None and self._client.want_write():
+        client = self._client
+        if self._fd is None or client is None or not client.want_write():
+            return
+        sock = client.socket() if cork and _CORK else None
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
             self._on_writable()
-            if self._fd is not None and self._client.want_write():
-                self._add_writer()  # the socket did not take it all: write when it can
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)  # pushes what is corked
+        else:
+            self._on_writable()
+        if self._fd is not None and client.want_write():
+            self._add_writer()  # the socket did not take it all: write when it can
 
     def _on_writable(self) -> None:
         client = self._require_client()
