@@ -225,7 +225,7 @@ class ShardedBus(Bus):
         correlation: bytes | None = None,
     ) -> None:
         """To the device's broker for its topics (dropped and counted when that broker is
-        down), to every broker otherwise (BusError only if none took it)."""
+        down), to every broker that is up otherwise (BusError only if none took it)."""
         self._check_open()
         check_topic(topic)
         kw = {
@@ -249,8 +249,12 @@ class ShardedBus(Bus):
                     raise
                 self._undelivered(topic, child, str(exc))
             return
+        # To the brokers that are up (one that is down gets the next status publish; the
+        # verifier republishes its status every few seconds); with none up, wait like a
+        # single bus would.
+        targets = [c for c in self.children if c.is_connected] or self.children
         results = await asyncio.gather(
-            *(c.publish(topic, payload, **kw) for c in self.children),  # type: ignore[arg-type]
+            *(c.publish(topic, payload, **kw) for c in targets),  # type: ignore[arg-type]
             return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
