@@ -1,10 +1,11 @@
 """Fleets past one broker: :class:`ShardedBus`, one :class:`Bus` over N MQTT brokers.
 
-Why: one Mosquitto is a single point of failure and a ceiling (one thread; the
-verifier's own overhead benchmark tops out near 3,000 QoS 1 messages/s on one
-core of this machine).  Mosquitto has no clustering, so a larger fleet is split:
-each device is assigned to one of N independent brokers and every verifier is a
-client of all of them.
+Why: one Mosquitto is a single point of failure and a ceiling (one process, one
+thread; in ``bench.verifier_overhead`` a raw paho echo through one Mosquitto
+reached 1,100-2,800 drafts/s, two QoS 1 messages each, on this loaded 2-core
+machine).  Mosquitto has no clustering, so a larger fleet is split: each device is
+assigned to one of N independent brokers and every verifier is a client of all
+of them.
 
 * **Assignment** is rendezvous (highest-random-weight) hashing of the device id
   over the broker list (:func:`broker_order`): stable across processes and
