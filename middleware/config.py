@@ -171,6 +171,26 @@ def torch_device(v: str) -> str | None:
 PORT = between(1, 65_535)
 
 
+def broker_list(v: tuple[str, ...]) -> str | None:
+    """``host:port`` entries (``host`` alone: port 1883), distinct, at most 64."""
+    from middleware.broker_bridge.sharded import parse_endpoint
+
+    if len(v) > 64:
+        return f"at most 64 brokers, got {len(v)}"
+    seen = set()
+    for spec in v:
+        try:
+            endpoint = parse_endpoint(spec)
+        except ConfigError as exc:
+            return str(exc)
+        if hostname(endpoint[0]):
+            return f"broker address {spec!r}: bad host"
+        if endpoint in seen:
+            return f"broker {spec!r} listed twice"
+        seen.add(endpoint)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class BusSection:
     transport: str = setting("mqtt", one_of("mqtt", "zmq"))
@@ -190,6 +210,12 @@ class BusSection:
     zmq_endpoints: str = setting("tcp://127.0.0.1:5555", zmq_endpoints)
     # transport = "zmq": where `mw-cli verifier` binds its ROUTER
     zmq_bind: str = setting("tcp://*:5555", zmq_bind)
+    # Fleets past one broker (broker_bridge/sharded.py): ["host:port", ...].  Devices use
+    # the one their id hashes to (host/port are then ignored); verifiers and tools use all.
+    # From the environment or a flag: comma-separated.
+    brokers: tuple[str, ...] = setting((), broker_list)
+    # a device whose broker is unreachable moves to its second-ranked broker of ``brokers``
+    failover: bool = setting(False, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +302,20 @@ CROSS_CHECKS: tuple[tuple[str, str, Callable[[Any], str | None]], ...] = (
     ),
     (
         "bus",
+        "failover",
+        lambda b: (
+            None
+            if not b.failover or len(b.brokers) >= 2
+            else "needs at least two entries in [bus] brokers"
+        ),
+    ),
+    (
+        "bus",
+        "brokers",
+        lambda b: None if not b.brokers or b.transport == "mqtt" else "needs transport = mqtt",
+    ),
+    (
+        "bus",
         "tls_key",
         lambda b: (
             None if not b.tls_key or b.tls_cert else "needs tls_cert (the client certificate)"
@@ -318,6 +358,12 @@ def _coerce(typ: Any, value: Any) -> Any:
             except ValueError:
                 pass
         raise _Bad(f"expected a number, got {value!r}")
+    if typ == tuple[str, ...]:
+        if isinstance(value, str):  # environment or flag: comma-separated
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        if isinstance(value, list | tuple) and all(isinstance(x, str) for x in value):
+            return tuple(value)
+        raise _Bad(f"expected a list of strings, got {value!r}")
     if not isinstance(value, str):
         raise _Bad(f"expected a string, got {value!r}")
     return value

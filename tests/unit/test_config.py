@@ -124,6 +124,12 @@ def test_the_defaults_and_the_example_config_pass() -> None:
         ('[log]\nlevel = "loud"\n', "[log] level: must be one of debug, info, warning, error"),
         ('[log]\njson = "yes"\n', "[log] json: must be one of auto, true, false"),
         ('[bus]\ntls_key = "{key}"\n', "[bus] tls_key: needs tls_cert"),
+        ('[bus]\nbrokers = ["a:1883", "b:99999"]\n', "[bus] brokers: broker address 'b:99999'"),
+        ('[bus]\nbrokers = ["a:1883", "a:1883"]\n', "[bus] brokers: broker 'a:1883' listed twice"),
+        ('[bus]\nbrokers = ["bad host:1"]\n', "[bus] brokers: broker address 'bad host:1'"),
+        ("[bus]\nbrokers = [1, 2]\n", "[bus] brokers: expected a list of strings"),
+        ('[bus]\nbrokers = ["a"]\nfailover = true\n', "[bus] failover: needs at least two"),
+        ('[bus]\nbrokers = ["a", "b"]\ntransport = "zmq"\n', "[bus] brokers: needs transport"),
     ],
 )
 def test_each_bad_value_is_one_error_naming_its_key(
@@ -226,3 +232,11 @@ def test_the_bounds_are_those_of_the_code_that_consumes_them() -> None:
                 )
                 verifier_config(cfg)
         assert v.batch_policy == policy
+
+
+def test_brokers_come_from_a_toml_list_or_a_comma_separated_variable(tmp_path: Path) -> None:
+    path = tmp_path / "mw.toml"
+    path.write_text('[bus]\nbrokers = ["mq-1:1883", "mq-2"]\nfailover = true\n')
+    assert load_config(path, env={}).bus.brokers == ("mq-1:1883", "mq-2")
+    cfg = load_config(env={"MW_BUS_BROKERS": "mq-1:1883, [::1]:1884"})
+    assert cfg.bus.brokers == ("mq-1:1883", "[::1]:1884")
