@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from middleware.errors import BusClosedError
 from middleware.protocol.topics import matches
@@ -306,7 +306,7 @@ class _SubscribeCtx:
         self._args = (bus, filter_, qos, maxsize)
         self._sub: Subscription | None = None
 
-    def __await__(self):  # type: ignore[no-untyped-def]
+    def __await__(self) -> Generator[Any, None, Subscription]:
         bus, f, q, m = self._args
         return bus._open_subscription(f, q, m).__await__()
 

@@ -196,7 +196,7 @@ class ReconnectingBus(Bus):
         """Successful reconnections since the first connect."""
         return self._reconnects
 
-    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until connected; BusError on timeout, BusClosedError if closed meanwhile."""
         loop = self._require_loop()
         await self._wait_ready(None if timeout is None else loop.time() + timeout)

@@ -767,15 +767,17 @@ class PackedProperties(Properties):
     byte-identical output (tests/unit/test_mqtt_props.py checks it against paho).
     """
 
+    _wire: bytes
+
     def __init__(self, body: bytes) -> None:
         object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
         object.__setattr__(self, "_wire", _varint(len(body)) + body)
 
     def pack(self) -> bytes:
-        return self._wire  # type: ignore[no-any-return]
+        return self._wire
 
     def isEmpty(self) -> bool:
-        return self._wire == b"\x00"  # type: ignore[no-any-return]
+        return self._wire == b"\x00"
 
 
 def _utf8(text: str) -> bytes:
@@ -813,7 +815,7 @@ def message_from_paho(m: paho.MQTTMessage) -> BusMessage:
     expiry = getattr(props, "MessageExpiryInterval", None)
     return BusMessage(
         topic=m.topic,
-        payload=m.payload,
+        payload=bytes(m.payload),
         qos=m.qos,
         retain=bool(m.retain),
         content_type=getattr(props, "ContentType", None),

@@ -221,7 +221,7 @@ class ZmqBus(ReconnectingBus):
         expiry: float | None = None,
         user_properties: Mapping[str, str] | None = None,
         correlation: bytes | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> None:
         """Publish to the current verifier; QoS >= 1 returns after its ``puback`` and is
         sent again to the next verifier if the connection drops first.  Bounded by

@@ -342,7 +342,7 @@ def _command(name: str) -> Callable[[Config, argparse.Namespace], Coroutine[Any,
     if name in ("tail", "sessions", "stats", "generate", "decommission"):
         from middleware.cli import tools
 
-        return getattr(tools, name)  # type: ignore[no-any-return]
+        return getattr(tools, name)
     from middleware.cli import services
 
     return {

@@ -206,9 +206,9 @@ def session_config(n: NodeSection) -> SessionConfig:
         max_failures=n.max_failures,
         offline_enabled=n.offline,
         sampling=SamplingParams(
-            mode=n.mode,
+            mode=n.mode,  # type: ignore[arg-type]  # checked by one_of(MODES) in config
             seed=n.seed,
-            temperature=n.temperature,  # type: ignore[arg-type]
+            temperature=n.temperature,
             top_k=n.top_k,
             top_p=n.top_p,
         ),
@@ -227,7 +227,7 @@ def policy_config(n: NodeSection) -> PolicyConfig:
 def drafter_factory(
     spec: str, policy: PolicyConfig, *, base: Any = None, models: dict[str, Any] | None = None
 ) -> tuple[Callable[[], Drafter], Any]:
-    """A factory of per-session drafters sharing one (possibly quantized) model, and the tokenizer."""
+    """A factory of per-session drafters sharing one (maybe quantized) model; the tokenizer."""
     from middleware.nodes.drafters import DrafterSpec, make_drafter
 
     ds = DrafterSpec.parse(spec, policy)

@@ -130,7 +130,7 @@ def load_causal_lm(
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         report(f"loading weights for {source.name}")
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, **kwargs)
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers' stubs: to(str) is valid
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
         hint = (
             ""
@@ -145,7 +145,7 @@ def load_causal_lm(
 
 
 def load_tokenizer(spec: str) -> tuple[Any, str]:
-    """Only the tokenizer of ``spec`` and its fingerprint (for devices that draft without a model)."""
+    """Only the tokenizer of ``spec`` and its fingerprint (devices drafting without a model)."""
     source = _resolve(spec)
     if source.gguf_file:
         # Devices: the GGUF's own tokenizer through `tokenizers`, no transformers/torch import.

@@ -68,7 +68,7 @@ def decode(
     if expect is not None and not (cls is expect or (isinstance(expect, tuple) and cls in expect)):
         raise ProtocolError(f"unexpected message type {env['t']!r} here")
     try:
-        return cls.from_wire(env, limits)  # type: ignore[no-any-return]
+        return cls.from_wire(env, limits)
     except ProtocolError:
         raise
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:

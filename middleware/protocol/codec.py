@@ -20,6 +20,7 @@ from 16-17.5 to 12.8 us; most of what remains is the message classes' own checks
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import re
@@ -103,35 +104,37 @@ class Fields:
 
     __slots__ = ("_d", "_limits", "_type")
 
-    def __init__(self, d: Mapping[str, Any], type_: str, limits: Limits) -> None:
+    def __init__(self, d: Mapping[builtins.str, Any], type_: builtins.str, limits: Limits) -> None:
         self._d = d
         self._type = type_
         self._limits = limits
 
-    def _err(self, key: str, msg: str) -> ProtocolError:
+    def _err(self, key: builtins.str, msg: builtins.str) -> ProtocolError:
         return ProtocolError(f"{self._type}.{key}: {msg}")
 
-    def _as_float(self, key: str, v: int | float) -> float:
+    def _as_float(self, key: builtins.str, v: builtins.int | builtins.float) -> builtins.float:
         try:
             return float(v)
         except OverflowError as exc:  # a JSON integer with hundreds of digits
             raise self._err(key, "number too large") from exc
 
-    def _get(self, key: str, default: Any) -> Any:
+    def _get(self, key: builtins.str, default: Any) -> Any:
         if key in self._d:
             return self._d[key]
         if default is _REQUIRED:
             raise self._err(key, "missing")
         return default
 
-    def id(self, key: str) -> str:
+    def id(self, key: builtins.str) -> builtins.str:
         return check_id(self._get(key, _REQUIRED), f"{self._type}.{key}")
 
-    def opt_id(self, key: str) -> str | None:
+    def opt_id(self, key: builtins.str) -> builtins.str | None:
         v = self._get(key, None)
         return None if v is None else check_id(v, f"{self._type}.{key}")
 
-    def int(self, key: str, lo: int, hi: int, default: Any = None) -> int:
+    def int(
+        self, key: builtins.str, lo: builtins.int, hi: builtins.int, default: Any = None
+    ) -> builtins.int:
         v = self._d.get(key, _REQUIRED)
         if type(v) is int and lo <= v <= hi:
             return v  # the common case, without the calls below
@@ -143,7 +146,9 @@ class Fields:
             raise self._err(key, f"{v} outside [{lo}, {hi}]")
         return v
 
-    def float(self, key: str, lo: float, hi: float, default: Any = None) -> float:
+    def float(
+        self, key: builtins.str, lo: builtins.float, hi: builtins.float, default: Any = None
+    ) -> builtins.float:
         v = self._get(key, _REQUIRED if default is None else default)
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise self._err(key, f"expected number, got {type(v).__name__}")
@@ -152,13 +157,15 @@ class Fields:
             raise self._err(key, f"{v} outside [{lo}, {hi}]")
         return v
 
-    def bool(self, key: str, default: Any = None) -> bool:
+    def bool(self, key: builtins.str, default: Any = None) -> builtins.bool:
         v = self._get(key, _REQUIRED if default is None else default)
         if not isinstance(v, bool):
             raise self._err(key, f"expected bool, got {type(v).__name__}")
         return v
 
-    def str(self, key: str, default: Any = None, max_len: int | None = None) -> str:
+    def str(
+        self, key: builtins.str, default: Any = None, max_len: builtins.int | None = None
+    ) -> builtins.str:
         limit = self._limits.max_str if max_len is None else max_len
         v = self._d.get(key, _REQUIRED)
         if type(v) is str and len(v) <= limit and v.isascii():
@@ -173,13 +180,17 @@ class Fields:
             check_utf8(v, f"{self._type}.{key}")
         return v
 
-    def choice(self, key: str, choices: tuple[str, ...], default: Any = None) -> str:
+    def choice(
+        self, key: builtins.str, choices: tuple[builtins.str, ...], default: Any = None
+    ) -> builtins.str:
         v = self.str(key, default)
         if v not in choices:
             raise self._err(key, f"{brief(v)} not one of {choices}")
         return v
 
-    def tokens(self, key: str, max_count: int, default: Any = None) -> tuple[int, ...]:
+    def tokens(
+        self, key: builtins.str, max_count: builtins.int, default: Any = None
+    ) -> tuple[builtins.int, ...]:
         v = self._get(key, _REQUIRED if default is None else default)
         if not isinstance(v, list | tuple):
             raise self._err(key, f"expected a list of token ids, got {type(v).__name__}")
@@ -193,7 +204,9 @@ class Fields:
                 raise self._err(key, f"token id {brief(t, 20)} outside [0, {hi}]")
         return tuple(v)
 
-    def floats(self, key: str, max_count: int, lo: float, hi: float) -> tuple[float, ...]:
+    def floats(
+        self, key: builtins.str, max_count: builtins.int, lo: builtins.float, hi: builtins.float
+    ) -> tuple[builtins.float, ...]:
         v = self._get(key, _REQUIRED)
         if not isinstance(v, list | tuple) or len(v) > max_count:
             raise self._err(key, f"expected at most {max_count} numbers")
@@ -207,7 +220,7 @@ class Fields:
             out.append(x)
         return tuple(out)
 
-    def raw(self, key: str, default: Any = None) -> Any:
+    def raw(self, key: builtins.str, default: Any = None) -> Any:
         return self._get(key, _REQUIRED if default is None else default)
 
 

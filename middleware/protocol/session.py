@@ -363,9 +363,8 @@ class Verdict:
         if self.accepted < 0 or self.base < 0 or self.committed_len < 0:
             raise ProtocolError("verdict: negative counter")
         if (
-            (self.kind in ("accept", "catchup") or (self.kind == "opened" and self.tokens))
-            and self.base + len(self.tokens) != self.committed_len
-        ):
+            self.kind in ("accept", "catchup") or (self.kind == "opened" and self.tokens)
+        ) and self.base + len(self.tokens) != self.committed_len:
             raise ProtocolError("verdict: base + len(tokens) != committed_len")
 
     def encode(self) -> bytes:

@@ -397,7 +397,9 @@ class VerifierService:
 
     async def _handle(self, msg: BusMessage) -> None:
         ref = self.topics.parse(msg.topic)
-        value = decode(msg.payload, self.config.limits, expect=(OpenSession, Draft, CloseSession))
+        value: OpenSession | Draft | CloseSession = decode(
+            msg.payload, self.config.limits, expect=(OpenSession, Draft, CloseSession)
+        )
         if value.session_id != ref.ident:
             raise ProtocolError(
                 f"session id {value.session_id!r} does not match topic {msg.topic!r}"

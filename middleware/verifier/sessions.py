@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from middleware.protocol import Draft, OpenSession, SamplingParams, SessionState, Verdict
 from middleware.protocol.session import commit_tag, session_instance, tokens_digest
@@ -172,7 +172,7 @@ def triage(
 ) -> Triage:
     """Decide how to answer draft ``d`` of session ``s`` (None: unknown here)."""
 
-    def answer(kind: str, reason: str = "", **kw: object) -> Verdict:
+    def answer(kind: str, reason: str = "", **kw: Any) -> Verdict:
         return Verdict(
             session_id=d.session_id,
             epoch=d.epoch,
@@ -184,7 +184,7 @@ def triage(
             instance=s.instance if s is not None else "",
             tag=s.tag if s is not None and kw.get("committed_len") == len(s.committed) else "",
             **kw,
-        )  # type: ignore[arg-type]
+        )
 
     if s is None:
         return Triage("resync", answer("resync", "unknown session: re-open"), "unknown_session")

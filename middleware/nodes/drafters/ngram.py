@@ -17,6 +17,7 @@ incrementally: a call costs O(changed tokens * max_n + proposed * max_n).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 
@@ -81,7 +82,7 @@ class BigramTable:
         self._next: dict[int, Counter[int]] = {}
 
     def learn(self, tokens: Sequence[int]) -> None:
-        for a, b in zip(tokens, tokens[1:], strict=False):
+        for a, b in itertools.pairwise(tokens):
             nxt = self._next.get(a)
             if nxt is None:
                 if len(self._next) >= self.max_keys:

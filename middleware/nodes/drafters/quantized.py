@@ -77,8 +77,8 @@ def quantize_model(
     quantized; a head tied to the embedding follows ``embeddings``.
     """
     q = copy.deepcopy(model).to(torch.float32).eval()
-    head = q.get_output_embeddings() if hasattr(q, "get_output_embeddings") else None
-    emb = q.get_input_embeddings() if hasattr(q, "get_input_embeddings") else None
+    head = q.get_output_embeddings() if hasattr(q, "get_output_embeddings") else None  # type: ignore[operator]
+    emb = q.get_input_embeddings() if hasattr(q, "get_input_embeddings") else None  # type: ignore[operator]
     head_w = head.weight if head is not None else None
     done: set[int] = set()
     with torch.no_grad():
