@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,16 +32,76 @@ from middleware.nodes.drafters.base import Drafter, Proposal
 from middleware.nodes.drafters.policy import DraftPolicy
 from middleware.protocol.session import SamplingParams
 
+# Lower-bit copies of the packaged file (``smollm2-q3_k``...), made with llama.cpp's own
+# quantizer.  SmolLM2-135M is 576 wide, and K-quants need rows divisible by 256: llama.cpp
+# keeps them for the 1-d tensors only and falls back to Q4_0/Q5_0 for 180 of 272 tensors
+# (Q3_K_M and Q2_K both give 82 MiB against 92 MiB for the packaged Q4_1).  Q2_0 (blocks
+# of 32) applies to all but one tensor: 57 MiB.  Figures: bench/results/drafters.json.
+REQUANT_TYPES: dict[str, str] = {
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+    "q2_0": "LLAMA_FTYPE_MOSTLY_Q2_0",
+}
+
+
+def cache_dir() -> Path:
+    """Where requantized files go: ``$XDG_CACHE_HOME/edge-specdec-middleware/gguf``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edge-specdec-middleware" / "gguf"
+
+
+def requantized(src: Path, qtype: str) -> Path:
+    """``src`` requantized to ``qtype`` (a key of REQUANT_TYPES), made once and cached.
+
+    Written to a temporary name and renamed, so concurrent makers never see half a file.
+    """
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, REQUANT_TYPES[qtype], None)
+    if ftype is None:
+        raise ModelError(f"llamacpp drafter: this llama.cpp has no {REQUANT_TYPES[qtype]}")
+    st = src.stat()
+    out = cache_dir() / f"{src.stem}-{st.st_size:x}-{qtype}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 1
+    params.allow_requantize = True  # the source is already Q4_1
+    _route_llama_logs()
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise ModelError(f"llamacpp drafter: quantizing {src.name} to {qtype} failed ({rc})")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
 
 def gguf_path(spec: str) -> Path:
-    """``smollm2`` (the packaged Q4_1 file) or a path to a ``.gguf`` file."""
-    if spec == "smollm2":
+    """``smollm2`` (the packaged Q4_1 file), ``smollm2-q3_k`` etc. (a lower-bit copy of it,
+    made here once; see REQUANT_TYPES) or a path to a ``.gguf`` file."""
+    head, _, qtype = spec.partition("-")
+    if head == "smollm2":
         from middleware.models.loading import smollm2_gguf_path
 
-        return smollm2_gguf_path()
+        if not qtype:
+            return smollm2_gguf_path()
+        if qtype in REQUANT_TYPES:
+            return requantized(smollm2_gguf_path(), qtype)
+        raise ModelError(
+            f"llamacpp drafter: {spec!r}: unknown type {qtype!r}; "
+            f"known: {', '.join(f'smollm2-{t}' for t in REQUANT_TYPES)}"
+        )
     path = Path(spec).expanduser()
     if path.suffix != ".gguf" or not path.is_file():
-        raise ModelError(f"llamacpp drafter: {spec!r} is not a .gguf file or 'smollm2'")
+        raise ModelError(
+            f"llamacpp drafter: {spec!r} is not a .gguf file, 'smollm2' or 'smollm2-TYPE'"
+        )
     return path
 
 
@@ -90,8 +151,8 @@ def load_gguf(spec: str) -> Any:
             "llamacpp drafter needs llama-cpp-python: "
             "pip install 'edge-specdec-middleware[llamacpp]'"
         ) from exc
-    path = gguf_path(spec).resolve()
     with _models_lock:
+        path = gguf_path(spec).resolve()  # may requantize: once, under the lock
         if path not in _models:
             _route_llama_logs()
             params = llama_cpp.llama_model_default_params()
