@@ -124,7 +124,7 @@ def _route_llama_logs() -> None:
     def callback(level: int, text: bytes, user_data: Any) -> None:
         with contextlib.suppress(Exception):  # never raise into C
             _LOG.log(
-                logging.WARNING if level in (3, 4) else logging.DEBUG,  # ggml: WARN, ERROR
+                logging.WARNING if level == 4 else logging.DEBUG,  # ggml ERROR; WARN is noise here
                 text.decode("utf-8", "replace").rstrip(),
             )
 
