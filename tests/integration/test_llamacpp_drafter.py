@@ -149,3 +149,25 @@ def test_loading_leaves_stdout_and_stderr_alone(monkeypatch) -> None:
             t.join()
     assert not errors, errors
     assert len({id(d.llama.model) for d in drafters}) == 1  # weights shared by the sessions
+
+
+def test_lower_bit_copy_is_made_once_with_llama_cpp_and_cached(
+    smollm2, tmp_path, monkeypatch
+) -> None:
+    import gguf
+
+    from middleware.errors import ModelError
+    from middleware.nodes.drafters.llamacpp import gguf_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = gguf_path("smollm2-q4_0")
+    assert path.parent == tmp_path / "edge-specdec-middleware" / "gguf"
+    made = path.stat().st_mtime_ns
+    assert gguf_path("smollm2-q4_0") == path and path.stat().st_mtime_ns == made  # cached
+    field = gguf.GGUFReader(path).fields["general.file_type"]
+    assert int(field.parts[field.data[0]][0]) == 2  # LLAMA_FTYPE_MOSTLY_Q4_0
+    d = make_drafter("llamacpp:smollm2-q4_0", policy=PolicyConfig(threshold=0.0, max_len=4))
+    d.start(encode_prompt(smollm2.tokenizer, PROMPTS[0]), SamplingParams())
+    assert len(d.propose([], [], 4, 0)) == 4
+    with pytest.raises(ModelError, match="smollm2-q3_k"):
+        gguf_path("smollm2-q9_9")
