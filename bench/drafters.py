@@ -200,7 +200,7 @@ def run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         return {"error": f"exit {proc.returncode}: {tail[:300]}"}
-    return json.loads(lines[-1])  # type: ignore[no-any-return]
+    return json.loads(lines[-1])
 
 
 def measure(spec: str, budget: str, base: dict[str, Any], timeout: float) -> dict[str, Any]:
