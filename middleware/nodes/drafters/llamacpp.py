@@ -34,9 +34,10 @@ from middleware.protocol.session import SamplingParams
 
 # Lower-bit copies of the packaged file (``smollm2-q3_k``...), made with llama.cpp's own
 # quantizer.  SmolLM2-135M is 576 wide, and K-quants need rows divisible by 256: llama.cpp
-# keeps them for the 1-d tensors only and falls back to Q4_0/Q5_0 for 180 of 272 tensors
-# (Q3_K_M and Q2_K both give 82 MiB against 92 MiB for the packaged Q4_1).  Q2_0 (blocks
-# of 32) applies to all but one tensor: 57 MiB.  Figures: bench/results/drafters.json.
+# falls back to Q4_0/Q5_0 for 180 of 272 tensors (only the 1536-wide rows get K-quants),
+# so the files stay large: Q4_0 87.5 MiB, Q3_K_M 89.2, Q2_K 84.1 against 93.8 for the
+# packaged Q4_1.  Q2_0 (blocks of 32) applies to all but one tensor: 59.0 MiB, but has no
+# fast CPU kernel here.  Figures: bench/results/drafters.json.
 REQUANT_TYPES: dict[str, str] = {
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
     "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
