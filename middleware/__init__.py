@@ -13,3 +13,7 @@ Architecture (one package per concern):
 """
 
 __version__ = "0.1.0"
+
+from middleware import compat as _compat
+
+_compat.install()  # Python 3.10: the 3.11 names from their backports (see compat.py)

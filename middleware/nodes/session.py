@@ -122,11 +122,15 @@ class SessionStats:
     corrections: int = 0
     started: float = field(default_factory=time.monotonic)
     finished: float = 0.0
+    drafted: int = 0  # tokens the drafter produced (drafts ahead included)
+    draft_s: float = 0.0  # time spent in the drafter: drafted / draft_s is its speed
     # Optional observer for the device's Prometheus endpoint: called with ("draft_s" |
     # "round_trip_s" | "offline_s", seconds).  None (the default) costs nothing.
     observe: Callable[[str, float], None] | None = field(default=None, repr=False, compare=False)
 
     def note(self, what: str, seconds: float) -> None:
+        if what == "draft_s":
+            self.draft_s += seconds
         if self.observe is not None:
             self.observe(what, seconds)
 
@@ -147,6 +151,9 @@ class SessionStats:
             "provisional": self.provisional,
             "corrections": self.corrections,
             "elapsed_s": elapsed,
+            "drafted": self.drafted,
+            "draft_s": self.draft_s,
+            "draft_tokens_per_s": self.drafted / self.draft_s if self.draft_s > 0 else 0.0,
         }
 
 
@@ -345,6 +352,7 @@ class DeviceSession:
             self.drafter.propose, list(self.committed), list(after), max_tokens, position
         )
         self.stats.note("draft_s", time.monotonic() - t0)
+        self.stats.drafted += len(p.tokens)
         if p.tokens:
             per_token = (time.monotonic() - t0) / len(p.tokens)
             self._token_s = (

@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -28,9 +29,9 @@ TEXTS = ("Hello, world!", "naïve café 東京 🚀", "<|im_start|>user\nhi<|im_
 
 
 def test_gguf_vocab_matches_the_hf_tokenizer(smollm2) -> None:
-    from middleware.nodes.drafters.llamacpp import load_llama
+    from middleware.nodes.drafters.llamacpp import load_gguf
 
-    llm = load_llama("smollm2")
+    llm = load_gguf("smollm2")
     tok = smollm2.tokenizer
     assert llm.n_vocab() == len(tok.get_vocab())
     for text in TEXTS:
@@ -97,11 +98,6 @@ def services(mosquitto, tmp_path: Path) -> Iterator[list[str]]:
 
 
 @pytest.mark.integration
-@pytest.mark.skip(
-    reason="WIP: under pytest the node exits 0 after node_ready without generating (by hand, "
-    "`mw-cli node --drafter llamacpp:smollm2 --prompt ...` against `mw-cli verifier` printed "
-    "the target's text, 'The capital of France is Paris.', acceptance 80%)"
-)
 def test_llamacpp_device_is_lossless(services, smollm2) -> None:
     """`mw-cli node --drafter llamacpp:smollm2 --prompt ...` prints the target's own greedy text."""
     from middleware.verifier.reference import reference_greedy
@@ -122,3 +118,56 @@ def test_llamacpp_device_is_lossless(services, smollm2) -> None:
     ]
     assert node.stdout == "".join(f"{text}\n" for text in expected), node.stderr[-3000:]
     assert "acceptance" in node.stderr
+
+
+def test_loading_leaves_stdout_and_stderr_alone(monkeypatch) -> None:
+    """Sessions create drafters in worker threads at once: loading must never redirect file
+    descriptors 1 and 2 (llama_cpp.Llama(verbose=False) did, and overlapping loads left a
+    node with both pointing at /dev/null: it exited 0 having printed nothing)."""
+    import threading
+
+    from middleware.nodes.drafters import llamacpp
+
+    def no_dup2(*args: object) -> None:
+        raise AssertionError("os.dup2 called while loading a llama.cpp drafter")
+
+    monkeypatch.setattr(llamacpp, "_models", {})  # load the weights again, in this test
+    drafters: list[object] = []
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            drafters.append(make_drafter("llamacpp:smollm2"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make) for _ in range(3)]
+    with mock.patch.object(os, "dup2", no_dup2):  # not monkeypatch: pytest's capture dup2s
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert len({id(d.llama.model) for d in drafters}) == 1  # weights shared by the sessions
+
+
+def test_lower_bit_copy_is_made_once_with_llama_cpp_and_cached(
+    smollm2, tmp_path, monkeypatch
+) -> None:
+    import gguf
+
+    from middleware.errors import ModelError
+    from middleware.nodes.drafters.llamacpp import gguf_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = gguf_path("smollm2-q4_0")
+    assert path.parent == tmp_path / "edge-specdec-middleware" / "gguf"
+    made = path.stat().st_mtime_ns
+    assert gguf_path("smollm2-q4_0") == path and path.stat().st_mtime_ns == made  # cached
+    field = gguf.GGUFReader(path).fields["general.file_type"]
+    assert int(field.parts[field.data[0]][0]) == 2  # LLAMA_FTYPE_MOSTLY_Q4_0
+    d = make_drafter("llamacpp:smollm2-q4_0", policy=PolicyConfig(threshold=0.0, max_len=4))
+    d.start(encode_prompt(smollm2.tokenizer, PROMPTS[0]), SamplingParams())
+    assert len(d.propose([], [], 4, 0)) == 4
+    with pytest.raises(ModelError, match="smollm2-q3_k"):
+        gguf_path("smollm2-q9_9")

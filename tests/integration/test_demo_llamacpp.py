@@ -1,0 +1,41 @@
+"""``mw-cli demo`` with llama.cpp devices: lossless against the target alone, and its table
+shows each device's drafting speed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from middleware.broker_bridge.embedded import mosquitto_available
+from middleware.cli.demo import LLAMACPP_DEVICES, demo_devices
+
+pytest.importorskip("llama_cpp")
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+CLI = [sys.executable, "-m", "middleware.cli.main"]
+
+
+@pytest.mark.skipif(not mosquitto_available(), reason="the demo starts a mosquitto binary")
+def test_demo_with_llamacpp_devices_is_lossless_and_shows_drafting_speed(tmp_path) -> None:
+    assert demo_devices() == LLAMACPP_DEVICES  # llama_cpp is importable here
+    out = subprocess.run(
+        [*CLI, "demo", "--prompts", "3", "--max-new-tokens", "12", "--broker", "mosquitto"],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},  # the q4_0 copy is made here
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "every output is identical, token for token" in out.stdout
+    header, *rows = [
+        ln for ln in out.stdout.splitlines() if ln.startswith(("DEVICE", "pi-", "esp-"))
+    ]
+    assert "DRAFT TOK/S" in header
+    col = header.index("DRAFT TOK/S")
+    for device, drafter in LLAMACPP_DEVICES:
+        (row,) = [r for r in rows if r.startswith(device + " ")]
+        assert drafter in row
+        speed = row[col:].split()[0]
+        assert float(speed) > 0, row  # drafted tokens per second spent drafting
