@@ -267,7 +267,8 @@ def _report(
             )
         )
         print(
-            f"--- {o.session_id} on {dev.device_id} ({dev.drafter}){same}\n> {prompt}\n{o.text.strip()}\n"
+            f"--- {o.session_id} on {dev.device_id} ({dev.drafter}){same}\n"
+            f"> {prompt}\n{o.text.strip()}\n"
         )
     snap = registry.snapshot()
     committed = snap.get("mw_verifier_committed_tokens_total", 0.0)
@@ -320,7 +321,8 @@ def _report(
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
     print(
         f"\nverifier: {forwards:.0f} forward passes for {committed:.0f} committed tokens "
-        f"({forwards / committed if committed else 0:.2f} per token; target-only decoding needs 1.00), "
+        f"({forwards / committed if committed else 0:.2f} per token; "
+        "target-only decoding needs 1.00), "
         f"mean batch size {snap.get('mw_verifier_batch_size_mean', 0):.2f}, "
         f"wall time {gen_s:.1f} s"
     )

@@ -94,7 +94,7 @@ async def _wait_online(host: str, port: int, prefix: str, procs, tmp_path: Path)
             while need:
                 for p in procs:
                     if p.poll() is not None:
-                        logs = "".join(f.read_text()[-3000:] for f in tmp_path.glob("*.log"))
+                        logs = "".join(f.read_text()[-3000:] for f in tmp_path.glob("*.log"))  # noqa: ASYNC240
                         raise AssertionError(f"a service exited early ({p.returncode}):\n{logs}")
                 for sub in (vs, ds):
                     try:

@@ -100,7 +100,9 @@ def test_batched_verify_logits_match_unbatched(
     model = smollm2.model
     rnd = random.Random(3)
     items = []
-    for i, (p, g) in enumerate([*zip(prompts, generated), (prompts[0], generated[0])]):
+    for i, (p, g) in enumerate(
+        [*zip(prompts, generated, strict=False), (prompts[0], generated[0])]
+    ):
         committed = g[: 5 + 7 * i]
         draft = [
             *g[len(committed) : len(committed) + 1 + i],
@@ -164,7 +166,10 @@ def run_rounds(
             truth = s.target[pos : pos + rnd.randint(1, 6)]
             drafts.append([t if rnd.random() >= s.corrupt else rnd.randrange(49152) for t in truth])
         logits = engine.verify_batch(
-            [VerifyItem(s.key, s.prompt + s.generated, d) for s, d in zip(live, drafts)]
+            [
+                VerifyItem(s.key, s.prompt + s.generated, d)
+                for s, d in zip(live, drafts, strict=False)
+            ]
         )
         for s, d, lg in zip(live, drafts, logits, strict=True):
             if params.mode == "greedy":
@@ -184,7 +189,10 @@ def run_rounds(
 
 
 def make_sessions(prompts: list[list[int]], targets: list[list[int]]) -> list[Sess]:
-    sessions = [Sess(f"s{i}", p, t, corrupt=0.2) for i, (p, t) in enumerate(zip(prompts, targets))]
+    sessions = [
+        Sess(f"s{i}", p, t, corrupt=0.2)
+        for i, (p, t) in enumerate(zip(prompts, targets, strict=False))
+    ]
     sessions.append(Sess("s3", prompts[0], targets[0], corrupt=0.5))
     return sessions
 

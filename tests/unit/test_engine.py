@@ -116,7 +116,10 @@ def speculative_decode(
     while live := [s for s in sessions if not s.done]:
         batch = rnd.sample(live, rnd.randint(1, len(live)))
         drafts = [noisy_drafter(s, rnd) for s in batch]
-        items = [VerifyItem(s.key, s.prompt + s.generated, d) for s, d in zip(batch, drafts)]
+        items = [
+            VerifyItem(s.key, s.prompt + s.generated, d)
+            for s, d in zip(batch, drafts, strict=False)
+        ]
         logits = engine.verify_batch(items)
         for s, d, lg in zip(batch, drafts, logits, strict=True):
             assert lg.shape == (len(d) + 1, VOCAB) and lg.dtype == torch.float32
@@ -146,10 +149,10 @@ def speculative_decode(
 def test_batched_verify_matches_unbatched_and_plain_forward(model: LlamaForCausalLM) -> None:
     drafts = [random_tokens(k, 100 + k) for k in (3, 0, 5, 2, 6, 1)]
     batched = TargetEngine(model).verify_batch(
-        [VerifyItem(i, p, d) for i, (p, d) in enumerate(zip(PROMPTS, drafts))]
+        [VerifyItem(i, p, d) for i, (p, d) in enumerate(zip(PROMPTS, drafts, strict=False))]
     )
     worst_alone = worst_full = 0.0
-    for i, (p, d) in enumerate(zip(PROMPTS, drafts)):
+    for i, (p, d) in enumerate(zip(PROMPTS, drafts, strict=False)):
         alone = TargetEngine(model).verify_batch([VerifyItem(i, p, d)])[0]
         full = full_forward_logits(model, p + d, len(d) + 1)
         worst_alone = max(worst_alone, assert_same_logits(batched[i], alone))
@@ -258,7 +261,7 @@ def test_speculative_greedy_equals_reference(model: LlamaForCausalLM, budget: in
     stop = frozenset({reference_greedy(model, PROMPTS[1], max_new)[10]})
     refs = [reference_greedy(model, p, max_new, stop) for p in PROMPTS]
     assert len(refs[1]) <= 11  # at least one session ends early on the stop token
-    sessions = [Sess(f"s{i}", p, r) for i, (p, r) in enumerate(zip(PROMPTS, refs))]
+    sessions = [Sess(f"s{i}", p, r) for i, (p, r) in enumerate(zip(PROMPTS, refs, strict=False))]
     engine = TargetEngine(model, memory_budget_tokens=budget)
     rounds = speculative_decode(engine, sessions, SamplingParams(), max_new, stop)
     assert [s.generated for s in sessions] == refs
@@ -276,7 +279,7 @@ def test_speculative_coupled_equals_reference_sample(model: LlamaForCausalLM, bu
     params = SamplingParams(mode="coupled", seed=2024, temperature=0.9, top_k=40, top_p=0.95)
     max_new = 20
     refs = [reference_sample(model, p, max_new, (), params) for p in PROMPTS]
-    sessions = [Sess(f"s{i}", p, r) for i, (p, r) in enumerate(zip(PROMPTS, refs))]
+    sessions = [Sess(f"s{i}", p, r) for i, (p, r) in enumerate(zip(PROMPTS, refs, strict=False))]
     engine = TargetEngine(model, memory_budget_tokens=budget)
     speculative_decode(engine, sessions, params, max_new, frozenset(), seed=5)
     assert [s.generated for s in sessions] == refs
@@ -292,7 +295,7 @@ def test_cache_follows_the_authoritative_context(model: LlamaForCausalLM) -> Non
     engine.verify_batch([VerifyItem("a", p, [1, 2, 3])])  # no commit: draft KV still cached
     assert engine.cached_len("a") == len(p) + 3
     cases = [
-        (p + [1, 2, 9], [4]),  # diverges inside the cached draft
+        ([*p, 1, 2, 9], [4]),  # diverges inside the cached draft
         (p[:10], [5, 6]),  # context went back (a resync to an older state)
         (p[:10] + [7] * 15, []),  # longer than the cache: prefill of the missing part
     ]

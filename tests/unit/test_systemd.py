@@ -222,7 +222,7 @@ async def test_unhealthy_service_gets_no_pings(
         return calls == 1  # healthy once, then stuck
 
     task = asyncio.create_task(systemd.watchdog_loop(0.02, healthy))
-    while calls < 4:  # three unhealthy rounds
+    while calls < 4:  # noqa: ASYNC110 - three unhealthy rounds of the loop under test
         await asyncio.sleep(0.01)
     task.cancel()
     systemd.notify("STATUS=end")
