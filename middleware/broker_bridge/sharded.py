@@ -161,11 +161,13 @@ class ShardedBus(Bus):
             async with asyncio.TaskGroup() as tg:
                 for child in self.children:
                     tg.create_task(child.connect())
-        except* BusError as eg:
+        except BaseExceptionGroup as eg:  # not except*: device code parses on Python 3.10
             await self._close_children()
-            first = eg.exceptions[0]
-            raise BusError(f"sharded bus: {first}") from first
-        except* BaseException:
+            first = next((e for e in eg.exceptions if isinstance(e, BusError)), None)
+            if first is not None:
+                raise BusError(f"sharded bus: {first}") from first
+            raise
+        except BaseException:
             await self._close_children()
             raise
 
