@@ -25,9 +25,10 @@ from typing import Any
 
 import structlog
 
-from middleware.broker_bridge.bus import CONTENT_JSON, Bus
+from middleware.broker_bridge.bus import CONTENT_JSON, Bus, Subscription
 from middleware.errors import MiddlewareError, ProtocolError, SessionError, SessionRefused
 from middleware.nodes.drafters.base import Drafter
+from middleware.nodes.journal import Journal, JournalEntry
 from middleware.nodes.link import BusLink
 from middleware.nodes.metrics import DeviceMetrics
 from middleware.nodes.session import DeviceSession, SessionConfig
@@ -44,6 +45,9 @@ OUTCOMES_KEPT = 256  # NodeService.outcomes keeps the latest ones only
 SESSION_FAILURES = (SessionError, ProtocolError)
 
 
+RETAINED_EXPIRY_S = 86_400.0  # MQTT 5 message expiry of retained results: the store stays bounded
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     device_id: str = "device-1"
@@ -52,6 +56,9 @@ class NodeConfig:
     status_interval: float = 5.0
     ha_discovery: bool = True  # retained Home Assistant discovery configs under homeassistant/
     session: SessionConfig = field(default_factory=SessionConfig)
+    retained_expiry: float = RETAINED_EXPIRY_S  # seconds; 0: retained results never expire
+    # Unfinished sessions older than this are ended with a failed result on start, not resumed.
+    resume_max_age: float = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +103,11 @@ class NodeService:
         drafter_factory: Callable[[], Drafter],
         drafter_name: str,
         config: NodeConfig | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.bus = bus
+        # Unfinished sessions and recent results, across node restarts when it has a path.
+        self.journal = journal or Journal()
         self.tokenizer = tokenizer
         self.fingerprint = tokenizer_fp
         self.drafter_factory = drafter_factory
@@ -111,6 +121,8 @@ class NodeService:
         self.sessions_done = 0
         self.sessions_failed = 0
         self.active: set[str] = set()
+        self.republished = 0  # results republished from the journal after (re)connects
+        self._inbox_sub: Subscription | None = None
         self._text: asyncio.Queue[TextChunk | Result] = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
         self._tg: asyncio.TaskGroup | None = None
@@ -126,9 +138,22 @@ class NodeService:
         self.on_text: Callable[[TextChunk], None] | None = None
         self.metrics = DeviceMetrics()  # served only when [node] metrics_port is set
 
+    async def subscribe_inbox(self) -> None:
+        """Register the inbox subscription; call it *before* the bus connects.
+
+        A persistent MQTT session gets the QoS 1 prompts queued while the node was
+        down right after CONNACK; a subscription made after connecting would come too
+        late and the bus would drop them (no subscription matched).  Idempotent;
+        ``run`` calls it too (then it is registered after connecting)."""
+        if self._inbox_sub is None:
+            self._inbox_sub = await self.bus.subscribe(
+                self.topics.device_inbox(self.config.device_id)
+            )
+
     async def run(self) -> None:
         """Serve the inbox until cancelled."""
         link_ready = asyncio.Event()
+        await self.subscribe_inbox()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             tasks = [
@@ -136,12 +161,14 @@ class NodeService:
                 tg.create_task(self._publish_text(), name="text"),
             ]
             await link_ready.wait()
-            inbox = await self.bus.subscribe(self.topics.device_inbox(self.config.device_id))
+            inbox = self._inbox_sub
             await self._publish_status("online")
             if self.config.ha_discovery:
                 await self.publish_discovery()
             tasks.append(tg.create_task(self._inbox(inbox), name="inbox"))
             tasks.append(tg.create_task(self._status_loop(), name="status"))
+            tasks.append(tg.create_task(self._republish_results(), name="republish"))
+            self._resume_unfinished()
             self.ready.set()
             log.info("node_ready", device=self.config.device_id, drafter=self.drafter_name)
             # Wait here, not in the TaskGroup's __aexit__: on Python 3.11 a task failing
@@ -172,13 +199,20 @@ class NodeService:
         max_new_tokens: int | None,
         chat: bool,
         fut: asyncio.Future[Outcome] | None,
+        request_id: str = "",
     ) -> None:
         if self._tg is None:
             raise RuntimeError("NodeService.run() is not running")
         sid = session_id or f"{self.config.device_id}-{uuid.uuid4().hex[:8]}"
         self._tg.create_task(
             self._guarded(
-                self.generate(prompt, session_id=sid, max_new_tokens=max_new_tokens, chat=chat),
+                self.generate(
+                    prompt,
+                    session_id=sid,
+                    max_new_tokens=max_new_tokens,
+                    chat=chat,
+                    request_id=request_id,
+                ),
                 fut,
             ),
             name=f"session-{sid}",
@@ -204,22 +238,63 @@ class NodeService:
             fut.set_result(outcome)
 
     async def generate(
-        self, prompt: str, *, session_id: str, max_new_tokens: int | None = None, chat: bool = True
+        self,
+        prompt: str,
+        *,
+        session_id: str,
+        max_new_tokens: int | None = None,
+        chat: bool = True,
+        request_id: str = "",
     ) -> Outcome:
         """Run one session to the end; text chunks and the result go to the bus."""
         ids = encode_prompt(self.tokenizer, prompt, chat)
-        return await self.generate_ids(ids, session_id=session_id, max_new_tokens=max_new_tokens)
+        return await self.generate_ids(
+            ids, session_id=session_id, max_new_tokens=max_new_tokens, request_id=request_id
+        )
 
     async def generate_ids(
-        self, prompt_ids: Sequence[int], *, session_id: str, max_new_tokens: int | None = None
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        session_id: str,
+        max_new_tokens: int | None = None,
+        request_id: str = "",
+        resume: JournalEntry | None = None,
     ) -> Outcome:
+        """One generation; ``resume`` continues an unfinished one from the journal (its
+        nonce, so the same instance, and its committed tokens as the claim)."""
         cfg = self.config.session
+        if resume is not None:
+            cfg = replace(
+                cfg,
+                sampling=resume.sampling,
+                max_new_tokens=resume.max_new_tokens,
+                stop_ids=resume.stop_ids,
+            )
+            prompt_ids, request_id = resume.prompt, resume.request_id
         if not cfg.stop_ids:
             cfg = replace(cfg, stop_ids=stop_ids_of(self.tokenizer))
-        if max_new_tokens:
+        if max_new_tokens and resume is None:
             cfg = replace(cfg, max_new_tokens=max_new_tokens)
+        if session_id in self.active:
+            # Two generations under one id on one device would share one verdict queue.
+            exc = SessionRefused(
+                "session id in use on this device",
+                reason="session id in use",
+                session_id=session_id,
+            )
+            self._fail_result(session_id, "", request_id, "", 0, {}, False, exc)
+            raise exc
         async with self._slots:
-            stream = TextStream(self.tokenizer, session_id, self.config.device_id, self._emit)
+            committed = resume.committed if resume is not None else ()
+            stream = TextStream(
+                self.tokenizer,
+                session_id,
+                self.config.device_id,
+                self._emit,
+                committed=committed,
+                seq=resume.text_seq if resume is not None else 0,
+            )
             drafter = await asyncio.to_thread(self.drafter_factory)
             session = DeviceSession(
                 session_id=session_id,
@@ -230,6 +305,27 @@ class NodeService:
                 link=self.link,
                 sink=stream,
                 config=cfg,
+                nonce=resume.nonce if resume is not None else None,
+                committed=committed,
+                tag=resume.tag if resume is not None else "",
+                epoch=resume.epoch if resume is not None else 0,
+            )
+            stream.instance = session.instance
+            session.request_id = request_id  # type: ignore[attr-defined]
+            if resume is None:
+                self.journal.begin(
+                    JournalEntry(
+                        session_id=session_id,
+                        nonce=session.nonce,
+                        prompt=tuple(prompt_ids),
+                        sampling=cfg.sampling,
+                        max_new_tokens=cfg.max_new_tokens,
+                        stop_ids=cfg.stop_ids,
+                        request_id=request_id,
+                    )
+                )
+            session.on_progress = lambda s: self.journal.progress(
+                s.session_id, s.committed, s.tag, s.epoch, stream.seq
             )
             session.stats.observe = self.metrics.observe
             self.active.add(session_id)
@@ -238,7 +334,7 @@ class NodeService:
             try:
                 tokens = await session.run()
             except SESSION_FAILURES as exc:
-                self._failed(session, stream, exc)
+                self._failed(session, stream, exc, request_id)
                 raise
             finally:
                 self.active.discard(session_id)
@@ -253,7 +349,7 @@ class NodeService:
             outcome = Outcome(session_id, tuple(tokens), stream.text, session.finish_reason, stats)
             self.outcomes.append(outcome)
             self.sessions_done += 1
-            self._text.put_nowait(
+            self._result(
                 Result(
                     session_id=session_id,
                     device_id=self.config.device_id,
@@ -263,6 +359,8 @@ class NodeService:
                     verified=True,
                     stats=stats,
                     lossy=stream.lossy,
+                    instance=session.instance,
+                    request=request_id,
                 )
             )
             log.info(
@@ -271,36 +369,92 @@ class NodeService:
                 tokens=len(tokens),
                 acceptance=round(stats["acceptance_rate"], 3),
                 tps=round(stats["tokens_per_s"], 1),
+                resumed=resume is not None,
             )
             return outcome
 
-    def _failed(self, session: DeviceSession, stream: TextStream, exc: Exception) -> None:
+    def _result(self, r: Result) -> None:
+        """Journal the result (it replaces the session's resume state) and queue it."""
+        self.journal.finish(r.session_id, r.encode())
+        self._text.put_nowait(r)
+
+    def _failed(
+        self, session: DeviceSession, stream: TextStream, exc: Exception, request_id: str = ""
+    ) -> None:
         """Log a failed session and queue its retained failed result (the outcome a waiting
         ``mw-cli generate`` or dashboard gets instead of only a timeout)."""
+        committed = len(session.committed)
+        self._fail_result(
+            session.session_id,
+            stream.text,
+            request_id,
+            session.instance,
+            committed,
+            session.stats.as_dict(committed),
+            stream.lossy,
+            exc,
+        )
+
+    def _fail_result(
+        self,
+        session_id: str,
+        text: str,
+        request_id: str,
+        instance: str,
+        committed: int,
+        stats: dict[str, float],
+        lossy: bool,
+        exc: Exception,
+    ) -> None:
         refused = isinstance(exc, SessionRefused)
         finish = "refused" if refused else "failed"
-        committed = len(session.committed)
         self.sessions_failed += 1
         log.warning(
             "session_failed",
-            session=session.session_id,
+            session=session_id,
             finish_reason=finish,
             error=str(exc)[:500],
             tokens=committed,
         )
-        self._text.put_nowait(
+        self._result(
             Result(
-                session_id=session.session_id,
+                session_id=session_id,
                 device_id=self.config.device_id,
-                text=stream.text,
+                text=text,
                 n_tokens=committed,
                 finish_reason=finish,
                 verified=False,
-                stats=session.stats.as_dict(committed),
-                lossy=stream.lossy,
+                stats=stats,
+                lossy=lossy,
                 error=str(exc)[:4096] or type(exc).__name__,
+                instance=instance,
+                request=request_id,
             )
         )
+
+    def _resume_unfinished(self) -> None:
+        """On start: resume the journal's unfinished sessions (same nonce, their committed
+        tokens as the claim the verifier proves), or end those too old with a failed result."""
+        now = time.time()
+        for e in self.journal.unfinished():
+            if now - e.started_at > self.config.resume_max_age:
+                self._fail_result(
+                    e.session_id,
+                    "",
+                    e.request_id,
+                    "",
+                    len(e.committed),
+                    {},
+                    False,
+                    SessionError("node restarted; session too old to resume"),
+                )
+                continue
+            log.info("session_resuming", session=e.session_id, committed=len(e.committed))
+            assert self._tg is not None
+            self._tg.create_task(
+                self._guarded(self.generate_ids(e.prompt, session_id=e.session_id, resume=e), None),
+                name=f"session-{e.session_id}",
+            )
 
     # --- tasks -------------------------------------------------------------------
     async def _inbox(self, sub: Any) -> None:
@@ -310,7 +464,9 @@ class NodeService:
             except ProtocolError as exc:
                 log.warning("prompt_rejected", error=str(exc)[:200])
                 continue
-            self._start(req.prompt, req.session_id, req.max_new_tokens, req.chat, None)
+            self._start(
+                req.prompt, req.session_id, req.max_new_tokens, req.chat, None, req.request_id
+            )
 
     async def _publish_text(self) -> None:
         """Publish text chunks and results in order; while the link is down, wait and retry
@@ -323,12 +479,14 @@ class NodeService:
             delay = 0.1
             while True:
                 try:
+                    is_result = isinstance(item, Result)
                     await self.bus.publish(
                         topic,
                         item.encode(),
                         qos=1,
-                        retain=isinstance(item, Result),
+                        retain=is_result,
                         content_type=CONTENT_JSON,
+                        expiry=self._expiry() if is_result else None,
                     )
                     break
                 except MiddlewareError as exc:
@@ -336,6 +494,48 @@ class NodeService:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
             self._text.task_done()
+
+    def _expiry(self, age: float = 0.0) -> float | None:
+        """MQTT 5 message expiry of a retained result published ``age`` seconds after it was
+        made (None: the configured expiry is 0, never)."""
+        if not self.config.retained_expiry:
+            return None
+        return max(1.0, self.config.retained_expiry - age)
+
+    async def _republish_results(self) -> None:
+        """After each (re)connect, publish the journal's recent results again (retained).
+
+        A broker killed before its autosave loses retained messages written in the last
+        seconds (Mosquitto: 1 s in development, 5 s in production); the device's journal
+        is the system of record.  Idempotent: a retained message replaces itself.  A
+        transport without a ``connected`` event (in-memory) gets them once."""
+        connected = getattr(self.bus, "connected", None)
+        while True:
+            if connected is not None:
+                await connected.wait()
+            now = time.time()
+            for stored in self.journal.results(now):
+                age = now - stored.finished_at
+                if self.config.retained_expiry and age >= self.config.retained_expiry:
+                    continue
+                try:
+                    await self.bus.publish(
+                        self.topics.session(self.config.device_id, stored.session_id, "result"),
+                        stored.payload,
+                        qos=1,
+                        retain=True,
+                        content_type=CONTENT_JSON,
+                        expiry=self._expiry(age),
+                    )
+                    self.republished += 1
+                except MiddlewareError as exc:
+                    log.warning("result_republish_failed", error=str(exc))
+                    break
+            if connected is None:
+                return
+            # Until the connection drops: the bus has an event for "up", none for "down".
+            while connected.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.5)
 
     async def flush(self) -> None:
         """Wait until every queued text chunk and result is published: ``mw-cli node
