@@ -283,7 +283,7 @@ class NodeService:
                 reason="session id in use",
                 session_id=session_id,
             )
-            self._fail_result(session_id, "", request_id, "", 0, {}, False, exc)
+            self._fail_result(session_id, "", request_id, "", 0, {}, False, exc, journal=False)
             raise exc
         async with self._slots:
             committed = resume.committed if resume is not None else ()
@@ -405,7 +405,11 @@ class NodeService:
         stats: dict[str, float],
         lossy: bool,
         exc: Exception,
+        *,
+        journal: bool = True,
     ) -> None:
+        """``journal=False``: the session id belongs to another running session here, whose
+        journal entry must stay (its own result replaces this one on the topic later)."""
         refused = isinstance(exc, SessionRefused)
         finish = "refused" if refused else "failed"
         self.sessions_failed += 1
@@ -416,7 +420,7 @@ class NodeService:
             error=str(exc)[:500],
             tokens=committed,
         )
-        self._result(
+        (self._result if journal else self._text.put_nowait)(
             Result(
                 session_id=session_id,
                 device_id=self.config.device_id,
