@@ -53,11 +53,11 @@ class TextStream:
                 session_id=self.session_id,
                 device_id=self.device_id,
                 seq=self._seq,
-                kind=kind,
+                kind=kind,  # type: ignore[arg-type]
                 pos=pos,
                 n_tokens=n,
                 text=text,
-                final=final,  # type: ignore[arg-type]
+                final=final,
                 lossy=self.lossy,
                 instance=self.instance,
             )
