@@ -247,9 +247,23 @@ async def _device_status(bus: Bus, topic: str, wait: float) -> DeviceStatus | No
 
 
 async def generate(cfg: Config, args: argparse.Namespace) -> int:
+    """Send a prompt with a fresh request id and show only what answers *that* request.
+
+    A session id may be reused (``--session``): the topic can hold an earlier generation's
+    retained result and carry its text.  Only the Result whose ``request`` is ours counts;
+    text chunks are shown from the first chunk (seq 1) of a generation that starts after
+    the request went out, and only of that instance.  If the Result names another instance
+    than the one streamed, the stream is discarded and the Result's text printed."""
     t = Topics(cfg.bus.prefix)
     sid = args.session or f"gen-{uuid.uuid4().hex[:8]}"
-    req = PromptRequest(prompt=args.prompt, session_id=sid, max_new_tokens=args.max_new_tokens)
+    request_id = uuid.uuid4().hex[:16]
+    req = PromptRequest(
+        prompt=args.prompt,
+        session_id=sid,
+        max_new_tokens=args.max_new_tokens,
+        request_id=request_id,
+    )
+    log = structlog.get_logger("mw.cli")
     async with (
         tool_bus(cfg, "generate") as bus,
         bus.subscribe(t.session(args.device, sid, "text")) as text,
@@ -273,6 +287,7 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
         )
         print(f"# session {sid} on device {args.device}", file=sys.stderr, flush=True)
         deadline = time.monotonic() + args.timeout
+        streamed: dict[str, str] = {}  # the instance whose text is shown
 
         async def stream() -> None:
             async for msg in text:
@@ -280,14 +295,31 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
                     c = decode(msg.payload, expect=TextChunk)
                 except ProtocolError:
                     continue
+                if "inst" not in streamed:
+                    if c.seq != 1:
+                        continue  # the middle of another generation under this session id
+                    streamed["inst"] = c.instance
+                if c.instance != streamed["inst"]:
+                    continue
                 marker = {"provisional": "\x1b[2m", "correction": "\x1b[33m"}.get(c.kind, "")
                 sys.stdout.write(f"{marker}{c.text}\x1b[0m" if marker and _colour() else c.text)
                 sys.stdout.flush()
 
+        async def ours() -> Result:
+            while True:
+                msg = await res.get(max(0.0, deadline - time.monotonic()))
+                try:
+                    r = decode(msg.payload, expect=Result)
+                except ProtocolError:
+                    continue
+                if r.request == request_id:
+                    return r
+                log.info("result_of_another_request_ignored", session=sid, request=r.request)
+
         async with asyncio.TaskGroup() as tg:
             streamer = tg.create_task(stream(), name="stream")
             try:
-                msg = await res.get(max(0.0, deadline - time.monotonic()))
+                r = await ours()
             except TimeoutError:
                 streamer.cancel()
                 print(
@@ -297,10 +329,14 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
                 return 1
             await asyncio.sleep(0.2)  # let the last text chunks print
             streamer.cancel()
-        r = decode(msg.payload, expect=Result)
+        if streamed.get("inst") != r.instance:
+            if streamed:
+                print("\n# (streamed text was another generation's; the result follows)")
+            sys.stdout.write(r.text)
         print(
             f"\n# {r.n_tokens} tokens, finish={r.finish_reason}, verified={r.verified}, "
-            f"acceptance={r.stats.get('acceptance_rate', 0):.0%}",
+            f"acceptance={r.stats.get('acceptance_rate', 0):.0%}"
+            + (f", error: {r.error}" if r.error else ""),
             file=sys.stderr,
         )
     return 0
