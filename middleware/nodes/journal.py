@@ -8,7 +8,9 @@ that session (``generate`` waited 150 s for nothing).  The journal keeps:
 - per **unfinished** session what it takes to resume it losslessly: the nonce (so
   the re-open is the same instance), the prompt ids, sampling and limits, the
   committed tokens (the claim of the re-open, which the verifier proves), the
-  latest commit tag, epoch, the text stream's last seq and the inbox request id;
+  latest commit tag, epoch, the last text chunk the broker acknowledged (seq and
+  token position: text of later tokens is sent again after a restart, so a text
+  consumer misses nothing and sees nothing twice) and the inbox request id;
 - the **recently finished** sessions' results (the encoded retained payload),
   bounded to the latest ``max_results`` (256) and ``max_age_s`` (24 h), which the
   node republishes (retained) after every (re)connect.
@@ -43,6 +45,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     tag TEXT NOT NULL,
     epoch INTEGER NOT NULL,
     text_seq INTEGER NOT NULL,
+    text_pos INTEGER NOT NULL,
     request_id TEXT NOT NULL,
     started_at REAL NOT NULL
 );
@@ -67,7 +70,8 @@ class JournalEntry:
     committed: tuple[int, ...] = ()
     tag: str = ""
     epoch: int = 0
-    text_seq: int = 0
+    text_seq: int = 0  # the last text chunk the broker acknowledged ...
+    text_pos: int = 0  # ... and the token position its text reaches
     request_id: str = ""
     started_at: float = field(default_factory=time.time)
 
@@ -108,7 +112,7 @@ class Journal:
     # --- unfinished sessions -------------------------------------------------------
     def begin(self, e: JournalEntry) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 e.session_id,
                 e.nonce,
@@ -120,17 +124,25 @@ class Journal:
                 e.tag,
                 e.epoch,
                 e.text_seq,
+                e.text_pos,
                 e.request_id,
                 e.started_at,
             ),
         )
 
-    def progress(
-        self, session_id: str, committed: Sequence[int], tag: str, epoch: int, text_seq: int
-    ) -> None:
+    def progress(self, session_id: str, committed: Sequence[int], tag: str, epoch: int) -> None:
+        """The committed tokens (verified by a verdict) and the tag changed."""
         self._db.execute(
-            "UPDATE sessions SET committed=?, tag=?, epoch=?, text_seq=? WHERE session_id=?",
-            (json.dumps(list(committed)), tag, epoch, text_seq, session_id),
+            "UPDATE sessions SET committed=?, tag=?, epoch=? WHERE session_id=?",
+            (json.dumps(list(committed)), tag, epoch, session_id),
+        )
+
+    def published(self, session_id: str, text_seq: int, text_pos: int) -> None:
+        """The broker acknowledged the text chunk ``text_seq``, whose text reaches token
+        ``text_pos``: a resumed session re-sends the text of later tokens, no earlier."""
+        self._db.execute(
+            "UPDATE sessions SET text_seq=?, text_pos=? WHERE session_id=?",
+            (text_seq, text_pos, session_id),
         )
 
     def unfinished(self) -> list[JournalEntry]:
@@ -147,8 +159,9 @@ class Journal:
                 tag=r[7],
                 epoch=r[8],
                 text_seq=r[9],
-                request_id=r[10],
-                started_at=r[11],
+                text_pos=r[10],
+                request_id=r[11],
+                started_at=r[12],
             )
             for r in rows
         ]

@@ -287,12 +287,13 @@ class NodeService:
             raise exc
         async with self._slots:
             committed = resume.committed if resume is not None else ()
+            shown = min(resume.text_pos, len(committed)) if resume is not None else 0
             stream = TextStream(
                 self.tokenizer,
                 session_id,
                 self.config.device_id,
                 self._emit,
-                committed=committed,
+                committed=committed[:shown],
                 seq=resume.text_seq if resume is not None else 0,
             )
             drafter = await asyncio.to_thread(self.drafter_factory)
@@ -311,6 +312,8 @@ class NodeService:
                 epoch=resume.epoch if resume is not None else 0,
             )
             stream.instance = session.instance
+            if shown < len(committed):  # committed before the restart, text not acknowledged
+                stream.committed(shown, committed[shown:], "verified")
             session.request_id = request_id  # type: ignore[attr-defined]
             if resume is None:
                 self.journal.begin(
@@ -325,7 +328,7 @@ class NodeService:
                     )
                 )
             session.on_progress = lambda s: self.journal.progress(
-                s.session_id, s.committed, s.tag, s.epoch, stream.seq
+                s.session_id, s.committed, s.tag, s.epoch
             )
             session.stats.observe = self.metrics.observe
             self.active.add(session_id)
@@ -492,6 +495,8 @@ class NodeService:
                         content_type=CONTENT_JSON,
                         expiry=self._expiry() if is_result else None,
                     )
+                    if isinstance(item, TextChunk) and item.kind != "provisional":
+                        self.journal.published(item.session_id, item.seq, item.pos + item.n_tokens)
                     break
                 except MiddlewareError as exc:
                     log.warning("text_publish_retry", topic=topic, error=str(exc), retry_in=delay)

@@ -230,6 +230,7 @@ async def _node(
     script: dict[str, Any] | None = None,
     journal: Journal | None = None,
     body: Callable[[NodeService, InMemoryBus], Awaitable[None]] | None = None,
+    setup: Callable[[NodeService], None] | None = None,
     **cfg: Any,
 ) -> tuple[NodeService, ScriptedVerifier, InMemoryBroker]:
     broker = InMemoryBroker()
@@ -252,6 +253,8 @@ async def _node(
             ),
             journal=journal,
         )
+        if setup is not None:
+            setup(node)
         v_ready = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(verifier.run(v_ready))]
@@ -330,12 +333,18 @@ def test_journal_round_trip_and_bounds(tmp_path: Any) -> None:
     j = Journal(tmp_path / "j.sqlite", max_results=3, max_age_s=100.0)
     e = JournalEntry("s1", "aa" * 8, PROMPT, SamplingParams(mode="coupled", seed=3), 12, (EOS,))
     j.begin(e)
-    j.progress("s1", [10, 11], "ff" * 16, 3, 7)
+    j.progress("s1", [10, 11], "ff" * 16, 3)
+    j.published("s1", 7, 1)
     j.close()
     j = Journal(tmp_path / "j.sqlite", max_results=3, max_age_s=100.0)
     (back,) = j.unfinished()
     assert back.committed == (10, 11) and back.tag == "ff" * 16 and back.epoch == 3
-    assert back.text_seq == 7 and back.sampling == e.sampling and back.nonce == e.nonce
+    assert (
+        back.text_seq == 7
+        and back.text_pos == 1
+        and back.sampling == e.sampling
+        and back.nonce == e.nonce
+    )
     for i in range(5):
         j.finish(f"s{i}", f"r{i}".encode(), at=1000.0 + i)
     assert j.unfinished() == []  # s1 finished
@@ -359,16 +368,29 @@ async def test_node_resumes_an_unfinished_session_from_its_journal() -> None:
             committed=tuple(TRUTH[:4]),
             epoch=2,
             text_seq=5,
+            text_pos=2,  # the broker acknowledged text up to token 2 only
             request_id="req-old",
         )
     )
     got: dict[str, Any] = {}
+    chunks: list[TextChunk] = []
 
     async def body(node: NodeService, vbus: InMemoryBus) -> None:
         got["result"] = await _result_of(vbus, "s-old")
 
-    _, verifier, _ = await _node(journal=journal, body=body)
+    def on_text(node: NodeService) -> None:
+        node.on_text = chunks.append
+
+    _, verifier, _ = await _node(journal=journal, body=body, setup=on_text)
     r: Result = got["result"]
+    # Text of tokens 2..3 again (not acknowledged before the restart), numbered on from 5.
+    assert (chunks[0].seq, chunks[0].kind, chunks[0].pos, chunks[0].n_tokens) == (
+        6,
+        "verified",
+        2,
+        2,
+    )
+    assert "".join(c.text for c in chunks) == TinyTokenizer().decode(TRUTH[2:])
     first = verifier.opens[0]
     assert first.nonce == "0123456789abcdef" and first.committed == tuple(TRUTH[:4])
     assert first.epoch >= 3
