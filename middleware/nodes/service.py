@@ -516,35 +516,42 @@ class NodeService:
 
         A broker killed before its autosave loses retained messages written in the last
         seconds (Mosquitto: 1 s in development, 5 s in production); the device's journal
-        is the system of record.  Idempotent: a retained message replaces itself.  A
-        transport without a ``connected`` event (in-memory) gets them once."""
+        is the system of record.  Idempotent: a retained message replaces itself.  The
+        bus counts its reconnects (a drop and reconnect can take 0.1 s, too short to be
+        seen as a cleared ``connected`` event), checked every 0.5 s; a transport without
+        them (in-memory) gets the results once."""
         connected = getattr(self.bus, "connected", None)
+        done = -1  # the reconnect count whose connection got the results
         while True:
             if connected is not None:
                 await connected.wait()
-            now = time.time()
-            for stored in self.journal.results(now):
-                age = now - stored.finished_at
-                if self.config.retained_expiry and age >= self.config.retained_expiry:
-                    continue
-                try:
-                    await self.bus.publish(
-                        self.topics.session(self.config.device_id, stored.session_id, "result"),
-                        stored.payload,
-                        qos=1,
-                        retain=True,
-                        content_type=CONTENT_JSON,
-                        expiry=self._expiry(age),
-                    )
-                    self.republished += 1
-                except MiddlewareError as exc:
-                    log.warning("result_republish_failed", error=str(exc))
-                    break
+            count = int(getattr(self.bus, "reconnects", 0))
+            if count != done and await self._republish_once():
+                done = count
             if connected is None:
                 return
-            # Until the connection drops: the bus has an event for "up", none for "down".
-            while connected.is_set():  # noqa: ASYNC110
-                await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)
+
+    async def _republish_once(self) -> bool:
+        now = time.time()
+        for stored in self.journal.results(now):
+            age = now - stored.finished_at
+            if self.config.retained_expiry and age >= self.config.retained_expiry:
+                continue
+            try:
+                await self.bus.publish(
+                    self.topics.session(self.config.device_id, stored.session_id, "result"),
+                    stored.payload,
+                    qos=1,
+                    retain=True,
+                    content_type=CONTENT_JSON,
+                    expiry=self._expiry(age),
+                )
+            except MiddlewareError as exc:
+                log.warning("result_republish_failed", error=str(exc))
+                return False
+            self.republished += 1
+        return True
 
     async def flush(self) -> None:
         """Wait until every queued text chunk and result is published: ``mw-cli node
