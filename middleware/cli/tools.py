@@ -266,7 +266,7 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
     log = structlog.get_logger("mw.cli")
     async with (
         tool_bus(cfg, "generate") as bus,
-        bus.subscribe(t.session(args.device, sid, "text")) as text,
+        bus.subscribe(t.session(args.device, sid, "text"), qos=2) as text,  # each chunk once
         bus.subscribe(t.session(args.device, sid, "result")) as res,
     ):
         # The device's retained status first: an offline or unknown device would otherwise

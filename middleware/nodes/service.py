@@ -26,7 +26,13 @@ from typing import Any
 import structlog
 
 from middleware.broker_bridge.bus import CONTENT_JSON, Bus, Subscription
-from middleware.errors import MiddlewareError, ProtocolError, SessionError, SessionRefused
+from middleware.errors import (
+    MiddlewareError,
+    ProtocolError,
+    PublishUnconfirmed,
+    SessionError,
+    SessionRefused,
+)
 from middleware.nodes.drafters.base import Drafter
 from middleware.nodes.journal import Journal, JournalEntry
 from middleware.nodes.link import BusLink
@@ -45,6 +51,12 @@ OUTCOMES_KEPT = 256  # NodeService.outcomes keeps the latest ones only
 SESSION_FAILURES = (SessionError, ProtocolError)
 
 
+# Text chunks at QoS 2: a chunk whose PUBACK was lost with the connection is re-sent by
+# the client after the reconnect, and at QoS 1 the broker forwards that copy again (the
+# same seq twice on the topic; a Node-RED flow showed the text twice).  At QoS 2 the broker
+# forwards it once, so a dashboard subscribing at QoS 2 gets each chunk exactly once with
+# no code of its own.  Cost: one more round trip per chunk, off the decode loop's path.
+TEXT_QOS = 2
 RETAINED_EXPIRY_S = 86_400.0  # MQTT 5 message expiry of retained results: the store stays bounded
 
 
@@ -490,13 +502,18 @@ class NodeService:
                     await self.bus.publish(
                         topic,
                         item.encode(),
-                        qos=1,
+                        qos=1 if is_result else TEXT_QOS,
                         retain=is_result,
                         content_type=CONTENT_JSON,
                         expiry=self._expiry() if is_result else None,
                     )
                     if isinstance(item, TextChunk) and item.kind != "provisional":
                         self.journal.published(item.session_id, item.seq, item.pos + item.n_tokens)
+                    break
+                except PublishUnconfirmed as exc:
+                    # The transport holds it and sends it after the reconnect: publishing it
+                    # again put the same chunk (same seq) on the topic twice.
+                    log.warning("text_publish_unconfirmed", topic=topic, error=str(exc))
                     break
                 except MiddlewareError as exc:
                     log.warning("text_publish_retry", topic=topic, error=str(exc), retry_in=delay)

@@ -441,3 +441,54 @@ async def test_session_id_already_active_on_the_node_is_refused() -> None:
 
     await _node(body=body, script={"draft_delay": 0.05})
     assert got["first"].tokens == tuple(TRUTH)
+
+
+# --- text chunks once ---------------------------------------------------------------------
+class _UnconfirmedOnce(InMemoryBus):
+    """A bus whose first text publish reaches the broker but is reported unconfirmed (its
+    PUBACK lost with the connection), as MqttBus does: the transport re-sends it itself."""
+
+    async def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
+        await super().publish(topic, payload, **kw)
+        if topic.endswith("/text") and not getattr(self, "_failed_once", False):
+            self._failed_once = True
+            from middleware.errors import PublishUnconfirmed
+
+            raise PublishUnconfirmed("no PUBACK in time")
+
+
+async def test_an_unconfirmed_text_chunk_is_not_published_twice() -> None:
+    broker = InMemoryBroker()
+    seen: list[int] = []
+    async with InMemoryBus(broker, "v") as vbus, _UnconfirmedOnce(broker, "d") as dbus:
+        verifier = ScriptedVerifier(vbus, TOPICS, DEV, list(TRUTH))
+        node = NodeService(
+            dbus,
+            tokenizer=TinyTokenizer(),
+            tokenizer_fp="tiny",
+            drafter_factory=lambda: make_drafter("ngram"),
+            drafter_name="ngram",
+            config=NodeConfig(
+                device_id=DEV,
+                prefix="mw/t",
+                ha_discovery=False,
+                session=SessionConfig(max_new_tokens=len(TRUTH), stop_ids=(EOS,)),
+            ),
+        )
+        v_ready = asyncio.Event()
+        async with (
+            vbus.subscribe(TOPICS.session(DEV, "once", "text")) as text,
+            asyncio.TaskGroup() as tg,
+        ):
+            tasks = [tg.create_task(verifier.run(v_ready))]
+            await v_ready.wait()
+            tasks.append(tg.create_task(node.run()))
+            await node.ready.wait()
+            out = await asyncio.wait_for(node.generate("w1 w2", session_id="once", chat=False), 30)
+            await node.flush()
+            for t in tasks:
+                t.cancel()
+            seen = [decode(m.payload, expect=TextChunk).seq for m in _drain(text)]
+    assert out.tokens == tuple(TRUTH)
+    assert seen and seen == sorted(set(seen)), seen  # each seq once
+    assert seen == list(range(1, len(seen) + 1))
