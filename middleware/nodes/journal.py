@@ -137,11 +137,13 @@ class Journal:
             (json.dumps(list(committed)), tag, epoch, session_id),
         )
 
-    def published(self, session_id: str, text_seq: int, text_pos: int) -> None:
-        """The broker acknowledged the text chunk ``text_seq``, whose text reaches token
-        ``text_pos``: a resumed session re-sends the text of later tokens, no earlier."""
+    def published(self, session_id: str, text_seq: int, text_pos: int | None) -> None:
+        """The broker acknowledged the text chunk ``text_seq``, whose committed text reaches
+        token ``text_pos`` (None: a provisional chunk, the position stays): a resumed session
+        numbers its chunks after ``text_seq`` and re-sends the text of later tokens only."""
         self._db.execute(
-            "UPDATE sessions SET text_seq=?, text_pos=? WHERE session_id=?",
+            "UPDATE sessions SET text_seq=MAX(text_seq, ?), text_pos=COALESCE(?, text_pos) "
+            "WHERE session_id=?",
             (text_seq, text_pos, session_id),
         )
 

@@ -507,8 +507,11 @@ class NodeService:
                         content_type=CONTENT_JSON,
                         expiry=self._expiry() if is_result else None,
                     )
-                    if isinstance(item, TextChunk) and item.kind != "provisional":
-                        self.journal.published(item.session_id, item.seq, item.pos + item.n_tokens)
+                    if isinstance(item, TextChunk):
+                        committed_to = (
+                            None if item.kind == "provisional" else item.pos + item.n_tokens
+                        )
+                        self.journal.published(item.session_id, item.seq, committed_to)
                     break
                 except PublishUnconfirmed as exc:
                     # The transport holds it and sends it after the reconnect: publishing it

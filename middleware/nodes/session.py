@@ -423,9 +423,11 @@ class DeviceSession:
                 if v.verifier_id == self.verifier_id and reopen_on_loss:
                     raise Reopen
                 continue
-            if v.instance and v.instance != self.instance:
+            if v.instance and v.instance != self.instance and v.kind != "refused":
                 # Another generation under this session id (a reused id, an old verifier's
-                # straggler) or a forger: never ours to apply.
+                # straggler) or a forger: never ours to apply.  A refusal carries no tokens
+                # (at worst a forged one ends the session: no wrong text), and the verifier
+                # may name the instance that holds the id ("session id in use").
                 self.stats.ignored += 1
                 self._log.info("verdict_of_other_instance", instance=v.instance, kind=v.kind)
                 continue

@@ -310,8 +310,10 @@ def _drain(sub: Any) -> list[Any]:
 
 
 async def test_refused_session_id_in_use_ends_with_a_refused_result() -> None:
-    def refuse(o: Any) -> Verdict:
-        return Verdict(o.session_id, o.epoch, o.seq, "refused", reason="session id in use")
+    def refuse(o: Any) -> Verdict:  # naming the instance that holds the id
+        return Verdict(
+            o.session_id, o.epoch, o.seq, "refused", reason="session id in use", instance="9" * 16
+        )
 
     got: dict[str, Any] = {}
 
@@ -336,6 +338,7 @@ def test_journal_round_trip_and_bounds(tmp_path: Any) -> None:
     j.begin(e)
     j.progress("s1", [10, 11], "ff" * 16, 3)
     j.published("s1", 7, 1)
+    j.published("s1", 8, None)  # a provisional chunk: numbered, no committed text
     j.close()
     j = Journal(tmp_path / "j.sqlite", max_results=3, max_age_s=100.0)
     (back,) = j.unfinished()
