@@ -344,7 +344,7 @@ def test_journal_round_trip_and_bounds(tmp_path: Any) -> None:
     (back,) = j.unfinished()
     assert back.committed == (10, 11) and back.tag == "ff" * 16 and back.epoch == 3
     assert (
-        back.text_seq == 7
+        back.text_seq == 8
         and back.text_pos == 1
         and back.sampling == e.sampling
         and back.nonce == e.nonce
