@@ -143,6 +143,16 @@ class Rig:
             await asyncio.sleep(0.1)
         raise AssertionError(f"node never ready:\n{_tail(log)}")
 
+    async def flushed(self, text: Any) -> None:
+        """Until the session's final text chunk arrived (it precedes the result on the
+        device's ordered text queue, but the two topics are separate subscriptions)."""
+        deadline = time.monotonic() + DEADLINE_S
+        while time.monotonic() < deadline:
+            if any(b'"final":true' in getattr(m, "payload", b"") for m in list(text._queue._queue)):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("no final text chunk")
+
     async def ask(self, device: str, sid: str, text: str) -> str:
         req = PromptRequest(prompt=text, session_id=sid, request_id=uuid.uuid4().hex[:16])
         await self.client.publish(
@@ -241,10 +251,28 @@ async def test_node_killed_mid_session_resumes_from_its_journal(
     fault_report.record(faults=1, audits=[a], node_restarts=1)
 
 
+def _drain(sub: Any) -> list[TextChunk]:
+    out = []
+    while not sub._queue.empty():
+        item = sub._queue.get_nowait()
+        if item is not sub._CLOSED:
+            out.append(decode(item.payload, expect=TextChunk))
+    return out
+
+
+def _audit(tokenizer: Any, model: Any, prompt: str, max_new: int, r: Result, chunks: list) -> Any:
+    """The session's audit against the target alone (a Result has the text, not the ids:
+    the tokens are the reference's when the text is)."""
+    ref = reference_greedy(model, encode_prompt(tokenizer, prompt), max_new, stop_ids_of(tokenizer))
+    text_ok = r.verified and r.n_tokens == len(ref)
+    text_ok = text_ok and r.text == tokenizer.decode(ref, skip_special_tokens=True)
+    return audit(r.session_id, ref, ref if text_ok else [], chunks, tokenizer)
+
+
 async def test_inbox_prompt_sent_while_the_node_is_down_is_answered(
-    broker, tmp_path: Path, wide_tiny, tok
+    broker, tmp_path: Path, wide_tiny, tok, fault_report
 ) -> None:
-    _, fp = tok
+    tokenizer, fp = tok
     async with _rig(broker, tmp_path, wide_tiny, fp) as rig:
         proc, log = rig.node("pi-inbox", 8)
         try:
@@ -253,26 +281,38 @@ async def test_inbox_prompt_sent_while_the_node_is_down_is_answered(
             async with rig.client.subscribe(
                 rig.t.session("pi-inbox", "while-down", "result")
             ) as res:
-                request = await rig.ask("pi-inbox", "while-down", "Hello there")  # queued
-                proc, log = rig.node("pi-inbox", 8)
-                r = await _result(res, request)
+                async with rig.client.subscribe(
+                    rig.t.session("pi-inbox", "while-down", "text"), qos=2
+                ) as text:
+                    request = await rig.ask("pi-inbox", "while-down", "Hello there")  # queued
+                    proc, log = rig.node("pi-inbox", 8)
+                    r = await _result(res, request)
+                    await rig.flushed(text)
+                    chunks = _drain(text)
             assert r.verified and r.n_tokens > 0, r
         finally:
             _kill(proc)
+    a = _audit(tokenizer, wide_tiny, "Hello there", 8, r, chunks)
+    fault_report.record(faults=1, audits=[a], node_restarts=1)
 
 
 async def test_broker_killed_right_after_a_result_gets_it_back(
-    broker, tmp_path: Path, wide_tiny, tok
+    broker, tmp_path: Path, wide_tiny, tok, fault_report
 ) -> None:
-    _, fp = tok
+    tokenizer, fp = tok
     async with _rig(broker, tmp_path, wide_tiny, fp) as rig:
         proc, log = rig.node("pi-brk", 8)
         try:
             await rig.wait_ready(proc, log)
             topic = rig.t.session("pi-brk", "brk-1", "result")
-            async with rig.client.subscribe(topic) as res:
+            async with (
+                rig.client.subscribe(topic) as res,
+                rig.client.subscribe(rig.t.session("pi-brk", "brk-1", "text"), qos=2) as text,
+            ):
                 request = await rig.ask("pi-brk", "brk-1", "Hello there")
                 first = await _result(res, request)
+                await rig.flushed(text)
+                chunks = _drain(text)
             broker.kill()  # before any autosave: the broker loses the retained result
             broker.restart()
             async with (
@@ -284,3 +324,5 @@ async def test_broker_killed_right_after_a_result_gets_it_back(
             assert proc.poll() is None, _tail(log)
         finally:
             _kill(proc)
+    a = _audit(tokenizer, wide_tiny, "Hello there", 8, again, chunks)
+    fault_report.record(faults=1, audits=[a], results_republished=1)
