@@ -131,7 +131,10 @@ class Journal:
         )
 
     def progress(self, session_id: str, committed: Sequence[int], tag: str, epoch: int) -> None:
-        """The committed tokens (verified by a verdict) and the tag changed."""
+        """The committed tokens (verified by a verdict) and the tag changed.  A no-op in
+        memory: resuming needs a journal that outlives the process."""
+        if not self.path:
+            return
         self._db.execute(
             "UPDATE sessions SET committed=?, tag=?, epoch=? WHERE session_id=?",
             (json.dumps(list(committed)), tag, epoch, session_id),
@@ -141,6 +144,8 @@ class Journal:
         """The broker acknowledged the text chunk ``text_seq``, whose committed text reaches
         token ``text_pos`` (None: a provisional chunk, the position stays): a resumed session
         numbers its chunks after ``text_seq`` and re-sends the text of later tokens only."""
+        if not self.path:
+            return
         self._db.execute(
             "UPDATE sessions SET text_seq=MAX(text_seq, ?), text_pos=COALESCE(?, text_pos) "
             "WHERE session_id=?",

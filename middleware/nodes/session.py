@@ -357,7 +357,7 @@ class DeviceSession:
 
     def _opened(self, v: Verdict, claim: tuple[int, ...]) -> bool:
         """Make the committed tokens what the ``opened`` verdict proved; False if it does not
-        fit the claim it answers (dropped and counted as malformed)."""
+        fit the claim it answers (logged; the device opens again)."""
         if v.tokens:
             if v.base > len(claim):
                 self._log.warning("opened_inconsistent", base=v.base, claimed=len(claim))
