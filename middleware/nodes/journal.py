@@ -8,9 +8,11 @@ that session (``generate`` waited 150 s for nothing).  The journal keeps:
 - per **unfinished** session what it takes to resume it losslessly: the nonce (so
   the re-open is the same instance), the prompt ids, sampling and limits, the
   committed tokens (the claim of the re-open, which the verifier proves), the
-  latest commit tag, epoch, the last text chunk the broker acknowledged (seq and
-  token position: text of later tokens is sent again after a restart, so a text
-  consumer misses nothing and sees nothing twice) and the inbox request id;
+  latest commit tag, epoch, the last text chunk handed to the transport (its seq:
+  a resumed session numbers on after it) and the position up to which the broker
+  acknowledged committed text (the text of later tokens is sent again after a
+  restart, as a ``correction`` from that position: a consumer misses nothing and,
+  applying corrections, shows nothing twice) and the inbox request id;
 - the **recently finished** sessions' results (the encoded retained payload),
   bounded to the latest ``max_results`` (256) and ``max_age_s`` (24 h), which the
   node republishes (retained) after every (re)connect.
@@ -70,8 +72,8 @@ class JournalEntry:
     committed: tuple[int, ...] = ()
     tag: str = ""
     epoch: int = 0
-    text_seq: int = 0  # the last text chunk the broker acknowledged ...
-    text_pos: int = 0  # ... and the token position its text reaches
+    text_seq: int = 0  # the last text chunk handed to the transport
+    text_pos: int = 0  # the token position the broker-acknowledged committed text reaches
     request_id: str = ""
     started_at: float = field(default_factory=time.time)
 
@@ -140,16 +142,23 @@ class Journal:
             (json.dumps(list(committed)), tag, epoch, session_id),
         )
 
-    def published(self, session_id: str, text_seq: int, text_pos: int | None) -> None:
-        """The broker acknowledged the text chunk ``text_seq``, whose committed text reaches
-        token ``text_pos`` (None: a provisional chunk, the position stays): a resumed session
-        numbers its chunks after ``text_seq`` and re-sends the text of later tokens only."""
+    def sending(self, session_id: str, text_seq: int) -> None:
+        """Text chunk ``text_seq`` goes to the transport now: a resumed session numbers its
+        chunks after it (the broker may have it even if its acknowledgement never came)."""
         if not self.path:
             return
         self._db.execute(
-            "UPDATE sessions SET text_seq=MAX(text_seq, ?), text_pos=COALESCE(?, text_pos) "
-            "WHERE session_id=?",
-            (text_seq, text_pos, session_id),
+            "UPDATE sessions SET text_seq=MAX(text_seq, ?) WHERE session_id=?",
+            (text_seq, session_id),
+        )
+
+    def published(self, session_id: str, text_pos: int) -> None:
+        """The broker acknowledged committed text up to token ``text_pos``: a resumed
+        session re-sends the text of later tokens only."""
+        if not self.path:
+            return
+        self._db.execute(
+            "UPDATE sessions SET text_pos=? WHERE session_id=?", (text_pos, session_id)
         )
 
     def unfinished(self) -> list[JournalEntry]:

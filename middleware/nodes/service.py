@@ -324,8 +324,11 @@ class NodeService:
                 epoch=resume.epoch if resume is not None else 0,
             )
             stream.instance = session.instance
-            if shown < len(committed):  # committed before the restart, text not acknowledged
-                stream.committed(shown, committed[shown:], "verified")
+            if shown < len(committed):
+                # Committed before the restart, text not acknowledged by the broker: it may
+                # or may not have reached it, so it goes again as a correction from there
+                # (a consumer that saw it replaces it with the same text).
+                stream.committed(shown, committed[shown:], "correction")
             session.request_id = request_id  # type: ignore[attr-defined]
             if resume is None:
                 self.journal.begin(
@@ -496,6 +499,8 @@ class NodeService:
                 item.device_id, item.session_id, "result" if isinstance(item, Result) else "text"
             )
             delay = 0.1
+            if isinstance(item, TextChunk):
+                self.journal.sending(item.session_id, item.seq)
             while True:
                 try:
                     is_result = isinstance(item, Result)
@@ -507,11 +512,8 @@ class NodeService:
                         content_type=CONTENT_JSON,
                         expiry=self._expiry() if is_result else None,
                     )
-                    if isinstance(item, TextChunk):
-                        committed_to = (
-                            None if item.kind == "provisional" else item.pos + item.n_tokens
-                        )
-                        self.journal.published(item.session_id, item.seq, committed_to)
+                    if isinstance(item, TextChunk) and item.kind != "provisional":
+                        self.journal.published(item.session_id, item.pos + item.n_tokens)
                     break
                 except PublishUnconfirmed as exc:
                     # The transport holds it and sends it after the reconnect: publishing it

@@ -337,8 +337,9 @@ def test_journal_round_trip_and_bounds(tmp_path: Any) -> None:
     e = JournalEntry("s1", "aa" * 8, PROMPT, SamplingParams(mode="coupled", seed=3), 12, (EOS,))
     j.begin(e)
     j.progress("s1", [10, 11], "ff" * 16, 3)
-    j.published("s1", 7, 1)
-    j.published("s1", 8, None)  # a provisional chunk: numbered, no committed text
+    j.sending("s1", 7)
+    j.published("s1", 1)
+    j.sending("s1", 8)  # handed over, never acknowledged (the node died): numbered on
     j.close()
     j = Journal(tmp_path / "j.sqlite", max_results=3, max_age_s=100.0)
     (back,) = j.unfinished()
@@ -390,7 +391,7 @@ async def test_node_resumes_an_unfinished_session_from_its_journal() -> None:
     # Text of tokens 2..3 again (not acknowledged before the restart), numbered on from 5.
     assert (chunks[0].seq, chunks[0].kind, chunks[0].pos, chunks[0].n_tokens) == (
         6,
-        "verified",
+        "correction",
         2,
         2,
     )
