@@ -39,8 +39,16 @@ from middleware.nodes.link import BusLink
 from middleware.nodes.metrics import DeviceMetrics
 from middleware.nodes.session import DeviceSession, SessionConfig
 from middleware.nodes.text import TextStream
-from middleware.protocol import DeviceStatus, PromptRequest, Result, TextChunk, Topics
+from middleware.protocol import (
+    DeviceStatus,
+    OpenSession,
+    PromptRequest,
+    Result,
+    TextChunk,
+    Topics,
+)
 from middleware.protocol.homeassistant import device_configs
+from middleware.protocol.session import session_instance
 
 log = structlog.get_logger("middleware.node")
 
@@ -460,11 +468,25 @@ class NodeService:
         now = time.time()
         for e in self.journal.unfinished():
             if now - e.started_at > self.config.resume_max_age:
+                instance = session_instance(
+                    OpenSession(
+                        e.session_id,
+                        self.config.device_id,
+                        0,
+                        0,
+                        self.fingerprint,
+                        e.prompt,
+                        sampling=e.sampling,
+                        max_new_tokens=e.max_new_tokens,
+                        stop_ids=e.stop_ids,
+                        nonce=e.nonce,
+                    )
+                )
                 self._fail_result(
                     e.session_id,
-                    "",
+                    self.tokenizer.decode(list(e.committed), skip_special_tokens=True),
                     e.request_id,
-                    "",
+                    instance,
                     len(e.committed),
                     {},
                     False,

@@ -415,6 +415,7 @@ async def test_node_ends_a_too_old_unfinished_session_with_a_failed_result() -> 
     await _node(journal=journal, body=body, resume_max_age=60.0)
     r: Result = got["result"]
     assert r.finish_reason == "failed" and not r.verified and "too old" in r.error
+    assert len(r.instance) == 16
     assert journal.unfinished() == []
 
 
