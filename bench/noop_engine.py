@@ -21,6 +21,7 @@ class NoopEngine:
 
     def __init__(self, vocab_size: int = 64) -> None:
         self.vocab_size = vocab_size
+        self.max_positions = 1 << 20
         self.evictions = 0
         self.forwards = 0
         self._lens: dict[Hashable, int] = {}
@@ -35,6 +36,10 @@ class NoopEngine:
             out.append(rows)
             self._lens[it.session_key] = len(it.context)
         return out
+
+    def prefill(self, session_key: Hashable, context: Sequence[int], max_tokens: int) -> int:
+        self._lens[session_key] = len(context)
+        return 0
 
     def commit(self, session_key: Hashable, new_len: int) -> None:
         self._lens[session_key] = new_len

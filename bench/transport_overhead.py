@@ -3,16 +3,16 @@
 A ping-pong: client A publishes ``ping``, client B answers each with ``pong``,
 A waits for it; one round trip is A's send to A's receipt.  All clients of a
 case run in this process (one thread or one asyncio loop, as the middleware
-runs them); the broker role is always another process on loopback.
+runs them); the broker, or the verifier's end on ZeroMQ, is another process.
 
 ==================  ===========================================================
 mqtt  raw paho      two paho clients, one thread, select() loop, QoS 1 both
                     ways (PUBACKs included), TCP_NODELAY; Mosquitto we start
 mqtt  MqttBus       two MqttBus in one asyncio loop, QoS 1, same Mosquitto
-zmq   raw pyzmq     two DEALERs, one thread, zmq.Poller, through a minimal
-                    ROUTER relay process (routing by peer id, no acks)
-zmq   ZmqBus qos1   two ZmqBus in one asyncio loop through a hub process
-                    (serve_hub); every publish waits for the hub's ack
+zmq   raw pyzmq     a DEALER, one thread, to a minimal ROUTER echo process
+zmq   ZmqBus qos1   a device's ZmqBus to a verifier's ZmqServerBus in another
+                    process that answers each ping with a pong (the verifier's
+                    role); every publish waits for the verifier's ack
 zmq   ZmqBus qos0   the same without acks
 ==================  ===========================================================
 
@@ -47,10 +47,10 @@ import paho.mqtt.client as paho
 import zmq
 from paho.mqtt.enums import CallbackAPIVersion
 
-from middleware.broker_bridge.bus import Bus
+from middleware.broker_bridge.bus import Bus, Subscription
 from middleware.broker_bridge.embedded import MosquittoProcess, free_port, wait_for_port
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
-from middleware.broker_bridge.zmq import ZmqBus, ZmqSettings
+from middleware.broker_bridge.zmq import ZmqBus, ZmqServerBus, ZmqServerSettings, ZmqSettings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "transport_overhead.json"
 PING, PONG = "bench/ping", "bench/pong"
@@ -128,58 +128,28 @@ def raw_paho(host: str, port: int, n: int, warmup: int, payload: bytes) -> list[
 
 
 # --- raw pyzmq -----------------------------------------------------------------------------------
-def serve_relay(port: int) -> None:
-    """A minimal ROUTER relay: [sender, dest, payload] in -> [dest, sender, payload] out."""
-    ctx = zmq.Context.instance()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # each round reconnects "A" and "B"
+def serve_echo(port: int) -> None:
+    """A minimal ROUTER echo: [peer, payload] in -> [peer, payload] out."""
+    router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     router.bind(f"tcp://127.0.0.1:{port}")
     while True:
-        sender, dest, body = router.recv_multipart()
-        with contextlib.suppress(zmq.ZMQError):
-            router.send_multipart([dest, sender, body])
+        router.send_multipart(router.recv_multipart())
 
 
 def raw_zmq(port: int, n: int, warmup: int, payload: bytes) -> list[float]:
-    ctx = zmq.Context.instance()
-    peers = {}
-    for name in (b"A", b"B"):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.ROUTING_ID, name)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(f"tcp://127.0.0.1:{port}")
-        peers[name] = s
-    a, b = peers[b"A"], peers[b"B"]
-    # the relay routes to B only once B's connection is up: handshake until a round trip works
-    deadline = time.monotonic() + 10
-    while True:
-        b.send_multipart([b"A", b"hi"])
-        if a.poll(100):
-            a.recv_multipart()
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError("relay did not route")
-    poller = zmq.Poller()
-    poller.register(a, zmq.POLLIN)
-    poller.register(b, zmq.POLLIN)
+    a: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    a.setsockopt(zmq.LINGER, 0)
+    a.connect(f"tcp://127.0.0.1:{port}")
     rtts: list[float] = []
     for i in range(warmup + n):
         t0 = time.perf_counter()
-        a.send_multipart([b"B", payload])
-        done = False
-        while not done:
-            for sock, _ in poller.poll(5000):
-                if sock is b:
-                    _src, body = b.recv_multipart()
-                    b.send_multipart([b"A", body])
-                else:
-                    a.recv_multipart()
-                    done = True
+        a.send(payload)
+        if not a.poll(5000):
+            raise TimeoutError("no echo")
+        a.recv()
         if i >= warmup:
             rtts.append(time.perf_counter() - t0)
-    for s in (a, b):
-        s.close()
+    a.close()
     return rtts
 
 
@@ -195,19 +165,33 @@ async def bus_ping_pong(
                     await b.publish(PONG, m.payload, qos=qos)
 
             echoer = asyncio.create_task(echo(), name="echo")
-            rtts: list[float] = []
             try:
-                for i in range(warmup + n):
-                    t0 = time.perf_counter()
-                    await a.publish(PING, payload, qos=qos)
-                    await pongs.get(10)
-                    if i >= warmup:
-                        rtts.append(time.perf_counter() - t0)
+                return await _pings(a, pongs, n, warmup, payload, qos)
             finally:
                 echoer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await echoer
+
+
+async def _pings(
+    a: Bus, pongs: Subscription, n: int, warmup: int, payload: bytes, qos: int
+) -> list[float]:
+    """Round trips: publish a ping, wait for its pong; the first ``warmup`` not counted."""
+    rtts: list[float] = []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        await a.publish(PING, payload, qos=qos)
+        await pongs.get(10)
+        if i >= warmup:
+            rtts.append(time.perf_counter() - t0)
     return rtts
+
+
+async def zmq_ping_pong(port: int, n: int, warmup: int, payload: bytes, qos: int) -> list[float]:
+    """A device's bus against the verifier-role echo of ``--serve-verifier``."""
+    settings = ZmqSettings(endpoints=(f"tcp://127.0.0.1:{port}",), client_id="bench-device")
+    async with ZmqBus(settings) as a, a.subscribe(PONG, qos=qos) as pongs:
+        return await _pings(a, pongs, n, warmup, payload, qos)
 
 
 def run_bus(
@@ -219,7 +203,7 @@ def run_bus(
 # --- helper processes ----------------------------------------------------------------------------
 @contextlib.contextmanager
 def child(mode: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """This script in ``--serve-relay``/``--serve-hub`` mode on ``port``, stopped on exit."""
+    """This script in ``--serve-echo``/``--serve-verifier`` mode on ``port``, stopped on exit."""
     proc = subprocess.Popen(
         [sys.executable, __file__, mode, str(port)],
         stdout=subprocess.DEVNULL,
@@ -234,11 +218,15 @@ def child(mode: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait(10)
 
 
-def _serve_hub(port: int) -> None:
-    from middleware.broker_bridge.zmq import serve_hub
+def _serve_verifier(port: int) -> None:
+    async def serve() -> None:
+        settings = ZmqServerSettings(bind=f"tcp://127.0.0.1:{port}", server_id="bench-verifier")
+        async with ZmqServerBus(settings) as v, v.subscribe(PING) as pings:
+            async for m in pings:
+                await v.publish(PONG, m.payload, qos=m.qos)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_hub("127.0.0.1", port))
+        asyncio.run(serve())
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -246,11 +234,11 @@ def measure(n: int, rounds: int, warmup: int, payload_size: int) -> dict[str, An
     payload = os.urandom(payload_size)
     chunk = -(-n // rounds)
     rtts: dict[str, list[float]] = {}
-    relay_port, hub_port = free_port(), free_port()
+    echo_port, verifier_port = free_port(), free_port()
     with (
         MosquittoProcess() as broker,
-        child("--serve-relay", relay_port),
-        child("--serve-hub", hub_port),
+        child("--serve-echo", echo_port),
+        child("--serve-verifier", verifier_port),
     ):
 
         def mqtt(name: str) -> Bus:
@@ -258,15 +246,16 @@ def measure(n: int, rounds: int, warmup: int, payload_size: int) -> dict[str, An
                 MqttSettings(host=broker.host, port=broker.port, client_id=f"bench-{name}")
             )
 
-        def zbus(name: str) -> Bus:
-            return ZmqBus(ZmqSettings(port=hub_port, client_id=f"bench-{name}"))
-
         cases: dict[str, Callable[[int], list[float]]] = {
             "mqtt_raw_paho": lambda k: raw_paho(broker.host, broker.port, k, warmup, payload),
             "mqtt_bus": lambda k: run_bus(mqtt, k, warmup, payload, 1),
-            "zmq_raw_pyzmq": lambda k: raw_zmq(relay_port, k, warmup, payload),
-            "zmq_bus_qos1": lambda k: run_bus(zbus, k, warmup, payload, 1),
-            "zmq_bus_qos0": lambda k: run_bus(zbus, k, warmup, payload, 0),
+            "zmq_raw_pyzmq": lambda k: raw_zmq(echo_port, k, warmup, payload),
+            "zmq_bus_qos1": lambda k: asyncio.run(
+                zmq_ping_pong(verifier_port, k, warmup, payload, 1)
+            ),
+            "zmq_bus_qos0": lambda k: asyncio.run(
+                zmq_ping_pong(verifier_port, k, warmup, payload, 0)
+            ),
         }
         for r in range(rounds):
             for name, case in cases.items():
@@ -311,9 +300,9 @@ def table(report: dict[str, Any]) -> str:
     rows = [
         ("mqtt", "raw paho (QoS 1)", "mqtt_raw_paho", None),
         ("mqtt", "MqttBus (QoS 1)", "mqtt_bus", "mqtt_bus/mqtt_raw_paho"),
-        ("zmq", "raw pyzmq relay", "zmq_raw_pyzmq", None),
-        ("zmq", "ZmqBus via hub (QoS 1)", "zmq_bus_qos1", "zmq_bus_qos1/zmq_raw_pyzmq"),
-        ("zmq", "ZmqBus via hub (QoS 0)", "zmq_bus_qos0", "zmq_bus_qos0/zmq_raw_pyzmq"),
+        ("zmq", "raw pyzmq echo", "zmq_raw_pyzmq", None),
+        ("zmq", "ZmqBus->verifier (QoS 1)", "zmq_bus_qos1", "zmq_bus_qos1/zmq_raw_pyzmq"),
+        ("zmq", "ZmqBus->verifier (QoS 0)", "zmq_bus_qos0", "zmq_bus_qos0/zmq_raw_pyzmq"),
     ]
     load = ", ".join(f"{x:.2f}" for x in report["load_average"])
     lines = [
@@ -332,11 +321,11 @@ def table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["--serve-relay"]:
-        serve_relay(int(args[1]))
+    if args[:1] == ["--serve-echo"]:
+        serve_echo(int(args[1]))
         return 0
-    if args[:1] == ["--serve-hub"]:
-        _serve_hub(int(args[1]))
+    if args[:1] == ["--serve-verifier"]:
+        _serve_verifier(int(args[1]))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-n", type=int, default=2000, help="round trips per case")

@@ -14,6 +14,7 @@ names the flag), raised before anything connects or loads a model (``mw-cli`` ex
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -105,6 +106,32 @@ def hostname(v: str) -> str | None:
     return None if _HOST_RE.fullmatch(v) else f"must be a host name or address, got {v!r}"
 
 
+def zmq_endpoints(v: str) -> str | None:
+    """Comma-separated verifier endpoints (tcp://host:port), tried in turn."""
+    from middleware.broker_bridge.zmq import check_endpoint
+    from middleware.errors import ConfigError
+
+    parts = [e.strip() for e in v.split(",")]
+    try:
+        for e in parts:
+            check_endpoint(e)
+    except ConfigError as exc:
+        return f"must be comma-separated tcp://host:port endpoints; {exc}"
+    return None
+
+
+def zmq_bind(v: str) -> str | None:
+    """Where a verifier binds its ROUTER: tcp://host:port (``*`` for any host)."""
+    from middleware.broker_bridge.zmq import check_endpoint
+    from middleware.errors import ConfigError
+
+    try:
+        check_endpoint(v, bind=True)
+    except ConfigError as exc:
+        return f"must be a bind address like tcp://*:5555; {exc}"
+    return None
+
+
 def mqtt_string(v: str) -> str | None:
     """An MQTT UTF-8 string: at most 65,535 bytes, no U+0000."""
     if "\x00" in v or len(v.encode("utf-8", "surrogatepass")) > 65_535:
@@ -164,6 +191,26 @@ def retained_expiry(v: float) -> str | None:
     return f"must be 0 (never) or between 1 and 4294967295 seconds, got {_num(v)}"
 
 
+def broker_list(v: tuple[str, ...]) -> str | None:
+    """``host:port`` entries (``host`` alone: port 1883), distinct, at most 64."""
+    from middleware.broker_bridge.sharded import parse_endpoint
+
+    if len(v) > 64:
+        return f"at most 64 brokers, got {len(v)}"
+    seen = set()
+    for spec in v:
+        try:
+            endpoint = parse_endpoint(spec)
+        except ConfigError as exc:
+            return str(exc)
+        if hostname(endpoint[0]):
+            return f"broker address {spec!r}: bad host"
+        if endpoint in seen:
+            return f"broker {spec!r} listed twice"
+        seen.add(endpoint)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class BusSection:
     transport: str = setting("mqtt", one_of("mqtt", "zmq"))
@@ -181,9 +228,17 @@ class BusSection:
     # MQTT 5 message expiry of the retained results devices publish (0: never), so the
     # broker's retained store stays bounded
     retained_expiry_s: float = setting(86_400.0, retained_expiry)
-    # mw-cli bridge: the ZeroMQ hub it relays to; mw-cli hub: bind address
-    zmq_host: str = setting("127.0.0.1", hostname)
-    zmq_port: int = setting(5555, PORT)
+    # transport = "zmq" (no broker): devices, tools and `mw-cli bridge` connect to these
+    # verifiers, one at a time, moving to the next when one goes silent
+    zmq_endpoints: str = setting("tcp://127.0.0.1:5555", zmq_endpoints)
+    # transport = "zmq": where `mw-cli verifier` binds its ROUTER
+    zmq_bind: str = setting("tcp://*:5555", zmq_bind)
+    # Fleets past one broker (broker_bridge/sharded.py): ["host:port", ...].  Devices use
+    # the one their id hashes to (host/port are then ignored); verifiers and tools use all.
+    # From the environment or a flag: comma-separated.
+    brokers: tuple[str, ...] = setting((), broker_list)
+    # a device whose broker is unreachable moves to its second-ranked broker of ``brokers``
+    failover: bool = setting(False, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +268,16 @@ class VerifierSection:
     exclusive: bool = setting(True, None)
     metrics_port: int = setting(0, between(0, 65_535))  # 0: no endpoint
     metrics_host: str = setting("127.0.0.1", hostname)
+    # Commit-tag key (a file of at least 16 bytes, mode 0600) shared by the verifiers of a
+    # fleet: they then accept each other's rejection-mode tokens on failover.  Empty: a
+    # random key per process (a restarted verifier re-proves greedy/coupled claims and rolls
+    # rejection-mode ones back).  See docs/threat-model.md.
+    session_key_file: str = setting("", file_or_empty)
+    max_prompt_tokens: int = setting(0, between(0, 1 << 20))  # 0: the model's max positions
+    prefill_chunk: int = setting(256, between(1, 65_536))  # prompt tokens per prefill step
+    # an idle session yields its slot (full verifier) or its id (another generation) after
+    reuse_idle_s: float = setting(10.0, at_least(0.0))
+    state_expiry_s: float = setting(86_400.0, between(0.0, 4_294_967_295.0))  # 0: never
     # Opt-in and LOSSY (output differs from the target alone; marked lossy everywhere).
     relaxed_lossy: bool = setting(False, None)
     relaxed_ratio: float = setting(0.5, fraction)
@@ -264,6 +329,20 @@ CROSS_CHECKS: tuple[tuple[str, str, Callable[[Any], str | None]], ...] = (
     ),
     (
         "bus",
+        "failover",
+        lambda b: (
+            None
+            if not b.failover or len(b.brokers) >= 2
+            else "needs at least two entries in [bus] brokers"
+        ),
+    ),
+    (
+        "bus",
+        "brokers",
+        lambda b: None if not b.brokers or b.transport == "mqtt" else "needs transport = mqtt",
+    ),
+    (
+        "bus",
         "tls_key",
         lambda b: (
             None if not b.tls_key or b.tls_cert else "needs tls_cert (the client certificate)"
@@ -306,6 +385,12 @@ def _coerce(typ: Any, value: Any) -> Any:
             except ValueError:
                 pass
         raise _Bad(f"expected a number, got {value!r}")
+    if typ == tuple[str, ...]:
+        if isinstance(value, str):  # environment or flag: comma-separated
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        if isinstance(value, list | tuple) and all(isinstance(x, str) for x in value):
+            return tuple(value)
+        raise _Bad(f"expected a list of strings, got {value!r}")
     if not isinstance(value, str):
         raise _Bad(f"expected a string, got {value!r}")
     return value
@@ -424,6 +509,24 @@ def _by_variable(section: str, variables: dict[str, str], *, key_too: bool) -> C
     )
 
 
+def _check_section_typos(env: dict[str, str]) -> None:
+    """``MW_BUSS_HOST`` would otherwise be ignored in silence (no section ``buss``): a
+    variable whose first word is a near miss of a section (difflib ratio >= 0.8: a letter
+    added or dropped, as in BUSS, NOD, LOGS, VERIFER; not a swap like BSU, 0.67) is an
+    error naming it.  Other ``MW_`` variables (``MW_CONFIG``, ``MW_VENV``, test switches)
+    are not ours to judge."""
+    for var in sorted(env):
+        m = re.fullmatch(r"MW_([A-Z0-9]+)_(\w+)", var)
+        if m is None or m.group(1).lower() in _SECTIONS:
+            continue
+        close = difflib.get_close_matches(m.group(1).lower(), list(_SECTIONS), n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(
+                f"environment variable {var}: unknown section {m.group(1).lower()!r}; "
+                f"did you mean MW_{close[0].upper()}_{m.group(2)}?"
+            )
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -460,6 +563,7 @@ def load_config(
                 _by_variable(section, found, key_too=True),
                 _by_variable(section, found, key_too=False),
             )
+    _check_section_typos(env)
     for section, values in (overrides or {}).items():
         clean = {k: v for k, v in values.items() if v is not None}
         if clean:

@@ -6,7 +6,7 @@ Hierarchy::
      +-- ProtocolError        untrusted bytes or fields failed validation (the only
      |                        error decoding ever raises)
      +-- TopicError           a topic string is not part of the topic tree
-     +-- BusError             a transport failed (wraps paho/aiomqtt/zmq errors)
+     +-- BusError             a transport failed (wraps paho/zmq errors)
      |    +-- BusClosedError  the bus was used after close()
      +-- ConfigError          configuration is invalid (file, env or flags)
      +-- ModelError           a model or tokenizer could not be loaded or used

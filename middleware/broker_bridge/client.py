@@ -12,13 +12,17 @@ and the ``connected`` event are the same for every transport.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import structlog
 
 from middleware.broker_bridge._aio import Wakeup
 from middleware.broker_bridge._aio import backoff as _backoff
+from middleware.broker_bridge._aio import cancel_and_wait as _cancel
 from middleware.broker_bridge.bus import Bus
 from middleware.errors import BusClosedError, BusError
+from middleware.protocol.topics import check_filter
 
 log = structlog.get_logger("middleware.client")
 
@@ -31,10 +35,24 @@ class Lost(Exception):
     """Internal: the connection dropped while a request waited for its ack."""
 
 
+class Timing(Protocol):
+    """The settings every reconnecting transport has (seconds)."""
+
+    @property
+    def reconnect_min(self) -> float: ...
+    @property
+    def reconnect_max(self) -> float: ...
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def request_timeout(self) -> float: ...
+
+
 class ReconnectingBus(Bus):
     """A :class:`Bus` kept connected by one supervisor task until ``close()``."""
 
     client_id: str
+    settings: Timing
     _kind = "bus"  # log event prefix: "mqtt", "zmq"
 
     def __init__(self) -> None:
@@ -45,8 +63,97 @@ class ReconnectingBus(Bus):
         self._connected = asyncio.Event()
         self._wakeup = Wakeup()
         self._reconnects = 0
+        self._live: set[str] = set()  # filters the peer acknowledged on this connection
+
+    # --- lifecycle (the same for every transport) ----------------------------------------
+    async def connect(self) -> None:
+        """Connect, retrying failed attempts for ``connect_timeout``; then keep the
+        connection up (reconnecting with backoff) until ``close()``."""
+        self._check_open()
+        if self._task is not None:
+            raise BusError(f"{self.client_id}: already connected")
+        self._loop = loop = asyncio.get_running_loop()
+        self._before_connect()
+        self._first = first = loop.create_future()
+        s = self.settings
+        self._task = loop.create_task(
+            self._supervise(first, s.reconnect_min, s.reconnect_max, s.connect_timeout),
+            name=f"{self._kind}[{self.client_id}]",
+        )
+        try:
+            await first
+        except BaseException:
+            task, self._task = self._task, None
+            await _cancel(task)
+            self._drop_socket()
+            raise
+
+    def crash(self) -> None:
+        """Vanish without saying goodbye (fault injection): the peer delivers the will.
+        The bus is closed afterwards."""
+        if self._closed:
+            return
+        self._end_subscriptions()
+        self._wake()
+        if self._task is not None:
+            self._task.cancel()  # finishes on the next loop turn; touches no socket
+            self._task = None
+        self._end_connection("crashed")
+
+    async def _stop_supervisor(self) -> None:
+        self._wake()
+        task, self._task = self._task, None
+        await _cancel(task)
+
+    def _end_connection(self, how: str) -> None:
+        """Drop the socket and fail whatever still waits: the end of close() and crash()."""
+        self._connected.clear()
+        self._drop_socket()
+        self._fail_pending(BusClosedError(f"{self.client_id}: bus {how}"))
+
+    def _fail_pending(self, exc: BusError) -> None:
+        """Fail every waiting acknowledgement, and a ``connect()`` still waiting, with ``exc``."""
+        for table in self._pending():
+            for fut in table.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+        if self._first is not None and not self._first.done():
+            self._first.set_exception(exc)
+
+    # --- subscribing (the same for every transport) --------------------------------------
+    async def _subscribe(self, filter_: str, qos: int) -> None:
+        """Subscribe now, or leave it to the (re)connect, which subscribes every open filter."""
+        check_filter(filter_)
+        if self._task is None:
+            return  # not connected yet: subscribed together with the others at connect
+        deadline = self._require_loop().time() + self.settings.request_timeout
+        waited = False
+        while True:
+            if waited or not self._connected.is_set():
+                await self._wait_ready(deadline)
+                if filter_ in self._live:
+                    return  # the (re)connect subscribed it while we waited
+            waited = True
+            try:
+                await self._request_subscribe(filter_, qos, deadline)
+            except Lost:
+                continue
+            self._live.add(filter_)
+            return
+
+    async def _request_subscribe(self, filter_: str, qos: int, deadline: float) -> None:
+        """Ask the peer for one filter and wait for its answer; Lost if the connection
+        dropped first (retried), BusError/TopicError if refused."""
+        raise NotImplementedError
 
     # --- what a transport supplies -----------------------------------------------------
+    def _before_connect(self) -> None:
+        """Prepare the client before the supervisor starts (the loop is known)."""
+
+    def _pending(self) -> Iterable[dict[Any, asyncio.Future[Any]]]:
+        """The tables of futures waiting for the peer's acknowledgements."""
+        return ()
+
     async def _connect_once(self) -> None:
         raise NotImplementedError
 

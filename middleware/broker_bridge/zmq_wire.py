@@ -1,24 +1,29 @@
-"""The ZeroMQ hub protocol: msgpack command headers plus a raw payload frame.
+"""The ZeroMQ wire: msgpack command headers plus a raw payload frame.
 
-Every ZeroMQ message between a :class:`~middleware.broker_bridge.zmq.ZmqBus`
-(DEALER) and the :class:`~middleware.broker_bridge.zmq_hub.ZmqHub` (ROUTER)
-is one header frame, a msgpack map whose ``"c"`` names the command, and, for
-``pub``/``msg``, a second frame with the payload bytes (never re-encoded)::
+Every message between a device's :class:`~middleware.broker_bridge.zmq.ZmqBus`
+(DEALER) and a verifier's :class:`~middleware.broker_bridge.zmq.ZmqServerBus`
+(ROUTER) is one header frame, a msgpack map whose ``"c"`` names the command,
+and, for ``pub``/``msg``, a second frame with the payload bytes (never
+re-encoded)::
 
-    client -> hub                              hub -> client
-    hello   id, v, hb, live, will?             welcome  hub, v
-    sub     rid, f, q                          suback   rid, err?
-    unsub   rid, f                             unsuback rid
-    pub     m, t, q, r, ct?, e?, up?, co?  +P  puback   m, err?   (QoS >= 1 only)
-    ping                                       pong
+    device -> verifier                         verifier -> device
+    hello   id, v, will?                       welcome  id, v, will?
+    sub     rid, f        (state request)      msg ...  the verifier's state matching f
+                                               suback   rid, err?
+    unsub   f
+    pub     m?, t, q, r, ct?, e?, up?, co?  +P puback   m, err?   (QoS >= 1 only)
     bye                                        msg      t, q, r, ct?, e?, up?, co?  +P
-                                               unknown  (hub has no session: say hello)
+                                               unknown  (no hello on record: say hello)
+                                               probe    (ignored; see ZmqServerBus._probe)
+
+Liveness is not on this wire: both sockets run ZMTP heartbeats
+(``ZMQ_HEARTBEAT_IVL``/``TIMEOUT``/``TTL``), so libzmq closes a silent
+connection and each side learns of it from its socket monitor.
 
 Keys: ``m`` message id, ``rid`` request id, ``t`` topic, ``q`` QoS, ``r``
-retain, ``ct`` content type, ``e`` expiry (s), ``up`` user properties,
-``co`` correlation bytes, ``hb`` heartbeat interval (s), ``live`` missed
-heartbeats before the peer is dead, ``will`` ``[topic, payload, qos, retain,
-delay]``.  Decoding untrusted frames raises only :class:`ProtocolError`.
+retain, ``ct`` content type, ``e`` expiry (s), ``up`` user properties, ``co``
+correlation bytes, ``will`` ``[topic, payload, qos, retain, delay]``.
+Decoding untrusted frames raises only :class:`ProtocolError`.
 """
 
 from __future__ import annotations
@@ -31,26 +36,12 @@ import msgpack
 from middleware.broker_bridge.bus import BusMessage, Will
 from middleware.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2
 MAX_HEADER = 1 << 20  # bytes; a header is small, anything larger is hostile
 
-HELLO, WELCOME, SUB, SUBACK, UNSUB, UNSUBACK = (
-    "hello",
-    "welcome",
-    "sub",
-    "suback",
-    "unsub",
-    "unsuback",
-)
-PUB, PUBACK, MSG, PING, PONG, BYE, UNKNOWN = (
-    "pub",
-    "puback",
-    "msg",
-    "ping",
-    "pong",
-    "bye",
-    "unknown",
-)
+HELLO, WELCOME, SUB, SUBACK, UNSUB = "hello", "welcome", "sub", "suback", "unsub"
+PUB, PUBACK, MSG, BYE, UNKNOWN = "pub", "puback", "msg", "bye", "unknown"
+PROBE = "probe"  # verifier -> device, ignored: does the route still exist?
 
 
 def pack(cmd: str, **fields: Any) -> bytes:
@@ -102,6 +93,20 @@ def message_fields(
     return fields
 
 
+def msg_frames(msg: BusMessage) -> list[bytes]:
+    """The ``msg`` frames that carry ``msg`` to a device."""
+    fields = message_fields(
+        msg.topic,
+        msg.qos,
+        msg.retain,
+        msg.content_type,
+        msg.expiry,
+        msg.user_properties,
+        msg.correlation,
+    )
+    return [pack(MSG, **fields), msg.payload]
+
+
 def message_from(head: Mapping[str, Any], payload: bytes) -> BusMessage:
     """A :class:`BusMessage` from a ``pub``/``msg`` header and its payload frame."""
     topic, qos, retain = head.get("t"), head.get("q", 0), head.get("r", False)
@@ -143,7 +148,7 @@ def will_to_wire(will: Will | None) -> list[Any] | None:
 
 
 def will_from_wire(raw: Any) -> Will | None:
-    """Decode a hello's will; ProtocolError when malformed."""
+    """Decode a hello's or welcome's will; ProtocolError when malformed."""
     if raw is None:
         return None
     if not isinstance(raw, list) or len(raw) != 5:
@@ -161,11 +166,3 @@ def will_from_wire(raw: Any) -> Will | None:
     if not ok:
         raise ProtocolError("will: bad field")
     return Will(topic, payload, int(qos), retain, float(delay))
-
-
-def positive(head: Mapping[str, Any], key: str, default: float, hi: float) -> float:
-    """A positive number field of a header, clamped to ``hi``; ProtocolError if wrong."""
-    value = head.get(key, default)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise ProtocolError(f"{key}: expected a positive number")
-    return min(float(value), hi)

@@ -44,8 +44,8 @@ examples:
   mw-cli generate "What is MQTT?" --device pi-1
   mw-cli sessions                              # live table from the retained state
   mw-cli stats                                 # verifier and device figures
-  mw-cli hub --zmq-port 5555                   # broker-less ZeroMQ transport
-  mw-cli bridge --zmq-host hub.local           # join MQTT devices and a ZeroMQ verifier
+  mw-cli verifier --transport zmq --zmq-bind tcp://*:5555     # no broker: devices connect
+  mw-cli bridge --zmq-endpoints tcp://v1:5555  # join MQTT devices and ZeroMQ verifiers
 
 exit codes: 0 ok, 1 failure, 2 usage/config error, 3 broker unreachable,
             4 model error, 130 interrupted
@@ -96,6 +96,8 @@ def checked(typ: type, check: Check) -> Callable[[str], Any]:
 SECONDS = checked(float, lambda v: None if 0 < v < 1e9 else f"must be > 0 seconds, got {v:g}")
 COUNT = checked(int, at_least(1))
 PROMPT = checked(str, lambda v: None if v.strip() else "must not be empty")
+# The tools give up connecting after min(--timeout, 10 s) (middleware/cli/tools.py).
+CONNECT_HELP = "seconds to wait for the broker (default and at most 10)"
 
 
 def _bus_flags(p: argparse.ArgumentParser) -> None:
@@ -106,7 +108,17 @@ def _bus_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", type=setting("bus", "host"), help="MQTT broker host")
     g.add_argument("--port", type=setting("bus", "port"), help="MQTT broker port")
     g.add_argument("--prefix", type=setting("bus", "prefix"), help="topic prefix (default mw/v1)")
-    g.add_argument("--transport", choices=["mqtt", "zmq"], help="mqtt (broker) or zmq (hub)")
+    g.add_argument("--transport", choices=["mqtt", "zmq"], help="mqtt (broker) or zmq (no broker)")
+    g.add_argument(
+        "--zmq-endpoints",
+        type=setting("bus", "zmq_endpoints"),
+        help="zmq: verifier endpoints to connect to in turn, tcp://HOST:PORT[,...]",
+    )
+    g.add_argument(
+        "--zmq-bind",
+        type=setting("bus", "zmq_bind"),
+        help="zmq: where a verifier binds (default tcp://*:5555)",
+    )
     g.add_argument("--username", type=setting("bus", "username"))
     g.add_argument("--password", type=setting("bus", "password"))
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -217,22 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add(
-        "hub",
-        "Run a ZeroMQ hub: the broker-less transport for a LAN.",
-        "mw-cli hub --zmq-host 0.0.0.0 --zmq-port 5555",
-    )
-    p.add_argument(
-        "--zmq-host", type=setting("bus", "zmq_host"), help="bind address (default [bus] zmq_host)"
-    )
-    p.add_argument("--zmq-port", type=setting("bus", "zmq_port"))
-
-    p = add(
         "bridge",
-        "Relay the topic tree both ways between the MQTT broker and a ZeroMQ hub.",
-        "mw-cli bridge --host broker.local --zmq-host hub.local --zmq-port 5555",
+        "Relay the topic tree both ways between the MQTT broker and ZeroMQ verifiers.",
+        "mw-cli bridge --host broker.local --zmq-endpoints tcp://v1:5555,tcp://v2:5555",
     )
-    p.add_argument("--zmq-host", type=setting("bus", "zmq_host"), help="the ZeroMQ hub to relay to")
-    p.add_argument("--zmq-port", type=setting("bus", "zmq_port"))
 
     p = add(
         "tail",
@@ -256,15 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode token ids with this model's tokenizer",
     )
     p.add_argument("--count", type=COUNT, help="exit after N messages")
-    p.add_argument("--timeout", type=SECONDS, help="exit after S seconds")
+    p.add_argument("--timeout", type=SECONDS, help="exit after S seconds (connecting included)")
 
     p = add("sessions", "Table of sessions from the retained state.", "mw-cli sessions --wait 1")
     p.add_argument("--wait", type=SECONDS, default=1.0, help="seconds to collect retained messages")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=SECONDS, help=CONNECT_HELP)
 
     p = add("stats", "Verifier and device figures from their retained status.", "mw-cli stats")
     p.add_argument("--wait", type=SECONDS, default=1.0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=SECONDS, help=CONNECT_HELP)
 
     p = add(
         "generate",
@@ -275,7 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True, type=checked(str, identifier), help="device id")
     p.add_argument("--session", type=checked(str, identifier), help="session id (default: random)")
     p.add_argument("--max-new-tokens", type=setting("node", "max_new_tokens"))
-    p.add_argument("--timeout", type=SECONDS, default=300.0)
+    p.add_argument(
+        "--timeout",
+        type=SECONDS,
+        default=300.0,
+        help="seconds to wait for the result (default 300); connecting: at most 10 of them",
+    )
 
     p = add(
         "decommission",
@@ -283,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mw-cli decommission pi-1",
     )
     p.add_argument("device", type=checked(str, identifier), help="device id")
+    p.add_argument("--timeout", type=SECONDS, help=CONNECT_HELP)
     return parser
 
 
@@ -294,8 +302,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "port": a.get("port"),
             "prefix": a.get("prefix"),
             "transport": a.get("transport"),
-            "zmq_host": a.get("zmq_host"),
-            "zmq_port": a.get("zmq_port"),
+            "zmq_endpoints": a.get("zmq_endpoints"),
+            "zmq_bind": a.get("zmq_bind"),
             "username": a.get("username"),
             "password": a.get("password"),
         },
@@ -346,7 +354,6 @@ def _command(name: str) -> Callable[[Config, argparse.Namespace], Coroutine[Any,
     return {
         "verifier": services.run_verifier,
         "node": services.run_node,
-        "hub": services.run_hub,
         "bridge": services.run_bridge,
     }[name]
 

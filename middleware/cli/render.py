@@ -124,3 +124,53 @@ def human_line(d: dict[str, Any], width: int = 160) -> str:
             v = v if len(v) <= 100 else v[:97] + '..."'
         parts.append(f"{key}={v}")
     return f"{head} " + " ".join(str(p) for p in parts)
+
+
+DIM, YELLOW, RESET = "\x1b[2m", "\x1b[33m", "\x1b[0m"
+CORRECTION_MARK = "\u27f2"  # ⟲, before corrected text on a terminal
+
+
+class TextRenderer:
+    """What ``mw-cli generate`` writes for each chunk of a session's text stream.
+
+    A chunk is ``verified`` (committed by the target model), ``provisional`` (released by a
+    device that could not reach the verifier; may still be replaced), ``confirmed`` (the
+    provisional text so far was verified unchanged) or a ``correction`` (the committed text
+    that replaces all provisional text).  Two outputs:
+
+    * ``marked`` (stdout is a colour terminal): everything as it arrives, provisional text
+      dim, a correction in yellow after ``⟲``; a confirmed chunk prints nothing, its text is
+      already on screen.
+    * otherwise (a pipe, a file, or ``NO_COLOR``, where nothing can be marked): committed
+      text only, so ``mw-cli generate ... > answer.txt`` holds exactly the verified answer;
+      provisional text never reaches the output, and :attr:`unverified` counts what was held
+      back and never confirmed.
+
+    Before this, every chunk's text was written as is: a piped answer with a correction
+    carried both the wrong provisional words and their replacement, and confirmed text
+    appeared twice.
+    """
+
+    def __init__(self, *, marked: bool) -> None:
+        self.marked = marked
+        self.committed = ""  # verified + confirmed + corrected text, in order
+        self._provisional = ""  # shown or held back, not yet confirmed or replaced
+
+    @property
+    def unverified(self) -> int:
+        """Characters of provisional text not (yet) confirmed or replaced."""
+        return len(self._provisional)
+
+    def feed(self, kind: str, text: str) -> str:
+        """The text to write for one chunk ("" for nothing)."""
+        if kind == "provisional":
+            self._provisional += text
+            return f"{DIM}{text}{RESET}" if self.marked and text else ""
+        self.committed += text
+        if kind == "confirmed":
+            self._provisional = self._provisional[len(text) :]
+            return "" if self.marked else text
+        if kind == "correction":
+            self._provisional = ""
+            return f"{YELLOW}{CORRECTION_MARK}{text}{RESET}" if self.marked else text
+        return text  # verified

@@ -64,7 +64,27 @@ def verifier_config(cfg: Config) -> VerifierConfig:
             max_batch=v.max_batch,
         ),
         relaxed=_relaxed(v),
+        tag_key=_tag_key(v.session_key_file),
+        max_prompt_tokens=v.max_prompt_tokens,
+        prefill_chunk=v.prefill_chunk,
+        reuse_idle_s=v.reuse_idle_s,
+        state_expiry_s=v.state_expiry_s,
     )
+
+
+def _tag_key(path: str) -> bytes:
+    """The commit-tag key shared by a fleet's verifiers ("" = a random per-process key)."""
+    if not path:
+        return b""
+    from pathlib import Path
+
+    try:
+        key = Path(path).expanduser().read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"[verifier] session_key_file: cannot read {path!r}: {exc}") from exc
+    if len(key) < 16:
+        raise ConfigError(f"[verifier] session_key_file: {path!r} holds under 16 bytes")
+    return key
 
 
 def _relaxed(v: VerifierSection) -> RelaxedAcceptance | None:
@@ -97,7 +117,7 @@ def verifier_bus(cfg: Config) -> Bus:
 
     vid = cfg.verifier.id
     will = Will(Topics(cfg.bus.prefix).verifier_status(vid), verifier_will(vid), qos=1, retain=True)
-    return make_bus(cfg.bus, f"mw-verifier-{vid}", will=will)
+    return make_bus(cfg.bus, f"mw-verifier-{vid}", will=will, serve=True)
 
 
 async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
@@ -254,7 +274,7 @@ def node_bus(cfg: Config) -> Bus:
         retain=True,
         delay=WILL_DELAY_S,
     )
-    return make_bus(cfg.bus, f"mw-node-{did}", will=will, persistent=True)
+    return make_bus(cfg.bus, f"mw-node-{did}", will=will, persistent=True, device_id=did)
 
 
 def journal_file(n: NodeSection, env: dict[str, str] | None = None) -> str:
@@ -341,33 +361,14 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0  # only without --serve: a served node stops by signal
 
 
-# --- ZeroMQ hub and bridge ----------------------------------------------------------
-async def run_hub(cfg: Config, args: argparse.Namespace) -> int:
-    from middleware.broker_bridge.zmq_hub import serve_hub
-
-    stop_on_sigterm()
-    ready = asyncio.Event()
-    log.info("hub_starting", bind=f"{cfg.bus.zmq_host}:{cfg.bus.zmq_port}")
-    try:
-        async with asyncio.TaskGroup() as tg:
-            await until_done(
-                tg.create_task(
-                    serve_hub(cfg.bus.zmq_host, cfg.bus.zmq_port, ready=ready), name="hub"
-                ),
-                tg.create_task(_notify_when_ready(ready), name="sd-notify"),
-            )
-    finally:
-        notify_stopping()
-    return 0
-
-
+# --- MQTT <-> ZeroMQ bridge ---------------------------------------------------------
 async def run_bridge(cfg: Config, args: argparse.Namespace) -> int:
     from middleware.broker_bridge.bridge import Bridge
 
     stop_on_sigterm()
     mqtt_cfg = replace(cfg.bus, transport="mqtt")
-    zmq_cfg = replace(cfg.bus, transport="zmq", host=cfg.bus.zmq_host, port=cfg.bus.zmq_port)
-    bridge_id = f"bridge-{cfg.bus.zmq_host}-{cfg.bus.zmq_port}".replace(".", "-").replace(":", "-")
+    zmq_cfg = replace(cfg.bus, transport="zmq")
+    bridge_id = f"bridge-{cfg.bus.host}-{cfg.bus.port}".replace(".", "-").replace(":", "-")
     ready = asyncio.Event()
     async with (
         make_bus(mqtt_cfg, f"mw-{bridge_id}") as m,
@@ -377,7 +378,7 @@ async def run_bridge(cfg: Config, args: argparse.Namespace) -> int:
             log.info(
                 "bridge_ready",
                 mqtt=f"{cfg.bus.host}:{cfg.bus.port}",
-                zmq=f"{cfg.bus.zmq_host}:{cfg.bus.zmq_port}",
+                zmq=cfg.bus.zmq_endpoints,
                 prefix=cfg.bus.prefix,
             )
             ready.set()

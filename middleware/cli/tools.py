@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
 
 from middleware.broker_bridge.bus import CONTENT_JSON, Bus
+from middleware.broker_bridge.client import Refused
 from middleware.broker_bridge.factory import make_bus
-from middleware.cli.render import describe, human_line
+from middleware.cli.render import TextRenderer, describe, human_line
 from middleware.config import Config
-from middleware.errors import ProtocolError
+from middleware.errors import BusError, ProtocolError
 from middleware.protocol import (
     DeviceStatus,
     PromptRequest,
@@ -29,9 +33,44 @@ from middleware.protocol import (
     decode,
 )
 
+# A tool gives up connecting after this, or after its --timeout when shorter: a person at a
+# terminal or a script wants "broker unreachable" (exit 3) promptly, not 300 s of silence.
+CONNECT_TIMEOUT_S = 10.0
 
-def tool_bus(cfg: Config, role: str) -> Bus:
-    return make_bus(cfg.bus, f"mw-{role}-{uuid.uuid4().hex[:8]}")
+
+@contextlib.asynccontextmanager
+async def tool_bus(
+    cfg: Config, role: str, connect_within: float | None = None
+) -> AsyncIterator[Bus]:
+    """A connected bus for a tool, closed on exit.
+
+    Connecting is quiet: the transport's per-attempt ``connect_failed`` warnings (six JSON
+    lines in 2 s against a refused port) are held back while the first connection is
+    tried, and an unreachable broker ends in one BusError naming it and the time waited
+    (``mw-cli`` prints it as one line, exit 3).  Reconnect warnings after that still show.
+    """
+    limit = CONNECT_TIMEOUT_S if connect_within is None else min(connect_within, CONNECT_TIMEOUT_S)
+    bus = make_bus(cfg.bus, f"mw-{role}-{uuid.uuid4().hex[:8]}", connect_timeout=limit)
+    quiet = logging.getLogger("middleware.client")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    started = time.monotonic()
+    try:
+        await bus.connect()
+    except Refused:  # bad credentials, not authorized: not a reachability problem
+        raise
+    except BusError as exc:
+        # Retries back off (0.1, 0.2, 0.4... s) and stop when the next would pass the limit.
+        where, took = f"{cfg.bus.host}:{cfg.bus.port}", time.monotonic() - started
+        raise BusError(
+            f"no connection to {where} (tried {took:.1f} s, limit {limit:g} s): {exc}"
+        ) from None
+    finally:
+        quiet.setLevel(level)
+    try:
+        yield bus
+    finally:
+        await bus.close()
 
 
 def _colour() -> bool:
@@ -57,7 +96,7 @@ async def tail(cfg: Config, args: argparse.Namespace) -> int:
     types = {t for arg in args.type for t in arg.split(",") if t}
     seen = 0
     deadline = time.monotonic() + args.timeout if args.timeout else None
-    async with tool_bus(cfg, "tail") as bus, bus.subscribe(filter_) as sub:
+    async with tool_bus(cfg, "tail", args.timeout) as bus, bus.subscribe(filter_) as sub:
         if sys.stderr.isatty():
             print(f"# tail {filter_} on {cfg.bus.host}:{cfg.bus.port}", file=sys.stderr, flush=True)
         else:  # every stderr line is JSON off a terminal
@@ -87,14 +126,16 @@ async def tail(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _collect_retained(cfg: Config, filters: list[str], wait: float) -> list[Any]:
+async def _collect_retained(
+    cfg: Config, filters: list[str], wait: float, connect_within: float | None = None
+) -> list[Any]:
     """Retained messages on every filter, read concurrently for ``wait`` seconds.
 
     One reader per filter: reading them one after another spent the whole wait on the first
     filter (``stats`` never listed devices).  Keyed by topic, so a status seen twice (retained
     copy, then a live update) is listed once, latest first wins."""
     by_topic: dict[str, Any] = {}
-    async with tool_bus(cfg, "query") as bus:
+    async with tool_bus(cfg, "query", connect_within) as bus:
         subs = [await bus.subscribe(f) for f in filters]
         deadline = time.monotonic() + wait
 
@@ -130,7 +171,9 @@ async def sessions(cfg: Config, args: argparse.Namespace) -> int:
     t = Topics(cfg.bus.prefix)
     states = [
         s
-        for s in await _collect_retained(cfg, [t.all_sessions("state")], args.wait)
+        for s in await _collect_retained(
+            cfg, [t.all_sessions("state")], args.wait, getattr(args, "timeout", None)
+        )
         if isinstance(s, SessionState)
     ]
     if args.json:
@@ -174,7 +217,10 @@ async def sessions(cfg: Config, args: argparse.Namespace) -> int:
 async def stats(cfg: Config, args: argparse.Namespace) -> int:
     t = Topics(cfg.bus.prefix)
     found = await _collect_retained(
-        cfg, [t.all_verifier_status(), t.all_device_status()], args.wait
+        cfg,
+        [t.all_verifier_status(), t.all_device_status()],
+        args.wait,
+        getattr(args, "timeout", None),
     )
     if args.json:
         for s in found:
@@ -246,6 +292,32 @@ async def _device_status(bus: Bus, topic: str, wait: float) -> DeviceStatus | No
         return None
 
 
+class _Resent:
+    """Committed text a device sends again: after a node restart, the text the broker had not
+    acknowledged comes again as a ``correction`` from that position.  Where the correction
+    starts with exactly the text already written from there, only the rest is new (a
+    pipe cannot take text back); any other correction passes through as one."""
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[int, int, str]] = []  # committed chunks: pos, n, text
+        self.end = 0  # token position the committed chunks reach
+
+    def chunk(self, c: TextChunk) -> tuple[str, str]:
+        if c.kind == "provisional":
+            return c.kind, c.text
+        if c.kind == "correction" and c.pos < self.end:
+            written = "".join(t for p, _, t in self.segments if p >= c.pos)
+            self.segments = [s for s in self.segments if s[0] < c.pos]
+            self.segments.append((c.pos, c.n_tokens, c.text))
+            self.end = c.pos + c.n_tokens
+            if c.text.startswith(written):
+                return "verified", c.text[len(written) :]
+            return c.kind, c.text
+        self.segments.append((c.pos, c.n_tokens, c.text))
+        self.end = max(self.end, c.pos + c.n_tokens)
+        return c.kind, c.text
+
+
 async def generate(cfg: Config, args: argparse.Namespace) -> int:
     """Send a prompt with a fresh request id and show only what answers *that* request.
 
@@ -265,7 +337,7 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
     )
     log = structlog.get_logger("mw.cli")
     async with (
-        tool_bus(cfg, "generate") as bus,
+        tool_bus(cfg, "generate", args.timeout) as bus,
         bus.subscribe(t.session(args.device, sid, "text"), qos=2) as text,  # each chunk once
         bus.subscribe(t.session(args.device, sid, "result")) as res,
     ):
@@ -289,6 +361,9 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.timeout
         streamed: dict[str, str] = {}  # the instance whose text is shown
 
+        renderer = TextRenderer(marked=_colour())  # a pipe gets verified text only
+        resent = _Resent()
+
         async def stream() -> None:
             async for msg in text:
                 try:
@@ -301,9 +376,10 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
                     streamed["inst"] = c.instance
                 if c.instance != streamed["inst"]:
                     continue
-                marker = {"provisional": "\x1b[2m", "correction": "\x1b[33m"}.get(c.kind, "")
-                sys.stdout.write(f"{marker}{c.text}\x1b[0m" if marker and _colour() else c.text)
-                sys.stdout.flush()
+                kind, body = resent.chunk(c)
+                if out := renderer.feed(kind, body):
+                    sys.stdout.write(out)
+                    sys.stdout.flush()
 
         async def ours() -> Result:
             while True:
@@ -333,6 +409,12 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
             if streamed:
                 print("\n# (streamed text was another generation's; the result follows)")
             sys.stdout.write(r.text)
+        if renderer.unverified and not renderer.marked:
+            print(
+                f"\n# {renderer.unverified} characters of provisional text were never "
+                "verified and are not in the output",
+                file=sys.stderr,
+            )
         print(
             f"\n# {r.n_tokens} tokens, finish={r.finish_reason}, verified={r.verified}, "
             f"acceptance={r.stats.get('acceptance_rate', 0):.0%}"
@@ -349,7 +431,7 @@ async def decommission(cfg: Config, args: argparse.Namespace) -> int:
 
     t = Topics(cfg.bus.prefix)
     targets = [*device_removal(t, args.device), t.device_status(args.device)]
-    async with tool_bus(cfg, "decommission") as bus:
+    async with tool_bus(cfg, "decommission", getattr(args, "timeout", None)) as bus:
         for topic in targets:
             await bus.publish(topic, b"", qos=1, retain=True)
     structlog.get_logger("mw.cli").info("decommissioned", device=args.device, cleared=len(targets))

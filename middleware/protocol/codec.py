@@ -3,6 +3,19 @@
 Decoding untrusted bytes raises :class:`~middleware.errors.ProtocolError` and
 nothing else: msgpack/JSON errors, wrong types, out-of-range values and
 oversized fields are all converted here.
+
+MessagePack is read and written with msgspec's codec, not msgpack-python's: the
+bytes on the wire are the same (MessagePack's smallest encoding of each value;
+``tests/unit/test_codec_wire.py`` compares both on every message type and on
+random envelopes), and it is faster on our messages.  Measured side by side on
+this loaded 2-core machine (ns per call, msgpack-python -> msgspec, range of 3
+runs): a 4-token draft packs in 1,236-1,421 -> 247-271 and unpacks in
+1,172-1,904 -> 653-993; a 5-token verdict 1,808-1,972 -> 518-679 and
+2,489-2,596 -> 1,381-1,624.  A whole ``encode()`` of a draft went from 2.3-2.9 to
+1.0 us, of a verdict from 3.4-4.2 to 2.0 us.  The validators below have fast paths
+for the common case (exact types, ids seen before): ``decode()`` of a verdict went
+from 16-17.5 to 12.8 us; most of what remains is the message classes' own checks
+(``session.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
+import msgspec
 
 from middleware.errors import ProtocolError
 
@@ -57,12 +70,22 @@ def brief(value: object, width: int = 40) -> str:
     return text[:width]
 
 
+_IDS_OK: set[str] = set()  # ids that passed: the same few session/device ids every message
+_IDS_MAX = 8192
+
+
 def check_id(value: object, field: str) -> str:
     """A topic-safe identifier: 1-64 chars of ``[A-Za-z0-9_.:-]``, no ``/ + #``."""
+    if type(value) is str and value in _IDS_OK:
+        return value
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):  # match() + "$" accepts "id\n"
         raise ProtocolError(
             f"{field}: expected an id matching {_ID_RE.pattern}, got {brief(value, 80)}"
         )
+    if type(value) is str:  # not a str subclass, whose hash or eq could lie
+        if len(_IDS_OK) >= _IDS_MAX:
+            _IDS_OK.clear()
+        _IDS_OK.add(value)
     return value
 
 
@@ -109,7 +132,11 @@ class Fields:
         return None if v is None else check_id(v, f"{self._type}.{key}")
 
     def int(self, key: str, lo: int, hi: int, default: Any = None) -> int:
-        v = self._get(key, _REQUIRED if default is None else default)
+        v = self._d.get(key, _REQUIRED)
+        if type(v) is int and lo <= v <= hi:
+            return v  # the common case, without the calls below
+        if v is _REQUIRED:
+            v = self._get(key, _REQUIRED if default is None else default)
         if isinstance(v, bool) or not isinstance(v, int):
             raise self._err(key, f"expected int, got {type(v).__name__}")
         if not lo <= v <= hi:
@@ -132,10 +159,14 @@ class Fields:
         return v
 
     def str(self, key: str, default: Any = None, max_len: int | None = None) -> str:
-        v = self._get(key, _REQUIRED if default is None else default)
+        limit = self._limits.max_str if max_len is None else max_len
+        v = self._d.get(key, _REQUIRED)
+        if type(v) is str and len(v) <= limit and v.isascii():
+            return v  # the common case: ASCII within its limit
+        if v is _REQUIRED:
+            v = self._get(key, _REQUIRED if default is None else default)
         if not isinstance(v, str):
             raise self._err(key, f"expected str, got {type(v).__name__}")
-        limit = self._limits.max_str if max_len is None else max_len
         if len(v) > limit:
             raise self._err(key, f"string of {len(v)} chars exceeds {limit}")
         if not v.isascii():
@@ -155,6 +186,8 @@ class Fields:
         if len(v) > max_count:
             raise self._err(key, f"{len(v)} tokens exceed the bound {max_count}")
         hi = self._limits.max_token_id
+        if all(type(t) is int and 0 <= t <= hi for t in v):
+            return tuple(v)
         for t in v:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= hi:
                 raise self._err(key, f"token id {brief(t, 20)} outside [0, {hi}]")
@@ -186,9 +219,13 @@ class _Required:
 _REQUIRED: Any = _Required()
 
 
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder()
+
+
 def pack(type_: str, body: dict[str, Any]) -> bytes:
     """Frame a message body as msgpack with its type tag and schema version."""
-    return msgpack.packb({"v": SCHEMA_VERSION, "t": type_, **body}, use_bin_type=True)
+    return _ENCODER.encode({"v": SCHEMA_VERSION, "t": type_, **body})
 
 
 def pack_json(type_: str, body: dict[str, Any]) -> bytes:
@@ -215,12 +252,15 @@ def unpack(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
             raise ProtocolError(f"invalid JSON: {exc}") from exc
     else:
         try:
-            # unpackb sizes its max_*_len bounds from len(raw), already checked above.
-            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
-        except Exception as exc:  # msgpack raises a zoo of types; convert all at entry
+            # Lengths are checked against the buffer (already bounded above); nesting is
+            # bounded by msgspec's recursion limit (RecursionError, caught here).
+            obj = _DECODER.decode(raw)
+        except Exception as exc:  # convert every decoder failure at entry
             raise ProtocolError(f"invalid msgpack: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError(f"envelope must be a map, got {type(obj).__name__}")
+    if not all(type(k) is str for k in obj):  # msgpack-python's strict_map_key, as before
+        raise ProtocolError("envelope keys must be strings")
     v = obj.get("v")
     if type(v) is not int or v != SCHEMA_VERSION:  # true/1.0 are not version 1
         raise ProtocolError(

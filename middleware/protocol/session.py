@@ -333,7 +333,7 @@ class Verdict:
     claim: committed tokens from ``base`` on are ``tokens`` (a device whose
     committed tokens go past ``base`` rolls them back).  ``inst`` is the
     session instance; ``tag`` the MAC of the ``committed_len`` committed tokens
-    (rejection mode only).
+    (all modes; the only proof rejection-sampled tokens have).
     """
 
     TYPE: ClassVar[str] = "verdict"
@@ -363,9 +363,8 @@ class Verdict:
         if self.accepted < 0 or self.base < 0 or self.committed_len < 0:
             raise ProtocolError("verdict: negative counter")
         if (
-            (self.kind in ("accept", "catchup") or (self.kind == "opened" and self.tokens))
-            and self.base + len(self.tokens) != self.committed_len
-        ):
+            self.kind in ("accept", "catchup") or (self.kind == "opened" and self.tokens)
+        ) and self.base + len(self.tokens) != self.committed_len:
             raise ProtocolError("verdict: base + len(tokens) != committed_len")
 
     def encode(self) -> bytes:
@@ -438,7 +437,7 @@ class SessionState:
     finish_reason: str = ""
     updated_at: float = 0.0  # unix seconds
     instance: str = ""
-    tag: str = ""  # MAC of ``committed`` (rejection mode only)
+    tag: str = ""  # MAC of ``committed`` (all modes)
 
     def __post_init__(self) -> None:
         check_id(self.session_id, "state.session_id")

@@ -9,7 +9,9 @@ the verifier offline when it dies).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -42,20 +44,89 @@ from middleware.protocol import (
     VerifierStatus,
     decode,
 )
-from middleware.protocol.session import VERDICT_KINDS, trace_id
+from middleware.protocol.session import VERDICT_KINDS, session_instance, trace_id
 from middleware.protocol.topics import DEFAULT_SHARE_GROUP
 from middleware.verifier.acceptance import RelaxedAcceptance
 from middleware.verifier.batcher import BatchConfig, Batcher, Pending
 from middleware.verifier.control import Controller
 from middleware.verifier.engine import TargetEngine, VerifyItem
+from middleware.verifier.opening import plan_open
 from middleware.verifier.planner import JointPlanner, PlannerConfig
 from middleware.verifier.rounds import RoundInput, RoundResult, run_round
-from middleware.verifier.sessions import VerifierSession, triage
+from middleware.verifier.sessions import (
+    VerifierSession,
+    clip_commit,
+    common_prefix,
+    session_key,
+    triage,
+)
 
 log = structlog.get_logger("middleware.verifier")
 
 DRAFT_EXPIRY_S = 30.0
 ACTIVE_WINDOW_S = 2.0
+PROOF_CHUNK = 64  # claimed tokens re-verified per proof round
+MIN_PREFILL_STEP = 8  # prompt tokens per prefill step at least (a step has fixed costs too)
+# A step costs this fraction of a verify round: a draft that arrives during a step waits
+# for the rest of it, so rounds beside a long prefill take about 1.5-2x their time alone.
+STEP_OF_ROUND = 0.5
+ROUND_WAIT_S = 2.0  # a prefill step waits at most this long for a pending round to run
+
+
+class PrefillPacer:
+    """Sizes prefill steps to cost about half a verify round, from measured times.
+
+    The next step's size is the last one's scaled by (target / its duration), at most
+    doubling or halving per step: that follows both the fixed cost of a forward pass
+    (on SmolLM2-135M, CPU, 8 prompt tokens cost about as much as a verify round of a few
+    sessions) and the per-token cost that grows with the context (attention).  While
+    nobody else drafts, steps are ``prefill_chunk`` tokens."""
+
+    def __init__(self) -> None:
+        self.round_s: float | None = None
+        self._last: tuple[int, float] | None = None  # (tokens, seconds) of the last step
+        self._round = asyncio.Event()
+        self._idle = asyncio.Event()  # no verify round waiting for the engine or running
+        self._idle.set()
+        self._inflight = 0
+
+    def round_started(self) -> None:
+        self._inflight += 1
+        self._idle.clear()
+
+    def round_finished(self) -> None:
+        self._inflight -= 1
+        if not self._inflight:
+            self._idle.set()
+        self._round.set()
+
+    def on_round(self, seconds: float) -> None:
+        self.round_s = seconds if self.round_s is None else 0.8 * self.round_s + 0.2 * seconds
+
+    async def yield_to_rounds(self, within: float) -> None:
+        """Until no verify round is waiting or running: the engine lock is not fair, so a
+        prefill step must not race a round for it (it won, and rounds starved)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), within)
+
+    def on_prefill(self, tokens: int, seconds: float) -> None:
+        self._last = (tokens, seconds)
+
+    def step(self, most: int, busy: bool) -> int:
+        if not busy:
+            return most
+        if self.round_s is None or self._last is None:
+            return min(most, MIN_PREFILL_STEP * 4)
+        n, took = self._last
+        want = n * STEP_OF_ROUND * self.round_s / max(took, 1e-6)
+        want = min(max(want, n / 2), n * 2)
+        return int(max(MIN_PREFILL_STEP, min(most, want)))
+
+    async def next_round(self, within: float) -> None:
+        """Until the next verify round has run (or ``within`` seconds: fairness only)."""
+        self._round.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._round.wait(), within)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,16 +159,32 @@ class VerifierConfig:
     # a session says ``lossy: true`` and mw_verifier_relaxed_tokens_total counts the tokens.
     relaxed: RelaxedAcceptance | None = None
     limits: Limits = DEFAULT_LIMITS
+    # Commit tags (HMAC over a session instance and its committed tokens) are keyed with
+    # this; verifiers that share it accept each other's tags on failover (the only proof
+    # rejection-sampled tokens have).  Empty: a random key per process.
+    tag_key: bytes = b""
+    # Longest prompt admitted (0: the target's max_position_embeddings).
+    max_prompt_tokens: int = 0
+    # Prompt tokens prefilled per step of a (re-)open, between verify rounds: one long
+    # prompt then delays concurrent rounds by one step, never by the whole prompt.
+    prefill_chunk: int = 256
+    # A session idle this long yields to a new open when the verifier is full, and its id
+    # may be reused by another generation (instance) of the same device.
+    reuse_idle_s: float = 10.0
+    # MQTT message expiry of the retained session state (0: none): the broker's retained
+    # store stays bounded; a re-opening device needs it only as a hint.
+    state_expiry_s: float = 86_400.0
 
 
 # Known refusal reasons, pre-initialised so alert rules see a 0 series from the start.
 REJECT_REASONS = (
     "malformed",
     "bad_topic",
-    "foreign_session",
     "tokenizer_mismatch",
     "token_out_of_range",
     "session_taken",
+    "prompt_too_long",
+    "claim_rolled_back",
     "stale_epoch",
     "too_many_sessions",
     "device_session_limit",
@@ -194,7 +281,13 @@ class VerifierService:
                 ratio=self.config.relaxed.ratio,
                 confidence=self.config.relaxed.confidence,
             )
+        # Keyed by :func:`session_key` (device, session id): session ids are per device.
         self.sessions: dict[str, VerifierSession] = {}
+        self._tag_key = self.config.tag_key or secrets.token_bytes(32)
+        self.max_prompt_tokens = self.config.max_prompt_tokens or engine.max_positions
+        self._prefill_lock = asyncio.Lock()  # one prefill step at a time, between rounds
+        self._pacer = PrefillPacer()
+        self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
         self._clock = clock
         self._drafts: Subscription | None = None
@@ -234,6 +327,7 @@ class VerifierService:
             self.ready.set()
             log.info("verifier_ready", verifier=self.config.verifier_id, model=self.model_name)
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 tg.create_task(self._receive(opens), name="receive-open")
                 tg.create_task(self._receive(drafts), name="receive-draft")
                 tg.create_task(self._batch_loop(), name="batch")
@@ -316,85 +410,105 @@ class VerifierService:
             await self._open(value)
             return
         if ref.leaf == "draft" and isinstance(value, Draft | CloseSession):
-            s = self.sessions.get(value.session_id)
-            if s is not None and s.device_id != ref.device:
-                # Session ids are bound to the device that opened them: a draft or close
-                # from another device's topic is refused without an answer.
-                self._reject("foreign_session", msg.topic, f"session owned by {s.device_id!r}")
-            elif isinstance(value, Draft):
+            # Session ids are per device: the topic's device names the session.
+            if isinstance(value, Draft):
                 await self._draft(value, ref.device)
             else:
-                await self._close(value)
+                await self._close(value, ref.device)
         else:
             raise ProtocolError(f"{type(value).__name__} not allowed on {ref.leaf}")
 
     async def _open(self, m: OpenSession) -> None:
+        """Admit a (re-)open; the ``opened`` answer follows once its prompt is prefilled and
+        its claimed committed tokens are proven (:meth:`_opening`)."""
         vid = self.config.verifier_id
+        key = session_key(m.device_id, m.session_id)
+        inst = session_instance(m)
 
-        # The first round's length: what the device's sessions were last told (or the default).
-        first = self.control.first_hint(m.device_id) if self.control is not None else 0
-
-        def answer(kind: str, reason: str = "", clen: int = 0) -> Verdict:
-            return Verdict(
+        def refuse(reason: str, why: str, kind: str = "refused", clen: int = 0) -> Awaitable[None]:
+            self._reject(reason, key, why)
+            v = Verdict(
                 session_id=m.session_id,
                 epoch=m.epoch,
                 seq=m.seq,
                 kind=kind,  # type: ignore[arg-type]
-                reason=reason,
+                reason=why,
                 committed_len=clen,
                 verifier_id=vid,
                 echo_ts=m.sent_at,
-                next_len=first if kind == "opened" else 0,
+                instance=inst,
             )
-
-        def send(v: Verdict) -> Awaitable[None]:
             return self._send_verdict(v, m.device_id)
 
         if m.tokenizer != self.fingerprint:
-            self._reject("tokenizer_mismatch", m.session_id, m.tokenizer)
-            await send(
-                answer("refused", f"tokenizer {m.tokenizer!r} != verifier's {self.fingerprint!r}")
+            await refuse(
+                "tokenizer_mismatch",
+                f"tokenizer {m.tokenizer!r} != verifier's {self.fingerprint!r}",
             )
             return
         bad = next((t for t in (*m.prompt, *m.committed) if t >= self.engine.vocab_size), None)
         if bad is not None:
-            self._reject("token_out_of_range", m.session_id, str(bad))
-            await send(answer("refused", f"token id {bad} outside vocabulary"))
+            await refuse("token_out_of_range", f"token id {bad} outside vocabulary")
             return
-        old = self.sessions.get(m.session_id)
-        if old is not None and old.device_id != m.device_id:
-            self._reject("session_taken", m.session_id, f"{m.device_id} vs {old.device_id}")
-            await send(answer("refused", "session id in use by another device"))
+        if len(m.prompt) > self.max_prompt_tokens:
+            await refuse(
+                "prompt_too_long",
+                f"prompt of {len(m.prompt)} tokens exceeds this verifier's limit of "
+                f"{self.max_prompt_tokens}",
+            )
             return
+        now = self._clock()
+        old = self.sessions.get(key)
+        if old is not None and old.instance != inst:
+            # The same session id for another generation (prompt, sampling, nonce).
+            if old.done or (not old.pending and now - old.last_active > self.config.reuse_idle_s):
+                await self._drop(old, "replaced by a new instance")
+                old = None
+            else:
+                await refuse(
+                    "session_taken",
+                    "session id in use by another generation of this device; "
+                    "use a new session id or retry once it ends",
+                )
+                return
         if old is not None and m.epoch < old.epoch:
-            self._reject("stale_epoch", m.session_id, f"open epoch {m.epoch} < {old.epoch}")
-            await send(answer("resync", f"stale epoch {m.epoch} < {old.epoch}", len(old.committed)))
+            await refuse(
+                "stale_epoch",
+                f"stale epoch {m.epoch} < {old.epoch}",
+                kind="resync",
+                clen=len(old.committed),
+            )
             return
-        if old is not None and m.epoch == old.epoch:  # duplicate open
-            await send(answer("opened", clen=len(old.committed)))
+        if old is not None and m.epoch == old.epoch:  # a duplicate of the open being served
+            if not old.opening:
+                await self._send_verdict(self._opened(old, m), m.device_id)
             return
-        if old is None and len(self.sessions) >= self.config.max_sessions:
-            self._reject("too_many_sessions", m.session_id, str(len(self.sessions)))
-            await send(answer("refused", "verifier at its session limit"))
+        if old is None and not await self._admit(m):
             return
-        if (
-            old is None
-            and sum(1 for x in self.sessions.values() if x.device_id == m.device_id)
-            >= self.config.max_sessions_per_device
-        ):
-            self._reject("device_session_limit", m.session_id, m.device_id)
-            await send(answer("refused", "device at its session limit on this verifier"))
-            return
-        s = VerifierSession.from_open(m)
-        s.last_active = self._clock()
-        self.sessions[m.session_id] = s
+        held = old.committed if old is not None else None
+        tag_ok = bool(m.tag) and VerifierSession.from_open(m, (), self._tag_key).check_tag(
+            m.committed, m.tag
+        )
+        plan = plan_open(m.committed, held, tag_ok=tag_ok, mode=m.sampling.mode)
+        if plan.how == "rollback":
+            self._reject("claim_rolled_back", key, f"{len(m.committed)} unproven tokens")
+        s = VerifierSession.from_open(m, plan.trusted, self._tag_key)
+        if old is not None and old.done and len(s.committed) == len(old.committed):
+            s.finish_reason = old.finish_reason
+        elif s.committed and s.committed[-1] in s.stop_ids:
+            s.finish_reason = "stop"
+        elif len(s.committed) >= s.max_new_tokens:
+            s.finish_reason = "length"
+        s.opening = True
+        s.last_active = now
+        self.sessions[key] = s
+        if key in self._closing:  # a close of the old epoch must not drop the new cache
+            self._closing = [k for k in self._closing if k != key]
         if self.control is not None:
-            self.control.bind(m.session_id, m.device_id)
+            self.control.bind(key, m.device_id)
         if old is None and not self.config.exclusive:
             assert self._drafts is not None
             await self._drafts.add(self.topics.session(m.device_id, m.session_id, "draft"))
-        else:
-            self._closing.append(m.session_id)  # drop the old epoch's KV cache before reuse
         self.metrics.sessions.set(len(self.sessions))
         log.info(
             "session_opened",
@@ -402,16 +516,198 @@ class VerifierService:
             device=m.device_id,
             epoch=m.epoch,
             mode=m.sampling.mode,
-            committed=len(m.committed),
+            claimed=len(m.committed),
+            kept=len(plan.trusted),
+            proving=len(plan.to_prove),
+            claim=plan.how,
+            instance=inst,
             drafter=m.drafter,
         )
+        assert self._tg is not None
+        self._tg.create_task(self._opening(s, m, plan.to_prove), name=f"open-{key}")
+
+    async def _admit(self, m: OpenSession) -> bool:
+        """Room for a new session: per-device limit, then the verifier's, shared fairly.
+
+        When full, the verifier makes room before refusing: finished sessions first,
+        then the longest idle (``reuse_idle_s``), then, if the opener holds fewer
+        sessions than the device holding most, that device's least recently active
+        one.  So 1,100 one-shot opens from 1,100 device ids cannot lock out a device
+        that comes later (issue: they filled all 1,024 slots), and no device keeps more
+        than its share while others wait."""
+        mine = [x for x in self.sessions.values() if x.device_id == m.device_id]
+        if len(mine) >= self.config.max_sessions_per_device:
+            self._reject("device_session_limit", m.session_id, m.device_id)
+            await self._send_verdict(
+                self._refusal(m, "device at its session limit on this verifier"), m.device_id
+            )
+            return False
+        if len(self.sessions) < self.config.max_sessions:
+            return True
+        victim = self._victim(len(mine))
+        if victim is not None:
+            await self._drop(victim, "evicted to admit another device's session")
+            return True
+        self._reject("too_many_sessions", m.session_id, str(len(self.sessions)))
+        await self._send_verdict(
+            self._refusal(m, "verifier at its session limit; retry later"), m.device_id
+        )
+        return False
+
+    def _victim(self, opener_holds: int) -> VerifierSession | None:
+        now = self._clock()
+        idle = [s for s in self.sessions.values() if not s.pending and not s.opening]
+        done = [s for s in idle if s.done]
+        if done:
+            return min(done, key=lambda s: s.last_active)
+        stale = [s for s in idle if now - s.last_active > self.config.reuse_idle_s]
+        if stale:
+            return min(stale, key=lambda s: s.last_active)
+        per_device: dict[str, list[VerifierSession]] = {}
+        for s in idle:
+            per_device.setdefault(s.device_id, []).append(s)
+        if not per_device:
+            return None
+        heaviest = max(per_device.values(), key=len)
+        total = sum(1 for s in self.sessions.values() if s.device_id == heaviest[0].device_id)
+        if total > opener_holds + 1:
+            return min(heaviest, key=lambda s: s.last_active)
+        return None
+
+    def _refusal(self, m: OpenSession, why: str) -> Verdict:
+        return Verdict(
+            session_id=m.session_id,
+            epoch=m.epoch,
+            seq=m.seq,
+            kind="refused",
+            reason=why,
+            verifier_id=self.config.verifier_id,
+            echo_ts=m.sent_at,
+            instance=session_instance(m),
+        )
+
+    def _opened(self, s: VerifierSession, m: OpenSession) -> Verdict:
+        """The ``opened`` answer: the proven truth from where it departs from the claim."""
+        base = common_prefix(s.committed, m.committed)
+        first = self.control.first_hint(s.device_id) if self.control is not None else 0
+        return Verdict(
+            session_id=s.session_id,
+            epoch=s.epoch,
+            seq=m.seq,
+            kind="opened",
+            base=base,
+            tokens=tuple(s.committed[base:]),
+            committed_len=len(s.committed),
+            done=s.done,
+            finish_reason=s.finish_reason,
+            next_len=first,
+            verifier_id=self.config.verifier_id,
+            echo_ts=m.sent_at,
+            instance=s.instance,
+            tag=s.tag,
+        )
+
+    def _prefill_step(self) -> int:
+        """Prompt tokens for the next prefill step: the configured maximum when nobody else
+        is drafting; otherwise as many as cost about half a verify round (at least
+        MIN_PREFILL_STEP), so a long prompt slows other sessions' rounds about 2x instead
+        of stalling them."""
+        busy = self._batcher.qsize() > 0 or self._expected_senders() > 0
+        return self._pacer.step(self.config.prefill_chunk, busy)
+
+    async def _opening(self, s: VerifierSession, m: OpenSession, to_prove: tuple[int, ...]) -> None:
+        """Prefill the session's context step by step, prove the claim, then answer ``opened``.
+
+        Each step takes the prefill lock and one engine call, so verify rounds of other
+        sessions run between steps.  A newer open of the session (or a close) while
+        this runs makes it stop: the newer one answers.
+        """
+        key = s.key
+
+        def current() -> bool:
+            return self.sessions.get(key) is s
+
+        try:
+            remaining, last = 1, None
+            while remaining and current():
+                async with self._prefill_lock:
+                    await self._pacer.yield_to_rounds(ROUND_WAIT_S)
+                    if not current():
+                        return
+                    step = self._prefill_step()
+                    t0 = time.perf_counter()
+                    remaining = await asyncio.to_thread(self.engine.prefill, key, s.context, step)
+                    if last is None or last - remaining > 0:
+                        fed = step if last is None else last - remaining
+                        self._pacer.on_prefill(fed, time.perf_counter() - t0)
+                if last is not None and remaining >= last:
+                    break  # evicted under memory pressure: the first round rebuilds it
+                last = remaining
+                if remaining and self._batcher.qsize():
+                    await self._pacer.next_round(ROUND_WAIT_S)  # let waiting drafts go first
+            claim = list(m.committed)
+            while to_prove and current() and not s.done:
+                chunk = to_prove[:PROOF_CHUNK]
+                proof = Draft(m.session_id, m.epoch, 0, len(s.committed), chunk)
+                inp = RoundInput(
+                    key,
+                    s.prompt,
+                    tuple(s.committed),
+                    proof,
+                    s.sampling,
+                    s.max_new_tokens,
+                    s.stop_ids,
+                )
+                async with self._prefill_lock:
+                    if not current():
+                        return
+                    result = await asyncio.to_thread(run_round, self.engine, [inp])
+                out = result.outputs[0]
+                if not current():
+                    return
+                tokens, fin = list(out.tokens), out.finish_reason
+                if out.accepted == len(chunk) == len(to_prove) and len(tokens) > len(chunk):
+                    # The whole claim holds: keep exactly it (the device's view), not the
+                    # bonus token the round also produced; its first draft regains it.
+                    tokens, fin = clip_commit(
+                        tokens[: len(chunk)], len(s.committed), s.max_new_tokens, s.stop_ids
+                    )
+                s.commit(tokens, fin)
+                self.metrics.forwards.inc()
+                if common_prefix(s.committed, claim) < len(s.committed):
+                    break  # the target departs from the claim here: the rest is dropped
+                to_prove = tuple(claim[len(s.committed) :])
+        except Exception as exc:  # a model failure must not take the service down
+            if not current():
+                return
+            log.warning("open_failed", session=s.session_id, device=s.device_id, error=repr(exc))
+            self.engine.close(key)
+            await self._drop(s, "open failed")
+            await self._send_verdict(
+                self._refusal(m, f"open failed: {type(exc).__name__}"), s.device_id
+            )
+            return
+        if not current():
+            return
+        s.opening = False
+        s.last_active = self._clock()
+        if len(s.committed) < len(m.committed) or s.committed != claim[: len(s.committed)]:
+            log.warning(
+                "claim_corrected",
+                session=s.session_id,
+                device=s.device_id,
+                claimed=len(m.committed),
+                kept=common_prefix(s.committed, m.committed),
+                committed=len(s.committed),
+            )
         await self._publish_state(s)
-        await send(answer("opened", clen=len(s.committed)))
+        await self._send_verdict(self._opened(s, m), s.device_id)
 
     async def _draft(self, d: Draft, device_id: str) -> None:
-        s = self.sessions.get(d.session_id)
+        key = session_key(device_id, d.session_id)
+        s = self.sessions.get(key)
         if self.control is not None and s is not None and d.epoch == s.epoch:
-            self.control.on_draft(d.session_id, d, time.monotonic())
+            self.control.on_draft(key, d, time.monotonic())
         tri = triage(
             s,
             d,
@@ -424,10 +720,10 @@ class VerifierService:
         if tri.action == "verify":
             assert s is not None
             if s.pending:
-                # A resend (extended, new seq) while its first copy still waits: verify the newer one.
-                self._newer[d.session_id] = d
+                # A resend while its first copy waits: verify the newer one.
+                self._newer[key] = d
                 return
-            if not self._batcher.put(d.session_id, d):
+            if not self._batcher.put(key, d):
                 self.metrics.rejected.inc(reason="queue_full")
                 return
             s.pending = True
@@ -439,25 +735,26 @@ class VerifierService:
         assert tri.verdict is not None
         await self._send_verdict(tri.verdict, device_id)
 
-    async def _close(self, c: CloseSession) -> None:
-        s = self.sessions.get(c.session_id)
+    async def _close(self, c: CloseSession, device_id: str) -> None:
+        s = self.sessions.get(session_key(device_id, c.session_id))
         if s is None or c.epoch != s.epoch:
             return
         await self._drop(s, c.reason)
 
     async def _drop(self, s: VerifierSession, reason: str) -> None:
         """Forget a session: its state, its KV cache (at the next batch), its subscription."""
-        if self.sessions.get(s.session_id) is not s:
+        key = s.key
+        if self.sessions.get(key) is not s:
             return
-        del self.sessions[s.session_id]
-        self._dirty.pop(s.session_id, None)
+        del self.sessions[key]
+        self._dirty.pop(key, None)
         if self.control is not None:
-            self.control.forget(s.session_id)
-        self._closing.append(s.session_id)
+            self.control.forget(key)
+        self._closing.append(key)
         if self._drafts is not None and not self.config.exclusive:
             await self._drafts.remove(self.topics.session(s.device_id, s.session_id, "draft"))
         self.metrics.sessions.set(len(self.sessions))
-        log.info("session_closed", session=s.session_id, reason=reason)
+        log.info("session_closed", session=s.session_id, device=s.device_id, reason=reason)
 
     async def _expire_loop(self) -> None:
         """Drop sessions idle for longer than ``session_idle_timeout``."""
@@ -466,7 +763,9 @@ class VerifierService:
             await asyncio.sleep(min(60.0, timeout / 4))
             now = self._clock()
             for s in [
-                s for s in self.sessions.values() if not s.pending and now - s.last_active > timeout
+                s
+                for s in self.sessions.values()
+                if not s.pending and not s.opening and now - s.last_active > timeout
             ]:
                 self.metrics.expired.inc()
                 await self._drop(s, "idle")
@@ -492,7 +791,7 @@ class VerifierService:
                 self.metrics.queue_wait.observe(now - p.arrived)
                 inputs.append(
                     RoundInput(
-                        s.session_id,
+                        s.key,
                         s.prompt,
                         tuple(s.committed),
                         d,
@@ -522,10 +821,17 @@ class VerifierService:
             out.append(inp)
         return out
 
+    async def _run_round(self, inputs: list[RoundInput]) -> RoundResult:
+        self._pacer.round_started()
+        try:
+            return await asyncio.to_thread(run_round, self.engine, inputs)
+        finally:
+            self._pacer.round_finished()
+
     async def _verify(self, inputs: list[RoundInput]) -> None:
         """Run a round; if it fails, isolate the failing draft so the others still get answers."""
         try:
-            result = await asyncio.to_thread(run_round, self.engine, inputs)
+            result = await self._run_round(inputs)
         except Exception as exc:  # a model/engine failure must not take the service down
             if len(inputs) > 1:
                 log.warning("batch_failed_isolating", size=len(inputs), error=repr(exc)[:200])
@@ -535,17 +841,18 @@ class VerifierService:
             inp = inputs[0]
             self.engine.close(inp.session_id)
             self._reject("verify_failed", inp.session_id, repr(exc))
-            s = self.sessions.get(inp.session_id)
+            s = self.sessions.get(inp.session_id)  # RoundInput.session_id is the session key
             if s is not None:
                 await self._send_verdict(
                     Verdict(
-                        session_id=inp.session_id,
+                        session_id=s.session_id,
                         epoch=inp.draft.epoch,
                         seq=inp.draft.seq,
                         kind="refused",
                         reason=f"verification failed: {type(exc).__name__}",
                         committed_len=len(s.committed),
                         verifier_id=self.config.verifier_id,
+                        instance=s.instance,
                     ),
                     s.device_id,
                 )
@@ -565,6 +872,7 @@ class VerifierService:
             if overhead is not None and hasattr(self.engine, "forward_overhead_tokens"):
                 self.engine.forward_overhead_tokens = overhead
         m.forwards.inc()
+        self._pacer.on_round(result.forward_s)
         m.batch_size.observe(result.batch_size)
         m.forward_time.observe(result.forward_s)
         seen = int(getattr(self.engine, "evictions", 0))
@@ -593,8 +901,8 @@ class VerifierService:
             m.tokens_per_round.observe(len(out.tokens))
             hint = 0
             if self.control is not None:
-                self.control.on_round(s.session_id, out.proposed, out.accepted, now)
-                hint = self.control.hint(s.session_id)
+                self.control.on_round(s.key, out.proposed, out.accepted, now)
+                hint = self.control.hint(s.key)
             v = Verdict(
                 session_id=s.session_id,
                 epoch=s.epoch,
@@ -608,14 +916,16 @@ class VerifierService:
                 finish_reason=s.finish_reason,
                 next_len=hint,
                 verifier_id=self.config.verifier_id,
+                instance=s.instance,
+                tag=s.tag,
             )
             s.remember(v)
             sends.append(self._send_verdict(v, s.device_id))
             if s.done or self.config.state_interval <= 0:
-                self._dirty.pop(s.session_id, None)
+                self._dirty.pop(s.key, None)
                 sends.append(self._publish_state(s))
             else:
-                self._dirty[s.session_id] = s
+                self._dirty[s.key] = s
         await asyncio.gather(*sends)
 
     # --- publishing --------------------------------------------------------------
@@ -624,10 +934,11 @@ class VerifierService:
 
     async def _send_verdict(self, v: Verdict, device_id: str) -> None:
         self.metrics.answers.inc(kind=v.kind)
-        if not v.lossy and self._lossy(self.sessions.get(v.session_id)):
+        key = session_key(device_id, v.session_id)
+        if not v.lossy and self._lossy(self.sessions.get(key)):
             v = dataclasses.replace(v, lossy=True)
         if self.control is not None and v.kind in ("opened", "catchup"):
-            self.control.on_answer(v.session_id, time.monotonic())  # a draft follows
+            self.control.on_answer(key, time.monotonic())  # a draft follows
         await self.bus.publish(
             self.topics.session(device_id, v.session_id, "verdict"),
             v.encode(),
@@ -643,6 +954,7 @@ class VerifierService:
             qos=1,
             retain=True,
             content_type=CONTENT_MSGPACK,
+            expiry=self.config.state_expiry_s or None,
         )
 
     def status(self, state: str = "online") -> VerifierStatus:
@@ -680,9 +992,19 @@ class VerifierService:
         )
 
     async def _state_loop(self) -> None:
-        """Publish the state of sessions that committed tokens since their last publish."""
+        """Publish the state of sessions that committed tokens since their last publish.
+
+        After the bus reconnects, every live session's state is published again: a
+        broker that crashed before its autosave lost the retained states (issue: it
+        came back with 5 of 12 committed tokens)."""
+        seen = self.bus.reconnects
         while True:
             await asyncio.sleep(self.config.state_interval)
+            if self.bus.reconnects != seen:
+                seen = self.bus.reconnects
+                for s in self.sessions.values():
+                    if not s.opening:
+                        self._dirty.setdefault(s.key, s)
             dirty, self._dirty = self._dirty, {}
             live = [s for sid, s in dirty.items() if self.sessions.get(sid) is s]
             results = await asyncio.gather(

@@ -9,17 +9,36 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from middleware.protocol import Draft, OpenSession, SamplingParams, SessionState, Verdict
+from middleware.protocol.session import commit_tag, session_instance, tokens_digest
 
 VERDICT_CACHE = 16
 
 
+def session_key(device_id: str, session_id: str) -> str:
+    """The verifier's key of a session: session ids are per device (ids never hold '/')."""
+    return f"{device_id}/{session_id}"
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
+
+
 @dataclass(slots=True)
 class VerifierSession:
-    """Mutable state of one session owned by this verifier."""
+    """Mutable state of one session owned by this verifier.
+
+    ``committed`` holds only tokens this process committed or proved (see
+    :mod:`middleware.verifier.opening`); ``opening`` is true while a (re-)open's
+    prompt is prefilled and its claim proved: drafts are not answered then.
+    """
 
     session_id: str
     device_id: str
@@ -37,20 +56,52 @@ class VerifierSession:
     rounds: int = 0
     proposed: int = 0
     accepted: int = 0
+    instance: str = ""
+    opening: bool = False
+    tag_key: bytes = b""  # the MAC key of commit tags (shared by verifiers that share a key)
+    _digest: object = None  # running SHA-256 of ``committed`` (protocol.session.tokens_digest)
+    _tag: str = ""
 
     @classmethod
-    def from_open(cls, msg: OpenSession) -> VerifierSession:
-        return cls(
+    def from_open(
+        cls, msg: OpenSession, committed: Sequence[int] = (), tag_key: bytes = b""
+    ) -> VerifierSession:
+        """A session for ``msg`` holding ``committed``: the proven tokens, never the claim."""
+        s = cls(
             session_id=msg.session_id,
             device_id=msg.device_id,
             epoch=msg.epoch,
             prompt=msg.prompt,
-            committed=list(msg.committed),
+            committed=[],
             sampling=msg.sampling,
             max_new_tokens=msg.max_new_tokens,
             stop_ids=frozenset(msg.stop_ids),
             drafter=msg.drafter,
+            instance=session_instance(msg),
+            tag_key=tag_key,
         )
+        s.commit(list(committed), "")
+        return s
+
+    @property
+    def key(self) -> str:
+        return session_key(self.device_id, self.session_id)
+
+    @property
+    def tag(self) -> str:
+        """MAC of (instance, committed): lets a verifier sharing the key accept them later."""
+        if not self._tag and self.tag_key:
+            self._tag = commit_tag(self.tag_key, self.instance, len(self.committed), self._digest)
+        return self._tag
+
+    def check_tag(self, tokens: Sequence[int], tag: str) -> bool:
+        """Whether ``tag`` is this instance's MAC of exactly ``tokens``."""
+        import hmac
+
+        if not tag or not self.tag_key:
+            return False
+        want = commit_tag(self.tag_key, self.instance, len(tokens), tokens_digest(tokens))
+        return hmac.compare_digest(want, tag)
 
     @property
     def done(self) -> bool:
@@ -73,6 +124,8 @@ class VerifierSession:
     def commit(self, tokens: list[int], finish_reason: str) -> None:
         """Append tokens already clipped by :meth:`clip`."""
         self.committed.extend(tokens)
+        self._digest = tokens_digest(tokens, self._digest)
+        self._tag = ""
         self.finish_reason = finish_reason
 
     def state(self, owner: str) -> SessionState:
@@ -86,13 +139,15 @@ class VerifierSession:
             prompt_len=len(self.prompt),
             finish_reason=self.finish_reason,
             updated_at=time.time(),
+            instance=self.instance,
+            tag=self.tag,
         )
 
 
 def clip_commit(
     tokens: list[int], committed_len: int, max_new_tokens: int, stop_ids: frozenset[int]
 ) -> tuple[list[int], str]:
-    """Tokens that may be appended after ``committed_len`` ones, and the finish reason ("" if none)."""
+    """Tokens that may follow ``committed_len`` ones, and the finish reason ("" if none)."""
     room = max(0, max_new_tokens - committed_len)
     out: list[int] = []
     for t in tokens[:room]:
@@ -126,6 +181,8 @@ def triage(
             reason=reason,
             verifier_id=verifier_id,
             echo_ts=d.sent_at,
+            instance=s.instance if s is not None else "",
+            tag=s.tag if s is not None and kw.get("committed_len") == len(s.committed) else "",
             **kw,
         )  # type: ignore[arg-type]
 
@@ -134,6 +191,8 @@ def triage(
     if d.epoch > s.epoch:
         # Another verifier owns a newer epoch of this session; it answers.
         return Triage("ignore", reason="newer_epoch")
+    if s.opening:  # its opened verdict has not been sent: nothing may be drafted yet
+        return Triage("ignore", reason="opening")
     if d.epoch < s.epoch:
         return Triage(
             "resync",

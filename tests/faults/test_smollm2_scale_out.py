@@ -105,7 +105,7 @@ async def test_second_verifier_takes_over_when_one_dies(
                 assert time.monotonic() < deadline, "sessions were not spread over both verifiers"
                 await asyncio.sleep(0.05)
             await die(vtasks["v1"], buses["v1"])  # no DISCONNECT: the broker fires its will
-            owned_by_v1 = {sid for sid, s in verifiers["v1"].sessions.items() if not s.done}
+            owned_by_v1 = {s.session_id for s in verifiers["v1"].sessions.values() if not s.done}
             outs = await asyncio.wait_for(asyncio.gather(*gens), 240)
             vtasks["v2"].cancel()
             ntask.cancel()
@@ -113,7 +113,9 @@ async def test_second_verifier_takes_over_when_one_dies(
         assert list(o.tokens) == ref
     moved = [o for o in outs if o.session_id in owned_by_v1]
     assert moved and all(o.stats["reopens"] >= 1 for o in moved)
-    assert set(verifiers["v2"].sessions) | {o.session_id for o in outs} >= owned_by_v1
+    assert {s.session_id for s in verifiers["v2"].sessions.values()} | {
+        o.session_id for o in outs
+    } >= owned_by_v1
     print(f"\nv1 owned {sorted(owned_by_v1)}; reopens: {[o.stats['reopens'] for o in outs]}")
     fault_report.record(
         faults=1,

@@ -89,13 +89,15 @@ async def test_round_finishing_after_a_reopen_is_not_applied(
                 T.session("dev", "s1", "draft"), Draft("s1", 1, 1, 5, tuple(ref[5:8])).encode()
             )
             assert await asyncio.to_thread(engine.entered.wait, 10)
-            # ... while the device re-opens with only 2 committed tokens (it missed a verdict).
+            # ... while the device re-opens with only 2 committed tokens (it missed a verdict):
+            # the verifier answers with the 5 it committed itself (the device catches up).
             reopened = await send(open_(2, ref[:2]))
-            assert (reopened.kind, reopened.epoch, reopened.committed_len) == ("opened", 2, 2)
+            assert (reopened.kind, reopened.epoch, reopened.committed_len) == ("opened", 2, 5)
+            assert (reopened.base, reopened.tokens) == (2, tuple(ref[2:5]))
             engine.gate.set()
-            # The held round finishes; the next draft of the new epoch is verified on base 2.
+            # The held round finishes; the next draft of the new epoch is verified on base 5.
             await dbus.publish(
-                T.session("dev", "s1", "draft"), Draft("s1", 2, 201, 2, tuple(ref[2:6])).encode()
+                T.session("dev", "s1", "draft"), Draft("s1", 2, 201, 5, tuple(ref[5:9])).encode()
             )
             verdicts = [decode((await sub.get(10)).payload, expect=Verdict)]
             while verdicts[-1].seq != 201:
@@ -105,11 +107,11 @@ async def test_round_finishing_after_a_reopen_is_not_applied(
     stale = [v for v in verdicts if v.seq == 1 and v.kind == "accept"]
     assert not stale, f"a round of epoch 1 was applied to epoch 2: {stale}"
     v = verdicts[-1]
-    assert (v.kind, v.epoch, v.base, v.tokens) == ("accept", 2, 2, tuple(ref[2:7]))
-    committed = verifier.sessions["s1"].committed
-    assert committed == list(ref[:7])
+    assert (v.kind, v.epoch, v.base, v.tokens) == ("accept", 2, 5, tuple(ref[5:10]))
+    committed = verifier.sessions["dev/s1"].committed
+    assert committed == list(ref[:10])
     fault_report.record(
         faults=1,
-        audits=[Audit("s1", 7, len(committed), 0, 0, True, 0, 0)],
+        audits=[Audit("s1", 10, len(committed), 0, 0, True, 0, 0)],
         stale_round="not applied",
     )

@@ -1,8 +1,8 @@
 """One end-to-end conformance suite, run over every transport path.
 
-Each test body runs three times: ``mqtt`` (all on Mosquitto), ``zmq`` (all on
-the ZeroMQ hub) and ``bridge`` (devices on Mosquitto, verifier on the hub,
-joined by the bridge).  Whatever the path, committed output equals
+Each test body runs three times: ``mqtt`` (all on Mosquitto), ``zmq`` (device
+DEALERs straight to verifier ROUTERs, no broker) and ``bridge`` (devices on
+Mosquitto, verifiers on ZeroMQ, joined by the bridge).  Whatever the path, committed output equals
 target-only decoding and the session protocol's healing rules hold.
 """
 
@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 import torch
 
+from middleware.broker_bridge.zmq import ZmqBus
 from middleware.nodes.drafters import make_drafter
 from middleware.nodes.drafters.hf import HFDrafter
 from middleware.nodes.service import encode_prompt, stop_ids_of
 from middleware.nodes.session import SessionConfig
 from middleware.verifier.reference import reference_greedy
+from middleware.verifier.service import offline_status_payload as verifier_will
 from tests.integration.transports import PATHS, Fleet, Rig, fleet, open_rig
 from tests.unit.tiny import EOS, TinyTokenizer, noisy_copy, tiny_llama
 
@@ -66,6 +68,15 @@ async def rig(path: str, broker: Any, unique_prefix: str) -> AsyncIterator[Rig]:
 async def crew(rig: Rig) -> AsyncIterator[Fleet]:
     async with fleet(rig) as f:
         yield f
+
+
+async def drain(sub: Any, settle: float = 0.3) -> list[Any]:
+    got = []
+    while True:
+        try:
+            got.append(await sub.get(settle))
+        except TimeoutError:
+            return got
 
 
 def _session(**kw: Any) -> SessionConfig:
@@ -171,6 +182,8 @@ async def test_resync_answers_and_reopen_with_committed(crew: Fleet, target, ref
 async def test_absent_verifier_timeouts_offline_then_lossless(
     crew: Fleet, rig: Rig, target, references
 ) -> None:
+    if rig.path == "zmq":
+        pytest.skip("no bus without a verifier: on ZeroMQ the verifier is the other end")
     watch_bus = await crew.bus("device", "watch")
     opens = await watch_bus.subscribe(rig.topics.all_sessions("open"))
     cfg = _session(
@@ -184,3 +197,31 @@ async def test_absent_verifier_timeouts_offline_then_lossless(
     out = await asyncio.wait_for(run, 120)
     assert list(out.tokens) == references[0]
     assert out.stats["timeouts"] >= 2 and out.stats["offline_periods"] >= 1
+
+
+# --- a verifier dies: the device fails over to the next endpoint (ZeroMQ direct) ------------
+async def test_verifier_kill_fails_over_losslessly(
+    crew: Fleet, rig: Rig, target, draft_model, references
+) -> None:
+    if rig.path != "zmq":
+        pytest.skip("failover between verifier endpoints is the ZeroMQ direct path's")
+    await crew.start_verifier(target, FP, "v1")  # first endpoint of every device
+    await crew.start_verifier(target, FP, "v2")
+    watch = await crew.bus("device", "watch")  # also on v1: sees its verdicts
+    verdicts = await watch.subscribe(rig.topics.all_sessions("verdict"))
+    v1_status = await watch.subscribe(rig.topics.verifier_status("v1"))
+    node = await crew.start_node(
+        "dev-1", TinyTokenizer(), FP, lambda: HFDrafter(draft_model), _session(rto_initial=0.5)
+    )
+    run = asyncio.gather(*(node.generate_ids(p, session_id=f"f{i}") for i, p in enumerate(PROMPTS)))
+    await verdicts.get(60)  # v1 is serving the sessions
+    assert not run.done()
+    await crew.kill_verifier("v1")
+    outs = await asyncio.wait_for(run, 120)
+    assert [list(o.tokens) for o in outs] == references
+    bus = node.bus
+    assert isinstance(bus, ZmqBus)
+    assert bus.failovers >= 1 and bus.server_id.endswith("v2")
+    # liveness without a broker: v1's will (handed over in the handshake) reached the device
+    statuses = [m.payload for m in await drain(v1_status)]
+    assert verifier_will("v1") in statuses

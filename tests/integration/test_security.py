@@ -620,6 +620,29 @@ async def test_a_device_reads_verifier_status(secure: Secure) -> None:
     assert (got.topic, got.payload) == (T.verifier_status("verifier-1"), b"verifier-status")
 
 
+async def test_home_assistant_discovery_rights(secure: Secure) -> None:
+    """A device and a verifier publish their own discovery configs (retained), not another's;
+    Home Assistant, connected as a monitor, reads them; an operator may clear them
+    (``mw-cli decommission``)."""
+    from middleware.protocol.homeassistant import device_configs
+
+    own = device_configs(T, "pi-a")[0][0]
+    other = device_configs(T, "pi-b")[0][0]
+    async with (
+        connected(secure.settings("pi-a")) as dev,
+        connected(secure.settings("watch")) as ha,
+        ha.subscribe("homeassistant/#") as sub,
+        connected(secure.settings("ops")) as ops,
+    ):
+        assert await publish_outcome(dev, own, b"ha-own") == "allowed"
+        assert await publish_outcome(dev, other, b"ha-other") == "denied"
+        assert await publish_outcome(ops, own, b"ha-ops") == "allowed"
+        got = await until(sub, b"ha-ops")
+        await ops.publish(own, b"", qos=1, retain=True)  # leave nothing retained
+    assert [m.payload for m in got if m.topic == other] == []
+    assert [m.payload for m in got if m.topic == own][-2:] == [b"ha-own", b"ha-ops"]
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="open hole: Mosquitto 2.0.11's acl_file grants every SUBSCRIBE, also "

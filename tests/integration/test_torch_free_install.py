@@ -3,7 +3,7 @@
 The venv gets the package's base dependencies from PyPI (about 40 s with a warm pip cache)
 and must run, with neither torch nor transformers importable: an n-gram device
 (``mw-cli node --drafter ngram``, tokenizer read from the GGUF), ``generate`` against it,
-``tail``, ``sessions``, ``stats``, and the ZeroMQ hub and bridge.  The verifier runs from
+``tail``, ``sessions``, ``stats``, and the ZeroMQ transport and bridge.  The verifier runs from
 the test's own interpreter (it needs torch), so generation is end to end over Mosquitto.
 """
 
@@ -202,19 +202,31 @@ def test_ngram_device_and_tools_without_torch(
     assert "/s1/" in tail_out, tail_out[-2000:]
 
 
-def test_zmq_hub_and_bridge_without_torch(light_venv: Path, mosquitto, unique_prefix: str) -> None:
+_ZMQ_VERIFIER_SOCKET = """
+import asyncio, sys
+from middleware.broker_bridge.zmq import ZmqServerBus, ZmqServerSettings
+
+async def main():
+    async with ZmqServerBus(ZmqServerSettings(bind=sys.argv[1])):
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_zmq_transport_and_bridge_without_torch(
+    light_venv: Path, mosquitto, unique_prefix: str
+) -> None:
+    """The bridge and the ZeroMQ transport (here a verifier's ROUTER standing alone: the
+    verifier itself needs torch) run from the torch-free install."""
     cli, env = _cli(light_venv), _clean_env()
     zport = free_port("127.0.0.1")
-    hub = subprocess.Popen(
+    verifier_socket = subprocess.Popen(
         [
-            cli,
-            "hub",
-            "--zmq-host",
-            "127.0.0.1",
-            "--zmq-port",
-            str(zport),
-            "--prefix",
-            unique_prefix,
+            str(light_venv / "bin" / "python"),
+            "-c",
+            _ZMQ_VERIFIER_SOCKET,
+            f"tcp://127.0.0.1:{zport}",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -225,10 +237,8 @@ def test_zmq_hub_and_bridge_without_torch(light_venv: Path, mosquitto, unique_pr
         [
             cli,
             "bridge",
-            "--zmq-host",
-            "127.0.0.1",
-            "--zmq-port",
-            str(zport),
+            "--zmq-endpoints",
+            f"tcp://127.0.0.1:{zport}",
             *_bus(mosquitto.port, unique_prefix),
         ],
         env=env,
@@ -237,7 +247,7 @@ def test_zmq_hub_and_bridge_without_torch(light_venv: Path, mosquitto, unique_pr
         text=True,
     )
     time.sleep(5)  # both import, bind/connect and settle; a missing module dies at once
-    alive = hub.poll() is None, bridge.poll() is None
-    (_, hub_err), (_, bridge_err) = _stop(hub), _stop(bridge)
-    assert alive == (True, True), (hub_err[-2000:], bridge_err[-2000:])
-    assert "ModuleNotFoundError" not in hub_err + bridge_err
+    alive = verifier_socket.poll() is None, bridge.poll() is None
+    (_, v_err), (_, bridge_err) = _stop(verifier_socket), _stop(bridge)
+    assert alive == (True, True), (v_err[-2000:], bridge_err[-2000:])
+    assert "ModuleNotFoundError" not in v_err + bridge_err

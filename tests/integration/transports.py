@@ -1,8 +1,12 @@
 """Three ways to wire verifiers and devices behind one interface, for the conformance suite.
 
 ``mqtt``    verifier and devices on Mosquitto
-``zmq``     verifier and devices on a ZeroMQ hub (no broker)
-``bridge``  devices on Mosquitto, verifier on the hub, joined by a :class:`Bridge`
+``zmq``     devices connect DEALERs straight to the verifiers' ROUTERs (no broker)
+``bridge``  devices on Mosquitto, verifiers on ZeroMQ, joined by a :class:`Bridge`
+
+On the ZeroMQ paths every verifier binds its own port (the n-th verifier bus of a
+rig gets the n-th of ``VERIFIER_SLOTS`` ports picked up front), and every device
+bus lists all of them: it talks to one and fails over to the next.
 
 A :class:`Rig` hands out not-yet-connected buses for the verifier side and the
 device side; :class:`Fleet` runs services on them and offers a
@@ -13,14 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from middleware.broker_bridge.bridge import Bridge
 from middleware.broker_bridge.bus import CONTENT_MSGPACK, Bus, Subscription, Will
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
-from middleware.broker_bridge.zmq import HubSettings, ZmqBus, ZmqHub, ZmqSettings
+from middleware.broker_bridge.zmq import ZmqBus, ZmqServerBus, ZmqServerSettings, ZmqSettings
 from middleware.nodes.drafters.base import Drafter
 from middleware.nodes.service import NodeConfig, NodeService
 from middleware.nodes.service import offline_status_payload as device_will
@@ -31,6 +36,8 @@ from middleware.verifier.service import VerifierConfig, VerifierService
 from middleware.verifier.service import offline_status_payload as verifier_will
 
 PATHS = ("mqtt", "zmq", "bridge")
+VERIFIER_SLOTS = 2
+HEARTBEAT = 0.2  # ZMTP heartbeat of the test rigs: a silent peer is dropped after 0.6 s
 
 BusFactory = Callable[[str, Will | None], Bus]
 
@@ -44,6 +51,9 @@ class Rig:
     verifier_bus: BusFactory
     device_bus: BusFactory
     bridge: Bridge | None = None
+    # bridge path: the bridge's ZeroMQ side needs a verifier to connect to, so the
+    # fleet starts it with the first verifier
+    start_bridge: Callable[[], Awaitable[Bridge]] | None = None
 
 
 def _mqtt(broker: Any, prefix: str) -> BusFactory:
@@ -63,22 +73,49 @@ def _mqtt(broker: Any, prefix: str) -> BusFactory:
     return make
 
 
-def _zmq(hub: ZmqHub, prefix: str) -> BusFactory:
-    def make(client_id: str, will: Will | None) -> Bus:
-        cid = f"{prefix}-{client_id}".replace("/", "-")
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _ZmqSlots:
+    """Ports for the rig's verifiers; device buses list them all (failover order)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.ports = [_free_port() for _ in range(VERIFIER_SLOTS)]
+        self._next = 0
+
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(f"tcp://127.0.0.1:{p}" for p in self.ports)
+
+    def verifier(self, client_id: str, will: Will | None) -> Bus:
+        if self._next >= len(self.ports):
+            raise RuntimeError(f"the rig has {len(self.ports)} verifier slots")
+        port, self._next = self.ports[self._next], self._next + 1
+        return ZmqServerBus(
+            ZmqServerSettings(
+                bind=f"tcp://127.0.0.1:{port}",
+                server_id=f"{self.prefix}-{client_id}".replace("/", "-"),
+                will=will,
+                heartbeat=HEARTBEAT,
+            )
+        )
+
+    def device(self, client_id: str, will: Will | None) -> Bus:
         return ZmqBus(
             ZmqSettings(
-                port=hub.port,
-                client_id=cid,
+                endpoints=self.endpoints(),
+                client_id=f"{self.prefix}-{client_id}".replace("/", "-"),
                 will=will,
-                heartbeat=0.5,
-                liveness=5,
+                heartbeat=HEARTBEAT,
+                handshake_timeout=0.5,
+                connect_timeout=30.0,
                 reconnect_min=0.02,
                 reconnect_max=0.5,
             )
         )
-
-    return make
 
 
 @contextlib.asynccontextmanager
@@ -88,18 +125,24 @@ async def open_rig(path: str, prefix: str, broker: Any | None) -> AsyncIterator[
     if path == "mqtt":
         yield Rig(path, topics, _mqtt(broker, prefix), _mqtt(broker, prefix))
         return
-    async with ZmqHub(HubSettings(port=0)) as hub:
-        if path == "zmq":
-            yield Rig(path, topics, _zmq(hub, prefix), _zmq(hub, prefix))
-            return
-        if path != "bridge":
-            raise ValueError(f"unknown path {path!r}")
-        async with (
-            _mqtt(broker, prefix)("bridge", None) as m,
-            _zmq(hub, prefix)("bridge", None) as z,
-            Bridge(m, z, prefix=prefix, bridge_id="conformance") as bridge,
-        ):
-            yield Rig(path, topics, _zmq(hub, prefix), _mqtt(broker, prefix), bridge)
+    slots = _ZmqSlots(prefix)
+    if path == "zmq":
+        yield Rig(path, topics, slots.verifier, slots.device)
+        return
+    if path != "bridge":
+        raise ValueError(f"unknown path {path!r}")
+    rig = Rig(path, topics, slots.verifier, _mqtt(broker, prefix))
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start_bridge() -> Bridge:
+            m = await stack.enter_async_context(_mqtt(broker, prefix)("bridge", None))
+            z = await stack.enter_async_context(slots.device("bridge", None))
+            return await stack.enter_async_context(
+                Bridge(m, z, prefix=prefix, bridge_id="conformance")
+            )
+
+        rig.start_bridge = start_bridge
+        yield rig
 
 
 class HandDevice:
@@ -184,6 +227,7 @@ class Fleet:
         self._stack = stack
         self._tasks: list[asyncio.Task[None]] = []
         self._verifier_tasks: dict[str, asyncio.Task[None]] = {}
+        self._verifier_buses: dict[str, Bus] = {}
 
     async def bus(self, side: str, client_id: str, will: Will | None = None) -> Bus:
         make = self.rig.verifier_bus if side == "verifier" else self.rig.device_bus
@@ -207,7 +251,10 @@ class Fleet:
         task = asyncio.create_task(verifier.run(), name=f"verifier-{verifier_id}")
         self._tasks.append(task)
         self._verifier_tasks[verifier_id] = task
+        self._verifier_buses[verifier_id] = bus
         await asyncio.wait_for(verifier.ready.wait(), 30)
+        if self.rig.start_bridge is not None and self.rig.bridge is None:
+            self.rig.bridge = await self.rig.start_bridge()
         return verifier
 
     async def start_node(
@@ -241,6 +288,16 @@ class Fleet:
         return await self._stack.enter_async_context(
             HandDevice(bus, self.rig.topics, session_id, prompt, fingerprint)
         )
+
+    async def kill_verifier(self, verifier_id: str) -> None:
+        """End a verifier as a crash would: no status, no bye; its bus vanishes."""
+        task = self._verifier_tasks.pop(verifier_id)
+        self._tasks.remove(task)
+        crash = getattr(self._verifier_buses.pop(verifier_id), "crash")  # noqa: B009
+        crash()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
     async def stop(self) -> None:
         for task in self._tasks:

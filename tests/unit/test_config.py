@@ -93,6 +93,12 @@ def test_the_defaults_and_the_example_config_pass() -> None:
         ("[bus]\nsession_expiry = -1\n", "[bus] session_expiry: must be between 0 and"),
         ('[bus]\ntransport = "amqp"\n', "[bus] transport: must be one of mqtt, zmq"),
         ('[bus]\nprefix = "mw/#"\n', "[bus] prefix: invalid topic prefix"),
+        ('[bus]\nzmq_endpoints = "v1:5555"\n', "[bus] zmq_endpoints: must be comma-separated"),
+        (
+            '[bus]\nzmq_endpoints = "tcp://v1:5555,tcp://*:5555"\n',
+            "[bus] zmq_endpoints: must be comma-separated",
+        ),
+        ('[bus]\nzmq_bind = "tcp://*:70000"\n', "[bus] zmq_bind: must be a bind address"),
         ('[bus]\nhost = "my broker"\n', "[bus] host: must be a host name or address"),
         ('[bus]\ntls_ca = "/nonexistent/ca.pem"\n', "[bus] tls_ca: no such file"),
         ('[bus]\nusername = "a\\u0000b"\n', "[bus] username: must be at most 65,535 bytes"),
@@ -103,6 +109,9 @@ def test_the_defaults_and_the_example_config_pass() -> None:
         ("[verifier]\nmemory_budget_tokens = 0\n", "[verifier] memory_budget_tokens: must be"),
         ("[verifier]\nforward_overhead_tokens = -1\n", "[verifier] forward_overhead_tokens"),
         ("[verifier]\nmax_sessions = 0\n", "[verifier] max_sessions: must be \u2265 1"),
+        ("[verifier]\nprefill_chunk = 0\n", "[verifier] prefill_chunk: must be between 1"),
+        ("[verifier]\nsession_key_file = '/nonexistent/k'\n", "[verifier] session_key_file"),
+        ("[verifier]\nstate_expiry_s = -1\n", "[verifier] state_expiry_s: must be between 0"),
         ("[verifier]\nmax_sessions_per_device = 0\n", "[verifier] max_sessions_per_device"),
         ("[verifier]\nmetrics_port = 70000\n", "[verifier] metrics_port: must be between 0"),
         ("[verifier]\nrelaxed_ratio = 1.5\n", "[verifier] relaxed_ratio: must be in (0, 1]"),
@@ -120,6 +129,12 @@ def test_the_defaults_and_the_example_config_pass() -> None:
         ("[bus]\nretained_expiry_s = 0.5\n", "[bus] retained_expiry_s: must be 0 (never) or"),
         ("[bus]\nretained_expiry_s = -1\n", "[bus] retained_expiry_s: must be 0 (never) or"),
         ("[bus]\nretained_expiry_s = 5e9\n", "[bus] retained_expiry_s: must be 0 (never) or"),
+        ('[bus]\nbrokers = ["a:1883", "b:99999"]\n', "[bus] brokers: broker address 'b:99999'"),
+        ('[bus]\nbrokers = ["a:1883", "a:1883"]\n', "[bus] brokers: broker 'a:1883' listed twice"),
+        ('[bus]\nbrokers = ["bad host:1"]\n', "[bus] brokers: broker address 'bad host:1'"),
+        ("[bus]\nbrokers = [1, 2]\n", "[bus] brokers: expected a list of strings"),
+        ('[bus]\nbrokers = ["a"]\nfailover = true\n', "[bus] failover: needs at least two"),
+        ('[bus]\nbrokers = ["a", "b"]\ntransport = "zmq"\n', "[bus] brokers: needs transport"),
     ],
 )
 def test_each_bad_value_is_one_error_naming_its_key(
@@ -234,3 +249,11 @@ def test_journal_auto_is_systemds_state_directory_or_off() -> None:
     )
     assert journal_file(n, {}) == ""  # a test or a shell: no journal across restarts
     assert journal_file(NodeSection(journal="/tmp/j.sqlite"), {}) == "/tmp/j.sqlite"
+
+
+def test_brokers_come_from_a_toml_list_or_a_comma_separated_variable(tmp_path: Path) -> None:
+    path = tmp_path / "mw.toml"
+    path.write_text('[bus]\nbrokers = ["mq-1:1883", "mq-2"]\nfailover = true\n')
+    assert load_config(path, env={}).bus.brokers == ("mq-1:1883", "mq-2")
+    cfg = load_config(env={"MW_BUS_BROKERS": "mq-1:1883, [::1]:1884"})
+    assert cfg.bus.brokers == ("mq-1:1883", "[::1]:1884")

@@ -500,8 +500,7 @@ async def test_an_unconfirmed_text_chunk_is_not_published_twice() -> None:
     assert seen == list(range(1, len(seen) + 1))
 
 
-# --- with the real verifier (its proofs are the lead's part) --------------------------------
-@pytest.mark.xfail(reason="needs lead's verifier proofs", strict=False)
+# --- with the real verifier (it proves claims) ----------------------------------------------
 async def test_forged_state_of_the_same_instance_is_refused_by_the_verifiers_proof() -> None:
     """Development config, no ACL: anyone reading the open can compute the instance and
     forge a retained state of it.  The device only *claims* those tokens; the verifier must

@@ -31,7 +31,7 @@ from middleware import systemd
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "deploy" / "systemd"
 MW_CLI = "/opt/mw/.venv/bin/mw-cli"
-UNIT_FILES = ["mw-verifier.service", "mw-node@.service", "mw-bridge.service", "mw-hub.service"]
+UNIT_FILES = ["mw-verifier.service", "mw-node@.service", "mw-bridge.service"]
 
 
 # --- unit files ------------------------------------------------------------------------

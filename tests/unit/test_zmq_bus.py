@@ -1,14 +1,13 @@
-"""ZmqBus and ZmqHub over real sockets on random loopback ports (no mocks).
+"""ZmqBus (device DEALER) and ZmqServerBus (verifier ROUTER) over real loopback sockets.
 
-Raw DEALER/ROUTER sockets speaking the hub protocol stand in for a client
-that stops heartbeating and for a hub or consumer that stops reading.
+No mocks: raw pyzmq sockets stand in for hostile peers, and the fault-injecting TCP
+proxy black-holes a link so that only the ZMTP heartbeats can notice it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,40 +16,55 @@ import zmq.asyncio
 
 from middleware.broker_bridge import zmq_wire as w
 from middleware.broker_bridge.bus import CONTENT_MSGPACK, BusMessage, Subscription, Will
-from middleware.broker_bridge.zmq import HubSettings, ZmqBus, ZmqHub, ZmqSettings
-from middleware.errors import BusClosedError, BusError, ConfigError, TopicError
+from middleware.broker_bridge.zmq import (
+    ZmqBus,
+    ZmqServerBus,
+    ZmqServerSettings,
+    ZmqSettings,
+    check_endpoint,
+)
+from middleware.errors import BusError, ConfigError, TopicError
+from tests.integration.proxy import TcpProxy
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(60)
 
-FAST = {
-    "heartbeat": 0.05,
-    "liveness": 3,
+HB = 0.1  # ZMTP heartbeat: a silent peer is dropped after 0.3 s
+FAST: dict[str, Any] = {
+    "heartbeat": HB,
+    "handshake_timeout": 0.5,
     "reconnect_min": 0.02,
     "reconnect_max": 0.2,
-    "connect_timeout": 5.0,
-    "request_timeout": 5.0,
+    "connect_timeout": 10.0,
+    "request_timeout": 10.0,
 }
+V_WILL = Will("t/verifier/v/status", b"offline-v")
+D_WILL = Will("t/device/d/status", b"offline-d")
+
+
+def server(will: Will | None = V_WILL, sid: str = "v") -> ZmqServerBus:
+    return ZmqServerBus(
+        ZmqServerSettings(bind="tcp://127.0.0.1:*", server_id=sid, will=will, heartbeat=HB)
+    )
+
+
+def device(*servers: ZmqServerBus | str, **kw: Any) -> ZmqBus:
+    eps = tuple(s if isinstance(s, str) else s.endpoint for s in servers)
+    return ZmqBus(ZmqSettings(endpoints=eps, **{**FAST, **kw}))
 
 
 @pytest.fixture
-async def hub() -> AsyncIterator[ZmqHub]:
-    async with ZmqHub(HubSettings(port=0, sweep_interval=0.02)) as h:
-        yield h
+async def v() -> AsyncIterator[ZmqServerBus]:
+    async with server() as bus:
+        yield bus
 
 
-def cfg(hub: ZmqHub, **kw: Any) -> ZmqSettings:
-    return ZmqSettings(port=hub.port, **{**FAST, **kw})
-
-
-async def until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
-    """Poll a condition driven by another party (hub sweep, reconnect)."""
+async def until(predicate: Callable[[], bool], limit: float = 20.0) -> None:
     async with asyncio.timeout(limit):
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
 
-async def drain(sub: Subscription, settle: float = 0.2) -> list[BusMessage]:
-    """Everything that arrives until the subscription is quiet for ``settle`` seconds."""
+async def drain(sub: Subscription, settle: float = 0.3) -> list[BusMessage]:
     got: list[BusMessage] = []
     while True:
         try:
@@ -59,350 +73,191 @@ async def drain(sub: Subscription, settle: float = 0.2) -> list[BusMessage]:
             return got
 
 
-def raw_dealer(port: int, **opts: int) -> zmq.asyncio.Socket:
+# --- data path ------------------------------------------------------------------------------
+async def test_device_publish_reaches_the_verifier_with_every_property(v: ZmqServerBus) -> None:
+    async with v.subscribe("t/+/draft") as sub, device(v) as d:
+        await d.publish(
+            "t/s1/draft",
+            b"\x00\x01\xffbin",
+            qos=1,
+            content_type=CONTENT_MSGPACK,
+            expiry=30,
+            user_properties={"trace": "t-1"},
+            correlation=b"\xde\xad",
+        )
+        await d.publish("t/s2/other", b"not matched", qos=1)
+        assert await sub.get(5) == BusMessage(
+            "t/s1/draft",
+            b"\x00\x01\xffbin",
+            qos=1,
+            content_type=CONTENT_MSGPACK,
+            expiry=30.0,
+            user_properties={"trace": "t-1"},
+            correlation=b"\xde\xad",
+        )
+        assert await drain(sub) == []
+
+
+async def test_shared_filter_is_a_plain_one_on_the_verifier(v: ZmqServerBus) -> None:
+    async with v.subscribe("$share/verifiers/t/+/open") as sub, device(v) as d:
+        await d.publish("t/s1/open", b"o", qos=1)
+        assert (await sub.get(5)).payload == b"o"
+
+
+async def test_verifier_publishes_only_to_matching_devices(v: ZmqServerBus) -> None:
+    async with device(v) as a, device(v) as b:
+        async with a.subscribe("t/a/#") as on_a, b.subscribe("t/b/#") as on_b:
+            await v.publish("t/a/verdict", b"for a")
+            await v.publish("t/b/verdict", b"for b")
+            assert [m.payload for m in await drain(on_a)] == [b"for a"]
+            assert [m.payload for m in await drain(on_b)] == [b"for b"]
+
+
+async def test_subscribe_is_a_state_request_answered_by_the_verifier(v: ZmqServerBus) -> None:
+    await v.publish("t/s1/state", b"old", retain=True)
+    await v.publish("t/s1/state", b"epoch 2", retain=True)
+    await v.publish("t/s2/state", b"gone", retain=True)
+    await v.publish("t/s2/state", b"", retain=True)  # cleared
+    await v.publish("t/s3/verdict", b"live only")  # not state
+    await v.publish("t/s4/state", b"expired", retain=True, expiry=0.05)
+    await v.publish("t/s5/state", b"expires", retain=True, expiry=3600)
+    await asyncio.sleep(0.1)
+    async with device(v) as d, d.subscribe("t/+/#") as sub:
+        got = await drain(sub)
+    assert [(m.topic, m.payload, m.retain) for m in got] == [
+        ("t/s1/state", b"epoch 2", True),
+        ("t/s5/state", b"expires", True),
+    ]
+    assert got[0].expiry is None
+    assert got[1].expiry is not None and 0 < got[1].expiry < 3600
+
+
+async def test_topic_errors_are_refused_before_sending(v: ZmqServerBus) -> None:
+    async with device(v) as d:
+        with pytest.raises(TopicError):
+            await d.publish("t/+/bad", b"x")
+        with pytest.raises(TopicError):
+            await d.subscribe("t/#/x")
+
+
+# --- liveness: wills from the handshake ---------------------------------------------------------
+async def test_device_crash_delivers_its_will_clean_close_does_not(v: ZmqServerBus) -> None:
+    async with v.subscribe("t/device/+/status") as status:
+        clean = device(v, client_id="clean", will=Will("t/device/c/status", b"offline-c"))
+        async with clean:
+            await until(lambda: v.peers == 1)
+        crashed = device(v, client_id="crash", will=D_WILL)
+        await crashed.connect()
+        await until(lambda: v.peers == 1)
+        crashed.crash()
+        assert (await status.get(10)).payload == b"offline-d"
+        assert await drain(status) == []  # the clean one said bye: no will
+    assert v.wills == 1
+
+
+async def test_blackholed_link_is_noticed_by_zmtp_heartbeats_on_both_sides(
+    v: ZmqServerBus,
+) -> None:
+    """Bytes stop both ways but no socket closes: only the heartbeats can tell."""
+    async with TcpProxy("127.0.0.1", v.port) as proxy:
+        d = device(f"tcp://127.0.0.1:{proxy.port}", will=D_WILL, connect_timeout=10.0)
+        async with v.subscribe("t/device/+/status") as status, d:
+            async with d.subscribe("t/verifier/+/status") as vstatus:
+                proxy.blackholed = True
+                assert (await status.get(10)).payload == b"offline-d"  # the verifier's view
+                assert (await vstatus.get(10)).payload == b"offline-v"  # the device's view
+                assert not d.is_connected
+                proxy.blackholed = False
+                await d.wait_connected(20)  # and back on the same endpoint
+                await d.publish("t/after", b"x")
+
+
+# --- failover ------------------------------------------------------------------------------------
+async def test_failover_to_the_next_verifier_resubscribes_and_resends() -> None:
+    async with server(sid="v1") as v1, server(sid="v2") as v2:
+        async with v2.subscribe("t/+/draft") as on_v2, device(v1, v2) as d:
+            assert d.server_id == "v1"
+            async with d.subscribe("t/s1/#") as sub, d.subscribe("t/verifier/#") as vstat:
+                await v2.publish("t/s1/state", b"v2 state", retain=True)
+                v1.crash()
+                assert (await vstat.get(10)).payload == b"offline-v"  # v1's will
+                await d.publish("t/s1/draft", b"after", qos=1)  # waits for v2, then acked
+                assert d.server_id == "v2" and d.failovers >= 1
+                assert (await on_v2.get(5)).payload == b"after"
+                # re-subscribed on v2: its state answered the request, its verdicts arrive
+                await v2.publish("t/s1/verdict", b"v")
+                payloads = [m.payload for m in await drain(sub)]
+                assert payloads == [b"v2 state", b"v"]
+
+
+async def test_first_connect_skips_a_dead_endpoint() -> None:
+    with zmq.Context.instance().socket(zmq.REP) as dead:  # listens, never says welcome
+        port = dead.bind_to_random_port("tcp://127.0.0.1")
+        async with server() as v, device(f"tcp://127.0.0.1:{port}", v) as d:
+            assert d.server_id == "v" and d.failovers == 1
+
+
+async def test_no_verifier_at_all_fails_connect_in_time() -> None:
+    d = device("tcp://127.0.0.1:1", connect_timeout=1.0)
+    with pytest.raises(BusError):
+        await d.connect()
+    await d.close()
+
+
+# --- untrusted bytes ---------------------------------------------------------------------------
+async def test_malformed_frames_are_counted_and_dropped(v: ZmqServerBus) -> None:
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    for k, v in opts.items():
-        sock.setsockopt(getattr(zmq, k), v)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    return sock
+    sock.connect(v.endpoint)
+    try:
+        await sock.send_multipart([w.pack(w.PUB, t="t/x", q=1, m=1), b"x"])  # no hello yet
+        assert w.unpack((await asyncio.wait_for(sock.recv_multipart(), 5))[0])["c"] == w.UNKNOWN
+        await sock.send_multipart([w.pack(w.HELLO, id="raw", v=w.VERSION)])
+        assert w.unpack((await asyncio.wait_for(sock.recv_multipart(), 5))[0])["c"] == w.WELCOME
+        for junk in (b"\xc1", b"\x93\x01\x02\x03", w.pack("nope"), w.pack(w.PUB, t=7, q=1)):
+            await sock.send_multipart([junk])
+        await until(lambda: v.malformed == 4)
+        async with device(v) as d, v.subscribe("t/ok") as sub:  # still serving
+            await d.publish("t/ok", b"fine")
+            assert (await sub.get(5)).payload == b"fine"
+    finally:
+        sock.close()
 
 
-async def raw_hello(
-    sock: zmq.asyncio.Socket,
-    client_id: str,
-    hb: float = 10.0,
-    live: int = 3,
-    will: Will | None = None,
-) -> None:
-    await sock.send_multipart(
-        [w.pack(w.HELLO, id=client_id, v=w.VERSION, hb=hb, live=live, will=w.will_to_wire(will))]
-    )
-    head = w.unpack((await asyncio.wait_for(sock.recv_multipart(), 5))[0])
-    assert head["c"] == w.WELCOME
-
-
-# --- pub/sub and properties -------------------------------------------------------------
-async def test_round_trip_keeps_every_property(hub: ZmqHub) -> None:
-    async with ZmqBus(cfg(hub)) as pub, ZmqBus(cfg(hub)) as sub_bus:
-        async with sub_bus.subscribe("t/+/draft") as sub:
-            await pub.publish(
-                "t/s1/draft",
-                b"\x00\x01\xffbin",
-                qos=1,
-                content_type=CONTENT_MSGPACK,
-                expiry=30,
-                user_properties={"trace": "t-1", "sid": "s1"},
-                correlation=b"\xde\xad\xbe\xef",
-            )
-            await pub.publish("t/s2/draft", b"plain", qos=0)
-            await pub.publish("t/s3/other", b"not matched", qos=1)
-            first, second = await sub.get(5), await sub.get(5)
-            assert await drain(sub) == []
-    assert first == BusMessage(
-        "t/s1/draft",
-        b"\x00\x01\xffbin",
-        qos=1,
-        retain=False,
-        content_type=CONTENT_MSGPACK,
-        expiry=30.0,
-        user_properties={"trace": "t-1", "sid": "s1"},
-        correlation=b"\xde\xad\xbe\xef",
-    )
-    assert second == BusMessage("t/s2/draft", b"plain", qos=0)
-
-
-async def test_overlapping_filters_deliver_once_per_subscription(hub: ZmqHub) -> None:
-    async with ZmqBus(cfg(hub)) as pub, ZmqBus(cfg(hub)) as sub_bus:
-        async with (
-            sub_bus.subscribe("a/#") as wide,
-            sub_bus.subscribe("a/b") as exact,
-            sub_bus.subscribe("+/b") as plus,
-        ):
-            await pub.publish("a/b", b"1")
-            await pub.publish("$sys/b", b"dollar topics never match wildcards")
-            got = [await drain(s) for s in (wide, exact, plus)]
-    assert [[m.payload for m in g] for g in got] == [[b"1"], [b"1"], [b"1"]]
-    assert hub.stats.delivered == 1  # one copy to the client, fanned out locally
-
-
-async def test_added_and_removed_filters(hub: ZmqHub) -> None:
-    async with ZmqBus(cfg(hub)) as pub, ZmqBus(cfg(hub)) as sub_bus:
-        async with sub_bus.subscribe() as sub:
-            await sub.add("x/1")
-            await sub.add("x/2")
-            await pub.publish("x/1", b"a")
-            await pub.publish("x/2", b"b")
-            assert [m.payload for m in await drain(sub)] == [b"a", b"b"]
-            await sub.remove("x/1")
-            await pub.publish("x/1", b"gone")
-            await pub.publish("x/2", b"c")
-            assert [m.payload for m in await drain(sub)] == [b"c"]
-
-
-async def test_invalid_topics_and_settings_are_refused(hub: ZmqHub) -> None:
-    async with ZmqBus(cfg(hub)) as bus:
-        with pytest.raises(TopicError):
-            await bus.publish("a/+", b"x")
-        with pytest.raises(TopicError):
-            await bus.subscribe("a/#/b")
-        with pytest.raises(BusError):
-            await bus.publish("a", b"x", qos=3)
-    with pytest.raises(BusClosedError):
-        await bus.publish("a", b"x")
+# --- settings ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("endpoint", "bind"),
+    [("v1:5555", False), ("tcp://v1", False), ("tcp://*:5555", False), ("tcp://v:70000", True)],
+)
+def test_bad_endpoints_are_config_errors(endpoint: str, bind: bool) -> None:
     with pytest.raises(ConfigError):
-        ZmqSettings(heartbeat=0)
+        check_endpoint(endpoint, bind=bind)
 
 
-async def test_first_connect_fails_without_a_hub() -> None:
-    from middleware.broker_bridge.embedded import free_port
-
-    bus = ZmqBus(ZmqSettings(port=free_port(), **{**FAST, "connect_timeout": 0.3}))
-    with pytest.raises(BusError, match="no answer from a hub"):
-        await bus.connect()
-
-
-# --- retained messages -------------------------------------------------------------------
-async def test_retained_delivered_to_new_subscribers_and_deleted_by_empty(hub: ZmqHub) -> None:
-    async with ZmqBus(cfg(hub)) as pub, ZmqBus(cfg(hub)) as late:
-        await pub.publish(
-            "r/state", b"v1", retain=True, content_type="x", user_properties={"k": "v"}
-        )
-        await pub.publish("r/state", b"v2", retain=True)
-        await pub.publish("r/short", b"expires", retain=True, expiry=0.05)
-        await asyncio.sleep(0.1)  # let r/short's expiry pass
-        async with late.subscribe("r/#") as sub:
-            got = await drain(sub)
-        assert [(m.topic, m.payload, m.retain) for m in got] == [("r/state", b"v2", True)]
-        async with late.subscribe("$share/g/r/#") as shared:
-            assert await drain(shared) == []  # MQTT: no retained messages for shared subscriptions
-        await pub.publish("r/state", b"", retain=True)
-        async with late.subscribe("r/#") as sub:
-            assert await drain(sub) == []
-    assert hub.retained() == {}
+def test_good_endpoints() -> None:
+    assert check_endpoint("tcp://*:5555", bind=True) == "tcp://*:5555"
+    assert check_endpoint("tcp://[::1]:5555") == "tcp://[::1]:5555"
+    with pytest.raises(ConfigError):
+        ZmqSettings(endpoints=())
 
 
-async def test_live_messages_keep_their_retain_flag(hub: ZmqHub) -> None:
-    async with ZmqBus(cfg(hub)) as pub, ZmqBus(cfg(hub)) as sub_bus:
-        async with sub_bus.subscribe("f/#") as sub:
-            await pub.publish("f/a", b"r", retain=True)
-            await pub.publish("f/b", b"n")
-            got = await drain(sub)
-    assert [(m.topic, m.retain) for m in got] == [("f/a", True), ("f/b", False)]
+async def test_bind_conflict_is_a_bus_error(v: ZmqServerBus) -> None:
+    other = ZmqServerBus(ZmqServerSettings(bind=v.endpoint))
+    with pytest.raises(BusError, match="cannot bind"):
+        await other.connect()
 
 
-async def test_retained_survive_a_restart_only_when_persisted(tmp_path: Path) -> None:
-    path = str(tmp_path / "retained.msgpack")
-    for persist, expect in ((path, [b"kept"]), (None, [])):
-        async with ZmqHub(HubSettings(port=0, persist_path=persist)) as hub:
-            async with ZmqBus(cfg(hub)) as bus:
-                await bus.publish("p/state", b"kept", retain=True, expiry=60)
-            port = hub.port
-        async with ZmqHub(HubSettings(port=port, persist_path=persist)) as hub2:
-            async with ZmqBus(cfg(hub2)) as bus, bus.subscribe("p/#") as sub:
-                got = await drain(sub)
-        assert [m.payload for m in got] == expect
-        if expect:
-            assert got[0].expiry is not None and 0 < got[0].expiry <= 60
+def test_factory_binds_verifiers_and_connects_everyone_else() -> None:
+    from middleware.broker_bridge.factory import make_bus
+    from middleware.config import BusSection
 
-
-# --- last wills ----------------------------------------------------------------------------
-async def test_will_published_when_client_crashes(hub: ZmqHub) -> None:
-    will = Will("d/dev-1/status", b"offline", qos=1, retain=True)
-    async with ZmqBus(cfg(hub)) as watcher, watcher.subscribe("d/+/status") as sub:
-        dev = ZmqBus(cfg(hub, client_id="dev-1", will=will))
-        await dev.connect()
-        await dev.publish("d/dev-1/status", b"online", retain=True)
-        assert (await sub.get(5)).payload == b"online"
-        dev.crash()  # socket closed without bye: the heartbeats stop
-        msg = await sub.get(5)
-    assert (msg.topic, msg.payload, msg.retain) == ("d/dev-1/status", b"offline", True)
-    assert hub.retained()["d/dev-1/status"].payload == b"offline"
-    assert hub.stats.wills == 1 and "dev-1" not in hub.clients
-
-
-async def test_will_published_when_heartbeats_stop_on_an_open_socket(hub: ZmqHub) -> None:
-    async with ZmqBus(cfg(hub)) as watcher, watcher.subscribe("d/#") as sub:
-        sock = raw_dealer(hub.port)
-        try:
-            await raw_hello(sock, "silent", hb=0.05, live=2, will=Will("d/silent", b"gone"))
-            msg = await sub.get(5)  # the socket stays open, nothing is sent: dead all the same
-        finally:
-            sock.close(linger=0)
-    assert (msg.topic, msg.payload) == ("d/silent", b"gone")
-
-
-async def test_clean_close_and_early_return_discard_the_will(hub: ZmqHub) -> None:
-    async with ZmqBus(cfg(hub)) as watcher, watcher.subscribe("d/#") as sub:
-        async with ZmqBus(cfg(hub, client_id="polite", will=Will("d/polite", b"gone"))):
-            pass  # bye
-        sock = raw_dealer(hub.port)
-        try:  # dies, but says hello again before its will's delay is over
-            await raw_hello(sock, "back", hb=0.05, live=2, will=Will("d/back", b"gone", delay=0.3))
-            await until(lambda: "back" not in hub.clients)
-            await raw_hello(sock, "back", hb=10.0)
-            await asyncio.sleep(0.5)  # past the will's delay
-            await watcher.publish("d/sentinel", b"s")
-            got = await drain(sub)
-        finally:
-            sock.close(linger=0)
-    assert [m.topic for m in got] == ["d/sentinel"]
-    assert hub.stats.wills == 0
-
-
-# --- shared subscriptions -------------------------------------------------------------------
-async def test_shared_subscription_round_robin(hub: ZmqHub) -> None:
-    async with (
-        ZmqBus(cfg(hub)) as pub,
-        ZmqBus(cfg(hub)) as a,
-        ZmqBus(cfg(hub)) as b,
-        ZmqBus(cfg(hub)) as plain,
-    ):
-        async with (
-            a.subscribe("$share/v/s/+/open") as sa,
-            b.subscribe("$share/v/s/+/open") as sb,
-            plain.subscribe("s/+/open") as sp,
-        ):
-            for i in range(10):
-                await pub.publish(f"s/{i}/open", b"%d" % i)
-            got_a, got_b, got_p = [await drain(s) for s in (sa, sb, sp)]
-    assert len(got_a) == len(got_b) == 5  # each open to exactly one member, in turn
-    assert sorted(m.payload for m in got_a + got_b) == sorted(b"%d" % i for i in range(10))
-    assert len(got_p) == 10
-
-
-# --- acknowledgements ---------------------------------------------------------------------
-async def test_qos1_publish_returns_after_the_hub_routed_it(hub: ZmqHub) -> None:
-    async with ZmqBus(cfg(hub)) as bus:
-        for i in range(50):
-            await bus.publish("ack/t", b"%d" % i, qos=1)
-            assert hub.stats.published == i + 1  # the hub handled it before the ack
-        await asyncio.gather(*(bus.publish("ack/t", b"x", qos=1) for _ in range(200)))
-        assert hub.stats.published == 250
-        assert bus.stats["inflight"] == 0
-
-
-async def test_publish_waits_for_the_hub_and_times_out(hub: ZmqHub) -> None:
-    port = hub.port
-    async with ZmqBus(cfg(hub)) as bus:
-        await hub.close()
-        await until(lambda: not bus.is_connected)
-        with pytest.raises(BusError, match="in time"):
-            await bus.publish("x", b"lost?", qos=1, timeout=0.2)
-        pending = asyncio.create_task(bus.publish("x", b"after restart", qos=1, timeout=10))
-        async with ZmqHub(HubSettings(port=port)) as hub2:
-            await pending  # acknowledged by the new hub
-            assert hub2.stats.published >= 1
-
-
-# --- flow control ---------------------------------------------------------------------------
-async def test_hub_drops_and_counts_what_a_slow_consumer_cannot_take() -> None:
-    async with ZmqHub(HubSettings(port=0, sndhwm=4)) as hub:
-        slow = raw_dealer(hub.port, RCVHWM=4, RCVBUF=65536)
-        try:
-            await raw_hello(slow, "slow", hb=30.0)
-            await slow.send_multipart([w.pack(w.SUB, rid=1, f="big/#", q=0)])
-            assert w.unpack((await slow.recv_multipart())[0])["c"] == w.SUBACK
-            n, payload = 400, b"x" * 65536
-            async with ZmqBus(cfg(hub)) as pub:
-                for _ in range(n):  # the slow client reads nothing meanwhile
-                    await pub.publish("big/t", payload, qos=1)
-            dropped = hub.client_stats("slow")["dropped"]
-            received = 0
-            while True:
-                try:
-                    frames = await asyncio.wait_for(slow.recv_multipart(), 0.5)
-                except TimeoutError:
-                    break
-                received += w.unpack(frames[0])["c"] == w.MSG
-        finally:
-            slow.close(linger=0)
-    assert dropped > 0
-    assert received + dropped == n  # every message either delivered or counted as dropped
-    assert hub.stats.dropped == dropped
-
-
-async def test_client_counts_qos0_drops_when_its_send_queue_is_full() -> None:
-    ctx = zmq.asyncio.Context.instance()
-    router = ctx.socket(zmq.ROUTER)  # a "hub" that welcomes, then stops reading
-    router.setsockopt(zmq.LINGER, 0)
-    router.setsockopt(zmq.RCVHWM, 4)
-    router.setsockopt(zmq.RCVBUF, 65536)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    bus = ZmqBus(ZmqSettings(port=port, heartbeat=30.0, sndhwm=4, connect_timeout=5))
-    try:
-        connecting = asyncio.create_task(bus.connect())
-        ident, _hello = await router.recv_multipart()
-        await router.send_multipart([ident, w.pack(w.WELCOME, hub="fake", v=w.VERSION)])
-        await connecting
-        n = 400
-        for _ in range(n):
-            await bus.publish("q0", b"y" * 65536, qos=0)
-        drops = bus.send_drops
-        received = 0
-        while True:
-            try:
-                frames = await asyncio.wait_for(router.recv_multipart(), 0.5)
-            except TimeoutError:
-                break
-            received += w.unpack(frames[1])["c"] == w.PUB
-    finally:
-        bus.crash()
-        router.close(linger=0)
-    assert drops > 0
-    assert received + drops == n
-
-
-# --- hub restart, heartbeats, malformed input ---------------------------------------------------
-async def test_clients_reconnect_and_resubscribe_after_a_hub_restart(hub: ZmqHub) -> None:
-    port = hub.port
-    async with ZmqBus(cfg(hub)) as pub, ZmqBus(cfg(hub)) as sub_bus:
-        async with sub_bus.subscribe("h/main") as sub:
-            await sub.add("h/extra")
-            await hub.close()
-            await until(lambda: not sub_bus.is_connected and not pub.is_connected)
-            async with ZmqHub(HubSettings(port=port)) as hub2:
-                await until(lambda: sub_bus.is_connected and pub.is_connected)
-                await pub.publish("h/main", b"1")
-                await pub.publish("h/extra", b"2")
-                got = await drain(sub)
-                assert set(hub2.clients) == {pub.client_id, sub_bus.client_id}
-    assert [m.payload for m in got] == [b"1", b"2"]
-    assert sub_bus.reconnects == 1 and sub_bus.hub_restarts == 1
-
-
-async def test_hub_that_forgot_the_client_triggers_a_new_hello(hub: ZmqHub) -> None:
-    """A client declared dead (paused longer than its liveness) is told ``unknown``
-    on its next frame and starts a new session at once."""
-    async with ZmqBus(cfg(hub, client_id="sleepy")) as bus, bus.subscribe("z/#") as sub:
-        client = hub._clients[hub._by_id["sleepy"]]
-        client.last_seen -= 60  # as if it had been silent for a minute
-        await until(lambda: bus.reconnects == 1)
-        await bus.publish("z/1", b"still subscribed")
-        assert [m.payload for m in await drain(sub)] == [b"still subscribed"]
-        assert bus.hub_restarts == 0
-
-
-async def test_hub_refuses_another_protocol_version(hub: ZmqHub) -> None:
-    sock = raw_dealer(hub.port)
-    try:
-        await sock.send_multipart([w.pack(w.HELLO, id="future", v=w.VERSION + 1)])
-        head = w.unpack((await asyncio.wait_for(sock.recv_multipart(), 5))[0])
-    finally:
-        sock.close(linger=0)
-    assert head["c"] == w.WELCOME and "err" in head
-    assert "future" not in hub.clients
-
-
-async def test_malformed_frames_are_counted_and_ignored(hub: ZmqHub) -> None:
-    sock = raw_dealer(hub.port)
-    try:
-        await sock.send_multipart([b"\xc1not msgpack"])
-        await sock.send_multipart([w.pack(w.HELLO, id="", v=w.VERSION)])
-        await raw_hello(sock, "ok-after-garbage")
-        await sock.send_multipart([w.pack(w.PUB, m=7, t="a/+", q=1), b"wildcard topic"])
-        head = w.unpack((await asyncio.wait_for(sock.recv_multipart(), 5))[0])
-    finally:
-        sock.close(linger=0)
-    assert head["c"] == w.PUBACK and head["m"] == 7 and "err" in head
-    assert hub.stats.malformed == 3
+    cfg = BusSection(
+        transport="zmq", zmq_endpoints="tcp://v1:5555, tcp://v2:5556", zmq_bind="tcp://*:5557"
+    )
+    verifier_bus = make_bus(cfg, "mw-verifier-v1", will=V_WILL, serve=True)
+    device_bus = make_bus(cfg, "mw-node-d", will=D_WILL, persistent=True)
+    assert isinstance(verifier_bus, ZmqServerBus)
+    assert (verifier_bus.settings.bind, verifier_bus.settings.will) == ("tcp://*:5557", V_WILL)
+    assert isinstance(device_bus, ZmqBus)
+    assert device_bus.settings.endpoints == ("tcp://v1:5555", "tcp://v2:5556")
+    assert (device_bus.client_id, device_bus.settings.will) == ("mw-node-d", D_WILL)
