@@ -171,6 +171,26 @@ def torch_device(v: str) -> str | None:
 PORT = between(1, 65_535)
 
 
+def journal_path(v: str) -> str | None:
+    """``auto``, ``""`` (off: in memory) or a file path whose directory exists or can be made."""
+    if v in ("", "auto"):
+        return None
+    p = Path(v).expanduser()
+    if p.is_dir():
+        return f"must be a file path, not a directory, got {v!r}"
+    parent = next((a for a in (p.parent, *p.parent.parents) if a.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        return f"directory of {v!r} does not exist and cannot be created"
+    return None
+
+
+def retained_expiry(v: float) -> str | None:
+    """0 (never) or 1 s .. 2^32-1 s (MQTT 5's message expiry interval)."""
+    if v == 0 or 1 <= v <= 2**32 - 1:
+        return None
+    return f"must be 0 (never) or between 1 and 4294967295 seconds, got {_num(v)}"
+
+
 def broker_list(v: tuple[str, ...]) -> str | None:
     """``host:port`` entries (``host`` alone: port 1883), distinct, at most 64."""
     from middleware.broker_bridge.sharded import parse_endpoint
@@ -205,6 +225,9 @@ class BusSection:
     keepalive: int = setting(15, PORT)  # MQTT's keepalive is 16 bits; 0 (none) is refused
     # seconds the broker keeps a device's session while offline (MQTT 5: 32 bits)
     session_expiry: int = setting(300, between(0, 2**32 - 1))
+    # MQTT 5 message expiry of the retained results devices publish (0: never), so the
+    # broker's retained store stays bounded
+    retained_expiry_s: float = setting(86_400.0, retained_expiry)
     # transport = "zmq" (no broker): devices, tools and `mw-cli bridge` connect to these
     # verifiers, one at a time, moving to the next when one goes silent
     zmq_endpoints: str = setting("tcp://127.0.0.1:5555", zmq_endpoints)
@@ -279,6 +302,10 @@ class NodeSection:
     max_draft: int = setting(8, between(1, 256))
     max_failures: int = setting(3, at_least(1))
     offline: bool = setting(True, None)
+    # SQLite journal of unfinished sessions and recent results (resume after a restart,
+    # republish after a broker crash): "auto" = $STATE_DIRECTORY/journal-<id>.sqlite under
+    # systemd (StateDirectory=) and off elsewhere; "" = off; or a file path
+    journal: str = setting("auto", journal_path)
     metrics_port: int = setting(0, between(0, 65_535))  # device-side Prometheus endpoint; 0: none
     metrics_host: str = setting("127.0.0.1", hostname)
 

@@ -40,6 +40,12 @@ class BusClosedError(BusError):
     """The bus has been closed and cannot be used again."""
 
 
+class PublishUnconfirmed(BusError):
+    """A QoS >= 1 publish the transport has taken but the broker has not acknowledged in
+    time: the transport still holds it and sends it again after a reconnect (at least
+    once).  Publishing it again would send a second copy."""
+
+
 class ConfigError(MiddlewareError):
     """Invalid configuration."""
 

@@ -60,7 +60,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from middleware.broker_bridge.bus import BusMessage, Will
 from middleware.broker_bridge.client import Lost, ReconnectingBus, Refused
-from middleware.errors import BusError, ConfigError, TopicError
+from middleware.errors import BusError, ConfigError, PublishUnconfirmed, TopicError
 from middleware.protocol.topics import check_topic
 
 log = structlog.get_logger("middleware.mqtt")
@@ -260,7 +260,7 @@ class MqttBus(ReconnectingBus):
             async with asyncio.timeout_at(deadline):
                 await ack
         except TimeoutError as exc:
-            raise BusError(
+            raise PublishUnconfirmed(  # paho keeps it and re-sends it after a reconnect
                 f"{self.client_id}: no PUBACK for {topic!r} in time (connected={self.is_connected})"
             ) from exc
         finally:

@@ -222,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate for this prompt (repeatable)",
     )
     p.add_argument("--serve", action="store_true", help="keep serving the inbox after --prompt")
+    p.add_argument(
+        "--journal",
+        type=setting("node", "journal"),
+        help="SQLite journal path (resume sessions after a restart); '' off, auto: systemd's",
+    )
 
     p = add(
         "bridge",
@@ -324,6 +329,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "top_k": a.get("top_k"),
             "top_p": a.get("top_p"),
             "max_new_tokens": a.get("max_new_tokens") if args.command == "node" else None,
+            "journal": a.get("journal"),
         },
     }
     return load_config(a.get("config"), overrides=overrides)

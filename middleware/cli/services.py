@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,6 +22,7 @@ from middleware.errors import ConfigError
 from middleware.metrics import Registry, serve_metrics
 from middleware.nodes.drafters.base import Drafter
 from middleware.nodes.drafters.policy import PolicyConfig
+from middleware.nodes.journal import Journal
 from middleware.nodes.service import SESSION_FAILURES, NodeConfig, NodeService
 from middleware.nodes.service import offline_status_payload as device_will
 from middleware.nodes.session import SessionConfig
@@ -274,6 +277,25 @@ def node_bus(cfg: Config) -> Bus:
     return make_bus(cfg.bus, f"mw-node-{did}", will=will, persistent=True, device_id=did)
 
 
+def journal_file(n: NodeSection, env: dict[str, str] | None = None) -> str:
+    """The journal's path: ``[node] journal``; ``auto`` is systemd's state directory
+    (``$STATE_DIRECTORY``, from ``StateDirectory=``) or off when there is none."""
+    if n.journal != "auto":
+        return n.journal
+    state = (os.environ if env is None else env).get("STATE_DIRECTORY", "").split(":")[0]
+    return os.path.join(state, f"journal-{n.id}.sqlite") if state else ""
+
+
+def open_journal(n: NodeSection) -> Journal:
+    path = journal_file(n)
+    try:
+        journal = Journal(path)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"[node] journal: cannot open {path!r}: {exc}") from None
+    log.info("journal", path=path or ":memory:", unfinished=len(journal.unfinished()))
+    return journal
+
+
 async def run_node(cfg: Config, args: argparse.Namespace) -> int:
     stop_on_sigterm()
     n = cfg.node
@@ -282,19 +304,26 @@ async def run_node(cfg: Config, args: argparse.Namespace) -> int:
         prefix=cfg.bus.prefix,
         max_concurrent=n.max_concurrent,
         session=session_config(n),
+        retained_expiry=cfg.bus.retained_expiry_s,
     )
     policy = policy_config(n)
+    journal = open_journal(n)  # a bad path is refused before a model loads
     factory, _ = await asyncio.to_thread(drafter_factory, n.drafter, policy)
     tokenizer, fp = await asyncio.to_thread(load_tokenizer, n.tokenizer)
-    async with node_bus(cfg) as bus, contextlib.AsyncExitStack() as stack:
-        node = NodeService(
-            bus,
-            tokenizer=tokenizer,
-            tokenizer_fp=fp,
-            drafter_factory=factory,
-            drafter_name=n.drafter,
-            config=node_cfg,
-        )
+    bus = node_bus(cfg)
+    node = NodeService(
+        bus,
+        tokenizer=tokenizer,
+        tokenizer_fp=fp,
+        drafter_factory=factory,
+        drafter_name=n.drafter,
+        config=node_cfg,
+        journal=journal,
+    )
+    # Before connecting: the persistent session's queued prompts arrive right after CONNACK.
+    await node.subscribe_inbox()
+    async with bus, contextlib.AsyncExitStack() as stack:
+        stack.callback(journal.close)
         failed = 0
         if n.metrics_port:
             port = await stack.enter_async_context(

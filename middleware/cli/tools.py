@@ -292,13 +292,53 @@ async def _device_status(bus: Bus, topic: str, wait: float) -> DeviceStatus | No
         return None
 
 
+class _Resent:
+    """Committed text a device sends again: after a node restart, the text the broker had not
+    acknowledged comes again as a ``correction`` from that position.  Where the correction
+    starts with exactly the text already written from there, only the rest is new (a
+    pipe cannot take text back); any other correction passes through as one."""
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[int, int, str]] = []  # committed chunks: pos, n, text
+        self.end = 0  # token position the committed chunks reach
+
+    def chunk(self, c: TextChunk) -> tuple[str, str]:
+        if c.kind == "provisional":
+            return c.kind, c.text
+        if c.kind == "correction" and c.pos < self.end:
+            written = "".join(t for p, _, t in self.segments if p >= c.pos)
+            self.segments = [s for s in self.segments if s[0] < c.pos]
+            self.segments.append((c.pos, c.n_tokens, c.text))
+            self.end = c.pos + c.n_tokens
+            if c.text.startswith(written):
+                return "verified", c.text[len(written) :]
+            return c.kind, c.text
+        self.segments.append((c.pos, c.n_tokens, c.text))
+        self.end = max(self.end, c.pos + c.n_tokens)
+        return c.kind, c.text
+
+
 async def generate(cfg: Config, args: argparse.Namespace) -> int:
+    """Send a prompt with a fresh request id and show only what answers *that* request.
+
+    A session id may be reused (``--session``): the topic can hold an earlier generation's
+    retained result and carry its text.  Only the Result whose ``request`` is ours counts;
+    text chunks are shown from the first chunk (seq 1) of a generation that starts after
+    the request went out, and only of that instance.  If the Result names another instance
+    than the one streamed, the stream is discarded and the Result's text printed."""
     t = Topics(cfg.bus.prefix)
     sid = args.session or f"gen-{uuid.uuid4().hex[:8]}"
-    req = PromptRequest(prompt=args.prompt, session_id=sid, max_new_tokens=args.max_new_tokens)
+    request_id = uuid.uuid4().hex[:16]
+    req = PromptRequest(
+        prompt=args.prompt,
+        session_id=sid,
+        max_new_tokens=args.max_new_tokens,
+        request_id=request_id,
+    )
+    log = structlog.get_logger("mw.cli")
     async with (
         tool_bus(cfg, "generate", args.timeout) as bus,
-        bus.subscribe(t.session(args.device, sid, "text")) as text,
+        bus.subscribe(t.session(args.device, sid, "text"), qos=2) as text,  # each chunk once
         bus.subscribe(t.session(args.device, sid, "result")) as res,
     ):
         # The device's retained status first: an offline or unknown device would otherwise
@@ -319,8 +359,10 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
         )
         print(f"# session {sid} on device {args.device}", file=sys.stderr, flush=True)
         deadline = time.monotonic() + args.timeout
+        streamed: dict[str, str] = {}  # the instance whose text is shown
 
         renderer = TextRenderer(marked=_colour())  # a pipe gets verified text only
+        resent = _Resent()
 
         async def stream() -> None:
             async for msg in text:
@@ -328,14 +370,32 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
                     c = decode(msg.payload, expect=TextChunk)
                 except ProtocolError:
                     continue
-                if out := renderer.feed(c.kind, c.text):
+                if "inst" not in streamed:
+                    if c.seq != 1:
+                        continue  # the middle of another generation under this session id
+                    streamed["inst"] = c.instance
+                if c.instance != streamed["inst"]:
+                    continue
+                kind, body = resent.chunk(c)
+                if out := renderer.feed(kind, body):
                     sys.stdout.write(out)
                     sys.stdout.flush()
+
+        async def ours() -> Result:
+            while True:
+                msg = await res.get(max(0.0, deadline - time.monotonic()))
+                try:
+                    r = decode(msg.payload, expect=Result)
+                except ProtocolError:
+                    continue
+                if r.request == request_id:
+                    return r
+                log.info("result_of_another_request_ignored", session=sid, request=r.request)
 
         async with asyncio.TaskGroup() as tg:
             streamer = tg.create_task(stream(), name="stream")
             try:
-                msg = await res.get(max(0.0, deadline - time.monotonic()))
+                r = await ours()
             except TimeoutError:
                 streamer.cancel()
                 print(
@@ -345,7 +405,10 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
                 return 1
             await asyncio.sleep(0.2)  # let the last text chunks print
             streamer.cancel()
-        r = decode(msg.payload, expect=Result)
+        if streamed.get("inst") != r.instance:
+            if streamed:
+                print("\n# (streamed text was another generation's; the result follows)")
+            sys.stdout.write(r.text)
         if renderer.unverified and not renderer.marked:
             print(
                 f"\n# {renderer.unverified} characters of provisional text were never "
@@ -354,7 +417,8 @@ async def generate(cfg: Config, args: argparse.Namespace) -> int:
             )
         print(
             f"\n# {r.n_tokens} tokens, finish={r.finish_reason}, verified={r.verified}, "
-            f"acceptance={r.stats.get('acceptance_rate', 0):.0%}",
+            f"acceptance={r.stats.get('acceptance_rate', 0):.0%}"
+            + (f", error: {r.error}" if r.error else ""),
             file=sys.stderr,
         )
     return 0

@@ -142,10 +142,9 @@ class BusLink:
         except TimeoutError:
             return None
 
-    async def reconcile(
-        self, session_id: str, timeout: float
-    ) -> tuple[int, tuple[int, ...]] | None:
-        """Read the retained state (epoch, committed) if the broker has one."""
+    async def reconcile(self, session_id: str, timeout: float) -> SessionState | None:
+        """Read the retained state if the broker has one: a hint (see DeviceSession._hint),
+        whoever may write the topic could have written it."""
         if timeout <= 0:
             return None
         try:
@@ -155,7 +154,9 @@ class BusLink:
             return None
         try:
             st = decode(msg.payload, expect=SessionState)
+            if st.session_id != session_id or st.device_id != self.device_id:
+                raise ProtocolError("state session or device does not match its topic")
         except ProtocolError:
             self.malformed += 1
             return None
-        return st.epoch, st.committed
+        return st

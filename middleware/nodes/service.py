@@ -25,15 +25,30 @@ from typing import Any
 
 import structlog
 
-from middleware.broker_bridge.bus import CONTENT_JSON, Bus
-from middleware.errors import MiddlewareError, ProtocolError, SessionError, SessionRefused
+from middleware.broker_bridge.bus import CONTENT_JSON, Bus, Subscription
+from middleware.errors import (
+    MiddlewareError,
+    ProtocolError,
+    PublishUnconfirmed,
+    SessionError,
+    SessionRefused,
+)
 from middleware.nodes.drafters.base import Drafter
+from middleware.nodes.journal import Journal, JournalEntry
 from middleware.nodes.link import BusLink
 from middleware.nodes.metrics import DeviceMetrics
 from middleware.nodes.session import DeviceSession, SessionConfig
 from middleware.nodes.text import TextStream
-from middleware.protocol import DeviceStatus, PromptRequest, Result, TextChunk, Topics
+from middleware.protocol import (
+    DeviceStatus,
+    OpenSession,
+    PromptRequest,
+    Result,
+    TextChunk,
+    Topics,
+)
 from middleware.protocol.homeassistant import device_configs
+from middleware.protocol.session import session_instance
 
 log = structlog.get_logger("middleware.node")
 
@@ -44,6 +59,15 @@ OUTCOMES_KEPT = 256  # NodeService.outcomes keeps the latest ones only
 SESSION_FAILURES = (SessionError, ProtocolError)
 
 
+# Text chunks at QoS 2: a chunk whose PUBACK was lost with the connection is re-sent by
+# the client after the reconnect, and at QoS 1 the broker forwards that copy again (the
+# same seq twice on the topic; a Node-RED flow showed the text twice).  At QoS 2 the broker
+# forwards it once, so a dashboard subscribing at QoS 2 gets each chunk exactly once with
+# no code of its own.  Cost: one more round trip per chunk, off the decode loop's path.
+TEXT_QOS = 2
+RETAINED_EXPIRY_S = 86_400.0  # MQTT 5 message expiry of retained results: the store stays bounded
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     device_id: str = "device-1"
@@ -52,6 +76,9 @@ class NodeConfig:
     status_interval: float = 5.0
     ha_discovery: bool = True  # retained Home Assistant discovery configs under homeassistant/
     session: SessionConfig = field(default_factory=SessionConfig)
+    retained_expiry: float = RETAINED_EXPIRY_S  # seconds; 0: retained results never expire
+    # Unfinished sessions older than this are ended with a failed result on start, not resumed.
+    resume_max_age: float = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +123,11 @@ class NodeService:
         drafter_factory: Callable[[], Drafter],
         drafter_name: str,
         config: NodeConfig | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.bus = bus
+        # Unfinished sessions and recent results, across node restarts when it has a path.
+        self.journal = journal or Journal()
         self.tokenizer = tokenizer
         self.fingerprint = tokenizer_fp
         self.drafter_factory = drafter_factory
@@ -111,6 +141,8 @@ class NodeService:
         self.sessions_done = 0
         self.sessions_failed = 0
         self.active: set[str] = set()
+        self.republished = 0  # results republished from the journal after (re)connects
+        self._inbox_sub: Subscription | None = None
         self._text: asyncio.Queue[TextChunk | Result] = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
         self._tg: asyncio.TaskGroup | None = None
@@ -126,9 +158,22 @@ class NodeService:
         self.on_text: Callable[[TextChunk], None] | None = None
         self.metrics = DeviceMetrics()  # served only when [node] metrics_port is set
 
+    async def subscribe_inbox(self) -> None:
+        """Register the inbox subscription; call it *before* the bus connects.
+
+        A persistent MQTT session gets the QoS 1 prompts queued while the node was
+        down right after CONNACK; a subscription made after connecting would come too
+        late and the bus would drop them (no subscription matched).  Idempotent;
+        ``run`` calls it too (then it is registered after connecting)."""
+        if self._inbox_sub is None:
+            self._inbox_sub = await self.bus.subscribe(
+                self.topics.device_inbox(self.config.device_id)
+            )
+
     async def run(self) -> None:
         """Serve the inbox until cancelled."""
         link_ready = asyncio.Event()
+        await self.subscribe_inbox()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             tasks = [
@@ -136,12 +181,14 @@ class NodeService:
                 tg.create_task(self._publish_text(), name="text"),
             ]
             await link_ready.wait()
-            inbox = await self.bus.subscribe(self.topics.device_inbox(self.config.device_id))
+            inbox = self._inbox_sub
             await self._publish_status("online")
             if self.config.ha_discovery:
                 await self.publish_discovery()
             tasks.append(tg.create_task(self._inbox(inbox), name="inbox"))
             tasks.append(tg.create_task(self._status_loop(), name="status"))
+            tasks.append(tg.create_task(self._republish_results(), name="republish"))
+            self._resume_unfinished()
             self.ready.set()
             log.info("node_ready", device=self.config.device_id, drafter=self.drafter_name)
             # Wait here, not in the TaskGroup's __aexit__: on Python 3.11 a task failing
@@ -172,13 +219,20 @@ class NodeService:
         max_new_tokens: int | None,
         chat: bool,
         fut: asyncio.Future[Outcome] | None,
+        request_id: str = "",
     ) -> None:
         if self._tg is None:
             raise RuntimeError("NodeService.run() is not running")
         sid = session_id or f"{self.config.device_id}-{uuid.uuid4().hex[:8]}"
         self._tg.create_task(
             self._guarded(
-                self.generate(prompt, session_id=sid, max_new_tokens=max_new_tokens, chat=chat),
+                self.generate(
+                    prompt,
+                    session_id=sid,
+                    max_new_tokens=max_new_tokens,
+                    chat=chat,
+                    request_id=request_id,
+                ),
                 fut,
             ),
             name=f"session-{sid}",
@@ -204,22 +258,64 @@ class NodeService:
             fut.set_result(outcome)
 
     async def generate(
-        self, prompt: str, *, session_id: str, max_new_tokens: int | None = None, chat: bool = True
+        self,
+        prompt: str,
+        *,
+        session_id: str,
+        max_new_tokens: int | None = None,
+        chat: bool = True,
+        request_id: str = "",
     ) -> Outcome:
         """Run one session to the end; text chunks and the result go to the bus."""
         ids = encode_prompt(self.tokenizer, prompt, chat)
-        return await self.generate_ids(ids, session_id=session_id, max_new_tokens=max_new_tokens)
+        return await self.generate_ids(
+            ids, session_id=session_id, max_new_tokens=max_new_tokens, request_id=request_id
+        )
 
     async def generate_ids(
-        self, prompt_ids: Sequence[int], *, session_id: str, max_new_tokens: int | None = None
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        session_id: str,
+        max_new_tokens: int | None = None,
+        request_id: str = "",
+        resume: JournalEntry | None = None,
     ) -> Outcome:
+        """One generation; ``resume`` continues an unfinished one from the journal (its
+        nonce, so the same instance, and its committed tokens as the claim)."""
         cfg = self.config.session
+        if resume is not None:
+            cfg = replace(
+                cfg,
+                sampling=resume.sampling,
+                max_new_tokens=resume.max_new_tokens,
+                stop_ids=resume.stop_ids,
+            )
+            prompt_ids, request_id = resume.prompt, resume.request_id
         if not cfg.stop_ids:
             cfg = replace(cfg, stop_ids=stop_ids_of(self.tokenizer))
-        if max_new_tokens:
+        if max_new_tokens and resume is None:
             cfg = replace(cfg, max_new_tokens=max_new_tokens)
+        if session_id in self.active:
+            # Two generations under one id on one device would share one verdict queue.
+            exc = SessionRefused(
+                "session id in use on this device",
+                reason="session id in use",
+                session_id=session_id,
+            )
+            self._fail_result(session_id, "", request_id, "", 0, {}, False, exc, journal=False)
+            raise exc
         async with self._slots:
-            stream = TextStream(self.tokenizer, session_id, self.config.device_id, self._emit)
+            committed = resume.committed if resume is not None else ()
+            shown = min(resume.text_pos, len(committed)) if resume is not None else 0
+            stream = TextStream(
+                self.tokenizer,
+                session_id,
+                self.config.device_id,
+                self._emit,
+                committed=committed[:shown],
+                seq=resume.text_seq if resume is not None else 0,
+            )
             drafter = await asyncio.to_thread(self.drafter_factory)
             session = DeviceSession(
                 session_id=session_id,
@@ -230,6 +326,32 @@ class NodeService:
                 link=self.link,
                 sink=stream,
                 config=cfg,
+                nonce=resume.nonce if resume is not None else None,
+                committed=committed,
+                tag=resume.tag if resume is not None else "",
+                epoch=resume.epoch if resume is not None else 0,
+            )
+            stream.instance = session.instance
+            if shown < len(committed):
+                # Committed before the restart, text not acknowledged by the broker: it may
+                # or may not have reached it, so it goes again as a correction from there
+                # (a consumer that saw it replaces it with the same text).
+                stream.committed(shown, committed[shown:], "correction")
+            session.request_id = request_id  # type: ignore[attr-defined]
+            if resume is None:
+                self.journal.begin(
+                    JournalEntry(
+                        session_id=session_id,
+                        nonce=session.nonce,
+                        prompt=tuple(prompt_ids),
+                        sampling=cfg.sampling,
+                        max_new_tokens=cfg.max_new_tokens,
+                        stop_ids=cfg.stop_ids,
+                        request_id=request_id,
+                    )
+                )
+            session.on_progress = lambda s: self.journal.progress(
+                s.session_id, s.committed, s.tag, s.epoch
             )
             session.stats.observe = self.metrics.observe
             self.active.add(session_id)
@@ -238,7 +360,7 @@ class NodeService:
             try:
                 tokens = await session.run()
             except SESSION_FAILURES as exc:
-                self._failed(session, stream, exc)
+                self._failed(session, stream, exc, request_id)
                 raise
             finally:
                 self.active.discard(session_id)
@@ -253,7 +375,7 @@ class NodeService:
             outcome = Outcome(session_id, tuple(tokens), stream.text, session.finish_reason, stats)
             self.outcomes.append(outcome)
             self.sessions_done += 1
-            self._text.put_nowait(
+            self._result(
                 Result(
                     session_id=session_id,
                     device_id=self.config.device_id,
@@ -263,6 +385,8 @@ class NodeService:
                     verified=True,
                     stats=stats,
                     lossy=stream.lossy,
+                    instance=session.instance,
+                    request=request_id,
                 )
             )
             log.info(
@@ -271,36 +395,110 @@ class NodeService:
                 tokens=len(tokens),
                 acceptance=round(stats["acceptance_rate"], 3),
                 tps=round(stats["tokens_per_s"], 1),
+                resumed=resume is not None,
             )
             return outcome
 
-    def _failed(self, session: DeviceSession, stream: TextStream, exc: Exception) -> None:
+    def _result(self, r: Result) -> None:
+        """Journal the result (it replaces the session's resume state) and queue it."""
+        self.journal.finish(r.session_id, r.encode())
+        self._text.put_nowait(r)
+
+    def _failed(
+        self, session: DeviceSession, stream: TextStream, exc: Exception, request_id: str = ""
+    ) -> None:
         """Log a failed session and queue its retained failed result (the outcome a waiting
         ``mw-cli generate`` or dashboard gets instead of only a timeout)."""
+        committed = len(session.committed)
+        self._fail_result(
+            session.session_id,
+            stream.text,
+            request_id,
+            session.instance,
+            committed,
+            session.stats.as_dict(committed),
+            stream.lossy,
+            exc,
+        )
+
+    def _fail_result(
+        self,
+        session_id: str,
+        text: str,
+        request_id: str,
+        instance: str,
+        committed: int,
+        stats: dict[str, float],
+        lossy: bool,
+        exc: Exception,
+        *,
+        journal: bool = True,
+    ) -> None:
+        """``journal=False``: the session id belongs to another running session here, whose
+        journal entry must stay (its own result replaces this one on the topic later)."""
         refused = isinstance(exc, SessionRefused)
         finish = "refused" if refused else "failed"
-        committed = len(session.committed)
         self.sessions_failed += 1
         log.warning(
             "session_failed",
-            session=session.session_id,
+            session=session_id,
             finish_reason=finish,
             error=str(exc)[:500],
             tokens=committed,
         )
-        self._text.put_nowait(
+        (self._result if journal else self._text.put_nowait)(
             Result(
-                session_id=session.session_id,
+                session_id=session_id,
                 device_id=self.config.device_id,
-                text=stream.text,
+                text=text,
                 n_tokens=committed,
                 finish_reason=finish,
                 verified=False,
-                stats=session.stats.as_dict(committed),
-                lossy=stream.lossy,
+                stats=stats,
+                lossy=lossy,
                 error=str(exc)[:4096] or type(exc).__name__,
+                instance=instance,
+                request=request_id,
             )
         )
+
+    def _resume_unfinished(self) -> None:
+        """On start: resume the journal's unfinished sessions (same nonce, their committed
+        tokens as the claim the verifier proves), or end those too old with a failed result."""
+        now = time.time()
+        for e in self.journal.unfinished():
+            if now - e.started_at > self.config.resume_max_age:
+                instance = session_instance(
+                    OpenSession(
+                        e.session_id,
+                        self.config.device_id,
+                        0,
+                        0,
+                        self.fingerprint,
+                        e.prompt,
+                        sampling=e.sampling,
+                        max_new_tokens=e.max_new_tokens,
+                        stop_ids=e.stop_ids,
+                        nonce=e.nonce,
+                    )
+                )
+                self._fail_result(
+                    e.session_id,
+                    self.tokenizer.decode(list(e.committed), skip_special_tokens=True),
+                    e.request_id,
+                    instance,
+                    len(e.committed),
+                    {},
+                    False,
+                    SessionError("node restarted; session too old to resume"),
+                )
+                continue
+            log.info("session_resuming", session=e.session_id, committed=len(e.committed))
+            assert self._tg is not None
+            self._tg.create_task(
+                self._guarded(self.generate_ids(e.prompt, session_id=e.session_id, resume=e), None),
+                name=f"session-{e.session_id}",
+            )
 
     # --- tasks -------------------------------------------------------------------
     async def _inbox(self, sub: Any) -> None:
@@ -310,7 +508,9 @@ class NodeService:
             except ProtocolError as exc:
                 log.warning("prompt_rejected", error=str(exc)[:200])
                 continue
-            self._start(req.prompt, req.session_id, req.max_new_tokens, req.chat, None)
+            self._start(
+                req.prompt, req.session_id, req.max_new_tokens, req.chat, None, req.request_id
+            )
 
     async def _publish_text(self) -> None:
         """Publish text chunks and results in order; while the link is down, wait and retry
@@ -321,21 +521,81 @@ class NodeService:
                 item.device_id, item.session_id, "result" if isinstance(item, Result) else "text"
             )
             delay = 0.1
+            if isinstance(item, TextChunk):
+                self.journal.sending(item.session_id, item.seq)
             while True:
                 try:
+                    is_result = isinstance(item, Result)
                     await self.bus.publish(
                         topic,
                         item.encode(),
-                        qos=1,
-                        retain=isinstance(item, Result),
+                        qos=1 if is_result else TEXT_QOS,
+                        retain=is_result,
                         content_type=CONTENT_JSON,
+                        expiry=self._expiry() if is_result else None,
                     )
+                    if isinstance(item, TextChunk) and item.kind != "provisional":
+                        self.journal.published(item.session_id, item.pos + item.n_tokens)
+                    break
+                except PublishUnconfirmed as exc:
+                    # The transport holds it and sends it after the reconnect: publishing it
+                    # again put the same chunk (same seq) on the topic twice.
+                    log.warning("text_publish_unconfirmed", topic=topic, error=str(exc))
                     break
                 except MiddlewareError as exc:
                     log.warning("text_publish_retry", topic=topic, error=str(exc), retry_in=delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
             self._text.task_done()
+
+    def _expiry(self, age: float = 0.0) -> float | None:
+        """MQTT 5 message expiry of a retained result published ``age`` seconds after it was
+        made (None: the configured expiry is 0, never)."""
+        if not self.config.retained_expiry:
+            return None
+        return max(1.0, self.config.retained_expiry - age)
+
+    async def _republish_results(self) -> None:
+        """After each (re)connect, publish the journal's recent results again (retained).
+
+        A broker killed before its autosave loses retained messages written in the last
+        seconds (Mosquitto: 1 s in development, 5 s in production); the device's journal
+        is the system of record.  Idempotent: a retained message replaces itself.  The
+        bus counts its reconnects (a drop and reconnect can take 0.1 s, too short to be
+        seen as a cleared ``connected`` event), checked every 0.5 s; a transport without
+        them (in-memory) gets the results once."""
+        connected = getattr(self.bus, "connected", None)
+        done = -1  # the reconnect count whose connection got the results
+        while True:
+            if connected is not None:
+                await connected.wait()
+            count = int(getattr(self.bus, "reconnects", 0))
+            if count != done and await self._republish_once():
+                done = count
+            if connected is None:
+                return
+            await asyncio.sleep(0.5)
+
+    async def _republish_once(self) -> bool:
+        now = time.time()
+        for stored in self.journal.results(now):
+            age = now - stored.finished_at
+            if self.config.retained_expiry and age >= self.config.retained_expiry:
+                continue
+            try:
+                await self.bus.publish(
+                    self.topics.session(self.config.device_id, stored.session_id, "result"),
+                    stored.payload,
+                    qos=1,
+                    retain=True,
+                    content_type=CONTENT_JSON,
+                    expiry=self._expiry(age),
+                )
+            except MiddlewareError as exc:
+                log.warning("result_republish_failed", error=str(exc))
+                return False
+            self.republished += 1
+        return True
 
     async def flush(self) -> None:
         """Wait until every queued text chunk and result is published: ``mw-cli node

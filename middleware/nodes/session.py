@@ -18,12 +18,27 @@ to a :class:`Sink`.  What it guarantees:
   drafting locally, and probes the verifier.  Once one answers, the
   provisional tokens are verified like any draft: each is then *confirmed* or
   replaced by a *correction*.  No token is ever silently wrong.
+
+Identity and trust (the device side of docs/threat-model.md):
+
+- A generation draws a random ``nonce`` once; every (re-)open of it, also after a
+  node restart (the journal keeps the nonce), reuses it, so its ``instance``
+  (:func:`session_instance`) stays the same.  Verdicts of another instance (a
+  reused session id, a forger) are ignored and counted (``ignored``).
+- A re-open sends the committed tokens as a *claim* with the latest ``tag`` a
+  verdict carried.  Retained state is a hint: only state of this instance that
+  extends the claim adds to it, and nothing of it is shown until the
+  verifier's ``opened`` confirms it.
+- ``opened`` is authoritative: committed tokens it does not confirm are rolled
+  back (the drafter with them) and text already shown past the first changed
+  position is replaced by a ``correction`` chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +47,17 @@ from typing import Protocol
 import structlog
 
 from middleware.errors import BusError, SessionError, SessionRefused
-from middleware.nodes.drafters.base import Drafter, Proposal
+from middleware.nodes.drafters.base import Drafter, Proposal, common_prefix
 from middleware.nodes.link import OwnerLost
-from middleware.protocol import CloseSession, Draft, OpenSession, SamplingParams, Verdict
-from middleware.protocol.session import MAX_MS
+from middleware.protocol import (
+    CloseSession,
+    Draft,
+    OpenSession,
+    SamplingParams,
+    SessionState,
+    Verdict,
+)
+from middleware.protocol.session import MAX_EPOCH, MAX_MS, session_instance
 
 log = structlog.get_logger("middleware.node")
 
@@ -50,10 +72,8 @@ class Link(Protocol):
         """The next verdict for this session, ``OwnerLost`` when its verifier's last will
         arrives, or None on timeout."""
 
-    async def reconcile(
-        self, session_id: str, timeout: float
-    ) -> tuple[int, tuple[int, ...]] | None:
-        """The retained state's (epoch, committed tokens), if any arrives in time."""
+    async def reconcile(self, session_id: str, timeout: float) -> SessionState | None:
+        """The retained state (a hint, anyone may have written it), if any arrives in time."""
 
 
 class Sink(Protocol):
@@ -120,6 +140,7 @@ class SessionStats:
     offline_periods: int = 0
     provisional: int = 0
     corrections: int = 0
+    ignored: int = 0  # verdicts of another session instance (reused id, forged), dropped
     started: float = field(default_factory=time.monotonic)
     finished: float = 0.0
     drafted: int = 0  # tokens the drafter produced (drafts ahead included)
@@ -150,6 +171,7 @@ class SessionStats:
             "offline_periods": self.offline_periods,
             "provisional": self.provisional,
             "corrections": self.corrections,
+            "ignored": self.ignored,
             "elapsed_s": elapsed,
             "drafted": self.drafted,
             "draft_s": self.draft_s,
@@ -179,7 +201,16 @@ class DeviceSession:
         link: Link,
         sink: Sink,
         config: SessionConfig | None = None,
+        nonce: str | None = None,
+        committed: Sequence[int] = (),
+        tag: str = "",
+        epoch: int = 0,
+        on_progress: Callable[[DeviceSession], None] | None = None,
     ) -> None:
+        """``nonce``, ``committed``, ``tag`` and ``epoch`` resume a generation (the node's
+        journal after a restart): the same instance, the committed tokens as the claim of
+        the first open.  ``on_progress`` is called after every change of the committed
+        tokens or the tag (the journal writes them)."""
         self.session_id = session_id
         self.device_id = device_id
         self.prompt = tuple(prompt)
@@ -188,13 +219,17 @@ class DeviceSession:
         self.link = link
         self.sink = sink
         self.config = config or SessionConfig()
-        self.committed: list[int] = []
+        self.committed: list[int] = list(committed)
         self.speculative: list[int] = []  # drafted, unverified, continuing `committed`
         self.shown: list[int] = []  # provisional tokens already released to the user
-        self.epoch = 0
+        self.epoch = epoch
         self.seq = 0
         self.finish_reason = ""
         self.verifier_id = ""
+        self.nonce = nonce if nonce is not None else secrets.token_hex(8)
+        self.tag = tag  # the latest MAC of the committed tokens a verdict carried
+        self.instance = session_instance(self._open_message(0, 0, (), ""))
+        self.on_progress = on_progress
         self.stats = SessionStats()
         self._rto = Rto(self.config.rto_initial, self.config.rto_min, self.config.rto_max)
         self._failures = 0
@@ -213,7 +248,8 @@ class DeviceSession:
                 if not opened:
                     await self._open()
                     opened = True
-                await self._round()
+                if not self.finish_reason:  # an `opened` may say the session is already done
+                    await self._round()
             except LinkDown:
                 if not self.config.offline_enabled:
                     raise SessionError(
@@ -252,31 +288,38 @@ class DeviceSession:
         if self._failures >= self.config.max_failures:
             raise LinkDown
 
+    def _open_message(self, epoch: int, seq: int, claim: Sequence[int], tag: str) -> OpenSession:
+        return OpenSession(
+            session_id=self.session_id,
+            device_id=self.device_id,
+            epoch=epoch,
+            seq=seq,
+            tokenizer=self.fingerprint,
+            prompt=self.prompt,
+            committed=tuple(claim),
+            sampling=self.config.sampling,
+            max_new_tokens=self.config.max_new_tokens,
+            stop_ids=self.config.stop_ids,
+            drafter=self.drafter.name,
+            sent_at=time.time() * 1000,
+            nonce=self.nonce,
+            tag=tag,
+        )
+
     async def _open(self, *, probe: bool = False) -> None:
-        """Open (or re-open with a new epoch) and wait for ``opened``."""
+        """Open (or re-open with a new epoch and the committed tokens as a claim) and wait
+        for ``opened``, which says what of the claim holds."""
+        claim, claim_tag = tuple(self.committed), self.tag
         state = await self.link.reconcile(self.session_id, timeout=0.2 if self.epoch else 0.0)
         if state is not None:
-            self._adopt_retained(*state)
+            claim, claim_tag = self._hint(state, claim, claim_tag)
         while True:
+            if self.epoch >= MAX_EPOCH:
+                raise SessionError("epoch exhausted", session_id=self.session_id)
             self.epoch += 1
             seq = self._next_seq()
             sent = time.monotonic()
-            await self._send(
-                OpenSession(
-                    session_id=self.session_id,
-                    device_id=self.device_id,
-                    epoch=self.epoch,
-                    seq=seq,
-                    tokenizer=self.fingerprint,
-                    prompt=self.prompt,
-                    committed=tuple(self.committed),
-                    sampling=self.config.sampling,
-                    max_new_tokens=self.config.max_new_tokens,
-                    stop_ids=self.config.stop_ids,
-                    drafter=self.drafter.name,
-                    sent_at=time.time() * 1000,
-                )
-            )
+            await self._send(self._open_message(self.epoch, seq, claim, claim_tag))
             v = await self._await(lambda v, s=seq: v.seq == s, sent, measure=False)
             if v is None:
                 if probe:
@@ -290,23 +333,82 @@ class DeviceSession:
                     device_id=self.device_id,
                 )
             if v.kind == "opened":
+                if not self._opened(v, claim):
+                    continue  # an answer that cannot describe our claim: open again
                 self.verifier_id = v.verifier_id
-                if v.committed_len != len(self.committed):
-                    raise SessionError(
-                        "verifier opened with a different committed length",
-                        session_id=self.session_id,
-                    )
-                self._log.info("session_open", epoch=self.epoch, verifier=v.verifier_id)
+                self._log.info(
+                    "session_open",
+                    epoch=self.epoch,
+                    verifier=v.verifier_id,
+                    claimed=len(claim),
+                    committed=len(self.committed),
+                )
                 return
             # resync: a newer epoch exists somewhere; go round with epoch + 1
 
-    def _adopt_retained(self, epoch: int, committed: tuple[int, ...]) -> None:
-        """Reconcile with the retained state: adopt verified tokens we missed."""
-        self.epoch = max(self.epoch, epoch)
-        if len(committed) > len(self.committed) and tuple(
-            committed[: len(self.committed)]
-        ) == tuple(self.committed):
-            self._commit(len(self.committed), committed[len(self.committed) :], accepted=None)
+    def _hint(
+        self, state: SessionState, claim: tuple[int, ...], tag: str
+    ) -> tuple[tuple[int, ...], str]:
+        """Retained state is a hint: of this instance and extending the claim, it extends
+        the claim (never the committed tokens: ``opened`` decides); otherwise it is
+        ignored.  Anyone allowed to write the topic could have written it."""
+        if state.instance != self.instance:
+            if state.instance or state.committed:
+                self.stats.ignored += 1
+                self._log.info("retained_state_ignored", instance=state.instance or "-")
+            return claim, tag
+        self.epoch = max(self.epoch, min(state.epoch, MAX_EPOCH - 1))
+        if len(state.committed) > len(claim) and state.committed[: len(claim)] == claim:
+            return tuple(state.committed), state.tag
+        return claim, tag
+
+    def _opened(self, v: Verdict, claim: tuple[int, ...]) -> bool:
+        """Make the committed tokens what the ``opened`` verdict proved; False if it does not
+        fit the claim it answers (logged; the device opens again)."""
+        if v.tokens:
+            if v.base > len(claim):
+                self._log.warning("opened_inconsistent", base=v.base, claimed=len(claim))
+                return False
+            truth = list(claim[: v.base]) + list(v.tokens)
+        else:
+            if v.committed_len > len(claim):
+                self._log.warning("opened_inconsistent", clen=v.committed_len, claimed=len(claim))
+                return False
+            truth = list(claim[: v.committed_len])
+        if v.tag:
+            self.tag = v.tag
+        elif len(truth) != len(claim) or truth != list(claim):
+            self.tag = ""  # the old tag vouched for tokens that are gone
+        self._set_committed(truth)
+        if v.done:
+            self.finish_reason = v.finish_reason or "stop"
+        return True
+
+    def _set_committed(self, truth: Sequence[int]) -> None:
+        """Roll back to the first position where the committed tokens differ from ``truth``
+        (the drafter's context with them), then commit the rest of ``truth``."""
+        truth = list(truth)
+        same = common_prefix(self.committed, truth)
+        if same < len(self.committed):
+            self.stats.corrections += 1
+            self._log.warning(
+                "committed_rolled_back", kept=same, dropped=len(self.committed) - same
+            )
+            del self.committed[same:]
+            self.speculative = []
+            self.shown = []
+            new = truth[same:]
+            self.sink.committed(same, new, "correction")
+            self.committed.extend(new)
+            self._progress()
+        elif len(truth) > len(self.committed):
+            self._commit(len(self.committed), truth[len(self.committed) :], accepted=None)
+        else:
+            self._progress()  # the tag may have changed
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self)
 
     async def _await(
         self, want: object, sent: float, *, measure: bool = True, reopen_on_loss: bool = False
@@ -327,6 +429,14 @@ class DeviceSession:
             if isinstance(v, OwnerLost):
                 if v.verifier_id == self.verifier_id and reopen_on_loss:
                     raise Reopen
+                continue
+            if v.instance and v.instance != self.instance and v.kind != "refused":
+                # Another generation under this session id (a reused id, an old verifier's
+                # straggler) or a forger: never ours to apply.  A refusal carries no tokens
+                # (at worst a forged one ends the session: no wrong text), and the verifier
+                # may name the instance that holds the id ("session id in use").
+                self.stats.ignored += 1
+                self._log.info("verdict_of_other_instance", instance=v.instance, kind=v.kind)
                 continue
             if v.epoch != self.epoch:
                 continue  # a straggler from an earlier epoch
@@ -447,6 +557,8 @@ class DeviceSession:
             self.stats.accepted += v.accepted
             self.drafter.observe(len(draft), v.accepted)
         end = v.base + len(v.tokens)
+        if v.tag and v.base <= len(self.committed) <= end:
+            self.tag = v.tag  # the MAC of the committed tokens once this verdict is applied
         if end > len(self.committed) and v.base <= len(self.committed):
             new = v.tokens[len(self.committed) - v.base :]
             self._commit(len(self.committed), new, accepted=v.accepted)
@@ -477,6 +589,7 @@ class DeviceSession:
         else:
             self.sink.committed(pos, tokens, "verified")
         self.committed.extend(tokens)
+        self._progress()
 
     # --- offline mode -------------------------------------------------------------
     async def _offline(self) -> None:

@@ -16,17 +16,27 @@ class TextStream:
     """Turns a session's token events into :class:`TextChunk` values, in order (a Sink)."""
 
     def __init__(
-        self, tokenizer: Any, session_id: str, device_id: str, emit: Callable[[TextChunk], None]
+        self,
+        tokenizer: Any,
+        session_id: str,
+        device_id: str,
+        emit: Callable[[TextChunk], None],
+        committed: Sequence[int] = (),
+        seq: int = 0,
     ) -> None:
+        """``committed`` and ``seq``: tokens already shown and the last chunk's seq before (a
+        session resumed from the journal): their text is part of ``text``, no chunk is
+        emitted for them again, and chunk numbers go on from ``seq``."""
         self._tok = tokenizer
         self.session_id = session_id
         self.device_id = device_id
         self._emit = emit
-        self._seq = 0
-        self.tokens: list[int] = []  # committed
+        self._seq = seq
+        self.tokens: list[int] = list(committed)  # committed
         self.shown: list[int] = []  # provisional tokens, continuing `committed`
         self.finish_reason = ""
         self.lossy = False  # the verifier runs the opt-in relaxed (lossy) acceptance
+        self.instance = ""  # the session instance, stamped on every chunk
 
     def decode(self, tokens: Sequence[int]) -> str:
         return str(self._tok.decode(list(tokens), skip_special_tokens=True))
@@ -43,12 +53,13 @@ class TextStream:
                 session_id=self.session_id,
                 device_id=self.device_id,
                 seq=self._seq,
-                kind=kind,
+                kind=kind,  # type: ignore[arg-type]
                 pos=pos,
                 n_tokens=n,
                 text=text,
-                final=final,  # type: ignore[arg-type]
+                final=final,
                 lossy=self.lossy,
+                instance=self.instance,
             )
         )
 
@@ -70,6 +81,11 @@ class TextStream:
     def finished(self, reason: str, committed: Sequence[int]) -> None:
         self.finish_reason = reason
         self._chunk("verified", len(committed), 0, "", final=True)
+
+    @property
+    def seq(self) -> int:
+        """The last chunk's seq."""
+        return self._seq
 
     @property
     def text(self) -> str:

@@ -3,7 +3,9 @@
 ``session/{device}/{id}/text`` carries :class:`TextChunk` values.  Every chunk says
 whether its text is ``verified`` (committed by the target model),
 ``provisional`` (released by an offline device, not yet verified) or a
-``correction`` (replaces provisional text from token position ``pos`` on).
+``correction`` (replaces the text from token position ``pos`` on: provisional
+text, committed text re-sent after a node restart, or committed tokens an
+``opened`` verdict did not confirm).
 No output token is ever silently wrong.
 """
 
@@ -26,7 +28,7 @@ class TextChunk:
 
     ``pos`` is the committed-token position of the chunk's first token and
     ``n_tokens`` how many tokens it covers.  A ``correction`` replaces all
-    provisional text from ``pos`` on with ``text``; ``confirmed`` says that the
+    text from ``pos`` on with ``text``; ``confirmed`` says that the
     provisional tokens up to ``pos + n_tokens`` were verified unchanged.
     """
 

@@ -2,7 +2,8 @@
 
 A session is *identical* when its committed tokens equal the reference and the
 text its user saw, read as committed chunks (verified, confirmed, correction)
-in order, equals the reference's text.  A reference position is *lost* when the
+in order, a ``correction`` replacing what was shown from its position on, equals the
+reference's text.  A reference position is *lost* when the
 committed tokens lack it or carry another token there, or when no committed
 chunk ever delivered it to the user; it is *duplicated* when more than one
 committed chunk delivered it (or the session committed more than the reference).
@@ -48,7 +49,15 @@ def audit(
     cover = [0] * len(ref)
     beyond = 0
     committed = [c for c in chunks if c.kind in COMMITTED_KINDS and c.n_tokens]
+    shown: list[TextChunk] = []  # the committed chunks the user sees, corrections applied
     for c in committed:
+        if c.kind == "correction":
+            # It replaces everything from its position on (provisional text, or committed
+            # text re-sent after a node restart or rolled back by an `opened` verdict).
+            for p in range(c.pos, len(ref)):
+                cover[p] = 0
+            shown = [s for s in shown if s.pos < c.pos]
+        shown.append(c)
         for p in range(c.pos, c.pos + c.n_tokens):
             if p < len(ref):
                 cover[p] += 1
@@ -60,7 +69,7 @@ def audit(
     )
     lost = sum(1 for i in range(len(ref)) if i >= agree or cover[i] == 0)
     duplicated = sum(max(0, n - 1) for n in cover) + beyond + max(0, len(tokens) - len(ref))
-    text = "".join(c.text for c in committed)
+    text = "".join(c.text for c in shown)
     identical = tokens == ref and text == tokenizer.decode(ref, skip_special_tokens=True)
     return Audit(
         session_id,

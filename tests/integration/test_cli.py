@@ -209,3 +209,41 @@ def test_tail_human_output_and_sessions_table(services, tmp_path: Path) -> None:
     assert table.returncode == 0
     row = next(line for line in table.stdout.splitlines() if line.startswith(sid))
     assert "pi-cli" in row and "done" in row and "v-cli" in row
+
+
+def test_generate_with_a_reused_session_id_shows_only_its_own_answer(services, smollm2) -> None:
+    """Issue 14, scenario 1 (second half): the session id's topic still holds the first
+    generation's retained result; the second ``generate`` must wait for and show the answer
+    to its own prompt (its request id), never the earlier result."""
+    from middleware.nodes.service import encode_prompt, stop_ids_of
+    from middleware.verifier.reference import reference_greedy
+
+    sid = f"reuse-{uuid.uuid4().hex[:6]}"
+
+    def gen(prompt: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                *CLI,
+                "generate",
+                prompt,
+                *("--device", "pi-cli", "--session", sid, *services),
+                *("--max-new-tokens", "8", "--timeout", "240"),
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
+
+    def expected(prompt: str) -> str:
+        ids = encode_prompt(smollm2.tokenizer, prompt)
+        ref = reference_greedy(smollm2.model, ids, 8, stop_ids_of(smollm2.tokenizer))
+        return str(smollm2.tokenizer.decode(ref, skip_special_tokens=True)).strip()
+
+    first = gen("Name three planets.")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.strip() == expected("Name three planets.")
+    second = gen("What is 2+2?")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.strip() == expected("What is 2+2?"), second.stdout
+    assert "verified=True" in second.stderr

@@ -47,6 +47,7 @@ DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 PARAM_FOR_ROOT = {"session": "sessionId", "device": "deviceId", "verifier": "verifierId"}
 MSGPACK_TAGS = {"open", "draft", "verdict", "state", "close"}
 DRAFT_EXPIRY_S = 30  # the device sets this on drafts and closes (middleware.nodes.link)
+RETAINED_EXPIRY_S = 86_400  # [bus] retained_expiry_s's default, on results
 
 # What the code publishes, per (channel, message tag): (qos, retain, message expiry in s).
 SEND_POLICY: dict[tuple[str, str], tuple[int, bool, int | None]] = {
@@ -55,8 +56,8 @@ SEND_POLICY: dict[tuple[str, str], tuple[int, bool, int | None]] = {
     ("sessionDraft", "close"): (1, False, DRAFT_EXPIRY_S),
     ("sessionVerdict", "verdict"): (1, False, None),
     ("sessionState", "state"): (1, True, None),
-    ("sessionText", "text"): (1, False, None),
-    ("sessionResult", "result"): (1, True, None),
+    ("sessionText", "text"): (2, False, None),  # exactly once to QoS 2 subscribers
+    ("sessionResult", "result"): (1, True, RETAINED_EXPIRY_S),
     ("deviceStatus", "device_status"): (1, True, None),
     ("deviceInbox", "prompt"): (1, False, None),
     ("verifierStatus", "verifier_status"): (1, True, None),
@@ -436,7 +437,7 @@ def test_operations_are_well_formed(doc: dict[str, Any]) -> None:
             assert m["$ref"].startswith(f"#/channels/{ch}/messages/"), (name, m)
             resolve(doc, m)
         assert {t["name"] for t in op["tags"]} <= tags, name
-        assert op["bindings"]["mqtt"]["qos"] == 1, name
+        assert op["bindings"]["mqtt"]["qos"] == (2 if ch == "sessionText" else 1), name
         assert op["bindings"]["mqtt"]["bindingVersion"] == "0.2.0"
         if "reply" in op:
             reply_ch = op["reply"]["channel"]["$ref"].removeprefix("#/channels/")

@@ -124,6 +124,11 @@ def test_the_defaults_and_the_example_config_pass() -> None:
         ('[log]\nlevel = "loud"\n', "[log] level: must be one of debug, info, warning, error"),
         ('[log]\njson = "yes"\n', "[log] json: must be one of auto, true, false"),
         ('[bus]\ntls_key = "{key}"\n', "[bus] tls_key: needs tls_cert"),
+        ('[node]\njournal = "{tmp}"\n', "[node] journal: must be a file path, not a directory"),
+        ('[node]\njournal = "{key}/sub/j.sqlite"\n', "[node] journal: directory of"),
+        ("[bus]\nretained_expiry_s = 0.5\n", "[bus] retained_expiry_s: must be 0 (never) or"),
+        ("[bus]\nretained_expiry_s = -1\n", "[bus] retained_expiry_s: must be 0 (never) or"),
+        ("[bus]\nretained_expiry_s = 5e9\n", "[bus] retained_expiry_s: must be 0 (never) or"),
         ('[bus]\nbrokers = ["a:1883", "b:99999"]\n', "[bus] brokers: broker address 'b:99999'"),
         ('[bus]\nbrokers = ["a:1883", "a:1883"]\n', "[bus] brokers: broker 'a:1883' listed twice"),
         ('[bus]\nbrokers = ["bad host:1"]\n', "[bus] brokers: broker address 'bad host:1'"),
@@ -138,7 +143,7 @@ def test_each_bad_value_is_one_error_naming_its_key(
     key = tmp_path / "client.key"
     key.write_text("not a key")
     path = tmp_path / "mw.toml"
-    path.write_text(toml.replace("{key}", str(key)))
+    path.write_text(toml.replace("{key}", str(key)).replace("{tmp}", str(tmp_path)))
     with pytest.raises(ConfigError) as err:
         load_config(path, env={})
     assert message in str(err.value)
@@ -232,6 +237,18 @@ def test_the_bounds_are_those_of_the_code_that_consumes_them() -> None:
                 )
                 verifier_config(cfg)
         assert v.batch_policy == policy
+
+
+def test_journal_auto_is_systemds_state_directory_or_off() -> None:
+    from middleware.cli.services import journal_file
+    from middleware.config import NodeSection
+
+    n = NodeSection(id="pi-7")
+    assert journal_file(n, {"STATE_DIRECTORY": "/var/lib/mw/node-pi-7"}) == (
+        "/var/lib/mw/node-pi-7/journal-pi-7.sqlite"
+    )
+    assert journal_file(n, {}) == ""  # a test or a shell: no journal across restarts
+    assert journal_file(NodeSection(journal="/tmp/j.sqlite"), {}) == "/tmp/j.sqlite"
 
 
 def test_brokers_come_from_a_toml_list_or_a_comma_separated_variable(tmp_path: Path) -> None:
