@@ -29,6 +29,9 @@ PROMPT = "What is the capital of France?"
 MAX_NEW = 16
 
 
+PROCS: dict[str, subprocess.Popen[bytes]] = {}  # the services fixture's processes
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["MW_LOG_JSON"] = "true"
@@ -67,6 +70,7 @@ def services(mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[li
             env=_env(),
         ),
     ]
+    PROCS["verifier"], PROCS["node"] = procs
     try:
         asyncio.run(_wait_online(mosquitto.host, mosquitto.port, unique_prefix, procs, tmp_path))
         yield common
@@ -247,3 +251,54 @@ def test_generate_with_a_reused_session_id_shows_only_its_own_answer(services, s
     assert second.returncode == 0, second.stderr[-2000:]
     assert second.stdout.strip() == expected("What is 2+2?"), second.stdout
     assert "verified=True" in second.stderr
+
+
+def test_reused_session_id_while_the_verifier_is_paused_gets_its_own_answer(
+    services, smollm2
+) -> None:
+    """Issue 14, scenario 1: generate on session S; pause the verifier (SIGSTOP); generate
+    another prompt on S; resume.  The device used to adopt the first generation's retained
+    state and the verifier to accept it: the second result was the planets, verified (11 of
+    12 positions wrong).  Now the second generation is another instance: its answer is the
+    target's for its own prompt."""
+    import signal
+
+    from middleware.nodes.service import encode_prompt, stop_ids_of
+    from middleware.verifier.reference import reference_greedy
+
+    sid = f"paused-{uuid.uuid4().hex[:6]}"
+    cmd = [*CLI, "generate"]
+    opts = [*("--device", "pi-cli", "--session", sid, *services)]
+    opts += ["--max-new-tokens", "12", "--timeout", "240"]
+
+    def expected(prompt: str) -> str:
+        ids = encode_prompt(smollm2.tokenizer, prompt)
+        ref = reference_greedy(smollm2.model, ids, 12, stop_ids_of(smollm2.tokenizer))
+        return str(smollm2.tokenizer.decode(ref, skip_special_tokens=True)).strip()
+
+    first = subprocess.run(
+        [*cmd, "Name three planets.", *opts],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    verifier = PROCS["verifier"]
+    os.kill(verifier.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.Popen(
+            [*cmd, "What is 2+2?", *opts],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        time.sleep(3.0)  # the node opens the second generation while the verifier is paused
+    finally:
+        os.kill(verifier.pid, signal.SIGCONT)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err[-2000:]
+    assert out.strip() == expected("What is 2+2?"), out
+    assert out.strip() != first.stdout.strip()
+    assert "verified=True" in err
