@@ -592,21 +592,14 @@ class VerifierService:
         """The ``opened`` answer: the proven truth from where it departs from the claim."""
         base = common_prefix(s.committed, m.committed)
         first = self.control.first_hint(s.device_id) if self.control is not None else 0
-        return Verdict(
-            session_id=s.session_id,
-            epoch=s.epoch,
-            seq=m.seq,
-            kind="opened",
+        return s.verdict(
+            "opened",
+            m.seq,
             base=base,
-            tokens=tuple(s.committed[base:]),
-            committed_len=len(s.committed),
-            done=s.done,
-            finish_reason=s.finish_reason,
+            tokens=s.committed[base:],
             next_len=first,
             verifier_id=self.config.verifier_id,
             echo_ts=m.sent_at,
-            instance=s.instance,
-            tag=s.tag,
         )
 
     def _prefill_step(self) -> int:
@@ -905,21 +898,14 @@ class VerifierService:
             if self.control is not None:
                 self.control.on_round(s.key, out.proposed, out.accepted, now)
                 hint = self.control.hint(s.key)
-            v = Verdict(
-                session_id=s.session_id,
-                epoch=s.epoch,
-                seq=out.seq,
-                kind="accept",
+            v = s.verdict(
+                "accept",
+                out.seq,
                 base=base,
-                accepted=out.accepted,
                 tokens=out.tokens,
-                committed_len=len(s.committed),
-                done=s.done,
-                finish_reason=s.finish_reason,
+                accepted=out.accepted,
                 next_len=hint,
                 verifier_id=self.config.verifier_id,
-                instance=s.instance,
-                tag=s.tag,
             )
             s.remember(v)
             sends.append(self._send_verdict(v, s.device_id))

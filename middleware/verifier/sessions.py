@@ -111,6 +111,38 @@ class VerifierSession:
     def context(self) -> list[int]:
         return [*self.prompt, *self.committed]
 
+    def verdict(
+        self,
+        kind: Literal["opened", "accept"],
+        seq: int,
+        *,
+        base: int,
+        tokens: Sequence[int],
+        verifier_id: str,
+        accepted: int = 0,
+        next_len: int = 0,
+        echo_ts: float = 0.0,
+    ) -> Verdict:
+        """A verdict that leaves the device with this session's committed tokens: ``tokens``
+        are the committed ones from ``base`` on; it carries the instance and the tag."""
+        return Verdict(
+            session_id=self.session_id,
+            epoch=self.epoch,
+            seq=seq,
+            kind=kind,
+            base=base,
+            accepted=accepted,
+            tokens=tuple(tokens),
+            committed_len=len(self.committed),
+            done=self.done,
+            finish_reason=self.finish_reason,
+            next_len=next_len,
+            verifier_id=verifier_id,
+            echo_ts=echo_ts,
+            instance=self.instance,
+            tag=self.tag,
+        )
+
     def remember(self, verdict: Verdict) -> None:
         """Keep the verdict so a duplicate draft (QoS 1 redelivery) gets it again."""
         self.verdicts[verdict.seq] = verdict
