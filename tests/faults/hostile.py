@@ -522,8 +522,10 @@ def attacks(
             ),
         ),
         (
+            # an open with an older epoch and another prompt (another instance): the victim's
+            # session is live, so it is refused as "in use", never applied
             "stale-epoch-open",
-            "stale_epoch",
+            "session_taken",
             lambda i: Hostile(
                 on(victim, (s := vs()), "open"),
                 open_(s, victim, epoch=rng.randrange(0, victim_epoch)),
