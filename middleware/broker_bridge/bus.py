@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,13 @@ class BusMessage:
     expiry: float | None = None  # seconds until the broker may drop it
     user_properties: Mapping[str, str] = field(default_factory=dict)  # trace id, etc.
     correlation: bytes | None = None
+
+
+def own_copy(msg: BusMessage) -> BusMessage:
+    """``msg`` with a payload and properties of its own (the caller may reuse its buffers)."""
+    return dataclasses.replace(
+        msg, payload=bytes(msg.payload), user_properties=dict(msg.user_properties)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +225,6 @@ class Bus(ABC):
             raise BusClosedError(f"{type(self).__name__} is closed")
 
     # --- data path ----------------------------------------------------------
-    @abstractmethod
     async def publish(
         self,
         topic: str,
@@ -229,8 +236,29 @@ class Bus(ABC):
         expiry: float | None = None,
         user_properties: Mapping[str, str] | None = None,
         correlation: bytes | None = None,
+        timeout: float | None = None,
     ) -> None:
-        """Publish; for QoS >= 1 returns once the transport has taken the message."""
+        """Publish; for QoS >= 1 returns once the transport has taken the message.
+
+        ``timeout`` bounds the wait (None: the transport's own request timeout).  The one
+        signature of every transport: each implements :meth:`_carry`."""
+        await self._carry(
+            BusMessage(
+                topic,
+                payload,
+                qos,
+                retain,
+                content_type,
+                expiry,
+                user_properties or {},
+                correlation,
+            ),
+            timeout,
+        )
+
+    @abstractmethod
+    async def _carry(self, msg: BusMessage, timeout: float | None = None) -> None:
+        """Carry one message (see :meth:`publish`)."""
 
     def subscribe(self, filter_: str = "", *, qos: int = 1, maxsize: int = 10_000) -> _SubscribeCtx:
         """Subscribe to a filter; use as ``async with bus.subscribe(f) as sub``

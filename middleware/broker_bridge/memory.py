@@ -8,9 +8,8 @@ duplication for fault tests.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
 
-from middleware.broker_bridge.bus import Bus, BusMessage, Will
+from middleware.broker_bridge.bus import Bus, BusMessage, Will, own_copy
 from middleware.protocol.topics import matches, strip_share
 
 
@@ -85,31 +84,9 @@ class InMemoryBus(Bus):
             w = self.will
             self.broker.route(BusMessage(w.topic, w.payload, w.qos, w.retain))
 
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        content_type: str | None = None,
-        expiry: float | None = None,
-        user_properties: Mapping[str, str] | None = None,
-        correlation: bytes | None = None,
-    ) -> None:
+    async def _carry(self, msg: BusMessage, timeout: float | None = None) -> None:
         self._check_open()
-        self.broker.route(
-            BusMessage(
-                topic,
-                bytes(payload),
-                qos,
-                retain,
-                content_type,
-                expiry,
-                dict(user_properties or {}),
-                correlation,
-            )
-        )
+        self.broker.route(own_copy(msg))
 
     async def _subscribe(self, filter_: str, qos: int) -> None:
         # once per filter: Bus unsubscribes only when the last user closes, and a

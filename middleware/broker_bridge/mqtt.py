@@ -205,22 +205,13 @@ class MqttBus(ReconnectingBus):
         self._end_connection("closed")
 
     # --- data path ------------------------------------------------------------
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        content_type: str | None = None,
-        expiry: float | None = None,
-        user_properties: Mapping[str, str] | None = None,
-        correlation: bytes | None = None,
-        timeout: float | None = None,
-    ) -> None:
+    async def _carry(self, msg: BusMessage, timeout: float | None = None) -> None:
         """Publish; QoS >= 1 returns after PUBACK.  While disconnected it waits for
         the reconnect; the whole call is bounded by ``timeout`` (default
         ``settings.request_timeout``) and raises BusError when that passes."""
+        topic, payload, qos, retain = msg.topic, msg.payload, msg.qos, msg.retain
+        content_type, expiry = msg.content_type, msg.expiry
+        user_properties, correlation = msg.user_properties, msg.correlation
         self._check_open()
         loop = self._require_loop()
         client = self._require_client()

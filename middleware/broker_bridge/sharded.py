@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -215,20 +215,12 @@ class ShardedBus(Bus):
             self._where[did] = index
         self._dispatch(msg)
 
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        content_type: str | None = None,
-        expiry: float | None = None,
-        user_properties: Mapping[str, str] | None = None,
-        correlation: bytes | None = None,
-    ) -> None:
+    async def _carry(self, msg: BusMessage, timeout: float | None = None) -> None:
         """To the device's broker for its topics (dropped and counted when that broker is
         down), to every broker that is up otherwise (BusError only if none took it)."""
+        topic, payload, qos, retain = msg.topic, msg.payload, msg.qos, msg.retain
+        content_type, expiry = msg.content_type, msg.expiry
+        user_properties, correlation = msg.user_properties, msg.correlation
         self._check_open()
         check_topic(topic)
         kw = {

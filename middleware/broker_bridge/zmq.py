@@ -60,7 +60,6 @@ import itertools
 import math
 import re
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -71,7 +70,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from middleware.broker_bridge import zmq_wire as w
 from middleware.broker_bridge._aio import cancel_and_wait as _cancel
-from middleware.broker_bridge.bus import Bus, BusMessage, Will
+from middleware.broker_bridge.bus import Bus, BusMessage, Will, own_copy
 from middleware.broker_bridge.client import Lost, ReconnectingBus, Refused
 from middleware.errors import BusError, ConfigError, ProtocolError, TopicError
 from middleware.protocol.topics import check_filter, check_topic, matches
@@ -210,22 +209,13 @@ class ZmqBus(ReconnectingBus):
         self._end_connection("closed")
 
     # --- data path ------------------------------------------------------------------
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        content_type: str | None = None,
-        expiry: float | None = None,
-        user_properties: Mapping[str, str] | None = None,
-        correlation: bytes | None = None,
-        timeout: float | None = None,
-    ) -> None:
+    async def _carry(self, msg: BusMessage, timeout: float | None = None) -> None:
         """Publish to the current verifier; QoS >= 1 returns after its ``puback`` and is
         sent again to the next verifier if the connection drops first.  Bounded by
         ``timeout`` (default ``settings.request_timeout``): BusError when it passes."""
+        topic, payload, qos, retain = msg.topic, msg.payload, msg.qos, msg.retain
+        content_type, expiry = msg.content_type, msg.expiry
+        user_properties, correlation = msg.user_properties, msg.correlation
         self._check_open()
         loop = self._require_loop()
         check_topic(topic)
@@ -565,35 +555,16 @@ class ZmqServerBus(Bus):
         self._peers.clear()
 
     # --- data path ------------------------------------------------------------------
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        content_type: str | None = None,
-        expiry: float | None = None,
-        user_properties: Mapping[str, str] | None = None,
-        correlation: bytes | None = None,
-    ) -> None:
+    async def _carry(self, msg: BusMessage, timeout: float | None = None) -> None:
         """Deliver to this process's subscriptions and to every peer whose filters match
         (non-blocking: a full peer queue drops and counts); ``retain`` keeps it as the
         answer to state requests (an empty payload clears it)."""
+        topic, qos, retain, expiry = msg.topic, msg.qos, msg.retain, msg.expiry
         self._check_open()
         check_topic(topic)
         if qos not in (0, 1, 2):
             raise BusError(f"invalid QoS {qos!r}")
-        msg = BusMessage(
-            topic,
-            bytes(payload),
-            qos,
-            retain,
-            content_type,
-            expiry,
-            dict(user_properties or {}),
-            correlation,
-        )
+        msg = own_copy(msg)
         if retain:
             if msg.payload:
                 now = asyncio.get_running_loop().time()
