@@ -623,7 +623,11 @@ async def run_case(
 
     def ready(verifier: Any) -> None:
         nonlocal calibration  # start-up timing of the planned policy: not part of the run
-        calibration = (engine.verify.forwards, engine.verify.padded_tokens, engine.forward_passes)
+        calibration = (
+            engine.verify_counts.forwards,
+            engine.verify_counts.padded_tokens,
+            engine.forward_passes,
+        )
 
     def done(verifier: Any) -> None:
         if probe is not None:
@@ -694,10 +698,12 @@ async def run_case(
         "sessions": sessions["sessions"],
         "verify_rounds": m.forwards.total(),
         "verify_rounds_per_token": per_token(m.forwards.total()),
-        "verify_forwards_per_token": per_token(engine.verify.forwards - calibration[0]),
+        "verify_forwards_per_token": per_token(engine.verify_counts.forwards - calibration[0]),
         "engine_forwards_per_token": per_token(engine.forward_passes - calibration[2]),
         "mean_batch": m.batch_size.mean,
-        "verify_fed_tokens_per_token": per_token(engine.verify.padded_tokens - calibration[1]),
+        "verify_fed_tokens_per_token": per_token(
+            engine.verify_counts.padded_tokens - calibration[1]
+        ),
         "forward_ms_mean": m.forward_time.mean * 1e3,
         "verifier_busy": m.forward_time.sum / fleet["wall_s"] if fleet["wall_s"] else 0.0,
         "queue_wait_p50_ms": m.queue_wait.quantile(0.5) * 1e3,

@@ -32,11 +32,12 @@ class CountingEngine(TargetEngine):
 
     def __init__(self, model: Any, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        self.prefill = PhaseCounts()
-        self.verify = PhaseCounts()
+        # not ``prefill``: TargetEngine.prefill is the engine's chunked-prefill method
+        self.prefill_counts = PhaseCounts()
+        self.verify_counts = PhaseCounts()
 
     def _forward(self, rows: list[Any], *, keep_all_logits: bool) -> torch.Tensor:
-        phase = self.verify if keep_all_logits else self.prefill  # prefill keeps no logits
+        phase = self.verify_counts if keep_all_logits else self.prefill_counts  # prefill: no logits
         t0 = time.perf_counter()
         out = super()._forward(rows, keep_all_logits=keep_all_logits)
         phase.seconds += time.perf_counter() - t0
@@ -48,4 +49,4 @@ class CountingEngine(TargetEngine):
         return out
 
     def counts(self) -> dict[str, dict[str, float]]:
-        return {"prefill": asdict(self.prefill), "verify": asdict(self.verify)}
+        return {"prefill": asdict(self.prefill_counts), "verify": asdict(self.verify_counts)}

@@ -358,7 +358,7 @@ async def run_speculative(
         "engine_forwards_per_token": per_token(engine.forward_passes),
         "mean_batch": m.batch_size.mean,
         "engine": engine.counts(),
-        "verify_fed_tokens_per_token": per_token(engine.verify.padded_tokens),
+        "verify_fed_tokens_per_token": per_token(engine.verify_counts.padded_tokens),
         "forward_ms_mean": m.forward_time.mean * 1e3,
         "verifier_busy": m.forward_time.sum / fleet["wall_s"] if fleet["wall_s"] else 0.0,
         "queue_wait_p50_ms": m.queue_wait.quantile(0.5) * 1e3,

@@ -107,7 +107,7 @@ class Histogram:
         self._m = prom.Histogram(name, help_, buckets=tuple(buckets), registry=registry)
         self.count = 0
         self.sum = 0.0
-        self._recent: deque[float] = deque(maxlen=256)
+        self._recent: deque[float] = deque(maxlen=2048)
 
     def observe(self, value: float) -> None:
         self._m.observe(value)
@@ -118,6 +118,17 @@ class Histogram:
     @property
     def mean(self) -> float:
         return self.sum / self.count if self.count else 0.0
+
+    def quantile(self, q: float) -> float:
+        """The ``q``-quantile (0..1) of the recent window (benchmarks; Prometheus users
+        take ``histogram_quantile()`` over the buckets); 0.0 before any observation."""
+        xs = sorted(self._recent)
+        if not xs:
+            return 0.0
+        pos = min(max(q, 0.0), 1.0) * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 Summary = Histogram  # the old name, for callers outside this package
