@@ -282,7 +282,9 @@ class SessionClasses:
     by_job: dict[str, str]
 
     def get(self, sid: str, default: str = "") -> str:
-        """The class of session ``sid``; ``default`` for a session of no job."""
+        """The class of session ``sid`` (a session id, or the verifier's key
+        ``device/session``); ``default`` for a session of no job."""
+        sid = sid.rpartition("/")[2]
         if sid in self.by_job:
             return self.by_job[sid]
         base, _, n = sid.rpartition("-")

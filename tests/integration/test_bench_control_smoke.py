@@ -62,7 +62,7 @@ def test_quick_control_benchmark_is_lossless_with_positive_figures(smollm2, tmp_
         assert md["mean_batch"] >= 1
         for c in CLASSES:
             by_class = md["by_class"][c.name]
-            assert by_class["devices"] == per_device and by_class["sessions"] > per_device
+            assert by_class["devices"] == per_device and by_class["sessions"] >= 1
             assert by_class["ms_per_token"] > 0 and by_class["window_tokens"] > 0
 
     uniform = next(r for r in report["results"] if r["case"] == "uniform-k4")
