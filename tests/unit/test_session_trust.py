@@ -333,3 +333,17 @@ async def test_a_long_prompt_is_prefilled_between_other_sessions_rounds(model) -
     last_long = len(engine.calls) - 1 - engine.calls[::-1].index("prefill:long")
     assert "verify" in engine.calls[first_long:last_long]
     assert engine.calls.count("prefill:long") >= 300 // 32
+
+
+# --- retained state: bounded and bound to its instance ------------------------------
+
+
+async def test_retained_state_carries_an_expiry_and_the_instance(h: Harness, model) -> None:
+    """Issue 15: retained messages grew without bound (every session's state, forever);
+    the state now carries an MQTT 5 message expiry (``state_expiry_s``, 24 h default)."""
+    msg = open_msg()
+    await opened(h, msg)
+    broker = h.bus.broker
+    state = broker.retained[T.session("dev", "s1", "state")]
+    assert state.expiry == h.verifier.config.state_expiry_s == 86_400.0
+    assert decode(state.payload, expect=SessionState).instance == session_instance(msg)
