@@ -27,14 +27,24 @@ class Entity:
     extra: tuple[tuple[str, object], ...] = ()
 
 
+# Both a device and a verifier: availability and the share of draft tokens accepted.
+ONLINE = Entity(
+    "binary_sensor",
+    "online",
+    "Online",
+    "{{ 'ON' if value_json.online else 'OFF' }}",
+    (("device_class", "connectivity"), ("payload_on", "ON"), ("payload_off", "OFF")),
+)
+ACCEPTANCE = Entity(
+    "sensor",
+    "acceptance",
+    "Draft acceptance",
+    "{{ ((value_json.stats.acceptance_rate | float(0)) * 100) | round(1) }}",
+    (("unit_of_measurement", "%"), ("state_class", "measurement")),
+)
+
 DEVICE_ENTITIES = (
-    Entity(
-        "binary_sensor",
-        "online",
-        "Online",
-        "{{ 'ON' if value_json.online else 'OFF' }}",
-        (("device_class", "connectivity"), ("payload_on", "ON"), ("payload_off", "OFF")),
-    ),
+    ONLINE,
     Entity(
         "sensor",
         "sessions",
@@ -42,13 +52,7 @@ DEVICE_ENTITIES = (
         "{{ value_json.sessions | length }}",
         (("state_class", "measurement"),),
     ),
-    Entity(
-        "sensor",
-        "acceptance",
-        "Draft acceptance",
-        "{{ ((value_json.stats.acceptance_rate | float(0)) * 100) | round(1) }}",
-        (("unit_of_measurement", "%"), ("state_class", "measurement")),
-    ),
+    ACCEPTANCE,
     Entity(
         "sensor",
         "tokens_per_s",
@@ -66,13 +70,7 @@ DEVICE_ENTITIES = (
 )
 
 VERIFIER_ENTITIES = (
-    Entity(
-        "binary_sensor",
-        "online",
-        "Online",
-        "{{ 'ON' if value_json.online else 'OFF' }}",
-        (("device_class", "connectivity"), ("payload_on", "ON"), ("payload_off", "OFF")),
-    ),
+    ONLINE,
     Entity(
         "sensor",
         "status",
@@ -86,13 +84,7 @@ VERIFIER_ENTITIES = (
         "{{ value_json.sessions | int(0) }}",
         (("state_class", "measurement"),),
     ),
-    Entity(
-        "sensor",
-        "acceptance",
-        "Draft acceptance",
-        "{{ ((value_json.stats.acceptance_rate | float(0)) * 100) | round(1) }}",
-        (("unit_of_measurement", "%"), ("state_class", "measurement")),
-    ),
+    ACCEPTANCE,
     Entity(
         "sensor",
         "mean_batch_size",

@@ -86,6 +86,18 @@ def session_instance(open_: OpenSession) -> str:
     return hashlib.sha256(msgpack.packb(body)).hexdigest()[:INSTANCE_LEN]
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences (an ``opened`` verdict's
+    ``base`` is this between the truth and the claim)."""
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):  # the common case, compared at C speed
+        return n
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def tokens_digest(tokens: Sequence[int], start: Any = None) -> Any:
     """A running SHA-256 over token ids (``start``: a digest object to continue)."""
     h = start if start is not None else hashlib.sha256()

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from middleware.errors import ModelError
+from middleware.protocol.session import common_prefix
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, H, L, D]
 
@@ -98,16 +99,6 @@ class _Session:
 class _Row:
     session: _Session
     tokens: list[int]  # fed after the session's cached tokens
-
-
-def _common_prefix(cached: list[int], target: list[int]) -> int:
-    n = min(len(cached), len(target))
-    if cached[:n] == target[:n]:  # the usual case, compared at C speed
-        return n
-    for i in range(n):
-        if cached[i] != target[i]:
-            return i
-    return n
 
 
 def _check_supported(model: Any) -> None:
@@ -318,7 +309,7 @@ class TargetEngine:
     def _sync(session: _Session, context: Sequence[int]) -> bool:
         """Crop the cache to its common prefix with ``context[:-1]``; True if tokens are missing."""
         target = [int(t) for t in context[:-1]]
-        session.crop(_common_prefix(session.tokens, target))
+        session.crop(common_prefix(session.tokens, target))
         return len(session.tokens) < len(target)
 
     def _prefill(self, rows: list[_Row]) -> None:

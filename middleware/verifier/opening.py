@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from middleware.verifier.sessions import common_prefix
+from middleware.protocol.session import common_prefix
 
 How = Literal["none", "held", "tag", "prove", "rollback"]
 

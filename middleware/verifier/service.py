@@ -44,7 +44,7 @@ from middleware.protocol import (
     VerifierStatus,
     decode,
 )
-from middleware.protocol.session import VERDICT_KINDS, session_instance, trace_id
+from middleware.protocol.session import VERDICT_KINDS, common_prefix, session_instance, trace_id
 from middleware.protocol.topics import DEFAULT_SHARE_GROUP
 from middleware.verifier.acceptance import RelaxedAcceptance
 from middleware.verifier.batcher import BatchConfig, Batcher, Pending
@@ -56,7 +56,6 @@ from middleware.verifier.rounds import RoundInput, RoundResult, run_round
 from middleware.verifier.sessions import (
     VerifierSession,
     clip_commit,
-    common_prefix,
     session_key,
     triage,
 )

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from middleware.protocol import Draft, OpenSession, SamplingParams, SessionState, Verdict
-from middleware.protocol.session import commit_tag, session_instance, tokens_digest
+from middleware.protocol.session import (
+    commit_tag,
+    session_instance,
+    tokens_digest,
+)
 
 VERDICT_CACHE = 16
 
@@ -22,13 +26,6 @@ VERDICT_CACHE = 16
 def session_key(device_id: str, session_id: str) -> str:
     """The verifier's key of a session: session ids are per device (ids never hold '/')."""
     return f"{device_id}/{session_id}"
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if list(a[:n]) == list(b[:n]):
-        return n
-    return next(i for i in range(n) if a[i] != b[i])
 
 
 @dataclass(slots=True)

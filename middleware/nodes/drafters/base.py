@@ -25,8 +25,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from middleware.errors import ModelError
 from middleware.nodes.drafters.policy import DraftPolicy
-from middleware.protocol.session import SamplingParams, SparseDist
+from middleware.protocol.session import SamplingParams, SparseDist, common_prefix
+
+__all__ = ["DraftStats", "Drafter", "Proposal", "common_prefix"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,21 @@ class Drafter(ABC):
         Gumbel noise and the rejection-mode random stream.
         """
 
+    def _room(
+        self,
+        prompt: Sequence[int],
+        committed: Sequence[int],
+        speculative: Sequence[int],
+        max_tokens: int,
+        max_context: int,
+    ) -> tuple[list[int], int]:
+        """A model drafter's context (``prompt + committed + speculative``) and how many
+        tokens it may draft on it now (policy and context window; 0: none)."""
+        context = [*prompt, *(int(t) for t in committed), *(int(t) for t in speculative)]
+        if not context:
+            raise ModelError(f"{self.name}: propose() before start() or with an empty prompt")
+        return context, min(self.policy.limit(max_tokens), max_context - len(context))
+
     def observe(self, proposed: int, accepted: int) -> None:
         """Feed back one verified round (``accepted`` of ``proposed`` taken)."""
         self.stats.record(proposed, accepted)
@@ -121,14 +139,3 @@ class Drafter(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, policy={self.policy!r})"
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    if list(a[:n]) == list(b[:n]):  # the common case, compared at C speed
-        return n
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

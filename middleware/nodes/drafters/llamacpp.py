@@ -256,10 +256,9 @@ class LlamaCppDrafter(Drafter):
     def propose(
         self, committed: Sequence[int], speculative: Sequence[int], max_tokens: int, position: int
     ) -> Proposal:
-        context = [*self._prompt, *(int(t) for t in committed), *(int(t) for t in speculative)]
-        if not context:
-            raise ModelError(f"{self.name}: propose() before start() or with an empty prompt")
-        limit = min(self.policy.limit(max_tokens), self.max_context - len(context))
+        context, limit = self._room(
+            self._prompt, committed, speculative, max_tokens, self.max_context
+        )
         if limit <= 0:
             return Proposal()
         tokens: list[int] = []
