@@ -57,6 +57,7 @@ from middleware.verifier.sessions import (
     VerifierSession,
     clip_commit,
     session_key,
+    tag_matches,
     triage,
 )
 
@@ -422,24 +423,12 @@ class VerifierService:
     async def _open(self, m: OpenSession) -> None:
         """Admit a (re-)open; the ``opened`` answer follows once its prompt is prefilled and
         its claimed committed tokens are proven (:meth:`_opening`)."""
-        vid = self.config.verifier_id
         key = session_key(m.device_id, m.session_id)
         inst = session_instance(m)
 
         def refuse(reason: str, why: str, kind: str = "refused", clen: int = 0) -> Awaitable[None]:
             self._reject(reason, key, why)
-            v = Verdict(
-                session_id=m.session_id,
-                epoch=m.epoch,
-                seq=m.seq,
-                kind=kind,  # type: ignore[arg-type]
-                reason=why,
-                committed_len=clen,
-                verifier_id=vid,
-                echo_ts=m.sent_at,
-                instance=inst,
-            )
-            return self._send_verdict(v, m.device_id)
+            return self._send_verdict(self._refusal(m, inst, why, kind, clen), m.device_id)
 
         if m.tokenizer != self.fingerprint:
             await refuse(
@@ -484,16 +473,14 @@ class VerifierService:
             if not old.opening:
                 await self._send_verdict(self._opened(old, m), m.device_id)
             return
-        if old is None and not await self._admit(m):
+        if old is None and not await self._admit(m, inst):
             return
         held = old.committed if old is not None else None
-        tag_ok = bool(m.tag) and VerifierSession.from_open(m, (), self._tag_key).check_tag(
-            m.committed, m.tag
-        )
+        tag_ok = tag_matches(self._tag_key, inst, m.committed, m.tag)
         plan = plan_open(m.committed, held, tag_ok=tag_ok, mode=m.sampling.mode)
         if plan.how == "rollback":
             self._reject("claim_rolled_back", key, f"{len(m.committed)} unproven tokens")
-        s = VerifierSession.from_open(m, plan.trusted, self._tag_key)
+        s = VerifierSession.from_open(m, plan.trusted, self._tag_key, inst)
         if old is not None and old.done and len(s.committed) == len(old.committed):
             s.finish_reason = old.finish_reason
         elif s.committed and s.committed[-1] in s.stop_ids:
@@ -527,7 +514,7 @@ class VerifierService:
         assert self._tg is not None
         self._tg.create_task(self._opening(s, m, plan.to_prove), name=f"open-{key}")
 
-    async def _admit(self, m: OpenSession) -> bool:
+    async def _admit(self, m: OpenSession, inst: str) -> bool:
         """Room for a new session: per-device limit, then the verifier's, shared fairly.
 
         When full, the verifier makes room before refusing: finished sessions first,
@@ -540,7 +527,8 @@ class VerifierService:
         if len(mine) >= self.config.max_sessions_per_device:
             self._reject("device_session_limit", m.session_id, m.device_id)
             await self._send_verdict(
-                self._refusal(m, "device at its session limit on this verifier"), m.device_id
+                self._refusal(m, inst, "device at its session limit on this verifier"),
+                m.device_id,
             )
             return False
         if len(self.sessions) < self.config.max_sessions:
@@ -551,7 +539,7 @@ class VerifierService:
             return True
         self._reject("too_many_sessions", m.session_id, str(len(self.sessions)))
         await self._send_verdict(
-            self._refusal(m, "verifier at its session limit; retry later"), m.device_id
+            self._refusal(m, inst, "verifier at its session limit; retry later"), m.device_id
         )
         return False
 
@@ -575,16 +563,20 @@ class VerifierService:
             return min(heaviest, key=lambda s: s.last_active)
         return None
 
-    def _refusal(self, m: OpenSession, why: str) -> Verdict:
+    def _refusal(
+        self, m: OpenSession, inst: str, why: str, kind: str = "refused", clen: int = 0
+    ) -> Verdict:
+        """The answer to an open that is not served (``refused``, or ``resync`` when stale)."""
         return Verdict(
             session_id=m.session_id,
             epoch=m.epoch,
             seq=m.seq,
-            kind="refused",
+            kind=kind,  # type: ignore[arg-type]
             reason=why,
+            committed_len=clen,
             verifier_id=self.config.verifier_id,
             echo_ts=m.sent_at,
-            instance=session_instance(m),
+            instance=inst,
         )
 
     def _opened(self, s: VerifierSession, m: OpenSession) -> Verdict:
@@ -678,7 +670,7 @@ class VerifierService:
             self.engine.close(key)
             await self._drop(s, "open failed")
             await self._send_verdict(
-                self._refusal(m, f"open failed: {type(exc).__name__}"), s.device_id
+                self._refusal(m, s.instance, f"open failed: {type(exc).__name__}"), s.device_id
             )
             return
         if not current():

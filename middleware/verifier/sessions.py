@@ -7,6 +7,7 @@ behind), or refused/resynced.  No bus, no model.
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -61,9 +62,14 @@ class VerifierSession:
 
     @classmethod
     def from_open(
-        cls, msg: OpenSession, committed: Sequence[int] = (), tag_key: bytes = b""
+        cls,
+        msg: OpenSession,
+        committed: Sequence[int] = (),
+        tag_key: bytes = b"",
+        instance: str = "",
     ) -> VerifierSession:
-        """A session for ``msg`` holding ``committed``: the proven tokens, never the claim."""
+        """A session for ``msg`` holding ``committed``: the proven tokens, never the claim.
+        ``instance``: ``session_instance(msg)`` when the caller has it already."""
         s = cls(
             session_id=msg.session_id,
             device_id=msg.device_id,
@@ -74,7 +80,7 @@ class VerifierSession:
             max_new_tokens=msg.max_new_tokens,
             stop_ids=frozenset(msg.stop_ids),
             drafter=msg.drafter,
-            instance=session_instance(msg),
+            instance=instance or session_instance(msg),
             tag_key=tag_key,
         )
         s.commit(list(committed), "")
@@ -90,15 +96,6 @@ class VerifierSession:
         if not self._tag and self.tag_key:
             self._tag = commit_tag(self.tag_key, self.instance, len(self.committed), self._digest)
         return self._tag
-
-    def check_tag(self, tokens: Sequence[int], tag: str) -> bool:
-        """Whether ``tag`` is this instance's MAC of exactly ``tokens``."""
-        import hmac
-
-        if not tag or not self.tag_key:
-            return False
-        want = commit_tag(self.tag_key, self.instance, len(tokens), tokens_digest(tokens))
-        return hmac.compare_digest(want, tag)
 
     @property
     def done(self) -> bool:
@@ -171,6 +168,14 @@ class VerifierSession:
             instance=self.instance,
             tag=self.tag,
         )
+
+
+def tag_matches(key: bytes, instance: str, tokens: Sequence[int], tag: str) -> bool:
+    """Whether ``tag`` is the commit tag of exactly ``tokens`` of ``instance`` under ``key``."""
+    if not tag or not key:
+        return False
+    want = commit_tag(key, instance, len(tokens), tokens_digest(tokens))
+    return hmac.compare_digest(want, tag)
 
 
 def clip_commit(
