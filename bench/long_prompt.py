@@ -1,7 +1,8 @@
 """How much one long prompt slows the other sessions' verify rounds (issue 15).
 
-The real SmolLM2-135M target in a :class:`VerifierService` over the in-memory bus
-(the broker is not what is measured).  A short session drafts 4 tokens a round,
+The real SmolLM2-135M target in a :class:`VerifierService` over a Mosquitto
+started here (a loopback message costs about 0.4 ms beside rounds of about 110 ms:
+the broker is not what is measured).  A short session drafts 4 tokens a round,
 one draft outstanding, as a device does:
 
 ``alone``
@@ -32,8 +33,9 @@ from typing import Any
 
 import torch
 
-from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
+from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.metrics import Registry
+from middleware.mosquitto import MosquittoProcess
 from middleware.protocol import Draft, OpenSession, Topics, Verdict, decode
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.service import VerifierConfig, VerifierService
@@ -43,7 +45,7 @@ T = Topics()
 
 
 class Device:
-    def __init__(self, bus: InMemoryBus, device: str, sid: str, prompt: tuple[int, ...]) -> None:
+    def __init__(self, bus: MqttBus, device: str, sid: str, prompt: tuple[int, ...]) -> None:
         self.bus, self.device, self.sid, self.prompt = bus, device, sid, prompt
         self.clen = 0
         self.seq = 0
@@ -86,15 +88,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     loaded = load_causal_lm("smollm2")
     engine = TargetEngine(loaded.model)
-    broker = InMemoryBroker()
     gen = torch.Generator().manual_seed(0)
     long_prompt = tuple(
         int(t) for t in torch.randint(100, 40_000, (args.prompt_tokens,), generator=gen)
     )
     async with (
-        InMemoryBus(broker, "v") as vbus,
-        InMemoryBus(broker, "short") as sbus,
-        InMemoryBus(broker, "long") as lbus,
+        MosquittoProcess() as broker,
+        MqttBus(MqttSettings(broker.host, broker.port, client_id="v")) as vbus,
+        MqttBus(MqttSettings(broker.host, broker.port, client_id="short")) as sbus,
+        MqttBus(MqttSettings(broker.host, broker.port, client_id="long")) as lbus,
     ):
         svc = VerifierService(
             vbus,

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine_info, utc_now, write_json
-from middleware.broker_bridge.embedded import MosquittoProcess
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
+from middleware.mosquitto import MosquittoProcess
 
 PING, PONG = "bench/ping", "bench/pong"
 RESULTS = Path(__file__).resolve().parent / "results" / "mqtt_clients.json"

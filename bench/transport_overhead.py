@@ -48,9 +48,9 @@ import zmq
 from paho.mqtt.enums import CallbackAPIVersion
 
 from middleware.broker_bridge.bus import Bus, Subscription
-from middleware.broker_bridge.embedded import MosquittoProcess, free_port, wait_for_port
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.broker_bridge.zmq import ZmqBus, ZmqServerBus, ZmqServerSettings, ZmqSettings
+from middleware.mosquitto import MosquittoProcess, free_port, wait_for_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "transport_overhead.json"
 PING, PONG = "bench/ping", "bench/pong"

@@ -54,10 +54,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench.common import machine_info
 from bench.noop_engine import NoopEngine
 from bench.transport_overhead import raw_paho, summary
-from middleware.broker_bridge.embedded import MosquittoProcess
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.logs import configure_logging
 from middleware.metrics import Registry
+from middleware.mosquitto import MosquittoProcess
 from middleware.nodes.link import BusLink
 from middleware.protocol import Draft, OpenSession, Topics, Verdict, decode
 from middleware.verifier.batcher import BatchConfig

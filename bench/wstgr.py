@@ -717,8 +717,8 @@ def bench_context(
     directory holding the tokenizer; torch at ``threads`` threads, restored on exit."""
     import torch
 
-    from middleware.broker_bridge.embedded import MosquittoProcess
     from middleware.models.loading import load_causal_lm
+    from middleware.mosquitto import MosquittoProcess
     from middleware.nodes.service import encode_prompt, stop_ids_of
 
     before = torch.get_num_threads()

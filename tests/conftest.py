@@ -16,13 +16,9 @@ from typing import Any
 
 import pytest
 
-from middleware.broker_bridge.embedded import (
-    MosquittoContainer,
-    MosquittoProcess,
-    docker_available,
-    mosquitto_available,
-)
 from middleware.broker_bridge.mqtt import MqttSettings
+from middleware.mosquitto import MosquittoProcess, mosquitto_available
+from tests.brokers import MosquittoContainer, docker_available
 
 Broker = MosquittoProcess | MosquittoContainer
 

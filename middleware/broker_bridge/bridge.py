@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +66,7 @@ from typing import Self
 
 import structlog
 
+from middleware.broker_bridge._aio import backoff
 from middleware.broker_bridge.bus import Bus, BusMessage, Subscription
 from middleware.errors import BusClosedError, BusError, ConfigError, TopicError
 from middleware.protocol.topics import DEFAULT_PREFIX, Topics, matches
@@ -280,8 +280,7 @@ class Bridge:
                     dest_connected=up,
                     retry_in=round(delay, 3),
                 )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, self._retry[1])
+                delay = await backoff(delay, self._retry[1])
 
     def __repr__(self) -> str:
         return f"Bridge({self.bridge_id}, {list(self.filters)})"

@@ -2,7 +2,8 @@
 
 A :class:`Bus` publishes :class:`BusMessage` values and hands out
 :class:`Subscription` iterators.  Implementations: MQTT 5 (``mqtt.py``),
-ZeroMQ (``zmq.py``) and in-memory for unit tests (``memory.py``).
+ZeroMQ (``zmq.py``), several brokers (``sharded.py``); the unit tests' in-process
+double is ``tests/unit/membus.py``.
 
 Usage::
 

@@ -218,39 +218,27 @@ class ShardedBus(Bus):
     async def _carry(self, msg: BusMessage, timeout: float | None = None) -> None:
         """To the device's broker for its topics (dropped and counted when that broker is
         down), to every broker that is up otherwise (BusError only if none took it)."""
-        topic, payload, qos, retain = msg.topic, msg.payload, msg.qos, msg.retain
-        content_type, expiry = msg.content_type, msg.expiry
-        user_properties, correlation = msg.user_properties, msg.correlation
         self._check_open()
-        check_topic(topic)
-        kw = {
-            "qos": qos,
-            "retain": retain,
-            "content_type": content_type,
-            "expiry": expiry,
-            "user_properties": user_properties,
-            "correlation": correlation,
-        }
-        did = self._device_of(topic)
+        check_topic(msg.topic)
+        did = self._device_of(msg.topic)
         if did is not None:
             child = self.children[self.broker_of(did)]
             if not child.is_connected:
-                self._undelivered(topic, child, "broker down")
+                self._undelivered(msg.topic, child, "broker down")
                 return
             try:
-                await child.publish(topic, payload, timeout=self.publish_timeout, **kw)  # type: ignore[arg-type]
+                await child._carry(msg, self.publish_timeout)
             except BusError as exc:
                 if self._closed:
                     raise
-                self._undelivered(topic, child, str(exc))
+                self._undelivered(msg.topic, child, str(exc))
             return
         # To the brokers that are up (one that is down gets the next status publish; the
         # verifier republishes its status every few seconds); with none up, wait like a
         # single bus would.
         targets = [c for c in self.children if c.is_connected] or self.children
         results = await asyncio.gather(
-            *(c.publish(topic, payload, **kw) for c in targets),  # type: ignore[arg-type]
-            return_exceptions=True,
+            *(c._carry(msg, timeout) for c in targets), return_exceptions=True
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         for r in errors:

@@ -179,7 +179,7 @@ class ZmqBus(ReconnectingBus):
         self._mids = itertools.count(1)
         self._rids = itertools.count(1)
         self._acks: dict[int, asyncio.Future[None]] = {}
-        self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._requests: dict[int, asyncio.Future[w.Head]] = {}
 
     @property
     def endpoint(self) -> str:
@@ -213,9 +213,7 @@ class ZmqBus(ReconnectingBus):
         """Publish to the current verifier; QoS >= 1 returns after its ``puback`` and is
         sent again to the next verifier if the connection drops first.  Bounded by
         ``timeout`` (default ``settings.request_timeout``): BusError when it passes."""
-        topic, payload, qos, retain = msg.topic, msg.payload, msg.qos, msg.retain
-        content_type, expiry = msg.content_type, msg.expiry
-        user_properties, correlation = msg.user_properties, msg.correlation
+        topic, qos, expiry = msg.topic, msg.qos, msg.expiry
         self._check_open()
         loop = self._require_loop()
         check_topic(topic)
@@ -223,18 +221,17 @@ class ZmqBus(ReconnectingBus):
             raise BusError(f"invalid QoS {qos!r}")
         if expiry is not None and not 0 < expiry <= _MAX_EXPIRY:
             raise BusError(f"message expiry {expiry!r}s out of range (0, 2^32-1]")
-        fields = w.message_fields(
-            topic, qos, retain, content_type, expiry, user_properties, correlation
-        )
-        body = bytes(payload)
+        body = bytes(msg.payload)
         deadline = loop.time() + (self.settings.request_timeout if timeout is None else timeout)
         if qos == 0:
             await self._wait_ready(deadline)
             with contextlib.suppress(zmq.ZMQError):
-                await self._require_sock().send_multipart([w.pack(w.PUB, **fields), body])
+                await self._require_sock().send_multipart(
+                    [w.pack(w.message_head(w.PUB, msg)), body]
+                )
             return
         mid = next(self._mids)
-        frames = [w.pack(w.PUB, m=mid, **fields), body]
+        frames = [w.pack(w.message_head(w.PUB, msg, mid)), body]
         try:
             async with asyncio.timeout_at(deadline):
                 while True:
@@ -261,7 +258,9 @@ class ZmqBus(ReconnectingBus):
         self._requests[rid] = fut = self._require_loop().create_future()
         try:
             async with asyncio.timeout_at(deadline):
-                await self._require_sock().send_multipart([w.pack(w.SUB, rid=rid, f=filter_)])
+                await self._require_sock().send_multipart(
+                    [w.pack(w.Head(w.SUB, rid=rid, f=filter_))]
+                )
                 head = await fut
         except zmq.ZMQError as exc:
             raise Lost(str(exc)) from exc
@@ -269,14 +268,16 @@ class ZmqBus(ReconnectingBus):
             raise BusError(f"{self.client_id}: no suback for {filter_!r} in time") from exc
         finally:
             self._requests.pop(rid, None)
-        if "err" in head:
-            raise TopicError(f"verifier refused subscription {filter_!r}: {head['err']}")
+        if head.err is not None:
+            raise TopicError(f"verifier refused subscription {filter_!r}: {head.err}")
 
     async def _unsubscribe(self, filter_: str) -> None:
         self._live.discard(filter_)
         if self._sock is not None and self._connected.is_set():
             with contextlib.suppress(zmq.ZMQError):
-                await self._sock.send_multipart([w.pack(w.UNSUB, f=filter_)], flags=zmq.NOBLOCK)
+                await self._sock.send_multipart(
+                    [w.pack(w.Head(w.UNSUB, f=filter_))], flags=zmq.NOBLOCK
+                )
 
     async def _settle(self) -> None:
         """After a lost attempt: let the supervisor notice before trying again."""
@@ -299,27 +300,29 @@ class ZmqBus(ReconnectingBus):
         endpoint = self.endpoint
         try:
             sock.connect(endpoint)
-            hello = w.pack(w.HELLO, id=self.client_id, v=w.VERSION, will=w.will_to_wire(s.will))
+            hello = w.pack(
+                w.Head(w.HELLO, id=self.client_id, v=w.VERSION, will=w.WireWill.of(s.will))
+            )
             async with asyncio.timeout(s.handshake_timeout):
                 await sock.send_multipart([hello])
                 while True:
                     head = w.unpack((await sock.recv_multipart())[0])
-                    if head["c"] == w.WELCOME:
+                    if head.c == w.WELCOME:
                         break
         except (TimeoutError, ProtocolError, zmq.ZMQError) as exc:
             self._next_endpoint()
             raise BusError(f"{self.client_id}: no welcome from {endpoint}: {exc!r}") from exc
-        if head.get("v") != w.VERSION or "err" in head:
-            raise Refused(f"{self.client_id}: {endpoint} refused: {head.get('err', 'version')}")
-        self._server_will = w.will_from_wire(head.get("will"))
-        self.server_id = str(head.get("id", ""))
+        if head.v != w.VERSION or head.err is not None:
+            raise Refused(f"{self.client_id}: {endpoint} refused: {head.err or 'version'}")
+        self._server_will = head.will.will() if head.will is not None else None
+        self.server_id = head.id or ""
 
     async def _after_connect(self) -> None:
         """Request every open subscription's filters (and so their state) again."""
         sock = self._require_sock()
         self._live.clear()
         for f in {f for sub in self._subs for f in sub.filters}:
-            await sock.send_multipart([w.pack(w.SUB, f=f)])
+            await sock.send_multipart([w.pack(w.Head(w.SUB, f=f))])
             self._live.add(f)
 
     async def _hold(self) -> None:
@@ -378,22 +381,22 @@ class ZmqBus(ReconnectingBus):
 
     def _handle(self, frames: list[bytes], lost: asyncio.Future[str]) -> None:
         head = w.unpack(frames[0])
-        cmd = head["c"]
+        cmd = head.c
         if cmd == w.MSG:
-            msg = w.message_from(head, frames[1] if len(frames) > 1 else b"")
+            msg = head.message(frames[1] if len(frames) > 1 else b"")
             try:
                 self._dispatch(msg)
             except Exception:  # a subscriber bug must not kill the connection
                 log.exception("zmq.dispatch_failed", client_id=self.client_id)
         elif cmd == w.PUBACK:
-            ack = self._acks.get(head.get("m", -1))
+            ack = self._acks.get(head.m or -1)
             if ack is not None and not ack.done():
-                if "err" in head:
-                    ack.set_exception(BusError(f"verifier rejected publish: {head['err']}"))
+                if head.err is not None:
+                    ack.set_exception(BusError(f"verifier rejected publish: {head.err}"))
                 else:
                     ack.set_result(None)
         elif cmd == w.SUBACK:
-            fut = self._requests.get(head.get("rid", -1))
+            fut = self._requests.get(head.rid or -1)
             if fut is not None and not fut.done():
                 fut.set_result(head)
         elif cmd in (w.BYE, w.UNKNOWN):
@@ -643,19 +646,18 @@ class ZmqServerBus(Bus):
 
     async def _handle(self, ident: bytes, body: list[bytes]) -> None:
         head = w.unpack(body[0])
-        cmd = head["c"]
+        cmd = head.c
         if cmd == w.HELLO:
-            cid = head.get("id")
-            if not isinstance(cid, str) or not 0 < len(cid) <= 256:
+            if head.id is None:
                 raise ProtocolError("hello without a client id")
-            will = w.will_from_wire(head.get("will"))
+            will = head.will.will() if head.will is not None else None
             if will is not None:
                 check_topic(will.topic)
-            self._peers[ident] = _Peer(cid, will)
-            welcome = w.pack(
-                w.WELCOME, id=self.server_id, v=w.VERSION, will=w.will_to_wire(self.settings.will)
+            self._peers[ident] = _Peer(head.id, will)
+            welcome = w.Head(
+                w.WELCOME, id=self.server_id, v=w.VERSION, will=w.WireWill.of(self.settings.will)
             )
-            await self._send(ident, [welcome])
+            await self._send(ident, [w.pack(welcome)])
             return
         peer = self._peers.get(ident)
         if peer is None:
@@ -666,41 +668,41 @@ class ZmqServerBus(Bus):
         elif cmd == w.SUB:
             await self._on_sub(ident, peer, head)
         elif cmd == w.UNSUB:
-            peer.filters.discard(str(head.get("f", "")))
+            peer.filters.discard(head.f or "")
         elif cmd == w.BYE:
             self._forget(ident, deliver_will=False)
         else:
             raise ProtocolError(f"unknown command {cmd!r:.40}")
 
-    async def _on_pub(self, ident: bytes, head: dict[str, Any], body: list[bytes]) -> None:
-        msg = w.message_from(head, body[1] if len(body) > 1 else b"")
-        mid = head.get("m")
+    async def _on_pub(self, ident: bytes, head: w.Head, body: list[bytes]) -> None:
+        msg = head.message(body[1] if len(body) > 1 else b"")
+        mid = head.m
         try:
             check_topic(msg.topic)
         except TopicError as exc:
-            if isinstance(mid, int):
-                await self._send(ident, [w.pack(w.PUBACK, m=mid, err=str(exc))])
+            if mid is not None:
+                await self._send(ident, [w.pack(w.Head(w.PUBACK, m=mid, err=str(exc)))])
             raise
         self._dispatch(msg)
-        if isinstance(mid, int) and msg.qos > 0:
-            await self._send(ident, [w.pack(w.PUBACK, m=mid)])
+        if mid is not None and msg.qos > 0:
+            await self._send(ident, [w.pack(w.Head(w.PUBACK, m=mid))])
 
-    async def _on_sub(self, ident: bytes, peer: _Peer, head: dict[str, Any]) -> None:
+    async def _on_sub(self, ident: bytes, peer: _Peer, head: w.Head) -> None:
         """A subscription and a state request: the latest state on matching topics, then suback."""
-        f, rid = head.get("f"), head.get("rid")
+        f, rid = head.f, head.rid
         try:
-            if not isinstance(f, str):
+            if f is None:
                 raise TopicError("sub without a filter")
             check_filter(f)
         except TopicError as exc:
-            if isinstance(rid, int):
-                await self._send(ident, [w.pack(w.SUBACK, rid=rid, err=str(exc))])
+            if rid is not None:
+                await self._send(ident, [w.pack(w.Head(w.SUBACK, rid=rid, err=str(exc)))])
             raise
         peer.filters.add(f)
         for msg in self._current_state(f):
             await self._send(ident, w.msg_frames(msg))
-        if isinstance(rid, int):
-            await self._send(ident, [w.pack(w.SUBACK, rid=rid)])
+        if rid is not None:
+            await self._send(ident, [w.pack(w.Head(w.SUBACK, rid=rid))])
 
     def _current_state(self, filter_: str) -> list[BusMessage]:
         """The retained messages on topics matching ``filter_`` that have not expired, with
@@ -731,6 +733,6 @@ class ZmqServerBus(Bus):
         return f"ZmqServerBus({self.server_id}@{self.endpoint or self.settings.bind})"
 
 
-_BYE = w.pack(w.BYE)
-_UNKNOWN = w.pack(w.UNKNOWN)
-_PROBE = w.pack(w.PROBE)
+_BYE = w.pack(w.Head(w.BYE))
+_UNKNOWN = w.pack(w.Head(w.UNKNOWN))
+_PROBE = w.pack(w.Head(w.PROBE))

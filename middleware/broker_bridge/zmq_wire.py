@@ -23,15 +23,15 @@ connection and each side learns of it from its socket monitor.
 Keys: ``m`` message id, ``rid`` request id, ``t`` topic, ``q`` QoS, ``r``
 retain, ``ct`` content type, ``e`` expiry (s), ``up`` user properties, ``co``
 correlation bytes, ``will`` ``[topic, payload, qos, retain, delay]``.
-Decoding untrusted frames raises only :class:`ProtocolError`.
+A header is one typed :class:`Head` (msgspec checks every field's type while it
+decodes); decoding untrusted frames raises only :class:`ProtocolError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Literal
 
-import msgpack
+import msgspec
 
 from middleware.broker_bridge.bus import BusMessage, Will
 from middleware.errors import ProtocolError
@@ -43,126 +43,87 @@ HELLO, WELCOME, SUB, SUBACK, UNSUB = "hello", "welcome", "sub", "suback", "unsub
 PUB, PUBACK, MSG, BYE, UNKNOWN = "pub", "puback", "msg", "bye", "unknown"
 PROBE = "probe"  # verifier -> device, ignored: does the route still exist?
 
-
-def pack(cmd: str, **fields: Any) -> bytes:
-    """A header frame for ``cmd``; ``None`` fields are left out."""
-    body = {"c": cmd}
-    body.update({k: v for k, v in fields.items() if v is not None})
-    return msgpack.packb(body, use_bin_type=True)
+_Topic = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-def unpack(frame: bytes) -> dict[str, Any]:
-    """Decode a header frame; ProtocolError unless it is a map with a string ``c``."""
+class WireWill(msgspec.Struct, array_like=True, frozen=True):
+    """A will in a hello or welcome: ``[topic, payload, qos, retain, delay]``."""
+
+    topic: _Topic
+    payload: bytes
+    qos: Literal[0, 1, 2]
+    retain: bool
+    delay: Annotated[float, msgspec.Meta(ge=0, le=86_400 * 365)]
+
+    @classmethod
+    def of(cls, will: Will | None) -> WireWill | None:
+        if will is None:
+            return None
+        return cls(will.topic, will.payload, will.qos, will.retain, will.delay)  # type: ignore[arg-type]
+
+    def will(self) -> Will:
+        return Will(self.topic, self.payload, self.qos, self.retain, self.delay)
+
+
+class Head(msgspec.Struct, omit_defaults=True, frozen=True):
+    """A header frame; which fields a command uses is in the module docstring."""
+
+    c: str
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    v: int | None = None
+    will: WireWill | None = None
+    rid: int | None = None
+    f: str | None = None
+    m: int | None = None
+    err: str | None = None
+    t: _Topic | None = None
+    q: Literal[0, 1, 2] = 0
+    r: bool = False
+    ct: str | None = None
+    e: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    up: dict[str, str] = {}
+    co: bytes | None = None
+
+    def message(self, payload: bytes) -> BusMessage:
+        """The :class:`BusMessage` a ``pub``/``msg`` header and its payload frame carry."""
+        if self.t is None:
+            raise ProtocolError("message without a topic")
+        return BusMessage(self.t, payload, self.q, self.r, self.ct, self.e, self.up, self.co)
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decoder = msgspec.msgpack.Decoder(Head)
+
+
+def pack(head: Head) -> bytes:
+    return _encode(head)
+
+
+def unpack(frame: bytes) -> Head:
+    """Decode a header frame; ProtocolError unless it is a well-typed command map."""
     if len(frame) > MAX_HEADER:
         raise ProtocolError(f"zmq header of {len(frame)} bytes")
     try:
-        head = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=MAX_HEADER)
-    except (
-        ValueError,
-        TypeError,
-        msgpack.ExtraData,
-        msgpack.FormatError,
-        msgpack.StackError,
-        RecursionError,
-    ) as exc:
-        raise ProtocolError(f"zmq header is not msgpack: {exc}") from exc
-    if not isinstance(head, dict) or not isinstance(head.get("c"), str):
-        raise ProtocolError("zmq header is not a command map")
-    return head
+        return _decoder.decode(frame)
+    except msgspec.MsgspecError as exc:
+        raise ProtocolError(f"zmq header: {exc}") from exc
 
 
-def message_fields(
-    topic: str,
-    qos: int,
-    retain: bool,
-    content_type: str | None,
-    expiry: float | None,
-    user_properties: Mapping[str, str] | None,
-    correlation: bytes | None,
-) -> dict[str, Any]:
-    """The header fields of a ``pub``/``msg`` (everything but the payload; unset ones left out)."""
-    fields: dict[str, Any] = {"t": topic, "q": qos, "r": retain}
-    if content_type is not None:
-        fields["ct"] = content_type
-    if expiry is not None:
-        fields["e"] = expiry
-    if user_properties:
-        fields["up"] = {str(k): str(v) for k, v in user_properties.items()}
-    if correlation is not None:
-        fields["co"] = bytes(correlation)
-    return fields
+def message_head(cmd: str, msg: BusMessage, mid: int | None = None) -> Head:
+    """The ``pub``/``msg`` header of ``msg`` (everything but the payload)."""
+    return Head(
+        cmd,
+        m=mid,
+        t=msg.topic,
+        q=msg.qos,  # type: ignore[arg-type]
+        r=msg.retain,
+        ct=msg.content_type,
+        e=msg.expiry,
+        up={str(k): str(v) for k, v in msg.user_properties.items()},
+        co=None if msg.correlation is None else bytes(msg.correlation),
+    )
 
 
 def msg_frames(msg: BusMessage) -> list[bytes]:
     """The ``msg`` frames that carry ``msg`` to a device."""
-    fields = message_fields(
-        msg.topic,
-        msg.qos,
-        msg.retain,
-        msg.content_type,
-        msg.expiry,
-        msg.user_properties,
-        msg.correlation,
-    )
-    return [pack(MSG, **fields), msg.payload]
-
-
-def message_from(head: Mapping[str, Any], payload: bytes) -> BusMessage:
-    """A :class:`BusMessage` from a ``pub``/``msg`` header and its payload frame."""
-    topic, qos, retain = head.get("t"), head.get("q", 0), head.get("r", False)
-    ct, expiry, up, co = head.get("ct"), head.get("e"), head.get("up", {}), head.get("co")
-    if not isinstance(topic, str) or not topic:
-        raise ProtocolError("message without a topic")
-    if not isinstance(qos, int) or isinstance(qos, bool) or qos not in (0, 1, 2):
-        raise ProtocolError(f"bad qos in message to {topic!r}")
-    if not isinstance(retain, bool):
-        raise ProtocolError("bad retain flag")
-    if ct is not None and not isinstance(ct, str):
-        raise ProtocolError("bad content type")
-    if expiry is not None and (
-        not isinstance(expiry, int | float) or isinstance(expiry, bool) or not expiry > 0
-    ):
-        raise ProtocolError("bad expiry")
-    if not isinstance(up, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in up.items()
-    ):
-        raise ProtocolError("bad user properties")
-    if co is not None and not isinstance(co, bytes):
-        raise ProtocolError("bad correlation data")
-    return BusMessage(
-        topic=topic,
-        payload=payload,
-        qos=qos,
-        retain=retain,
-        content_type=ct,
-        expiry=float(expiry) if expiry is not None else None,
-        user_properties=up,
-        correlation=co,
-    )
-
-
-def will_to_wire(will: Will | None) -> list[Any] | None:
-    if will is None:
-        return None
-    return [will.topic, will.payload, will.qos, will.retain, will.delay]
-
-
-def will_from_wire(raw: Any) -> Will | None:
-    """Decode a hello's or welcome's will; ProtocolError when malformed."""
-    if raw is None:
-        return None
-    if not isinstance(raw, list) or len(raw) != 5:
-        raise ProtocolError("will: expected [topic, payload, qos, retain, delay]")
-    topic, payload, qos, retain, delay = raw
-    ok = (
-        isinstance(topic, str)
-        and topic
-        and isinstance(payload, bytes)
-        and qos in (0, 1, 2)
-        and isinstance(retain, bool)
-        and isinstance(delay, int | float)
-        and 0 <= delay <= 86_400 * 365
-    )
-    if not ok:
-        raise ProtocolError("will: bad field")
-    return Will(topic, payload, int(qos), retain, float(delay))
+    return [pack(message_head(MSG, msg)), msg.payload]

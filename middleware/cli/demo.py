@@ -1,14 +1,14 @@
 """``mw-cli demo``: the whole system on one machine.
 
-A broker (the local Mosquitto, or an in-process bus when Mosquitto is not
-installed, said plainly), a verifier with SmolLM2-135M, and three
-heterogeneous devices generating for several prompts at once: two llama.cpp
-drafters (the packaged Q4_1 GGUF and a Q4_0 copy of it) and an n-gram drafter,
-or, without llama-cpp-python, a 4-bit and a 3-bit torch copy instead.  The table
-shows each device's drafting speed (DRAFT TOK/S: drafted tokens per second spent
-in its drafter).  It ends with a summary table and a
-token-for-token comparison with the target model alone; exit status 1 if any
-output differs.
+A broker (the local Mosquitto; when it is not installed, said plainly, the
+brokerless ZeroMQ transport instead: devices connect to the verifier directly),
+a verifier with SmolLM2-135M, and three heterogeneous devices generating for
+several prompts at once: two llama.cpp drafters (the packaged Q4_1 GGUF and a
+Q4_0 copy of it) and an n-gram drafter, or, without llama-cpp-python, a 4-bit
+and a 3-bit torch copy instead.  The table shows each device's drafting speed
+(DRAFT TOK/S: drafted tokens per second spent in its drafter).  It ends with a
+summary table and a token-for-token comparison with the target model alone;
+exit status 1 if any output differs.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from middleware.broker_bridge.bus import Bus, Will
-from middleware.broker_bridge.embedded import MosquittoProcess, mosquitto_available
 from middleware.broker_bridge.factory import make_bus
-from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
 from middleware.cli.services import (
     build_engine,
     drafter_factory,
@@ -35,6 +34,7 @@ from middleware.cli.services import (
 from middleware.config import Config
 from middleware.errors import ProtocolError
 from middleware.metrics import Registry
+from middleware.mosquitto import MosquittoProcess, free_port, mosquitto_available
 from middleware.nodes.service import NodeConfig, NodeService, Outcome, encode_prompt, stop_ids_of
 from middleware.nodes.service import offline_status_payload as device_will
 from middleware.protocol import TextChunk, Topics, decode
@@ -93,7 +93,7 @@ async def run(cfg: Config, args: argparse.Namespace) -> int:
         cfg = replace(cfg, verifier=replace(cfg.verifier, model=args.model))
     n_prompts = max(1, min(args.prompts, len(PROMPTS)))
     async with contextlib.AsyncExitStack() as stack:
-        make = await _start_broker(cfg, args, stack)
+        make, brokerless = await _start_broker(cfg, args, stack)
         _say("[demo] loading the target model (SmolLM2-135M-Instruct, GGUF) ...")
         t0 = time.monotonic()
         loaded, engine = await asyncio.to_thread(build_engine, cfg.verifier)
@@ -114,6 +114,7 @@ async def run(cfg: Config, args: argparse.Namespace) -> int:
                     verifier_will(cfg.verifier.id),
                     retain=True,
                 ),
+                serve=True,
             )
         )
         verifier = VerifierService(
@@ -149,7 +150,9 @@ async def run(cfg: Config, args: argparse.Namespace) -> int:
                 drafter_name=dev.drafter,
                 config=NodeConfig(device_id=dev.device_id, prefix=cfg.bus.prefix, session=scfg),
             )
-        watch_bus = await stack.enter_async_context(make("mw-demo-watch", None))
+        # Without a broker nothing relays one device's text to another client: the
+        # progress is read where it arrives, on the verifier's bus.
+        watch_bus = vbus if brokerless else await stack.enter_async_context(make("mw-demo-watch"))
         prompts = [PROMPTS[i] for i in range(n_prompts)]
         assignment = [(devices[i % len(devices)], i, p) for i, p in enumerate(prompts)]
         outcomes: dict[int, Outcome] = {}
@@ -185,7 +188,8 @@ async def run(cfg: Config, args: argparse.Namespace) -> int:
 
 async def _start_broker(
     cfg: Config, args: argparse.Namespace, stack: contextlib.AsyncExitStack
-) -> Any:
+) -> tuple[Callable[..., Bus], bool]:
+    """A bus factory ``make(client_id, will=None, serve=False)`` and whether it is brokerless."""
     use_mosquitto = args.broker == "mosquitto" or (args.broker == "auto" and mosquitto_available())
     if use_mosquitto:
         broker = await stack.enter_async_context(MosquittoProcess())
@@ -194,22 +198,20 @@ async def _start_broker(
             f"(config deploy/mosquitto/mosquitto.conf)"
         )
         bus_cfg = replace(cfg.bus, host=broker.host, port=broker.port)
+    else:
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        _say(
+            f"[demo] broker: none (Mosquitto is not installed: apt-get install -y mosquitto); "
+            f"ZeroMQ instead, devices connect to the verifier at {endpoint}"
+        )
+        bus_cfg = replace(cfg.bus, transport="zmq", zmq_bind=endpoint, zmq_endpoints=endpoint)
 
-        def make(client_id: str, will: Will | None) -> Bus:
-            # Devices (a will with a delay) keep a persistent session, like in production.
-            return make_bus(bus_cfg, client_id, will=will, persistent=bool(will and will.delay))
+    def make(client_id: str, will: Will | None = None, serve: bool = False) -> Bus:
+        # Devices (a will with a delay) keep a persistent session, like in production.
+        persistent = bool(will and will.delay)
+        return make_bus(bus_cfg, client_id, will=will, persistent=persistent, serve=serve)
 
-        return make
-    _say(
-        "[demo] broker: Mosquitto is NOT installed; using the in-process bus instead "
-        "(same protocol, no network). Install it with: apt-get install -y mosquitto"
-    )
-    mem = InMemoryBroker()
-
-    def make_mem(client_id: str, will: Will | None) -> Bus:
-        return InMemoryBus(mem, client_id, will=will)
-
-    return make_mem
+    return make, not use_mosquitto
 
 
 async def _watch(bus: Bus, topics: Topics, n: int) -> None:

@@ -156,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=setting("node", "max_new_tokens"), default=48)
     p.add_argument(
         "--broker",
-        choices=["auto", "mosquitto", "memory"],
+        choices=["auto", "mosquitto", "zmq"],
         default="auto",
-        help="auto: local Mosquitto if installed, else an in-process bus",
+        help="auto: local Mosquitto if installed, else ZeroMQ (no broker)",
     )
     p.add_argument("--no-reference", action="store_true", help="skip the target-only comparison")
     p.add_argument(

@@ -32,9 +32,9 @@ from typing import Any
 import pytest
 
 from middleware.broker_bridge.bus import CONTENT_JSON
-from middleware.broker_bridge.embedded import MosquittoProcess, mosquitto_available
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.models.loading import load_tokenizer
+from middleware.mosquitto import MosquittoProcess, mosquitto_available
 from middleware.nodes.service import encode_prompt, stop_ids_of
 from middleware.protocol import PromptRequest, Result, TextChunk, Topics, decode
 from middleware.verifier.engine import TargetEngine

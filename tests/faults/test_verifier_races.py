@@ -15,12 +15,12 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
-from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
 from middleware.metrics import Registry
 from middleware.protocol import Draft, OpenSession, Topics, Verdict, decode
 from middleware.verifier.engine import TargetEngine, VerifyItem
 from middleware.verifier.service import VerifierConfig, VerifierService
 from tests.faults.audit import Audit
+from tests.unit.membus import InMemoryBroker, InMemoryBus
 from tests.unit.tiny import EOS
 
 T = Topics()

@@ -16,7 +16,7 @@ import math
 import pytest
 
 from bench.control import CLASSES, all_lossless, parse_args, run
-from middleware.broker_bridge.embedded import mosquitto_available
+from middleware.mosquitto import mosquitto_available
 
 pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from bench.wstgr import POLICIES, all_lossless, parse_args, run
-from middleware.broker_bridge.embedded import mosquitto_available
+from middleware.mosquitto import mosquitto_available
 
 pytestmark = [pytest.mark.integration, pytest.mark.model, pytest.mark.slow]
 

@@ -14,10 +14,10 @@ import pytest
 
 from middleware.broker_bridge.bridge import MARK, Bridge
 from middleware.broker_bridge.bus import CONTENT_MSGPACK, BusMessage, Subscription, Will
-from middleware.broker_bridge.embedded import MosquittoProcess
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.broker_bridge.zmq import ZmqBus, ZmqServerBus, ZmqServerSettings, ZmqSettings
 from middleware.errors import BusError
+from middleware.mosquitto import MosquittoProcess
 from middleware.protocol import Topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

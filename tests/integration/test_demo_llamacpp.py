@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from middleware.broker_bridge.embedded import mosquitto_available
 from middleware.cli.demo import LLAMACPP_DEVICES, demo_devices
+from middleware.mosquitto import mosquitto_available
 
 pytest.importorskip("llama_cpp")
 pytestmark = [pytest.mark.integration, pytest.mark.model]

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from middleware.broker_bridge.bus import CONTENT_MSGPACK, BusMessage, Subscription, Will
-from middleware.broker_bridge.embedded import MosquittoProcess, free_port
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.errors import BusClosedError, BusError, ConfigError, TopicError
+from middleware.mosquitto import MosquittoProcess, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

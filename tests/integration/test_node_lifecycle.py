@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from middleware.broker_bridge.bus import CONTENT_JSON, CONTENT_MSGPACK
-from middleware.broker_bridge.embedded import MosquittoProcess, mosquitto_available
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.models.loading import load_tokenizer
+from middleware.mosquitto import MosquittoProcess, mosquitto_available
 from middleware.protocol import (
     CloseSession,
     DeviceStatus,

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 
 from middleware.broker_bridge.bus import BusMessage, Subscription, Will
-from middleware.broker_bridge.embedded import free_port, mosquitto_binary, wait_for_port
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings, TlsSettings
 from middleware.errors import BusError
+from middleware.mosquitto import free_port, mosquitto_binary, wait_for_port
 from middleware.nodes.drafters import make_drafter
 from middleware.nodes.service import NodeConfig, NodeService
 from middleware.nodes.service import offline_status_payload as device_will

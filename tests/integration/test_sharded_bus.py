@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from middleware.broker_bridge.embedded import MosquittoProcess, mosquitto_available
 from middleware.broker_bridge.factory import make_bus
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.broker_bridge.sharded import ShardedBus, broker_order
 from middleware.config import BusSection
+from middleware.mosquitto import MosquittoProcess, mosquitto_available
 from middleware.protocol import Topics
 
 pytestmark = pytest.mark.integration

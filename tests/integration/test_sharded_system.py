@@ -15,11 +15,11 @@ from collections.abc import Iterator
 import pytest
 
 from middleware.broker_bridge.bus import Will
-from middleware.broker_bridge.embedded import MosquittoProcess, mosquitto_available
 from middleware.broker_bridge.factory import make_bus
 from middleware.broker_bridge.mqtt import MqttBus, MqttSettings
 from middleware.broker_bridge.sharded import ShardedBus
 from middleware.config import BusSection
+from middleware.mosquitto import MosquittoProcess, mosquitto_available
 from middleware.nodes.drafters import make_drafter
 from middleware.nodes.service import NodeConfig, NodeService, encode_prompt, stop_ids_of
 from middleware.nodes.service import offline_status_payload as device_will

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from middleware.broker_bridge.embedded import free_port
 from middleware.models.loading import smollm2_gguf_path
+from middleware.mosquitto import free_port
 from middleware.protocol import Topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
 from middleware.nodes.drafters import make_drafter
 from middleware.nodes.journal import Journal, JournalEntry
 from middleware.nodes.link import BusLink
@@ -34,6 +33,7 @@ from middleware.protocol import (
     Verdict,
     decode,
 )
+from tests.unit.membus import InMemoryBroker, InMemoryBus
 from tests.unit.scripted_verifier import ScriptedVerifier
 from tests.unit.tiny import EOS, TinyTokenizer
 

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from middleware.broker_bridge.bus import Bus, BusMessage, Subscription, Will
-from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
 from middleware.errors import BusClosedError
 from middleware.protocol import Topics
+from tests.unit.membus import InMemoryBroker, InMemoryBus
 
 T = Topics()
 

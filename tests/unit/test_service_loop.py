@@ -11,7 +11,6 @@ import asyncio
 import pytest
 import torch
 
-from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
 from middleware.nodes.drafters import make_drafter
 from middleware.nodes.drafters.hf import HFDrafter
 from middleware.nodes.service import NodeConfig, NodeService
@@ -22,6 +21,7 @@ from middleware.verifier.batcher import BatchConfig
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy, reference_sample
 from middleware.verifier.service import VerifierConfig, VerifierService
+from tests.unit.membus import InMemoryBroker, InMemoryBus
 from tests.unit.tiny import EOS, TinyTokenizer, noisy_copy, tiny_llama
 
 PROMPTS = [[1, 5, 9, 13], [1, 7, 7, 7, 3, 22, 40], [1, 30], [1, 11, 12, 13, 14, 15, 16, 17, 18]]

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import pytest
 
-from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
 from middleware.metrics import Registry
 from middleware.protocol import Draft, OpenSession, SamplingParams, SessionState, Verdict, decode
 from middleware.protocol.session import commit_tag, session_instance, tokens_digest
@@ -22,6 +21,7 @@ from middleware.verifier.engine import TargetEngine, VerifyItem
 from middleware.verifier.opening import plan_open
 from middleware.verifier.reference import reference_greedy, reference_sample
 from middleware.verifier.service import VerifierConfig, VerifierService
+from tests.unit.membus import InMemoryBroker, InMemoryBus
 from tests.unit.test_verifier_robustness import PROMPT, Harness, T, config, h, model
 from tests.unit.tiny import EOS, VOCAB
 

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 import pytest
 
 from middleware.broker_bridge.bus import Subscription
-from middleware.broker_bridge.memory import InMemoryBroker, InMemoryBus
 from middleware.metrics import Registry, serve_metrics
 from middleware.protocol import (
     CloseSession,
@@ -28,6 +27,7 @@ from middleware.protocol import (
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy
 from middleware.verifier.service import VerifierConfig, VerifierService
+from tests.unit.membus import InMemoryBroker, InMemoryBus
 from tests.unit.tiny import EOS, VOCAB, tiny_llama
 
 T = Topics()

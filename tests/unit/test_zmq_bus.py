@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 import zmq.asyncio
@@ -210,11 +211,16 @@ async def test_malformed_frames_are_counted_and_dropped(v: ZmqServerBus) -> None
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(v.endpoint)
     try:
-        await sock.send_multipart([w.pack(w.PUB, t="t/x", q=1, m=1), b"x"])  # no hello yet
-        assert w.unpack((await asyncio.wait_for(sock.recv_multipart(), 5))[0])["c"] == w.UNKNOWN
-        await sock.send_multipart([w.pack(w.HELLO, id="raw", v=w.VERSION)])
-        assert w.unpack((await asyncio.wait_for(sock.recv_multipart(), 5))[0])["c"] == w.WELCOME
-        for junk in (b"\xc1", b"\x93\x01\x02\x03", w.pack("nope"), w.pack(w.PUB, t=7, q=1)):
+        await sock.send_multipart([w.pack(w.Head(w.PUB, t="t/x", q=1, m=1)), b"x"])  # no hello yet
+        assert w.unpack((await asyncio.wait_for(sock.recv_multipart(), 5))[0]).c == w.UNKNOWN
+        await sock.send_multipart([w.pack(w.Head(w.HELLO, id="raw", v=w.VERSION))])
+        assert w.unpack((await asyncio.wait_for(sock.recv_multipart(), 5))[0]).c == w.WELCOME
+        for junk in (
+            b"\xc1",
+            b"\x93\x01\x02\x03",
+            w.pack(w.Head("nope")),
+            msgpack.packb({"c": "pub", "t": 7, "q": 1}),
+        ):
             await sock.send_multipart([junk])
         await until(lambda: v.malformed == 4)
         async with device(v) as d, v.subscribe("t/ok") as sub:  # still serving

@@ -1,4 +1,4 @@
-"""A real Mosquitto broker started by tests and the demo.
+"""Start a real Mosquitto for the demo, the benchmarks and the tests (not a transport).
 
 :class:`MosquittoProcess` runs the local ``mosquitto`` binary on a free
 loopback port with ``deploy/mosquitto/mosquitto.conf`` plus a listener line and
@@ -10,9 +10,8 @@ sessions and retained messages survive a restart like on a real deployment::
         settings = MqttSettings(host=broker.host, port=broker.port)
         broker.kill(); broker.restart()
 
-:class:`MosquittoContainer` offers the same interface on Docker (through
-testcontainers) for machines without the binary; :func:`start_broker` picks
-the binary first.
+Machines without the binary run the tests against Docker instead
+(``tests/brokers.py``, through testcontainers).
 """
 
 from __future__ import annotations
@@ -29,11 +28,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 from middleware.errors import BusError
 
-_REPO_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
+_REPO_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "mosquitto.conf"
 _SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 # Used when the package is installed without the repository's deploy/ folder.
 FALLBACK_CONFIG = """\
@@ -52,7 +51,6 @@ log_type warning
 log_type notice
 log_type information
 """
-DOCKER_IMAGE = "eclipse-mosquitto:2"
 
 
 def mosquitto_binary() -> str | None:
@@ -66,23 +64,6 @@ def mosquitto_binary() -> str | None:
 def mosquitto_available() -> bool:
     """True when a local mosquitto binary can be started."""
     return mosquitto_binary() is not None
-
-
-def docker_available() -> bool:
-    """True when testcontainers is importable and the Docker engine answers a ping."""
-    try:
-        import docker  # optional dependency, imported only when asked
-        import testcontainers.core.container  # noqa: F401
-    except ImportError:
-        return False
-    try:
-        client = docker.from_env(timeout=3)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:  # any failure means "no usable engine"
-        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -115,33 +96,7 @@ def render_config(base: str, port: int, host: str, persistence_dir: Path, extra:
     )
 
 
-class _LifecycleMixin:
-    """Sync and async context-manager plumbing over start()/close()."""
-
-    def start(self) -> Self:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def close(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return await asyncio.to_thread(self.start)
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await asyncio.to_thread(self.close)
-
-
-class MosquittoProcess(_LifecycleMixin):
+class MosquittoProcess:
     """A local mosquitto process on ``host:port`` with its own persistence dir.
 
     ``stop()`` keeps the temp dir (so ``restart()`` finds the persisted
@@ -252,97 +207,22 @@ class MosquittoProcess(_LifecycleMixin):
             proc.kill()
             proc.wait()
 
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.to_thread(self.close)
+
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"MosquittoProcess({self.host}:{self.port}, {state}, dir={self.workdir})"
-
-
-class MosquittoContainer(_LifecycleMixin):
-    """Mosquitto in Docker (testcontainers) with the same interface.
-
-    The host port is fixed at construction so ``restart()`` keeps it; the
-    persistence dir is a bind mount of a host temp dir.
-    """
-
-    def __init__(
-        self,
-        port: int | None = None,
-        *,
-        image: str = DOCKER_IMAGE,
-        config: Path | str | None = None,
-        extra_config: str = "",
-        startup_timeout: float = 30.0,
-    ) -> None:
-        self.host = "127.0.0.1"
-        self.port = port if port is not None else free_port()
-        self.image = image
-        cfg = Path(config) if config is not None else _REPO_CONFIG
-        self._base_config = cfg.read_text() if cfg.exists() else FALLBACK_CONFIG
-        self._extra = extra_config
-        self.startup_timeout = startup_timeout
-        self.workdir = Path(tempfile.mkdtemp(prefix="mw-mosquitto-docker-"))
-        self.workdir.chmod(0o777)  # the image runs mosquitto as uid 1883
-        self._container: Any = None  # testcontainers DockerContainer once started
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    def start(self) -> Self:
-        from testcontainers.core.container import DockerContainer
-
-        if self._container is not None:
-            self._wrapped().start()
-        else:
-            # Inside the container: listen on all its interfaces, Docker maps the port.
-            conf = render_config(
-                self._base_config, 1883, "0.0.0.0", Path("/mosquitto/data"), self._extra
-            )
-            (self.workdir / "mosquitto.conf").write_text(conf)
-            container = (
-                DockerContainer(self.image)
-                .with_bind_ports(1883, self.port)
-                .with_volume_mapping(str(self.workdir), "/mosquitto/data", mode="rw")
-                .with_command("mosquitto -c /mosquitto/data/mosquitto.conf")
-            )
-            container.start()
-            self._container = container
-            self.host = container.get_container_host_ip()
-        if not wait_for_port(self.host, self.port, self.startup_timeout):
-            raise BusError(f"mosquitto container did not open {self.host}:{self.port}")
-        return self
-
-    def _wrapped(self) -> Any:
-        """The docker SDK container (stop/kill/start keep its port binding)."""
-        return self._container.get_wrapped_container()
-
-    def stop(self) -> None:
-        if self._container is not None:
-            self._wrapped().stop(timeout=5)
-
-    def kill(self) -> None:
-        if self._container is not None:
-            self._wrapped().kill()
-
-    def restart(self, *, hard: bool = False) -> Self:
-        if hard:
-            self.kill()
-        else:
-            self.stop()
-        return self.start()
-
-    def close(self) -> None:
-        if self._container is not None:
-            with contextlib.suppress(Exception):
-                self._container.stop()
-            self._container = None
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def start_broker(port: int | None = None, **kwargs: Any) -> MosquittoProcess | MosquittoContainer:
-    """Start a broker: the local binary if present, else Docker; BusError if neither."""
-    if mosquitto_available():
-        return MosquittoProcess(port, **kwargs).start()
-    if docker_available():
-        return MosquittoContainer(port, **kwargs).start()
-    raise BusError("no mosquitto binary and no reachable Docker engine")
