@@ -39,3 +39,19 @@ def test_demo_with_llamacpp_devices_is_lossless_and_shows_drafting_speed(tmp_pat
         assert drafter in row
         speed = row[col:].split()[0]
         assert float(speed) > 0, row  # drafted tokens per second spent drafting
+
+
+def test_demo_without_a_broker_runs_over_zeromq_and_is_lossless(tmp_path) -> None:
+    """``--broker zmq`` (what ``auto`` picks without Mosquitto): devices connect to the
+    verifier's ROUTER directly, no broker process; still identical to the target alone."""
+    out = subprocess.run(
+        [*CLI, "demo", "--prompts", "3", "--max-new-tokens", "8", "--broker", "zmq"],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "broker: none" in out.stderr and "ZeroMQ instead" in out.stderr
+    assert "every output is identical, token for token" in out.stdout
+    assert out.stdout.count("[identical to target-only]") == 3
