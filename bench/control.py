@@ -578,6 +578,7 @@ async def run_case(
 ) -> dict[str, Any]:
     """One verifier (this process) in ``case``'s configuration and the fleet (a child process)."""
     from middleware.verifier.batcher import BatchConfig
+    from middleware.verifier.control import Controller
     from middleware.verifier.service import VerifierConfig
 
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
@@ -619,7 +620,7 @@ async def run_case(
 
     def created(verifier: Any) -> None:
         nonlocal probe
-        if verifier.control is not None:
+        if isinstance(verifier.control, Controller):
             probe = ControlProbe(verifier.control, classes)
             probe.install()
 

@@ -1,10 +1,10 @@
 """A target engine that costs (almost) nothing: for measuring the middleware alone.
 
 It accepts every draft token and proposes ``last + 1`` as the bonus token, so
-a verify round commits ``k + 1`` tokens.  It implements the part of
-:class:`middleware.verifier.engine.TargetEngine` the verifier service uses;
-its logits are one-hot rows over a small vocabulary, so the acceptance code
-still runs on real tensors.
+a verify round commits ``k + 1`` tokens.  It implements
+:class:`middleware.verifier.engine.Engine`, what the verifier service uses of a
+target engine; its logits are one-hot rows over a small vocabulary, so the
+acceptance code still runs on real tensors.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class NoopEngine:
         self.vocab_size = vocab_size
         self.max_positions = 1 << 20
         self.evictions = 0
+        self.forward_overhead_tokens = 0
         self.forwards = 0
         self._lens: dict[Hashable, int] = {}
 

@@ -8,6 +8,12 @@ from what the protocol carries (a draft's ``think`` and ``tms`` fields, the
 accepted length of each round, the duration of each forward pass) and turns
 the batcher's waiting drafts plus the sessions expected to send into a plan.
 
+:class:`Scheduler` is the interface the service talks to whatever the batch
+policy: for ``window`` and ``adaptive`` (the batcher alone decides) it observes
+nothing, hints nothing and caps nothing; :class:`Controller`, the ``planned``
+policy, implements it with the model and the planner.  So the service has no
+branch per policy.
+
 Keys are session ids; :meth:`Controller.bind` ties a session to its device,
 whose estimates (link, drafting speed, acceptance) its sessions share, one
 after another or at once, so a device's next session starts from what its
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import ClassVar
 
 from middleware.protocol import Draft
 from middleware.verifier.batcher import Pending
@@ -25,8 +32,63 @@ from middleware.verifier.latency import ForwardCoefficients, LatencyModel
 from middleware.verifier.planner import ExpectedArrival, Planner, WaitingDraft
 
 
-class Controller:
+class Scheduler:
+    """Speculation control as the service sees it; this base is "none" (``window`` and
+    ``adaptive`` policies): no observations kept, no hints, every draft verified whole."""
+
+    plans_batches: ClassVar[bool] = False  # True: the batcher asks :meth:`decide`
+
+    def bind(self, session_id: str, device_id: str) -> None:
+        """``session_id`` belongs to ``device_id``."""
+
+    def forget(self, session_id: str) -> None:
+        """The session ended."""
+
+    def on_draft(self, session_id: str, draft: Draft, now: float) -> None:
+        """A draft of the session's current epoch arrived."""
+
+    def on_answer(self, session_id: str, now: float) -> None:
+        """A verdict the device answers with a draft (opened, catchup) was sent."""
+
+    def on_forward(self, rows: int, tokens_per_row: int, seconds: float) -> None:
+        """A round's forward took ``seconds``."""
+
+    def on_round(self, session_id: str, proposed: int, accepted: int, now: float) -> None:
+        """A verdict for a verified draft is being published."""
+
+    def hint(self, session_id: str) -> int:
+        """The draft length to ask of this session in its next verdict (0: none)."""
+        return 0
+
+    def first_hint(self, device_id: str) -> int:
+        """The draft length for a new session's first round (0: none)."""
+        return 0
+
+    def verify_cap(self, rows: Sequence[tuple[str, int]]) -> int:
+        """The longest draft prefix to verify in a batch of ``(session, draft length)``."""
+        return max((n for _, n in rows), default=0)
+
+    def overhead_tokens(self) -> int | None:
+        """One forward's fixed cost in token slots, or None when unknown."""
+        return None
+
+    def calibrate(
+        self, measure: Callable[[int, int], float], *, repeats: int = 1
+    ) -> ForwardCoefficients | None:
+        """Time the target's forward before serving (None: nothing to calibrate)."""
+        return None
+
+    def decide(
+        self, waiting: Sequence[Pending[Draft]], now: float, idle: Iterable[str]
+    ) -> tuple[Collection[str], float]:
+        """(sessions to verify now, or none and how long to wait); only if ``plans_batches``."""
+        return [p.key for p in waiting], 0.0
+
+
+class Controller(Scheduler):
     """Decides batches and draft-length hints for the ``planned`` batch policy."""
+
+    plans_batches: ClassVar[bool] = True
 
     def __init__(
         self, planner: Planner, model: LatencyModel | None = None, *, default_k: int = 4

@@ -46,7 +46,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -77,6 +77,34 @@ class EngineStats:
     forward_passes: int
     last_batch_size: int
     forward_time_s: float
+
+
+class Engine(Protocol):
+    """What the verifier service and :func:`~middleware.verifier.rounds.run_round` use of a
+    target engine: :class:`TargetEngine`, or ``bench/noop_engine.py`` for measuring the
+    middleware alone."""
+
+    vocab_size: int
+    max_positions: int  # longest context the model takes
+    evictions: int  # KV caches dropped under memory pressure so far
+    # A forward's fixed cost in padded token slots: the service sets it from its fit.
+    forward_overhead_tokens: int
+
+    def prefill(self, session_key: Hashable, context: Sequence[int], max_tokens: int) -> int:
+        """Feed up to ``max_tokens`` more of ``context``; the tokens still to feed."""
+        ...
+
+    def verify_batch(self, items: Sequence[VerifyItem]) -> list[torch.Tensor]:
+        """One forward over every item; per item, the logits after each draft position."""
+        ...
+
+    def commit(self, session_key: Hashable, new_len: int) -> None:
+        """Keep the first ``new_len`` positions of the session's cache."""
+        ...
+
+    def close(self, session_key: Hashable) -> None:
+        """Drop the session's cache."""
+        ...
 
 
 @dataclass

@@ -20,7 +20,7 @@ from middleware.verifier.acceptance import (
     relaxed_accept,
     speculative_sampling_accept,
 )
-from middleware.verifier.engine import TargetEngine, VerifyItem
+from middleware.verifier.engine import Engine, VerifyItem
 from middleware.verifier.sessions import clip_commit
 
 
@@ -80,7 +80,7 @@ def accept_one(inp: RoundInput, logits: torch.Tensor) -> tuple[int, int, int]:
     )
 
 
-def run_round(engine: TargetEngine, inputs: list[RoundInput]) -> RoundResult:
+def run_round(engine: Engine, inputs: list[RoundInput]) -> RoundResult:
     """Verify a batch with one forward pass and commit the accepted prefix of each draft."""
     t0 = time.perf_counter()
     items = [

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -47,9 +47,10 @@ from middleware.protocol import (
 from middleware.protocol.session import VERDICT_KINDS, common_prefix, session_instance, trace_id
 from middleware.protocol.topics import DEFAULT_SHARE_GROUP
 from middleware.verifier.acceptance import RelaxedAcceptance
+from middleware.verifier.admission import AdmissionLimits, screen_open
 from middleware.verifier.batcher import BatchConfig, Batcher, Pending
-from middleware.verifier.control import Controller
-from middleware.verifier.engine import TargetEngine, VerifyItem
+from middleware.verifier.control import Controller, Scheduler
+from middleware.verifier.engine import Engine, VerifyItem
 from middleware.verifier.opening import plan_open
 from middleware.verifier.planner import JointPlanner, PlannerConfig
 from middleware.verifier.rounds import RoundInput, RoundResult, run_round
@@ -259,7 +260,7 @@ class VerifierService:
     def __init__(
         self,
         bus: Bus,
-        engine: TargetEngine,
+        engine: Engine,
         *,
         tokenizer_fingerprint: str,
         model_name: str = "",
@@ -285,14 +286,23 @@ class VerifierService:
         self.sessions: dict[str, VerifierSession] = {}
         self._tag_key = self.config.tag_key or secrets.token_bytes(32)
         self.max_prompt_tokens = self.config.max_prompt_tokens or engine.max_positions
+        self._limits = AdmissionLimits(
+            fingerprint=tokenizer_fingerprint,
+            vocab_size=engine.vocab_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_sessions=self.config.max_sessions,
+            max_sessions_per_device=self.config.max_sessions_per_device,
+            reuse_idle_s=self.config.reuse_idle_s,
+        )
         self._prefill_lock = asyncio.Lock()  # one prefill step at a time, between rounds
         self._pacer = PrefillPacer()
         self._tg: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
         self._clock = clock
         self._drafts: Subscription | None = None
-        # Speculation control (batch policy "planned"): latency model + joint planner.
-        self.control: Controller | None = None
+        # Speculation control: the latency model and joint planner for the "planned" batch
+        # policy, nothing (the base Scheduler) for the others.
+        self.control: Scheduler = Scheduler()
         if self.config.batch.policy == "planned":
             self.control = Controller(
                 JointPlanner(
@@ -306,7 +316,7 @@ class VerifierService:
         self._batcher: Batcher[Draft] = Batcher(
             self.config.batch,
             self._expected_senders,
-            self._decide if self.control is not None else None,
+            self._decide if self.control.plans_batches else None,
         )
         self._closing: list[str] = []
         self._newer: dict[str, Draft] = {}  # resends that arrived while the first copy was queued
@@ -321,7 +331,7 @@ class VerifierService:
             self.bus.subscribe(t.all_sessions("draft") if self.config.exclusive else "") as drafts,
         ):
             self._drafts = drafts
-            if self.control is not None:
+            if self.control.plans_batches:
                 await self._calibrate()
             await self._publish_status("online")
             self.ready.set()
@@ -340,17 +350,17 @@ class VerifierService:
     def _decide(
         self, waiting: Sequence[Pending[Draft]], now: float
     ) -> tuple[Collection[str], float]:
-        assert self.control is not None
         idle = (sid for sid, s in self.sessions.items() if not s.pending and not s.done)
         return self.control.decide(waiting, now, idle)
 
     async def _calibrate(self) -> None:
         """Time the target's forward for a few batch shapes before serving (planned policy)."""
-        assert self.control is not None
         try:
             coef = await asyncio.to_thread(self.control.calibrate, self._measure_forward)
         except Exception as exc:  # the online fit takes over; never fatal
             log.warning("forward_calibration_failed", error=repr(exc)[:200])
+            return
+        if coef is None:
             return
         log.info(
             "forward_calibrated",
@@ -425,56 +435,26 @@ class VerifierService:
         its claimed committed tokens are proven (:meth:`_opening`)."""
         key = session_key(m.device_id, m.session_id)
         inst = session_instance(m)
-
-        def refuse(reason: str, why: str, kind: str = "refused", clen: int = 0) -> Awaitable[None]:
-            self._reject(reason, key, why)
-            return self._send_verdict(self._refusal(m, inst, why, kind, clen), m.device_id)
-
-        if m.tokenizer != self.fingerprint:
-            await refuse(
-                "tokenizer_mismatch",
-                f"tokenizer {m.tokenizer!r} != verifier's {self.fingerprint!r}",
-            )
-            return
-        bad = next((t for t in (*m.prompt, *m.committed) if t >= self.engine.vocab_size), None)
-        if bad is not None:
-            await refuse("token_out_of_range", f"token id {bad} outside vocabulary")
-            return
-        if len(m.prompt) > self.max_prompt_tokens:
-            await refuse(
-                "prompt_too_long",
-                f"prompt of {len(m.prompt)} tokens exceeds this verifier's limit of "
-                f"{self.max_prompt_tokens}",
-            )
-            return
         now = self._clock()
         old = self.sessions.get(key)
-        if old is not None and old.instance != inst:
-            # The same session id for another generation (prompt, sampling, nonce).
-            if old.done or (not old.pending and now - old.last_active > self.config.reuse_idle_s):
-                await self._drop(old, "replaced by a new instance")
-                old = None
-            else:
-                await refuse(
-                    "session_taken",
-                    "session id in use by another generation of this device; "
-                    "use a new session id or retry once it ends",
-                )
-                return
-        if old is not None and m.epoch < old.epoch:
-            await refuse(
-                "stale_epoch",
-                f"stale epoch {m.epoch} < {old.epoch}",
-                kind="resync",
-                clen=len(old.committed),
+        d = screen_open(m, inst, old, self.sessions.values(), self._limits, now)
+        if d.action in ("refuse", "resync"):
+            self._reject(d.reason, key, d.why)
+            kind = "resync" if d.action == "resync" else "refused"
+            await self._send_verdict(
+                self._refusal(m, inst, d.why, kind, d.committed_len), m.device_id
             )
             return
-        if old is not None and m.epoch == old.epoch:  # a duplicate of the open being served
+        if d.action == "duplicate":  # of the open being served
+            assert old is not None
             if not old.opening:
                 await self._send_verdict(self._opened(old, m), m.device_id)
             return
-        if old is None and not await self._admit(m, inst):
-            return
+        if d.replace is not None:
+            await self._drop(d.replace, "replaced by a new instance")
+            old = None
+        if d.evict is not None:
+            await self._drop(d.evict, "evicted to admit another device's session")
         held = old.committed if old is not None else None
         tag_ok = tag_matches(self._tag_key, inst, m.committed, m.tag)
         plan = plan_open(m.committed, held, tag_ok=tag_ok, mode=m.sampling.mode)
@@ -492,8 +472,7 @@ class VerifierService:
         self.sessions[key] = s
         if key in self._closing:  # a close of the old epoch must not drop the new cache
             self._closing = [k for k in self._closing if k != key]
-        if self.control is not None:
-            self.control.bind(key, m.device_id)
+        self.control.bind(key, m.device_id)
         if old is None and not self.config.exclusive:
             assert self._drafts is not None
             await self._drafts.add(self.topics.session(m.device_id, m.session_id, "draft"))
@@ -514,55 +493,6 @@ class VerifierService:
         assert self._tg is not None
         self._tg.create_task(self._opening(s, m, plan.to_prove), name=f"open-{key}")
 
-    async def _admit(self, m: OpenSession, inst: str) -> bool:
-        """Room for a new session: per-device limit, then the verifier's, shared fairly.
-
-        When full, the verifier makes room before refusing: finished sessions first,
-        then the longest idle (``reuse_idle_s``), then, if the opener holds fewer
-        sessions than the device holding most, that device's least recently active
-        one.  So 1,100 one-shot opens from 1,100 device ids cannot lock out a device
-        that comes later (issue: they filled all 1,024 slots), and no device keeps more
-        than its share while others wait."""
-        mine = [x for x in self.sessions.values() if x.device_id == m.device_id]
-        if len(mine) >= self.config.max_sessions_per_device:
-            self._reject("device_session_limit", m.session_id, m.device_id)
-            await self._send_verdict(
-                self._refusal(m, inst, "device at its session limit on this verifier"),
-                m.device_id,
-            )
-            return False
-        if len(self.sessions) < self.config.max_sessions:
-            return True
-        victim = self._victim(len(mine))
-        if victim is not None:
-            await self._drop(victim, "evicted to admit another device's session")
-            return True
-        self._reject("too_many_sessions", m.session_id, str(len(self.sessions)))
-        await self._send_verdict(
-            self._refusal(m, inst, "verifier at its session limit; retry later"), m.device_id
-        )
-        return False
-
-    def _victim(self, opener_holds: int) -> VerifierSession | None:
-        now = self._clock()
-        idle = [s for s in self.sessions.values() if not s.pending and not s.opening]
-        done = [s for s in idle if s.done]
-        if done:
-            return min(done, key=lambda s: s.last_active)
-        stale = [s for s in idle if now - s.last_active > self.config.reuse_idle_s]
-        if stale:
-            return min(stale, key=lambda s: s.last_active)
-        per_device: dict[str, list[VerifierSession]] = {}
-        for s in idle:
-            per_device.setdefault(s.device_id, []).append(s)
-        if not per_device:
-            return None
-        heaviest = max(per_device.values(), key=len)
-        total = sum(1 for s in self.sessions.values() if s.device_id == heaviest[0].device_id)
-        if total > opener_holds + 1:
-            return min(heaviest, key=lambda s: s.last_active)
-        return None
-
     def _refusal(
         self, m: OpenSession, inst: str, why: str, kind: str = "refused", clen: int = 0
     ) -> Verdict:
@@ -582,7 +512,7 @@ class VerifierService:
     def _opened(self, s: VerifierSession, m: OpenSession) -> Verdict:
         """The ``opened`` answer: the proven truth from where it departs from the claim."""
         base = common_prefix(s.committed, m.committed)
-        first = self.control.first_hint(s.device_id) if self.control is not None else 0
+        first = self.control.first_hint(s.device_id)
         return s.verdict(
             "opened",
             m.seq,
@@ -692,7 +622,7 @@ class VerifierService:
     async def _draft(self, d: Draft, device_id: str) -> None:
         key = session_key(device_id, d.session_id)
         s = self.sessions.get(key)
-        if self.control is not None and s is not None and d.epoch == s.epoch:
+        if s is not None and d.epoch == s.epoch:
             self.control.on_draft(key, d, time.monotonic())
         tri = triage(
             s,
@@ -734,8 +664,7 @@ class VerifierService:
             return
         del self.sessions[key]
         self._dirty.pop(key, None)
-        if self.control is not None:
-            self.control.forget(key)
+        self.control.forget(key)
         self._closing.append(key)
         if self._drafts is not None and not self.config.exclusive:
             await self._drafts.remove(self.topics.session(s.device_id, s.session_id, "draft"))
@@ -789,13 +718,10 @@ class VerifierService:
                 )
             if not inputs:
                 continue
-            if self.control is not None:
-                inputs = self._capped(inputs)
-            await self._verify(inputs)
+            await self._verify(self._capped(inputs))
 
     def _capped(self, inputs: list[RoundInput]) -> list[RoundInput]:
-        """Verify at most the controller's cap of every draft (a prefix: still exact)."""
-        assert self.control is not None
+        """Verify at most the scheduler's cap of every draft (a prefix: still exact)."""
         cap = self.control.verify_cap([(i.session_id, len(i.draft.tokens)) for i in inputs])
         out = []
         for inp in inputs:
@@ -848,20 +774,20 @@ class VerifierService:
     async def _apply(self, result: RoundResult, inputs: list[RoundInput]) -> None:
         m = self.metrics
         now = time.monotonic()
-        if self.control is not None and result.batch_size:
+        if result.batch_size:
             self.control.on_forward(
                 result.batch_size, -(-result.tokens_in // result.batch_size), result.forward_s
             )
             # Split batches by draft length only where that saves more than a forward costs,
             # as the fitted forward-time model says (fixed cost over per-token cost).
             overhead = self.control.overhead_tokens()
-            if overhead is not None and hasattr(self.engine, "forward_overhead_tokens"):
+            if overhead is not None:
                 self.engine.forward_overhead_tokens = overhead
         m.forwards.inc()
         self._pacer.on_round(result.forward_s)
         m.batch_size.observe(result.batch_size)
         m.forward_time.observe(result.forward_s)
-        seen = int(getattr(self.engine, "evictions", 0))
+        seen = self.engine.evictions
         if seen > m._evictions_seen:
             m.evictions.inc(seen - m._evictions_seen)
             m._evictions_seen = seen
@@ -885,17 +811,14 @@ class VerifierService:
             m.accepted_len.observe(out.accepted)
             m.committed.inc(len(out.tokens))
             m.tokens_per_round.observe(len(out.tokens))
-            hint = 0
-            if self.control is not None:
-                self.control.on_round(s.key, out.proposed, out.accepted, now)
-                hint = self.control.hint(s.key)
+            self.control.on_round(s.key, out.proposed, out.accepted, now)
             v = s.verdict(
                 "accept",
                 out.seq,
                 base=base,
                 tokens=out.tokens,
                 accepted=out.accepted,
-                next_len=hint,
+                next_len=self.control.hint(s.key),
                 verifier_id=self.config.verifier_id,
             )
             s.remember(v)
@@ -916,7 +839,7 @@ class VerifierService:
         key = session_key(device_id, v.session_id)
         if not v.lossy and self._lossy(self.sessions.get(key)):
             v = dataclasses.replace(v, lossy=True)
-        if self.control is not None and v.kind in ("opened", "catchup"):
+        if v.kind in ("opened", "catchup"):
             self.control.on_answer(key, time.monotonic())  # a draft follows
         await self.bus.publish(
             self.topics.session(device_id, v.session_id, "verdict"),
@@ -991,7 +914,7 @@ class VerifierService:
             )
             for s, r in zip(live, results, strict=True):
                 if isinstance(r, BusError):  # the broker is away: try again next time
-                    self._dirty.setdefault(s.session_id, s)
+                    self._dirty.setdefault(s.key, s)
                 elif isinstance(r, BaseException):
                     raise r
 

@@ -18,6 +18,7 @@ from middleware.nodes.session import SessionConfig
 from middleware.protocol import SamplingParams
 from middleware.verifier.acceptance import RelaxedAcceptance
 from middleware.verifier.batcher import BatchConfig
+from middleware.verifier.control import Controller
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy, reference_sample
 from middleware.verifier.service import VerifierConfig, VerifierService
@@ -160,7 +161,7 @@ async def test_planned_policy_stays_lossless_and_sends_length_hints(target, draf
     for p, o in zip(PROMPTS, outs, strict=True):
         assert list(o.tokens) == reference_greedy(target, p, 24, (EOS,))
     control = verifier.control
-    assert control is not None and control.plans > 0
+    assert isinstance(control, Controller) and control.plans > 0
     assert hints and all(1 <= h <= 16 for h in hints)
     assert len(control.model.forward) > 0  # forward passes observed
     # Finished sessions are forgotten; what they taught about their device stays.
