@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from middleware.errors import ConfigError
+from middleware.protocol.topics import DEFAULT_PREFIX
 
 DEFAULT_PATHS = (Path("/etc/mw/mw.toml"),)
 
@@ -216,7 +217,7 @@ class BusSection:
     transport: str = setting("mqtt", one_of("mqtt", "zmq"))
     host: str = setting("127.0.0.1", hostname)
     port: int = setting(1883, PORT)
-    prefix: str = setting("mw/v1", topic_prefix)
+    prefix: str = setting(DEFAULT_PREFIX, topic_prefix)
     username: str = setting("", mqtt_string)
     password: str = setting("", mqtt_string)
     tls_ca: str = setting("", file_or_empty)

@@ -94,7 +94,7 @@ class MqttSettings:
     username: str | None = None
     password: str | None = None
     tls: TlsSettings | None = None
-    keepalive: int = 30
+    keepalive: int = 15  # seconds; as [bus] keepalive (config.py)
     clean_start: bool = True
     session_expiry: int = 0  # 0: session ends at disconnect; SESSION_NEVER_EXPIRES: never
     will: Will | None = None

@@ -49,6 +49,7 @@ from middleware.protocol import (
 )
 from middleware.protocol.homeassistant import device_configs
 from middleware.protocol.session import session_instance
+from middleware.protocol.topics import DEFAULT_PREFIX
 
 log = structlog.get_logger("middleware.node")
 
@@ -71,7 +72,7 @@ RETAINED_EXPIRY_S = 86_400.0  # MQTT 5 message expiry of retained results: the s
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     device_id: str = "device-1"
-    prefix: str = "mw/v1"
+    prefix: str = DEFAULT_PREFIX
     max_concurrent: int = 4
     status_interval: float = 5.0
     ha_discovery: bool = True  # retained Home Assistant discovery configs under homeassistant/

@@ -45,7 +45,7 @@ from middleware.protocol import (
     decode,
 )
 from middleware.protocol.session import VERDICT_KINDS, common_prefix, session_instance, trace_id
-from middleware.protocol.topics import DEFAULT_SHARE_GROUP
+from middleware.protocol.topics import DEFAULT_PREFIX, DEFAULT_SHARE_GROUP
 from middleware.verifier.acceptance import RelaxedAcceptance
 from middleware.verifier.admission import AdmissionLimits, screen_open
 from middleware.verifier.batcher import BatchConfig, Batcher, Pending
@@ -133,7 +133,7 @@ class PrefillPacer:
 @dataclass(frozen=True, slots=True)
 class VerifierConfig:
     verifier_id: str = "verifier-1"
-    prefix: str = "mw/v1"
+    prefix: str = DEFAULT_PREFIX
     share_group: str = DEFAULT_SHARE_GROUP
     batch: BatchConfig = field(default_factory=BatchConfig)
     max_draft: int = 64
