@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from middleware.errors import BusError
 from middleware.metrics import Registry
 from middleware.protocol import Draft, OpenSession, SamplingParams, SessionState, Verdict, decode
 from middleware.protocol.session import commit_tag, session_instance, tokens_digest
@@ -347,3 +348,34 @@ async def test_retained_state_carries_an_expiry_and_the_instance(h: Harness, mod
     state = broker.retained[T.session("dev", "s1", "state")]
     assert state.expiry == h.verifier.config.state_expiry_s == 86_400.0
     assert decode(state.payload, expect=SessionState).instance == session_instance(msg)
+
+
+async def test_a_state_publish_that_fails_is_published_once_the_broker_is_back(
+    h: Harness, model
+) -> None:
+    """The state loop re-queues a state whose publish failed (BusError: the broker is away)
+    and publishes it on a later tick; it used to re-queue it under the bare session id,
+    which the loop then skipped as no longer live, so the retained state stayed behind."""
+    ref = reference_greedy(model, PROMPT, 32, (EOS,))
+    await opened(h, open_msg())
+    vbus = h.verifier.bus
+    carry = vbus._carry
+    away = True
+    failed = asyncio.Event()
+
+    async def flaky(msg, timeout=None):  # type: ignore[no-untyped-def]
+        if away and msg.topic.endswith("/state"):
+            failed.set()
+            raise BusError("broker away")
+        await carry(msg, timeout)
+
+    vbus._carry = flaky  # type: ignore[method-assign]
+    await h.send(Draft("s1", 1, 1, 0, tuple(ref[:3])))
+    assert (await h.verdict("s1")).committed_len == 4
+    await asyncio.wait_for(failed.wait(), 30)
+    async with h.bus.subscribe(T.session("dev", "s1", "state")) as states:
+        away = False
+        while True:  # the retained copy first, then the retried publish
+            state = decode((await states.get(30)).payload, expect=SessionState)
+            if len(state.committed) == 4:
+                break
