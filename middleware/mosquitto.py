@@ -25,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -96,7 +97,58 @@ def render_config(base: str, port: int, host: str, persistence_dir: Path, extra:
     )
 
 
-class MosquittoProcess:
+class Broker(ABC):
+    """A broker the demo and the tests start, stop, kill and restart on one port with one
+    persistence (:class:`MosquittoProcess`; ``tests/brokers.py`` runs one in Docker)."""
+
+    host: str
+    port: int
+
+    @abstractmethod
+    def start(self) -> Self: ...
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Shut down cleanly (the broker saves its database)."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """Vanish without saving (fault tests)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop and remove what it left on disk."""
+
+    def restart(self, *, hard: bool = False) -> Self:
+        """Stop (or kill, with ``hard``) and start again on the same port and persistence."""
+        if hard:
+            self.kill()
+        else:
+            self.stop()
+        return self.start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.to_thread(self.close)
+
+
+class MosquittoProcess(Broker):
     """A local mosquitto process on ``host:port`` with its own persistence dir.
 
     ``stop()`` keeps the temp dir (so ``restart()`` finds the persisted
@@ -131,10 +183,6 @@ class MosquittoProcess:
         self.log_path = self.workdir / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -176,14 +224,6 @@ class MosquittoProcess:
         """SIGKILL: the broker vanishes without saving (fault tests)."""
         self._terminate(signal.SIGKILL, 5.0)
 
-    def restart(self, *, hard: bool = False) -> Self:
-        """Stop (or kill, with ``hard``) and start again on the same port and persistence."""
-        if hard:
-            self.kill()
-        else:
-            self.stop()
-        return self.start()
-
     def close(self) -> None:
         """Stop the broker and delete its temp dir."""
         self.stop()
@@ -206,22 +246,6 @@ class MosquittoProcess:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return await asyncio.to_thread(self.start)
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await asyncio.to_thread(self.close)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -11,13 +11,13 @@ import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from middleware.errors import BusError
 from middleware.mosquitto import (
     _REPO_CONFIG,
     FALLBACK_CONFIG,
+    Broker,
     free_port,
     render_config,
     wait_for_port,
@@ -43,7 +43,7 @@ def docker_available() -> bool:
         return False
 
 
-class MosquittoContainer:
+class MosquittoContainer(Broker):
     """Mosquitto in Docker (testcontainers) with the same interface.
 
     The host port is fixed at construction so ``restart()`` keeps it; the
@@ -69,10 +69,6 @@ class MosquittoContainer:
         self.workdir = Path(tempfile.mkdtemp(prefix="mw-mosquitto-docker-"))
         self.workdir.chmod(0o777)  # the image runs mosquitto as uid 1883
         self._container: Any = None  # testcontainers DockerContainer once started
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
 
     def start(self) -> Self:
         from testcontainers.core.container import DockerContainer
@@ -110,24 +106,9 @@ class MosquittoContainer:
         if self._container is not None:
             self._wrapped().kill()
 
-    def restart(self, *, hard: bool = False) -> Self:
-        if hard:
-            self.kill()
-        else:
-            self.stop()
-        return self.start()
-
     def close(self) -> None:
         if self._container is not None:
             with contextlib.suppress(Exception):
                 self._container.stop()
             self._container = None
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

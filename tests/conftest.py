@@ -17,10 +17,8 @@ from typing import Any
 import pytest
 
 from middleware.broker_bridge.mqtt import MqttSettings
-from middleware.mosquitto import MosquittoProcess, mosquitto_available
+from middleware.mosquitto import Broker, MosquittoProcess, mosquitto_available
 from tests.brokers import MosquittoContainer, docker_available
-
-Broker = MosquittoProcess | MosquittoContainer
 
 
 def _new_broker() -> Broker:
