@@ -1,9 +1,13 @@
 """The production broker setup (deploy/mosquitto) enforced by a real Mosquitto.
 
 The module renders ``mosquitto.prod.conf`` into a temp dir (paths and port
-rewritten, nothing else), creates the CA, server and client certificates,
-passwords and ACL blocks with ``make-test-ca.sh`` and ``provision-device.sh``,
-and starts the broker.  Every client connects over TLS with the generated CA.
+rewritten, nothing else), creates the CA and server certificate with
+``make-test-ca.sh``, bootstraps the dynamic-security plugin's state file with
+``provision-device.sh -r admin``, starts the broker and provisions every user
+on the running broker with ``provision-device.sh`` (mosquitto_ctrl as the
+admin: password, role, client certificate).  The edge broker's users are
+written with ``provision-device.sh -f`` (password file and acl file).  Every
+client of the central broker connects over TLS with the generated CA.
 
 Absence checks use a sentinel instead of a wait: a forbidden message is
 published before a permitted one from the same or an earlier-acknowledged
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
+import json
 import os
 import shutil
 import signal
@@ -57,11 +63,21 @@ ROLES = {
     "site-1": "bridge",
     "relay-1": "relay",
 }
+EDGE_ROLES = {"pi-e": "device"}  # users of the edge broker (bridge-edge.conf, acl_file)
+ADMIN = "admin"  # the dynamic-security admin (mosquitto_ctrl)
+PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"  # as in mosquitto.prod.conf
 WAIT = 10.0  # upper bound for a message that must arrive (never reached when all is well)
 
 
 def password(user: str) -> str:
     return f"{user}-pw-0123"
+
+
+def dynsec_plugin() -> str | None:
+    """The plugin's path on this machine (the multiarch directory differs on a Pi)."""
+    found = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so"))
+    found += glob.glob("/usr/lib/mosquitto_dynamic_security.so")
+    return found[0] if found else None
 
 
 def _require_tools() -> str:
@@ -72,6 +88,8 @@ def _require_tools() -> str:
             ("mosquitto", binary),
             ("openssl", shutil.which("openssl")),
             ("mosquitto_passwd", shutil.which("mosquitto_passwd")),
+            ("mosquitto_ctrl", shutil.which("mosquitto_ctrl")),
+            ("mosquitto_dynamic_security.so", dynsec_plugin()),
             ("bash", shutil.which("bash")),
         )
         if path is None
@@ -185,21 +203,26 @@ class Secure:
         return MqttSettings(**base)
 
 
+def provision(d: Path, user: str, role: str, *extra: str | Path) -> str:
+    """``provision-device.sh`` as an operator runs it (``-p`` only to know the password)."""
+    return _sh(DEPLOY / "provision-device.sh", "-d", d, "-r", role, "-p", password(user), *extra, user)
+
+
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     binary = _require_tools()
     d = tmp_path_factory.mktemp("mw-secure")
     _sh(DEPLOY / "make-test-ca.sh", "-d", d)
-    shutil.copy(DEPLOY / "acl", d / "acl")
-    for user, role in ROLES.items():
-        _sh(DEPLOY / "provision-device.sh", "-d", d, "-r", role, "-p", password(user), user)
     (d / "data").mkdir()
+    # Bootstrap: the plugin's state file with the admin, before the broker's first start.
+    provision(d, ADMIN, "admin", "-a", ADMIN, "-s", d / "data" / "dynamic-security.json")
     port = free_port()
     conf = d / "mosquitto.conf"
     conf.write_text(
         render(
             DEPLOY / "mosquitto.prod.conf",
             {
+                f"\nplugin {PLUGIN}\n": f"\nplugin {dynsec_plugin()}\n",
                 "/etc/mosquitto/mw/": f"{d}/",
                 "/var/lib/mosquitto/": f"{d}/data/",
                 "\nlistener 8883\n": f"\nlistener {port} 127.0.0.1\n",
@@ -208,6 +231,13 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     )
     broker = Broker(conf, port, binary).start()
     try:
+        # Every user is added to the running broker, as in a live fleet.
+        for user, role in ROLES.items():
+            provision(d, user, role, "-B", f"127.0.0.1:{port}")
+        # The edge broker keeps a password file and an acl file (bridge-edge.conf).
+        shutil.copy(DEPLOY / "acl", d / "acl")
+        for user, role in EDGE_ROLES.items():
+            provision(d, user, role, "-f")
         yield Secure(d, broker)
     finally:
         broker.stop()
@@ -298,6 +328,7 @@ async def test_tls_connection_with_the_generated_ca(secure: Secure) -> None:
 
 # --- authorization: who may publish what -----------------------------------------------
 ALLOWED, DENIED = "allowed", "denied"
+CONTROL = "$CONTROL/dynamic-security/v1"  # the plugin's command topic (mosquitto_ctrl)
 PUBLISH_RIGHTS: list[tuple[str, str, str]] = [
     # a device: its sessions' device-side leaves and its own status ...
     ("pi-a", T.session("pi-a", "pi-a-1", "open"), ALLOWED),
@@ -329,7 +360,7 @@ PUBLISH_RIGHTS: list[tuple[str, str, str]] = [
     ("verifier-1", T.session("pi-a", "pi-a-1", "draft"), DENIED),
     ("verifier-1", T.session("pi-a", "pi-a-1", "result"), DENIED),
     ("verifier-1", T.device_inbox("pi-a"), DENIED),
-    ("verifier-1", T.device_status("verifier-1"), DENIED),  # the deny line beats the pattern
+    ("verifier-1", T.device_status("verifier-1"), DENIED),  # no device rights under its name
     # the monitor is read-only, also under its own name
     ("monitor", T.device_status("monitor"), DENIED),
     ("monitor", T.session("pi-a", "pi-a-1", "text"), DENIED),
@@ -339,11 +370,17 @@ PUBLISH_RIGHTS: list[tuple[str, str, str]] = [
     ("ops", T.device_inbox("pi-a"), ALLOWED),
     ("ops", T.session("pi-a", "pi-a-1", "verdict"), DENIED),
     ("ops", T.device_status("ops"), DENIED),
-    # the MQTT<->ZeroMQ bridge relays everything both ways, except as a device itself
+    # the MQTT<->ZeroMQ bridge relays the whole tree both ways, nothing outside it.  (Under
+    # acl_file it was denied its own device subtree, only to cancel the device `pattern`
+    # lines every user got; the plugin has no such lines, and usernames are unique.)
     ("relay-1", T.session("pi-a", "pi-a-1", "draft"), ALLOWED),
     ("relay-1", T.session("pi-a", "pi-a-1", "verdict"), ALLOWED),
     ("relay-1", T.device_inbox("pi-a"), ALLOWED),
-    ("relay-1", T.device_status("relay-1"), DENIED),
+    ("relay-1", "mw/v2/device/pi-a/status", DENIED),
+    # only the admin sends commands to the dynamic-security plugin
+    ("pi-a", CONTROL, DENIED),
+    ("ops", CONTROL, DENIED),
+    ("relay-1", CONTROL, DENIED),
 ]
 
 
