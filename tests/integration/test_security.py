@@ -42,6 +42,7 @@ from middleware.nodes.service import NodeConfig, NodeService
 from middleware.nodes.service import offline_status_payload as device_will
 from middleware.nodes.session import SessionConfig
 from middleware.protocol import PromptRequest, Result, Topics, decode
+from middleware.protocol.topics import SESSION_LEAVES
 from middleware.verifier.engine import TargetEngine
 from middleware.verifier.reference import reference_greedy
 from middleware.verifier.service import VerifierConfig, VerifierService
@@ -205,7 +206,9 @@ class Secure:
 
 def provision(d: Path, user: str, role: str, *extra: str | Path) -> str:
     """``provision-device.sh`` as an operator runs it (``-p`` only to know the password)."""
-    return _sh(DEPLOY / "provision-device.sh", "-d", d, "-r", role, "-p", password(user), *extra, user)
+    return _sh(
+        DEPLOY / "provision-device.sh", "-d", d, "-r", role, "-p", password(user), *extra, user
+    )
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +329,69 @@ async def test_tls_connection_with_the_generated_ca(secure: Secure) -> None:
     assert msgs[-1].topic == T.device_status("pi-a")
 
 
+# --- provisioning on the running broker ------------------------------------------------
+def saved_clients(secure: Secure) -> dict[str, list[str]]:
+    """Username -> role names, as the plugin saved them in its state file."""
+    state = json.loads((secure.dir / "data" / "dynamic-security.json").read_text())
+    return {c["username"]: [r["rolename"] for r in c.get("roles", [])] for c in state["clients"]}
+
+
+async def test_provisioning_is_live_saved_rebuilt_and_revocable(secure: Secure) -> None:
+    """A device added to the running broker connects at once (no reload); the plugin saved
+    it (it survives a broker restart); re-provisioning with another role leaves none of the
+    old rights; revoking refuses its next CONNECT."""
+    d, target = secure.dir, f"127.0.0.1:{secure.port}"
+    await asyncio.to_thread(provision, d, "pi-n", "device", "-B", target)
+    async with connected(secure.settings("pi-n")) as dev:
+        assert await publish_outcome(dev, T.session("pi-n", "pi-n-1", "open"), b"n") == ALLOWED
+    assert saved_clients(secure)["pi-n"] == ["mw-pi-n"]
+    await asyncio.to_thread(secure.broker.stop)
+    await asyncio.to_thread(secure.broker.start)
+    async with connected(secure.settings("pi-n")) as dev:
+        assert await publish_outcome(dev, T.session("pi-n", "pi-n-1", "open"), b"n") == ALLOWED
+    await asyncio.to_thread(provision, d, "pi-n", "monitor", "-B", target)
+    async with connected(secure.settings("pi-n")) as mon:
+        assert await publish_outcome(mon, T.session("pi-n", "pi-n-1", "open"), b"n") == DENIED
+        assert await subscribe_outcome(mon, "mw/v1/#") == ALLOWED
+    await asyncio.to_thread(
+        _sh, DEPLOY / "provision-device.sh", "-d", d, "-D", "-B", target, "pi-n"
+    )
+    err = await _refused(secure.settings("pi-n"))
+    assert "not authorized" in str(err).lower() or "bad user name or password" in str(err).lower()
+    assert "pi-n" not in saved_clients(secure)
+
+
+async def test_provisioning_refuses_a_broker_it_cannot_administer(secure: Secure) -> None:
+    """mosquitto_ctrl exits 0 on a refused login or an error answer; the script must not
+    report success then (here: a wrong admin password)."""
+    d = secure.dir
+    fake = d / "fake-admin"
+    shutil.copytree(d / "clients" / ADMIN, fake / "clients" / ADMIN)
+    (fake / "clients" / ADMIN / "password").write_text("wrong-password-1\n")
+    shutil.copy(d / "ca.crt", fake / "ca.crt")
+    shutil.copy(d / "ca.key", fake / "ca.key")
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            "bash",
+            str(DEPLOY / "provision-device.sh"),
+            "-d",
+            str(fake),
+            "-p",
+            password("pi-x"),
+            "-B",
+            f"127.0.0.1:{secure.port}",
+            "pi-x",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "not authorized" in done.stderr.lower()
+    assert "pi-x" not in saved_clients(secure)
+
+
 # --- authorization: who may publish what -----------------------------------------------
 ALLOWED, DENIED = "allowed", "denied"
 CONTROL = "$CONTROL/dynamic-security/v1"  # the plugin's command topic (mosquitto_ctrl)
@@ -415,17 +481,14 @@ async def test_a_device_cannot_read_another_devices_inbox(secure: Secure) -> Non
         connected(secure.settings("pi-b")) as pi_b,
     ):
         async with pi_b.subscribe(T.device_inbox("pi-b")) as b_inbox:
-            try:
-                # One filter over every inbox: Mosquitto 2.0 grants the SUBSCRIBE and
-                # filters each delivery by the reader's ACL.
-                a_inboxes = await pi_a.subscribe("mw/v1/device/+/inbox")
-            except BusError as exc:  # a broker that checks subscriptions refuses it outright
-                assert "refused subscription" in str(exc)
-                a_inboxes = await pi_a.subscribe(T.device_inbox("pi-a"))
-            async with a_inboxes:
+            # One filter over every inbox: refused at SUBSCRIBE (the plugin; acl_file
+            # granted it and filtered each delivery by the reader's ACL).
+            with pytest.raises(BusError, match="refused subscription"):
+                await pi_a.subscribe("mw/v1/device/+/inbox")
+            async with pi_a.subscribe(T.device_inbox("pi-a")) as a_inbox:
                 await ops.publish(T.device_inbox("pi-b"), b"for pi-b only", qos=1)
                 await ops.publish(T.device_inbox("pi-a"), b"sentinel-inbox", qos=1)
-                got_a = await until(a_inboxes, b"sentinel-inbox")
+                got_a = await until(a_inbox, b"sentinel-inbox")
                 got_b = await until(b_inbox, b"for pi-b only")  # it was delivered to its owner
     assert [m.topic for m in got_a] == [T.device_inbox("pi-a")]
     assert got_b[-1].topic == T.device_inbox("pi-b")
@@ -433,12 +496,21 @@ async def test_a_device_cannot_read_another_devices_inbox(secure: Secure) -> Non
 
 async def test_a_device_reads_nothing_of_another_device(secure: Secure) -> None:
     """Reads outside the device role (other devices' status, drafts, opens, verdicts, state)
-    never arrive."""
+    never arrive: ``mw/v1/#`` is refused, and the filters it may hold carry none of them."""
     async with (
         connected(secure.settings("pi-a")) as pi_a,
         connected(secure.settings("pi-b")) as pi_b,
     ):
-        async with pi_a.subscribe("mw/v1/#") as everything:
+        with pytest.raises(BusError, match="refused subscription"):
+            await pi_a.subscribe("mw/v1/#")
+        async with pi_a.subscribe() as mine:
+            for f in (
+                T.device_sessions("pi-a", "verdict"),
+                T.device_sessions("pi-a", "state"),
+                T.device_inbox("pi-a"),
+                T.all_verifier_status(),
+            ):
+                await mine.add(f)
             await pi_b.publish(T.device_status("pi-b"), b"pi-b status", qos=1)
             await pi_b.publish(T.session("pi-b", "pi-b-7", "draft"), b"pi-b draft", qos=1)
             await pi_b.publish(T.session("pi-b", "pi-b-7", "open"), b"pi-b open", qos=1)
@@ -447,9 +519,92 @@ async def test_a_device_reads_nothing_of_another_device(secure: Secure) -> None:
                 await ver.publish(T.session("pi-b", "pi-b-7", "state"), b"pi-b state", qos=1)
                 # ... while its own session's verdicts do arrive (and end the wait)
                 await ver.publish(T.session("pi-a", "pi-a-7", "verdict"), b"sentinel-read", qos=1)
-            got = await until(everything, b"sentinel-read")
+            got = await until(mine, b"sentinel-read")
     assert [m.payload for m in got if m.payload.startswith(b"pi-b")] == []
     assert got[-1].topic == T.session("pi-a", "pi-a-7", "verdict")
+
+
+# --- authorization: who may subscribe to what (refused at SUBSCRIBE) ---------------------
+SUBSCRIBE_RIGHTS: list[tuple[str, str, str]] = [
+    # a device: its own sessions' verdict/state, its inbox, every verifier's status ...
+    ("pi-a", T.device_sessions("pi-a", "verdict"), ALLOWED),
+    ("pi-a", T.session("pi-a", "pi-a-1", "state"), ALLOWED),
+    ("pi-a", T.device_inbox("pi-a"), ALLOWED),
+    ("pi-a", T.all_verifier_status(), ALLOWED),
+    ("pi-a", T.verifier_status("verifier-1"), ALLOWED),
+    # ... not what it writes itself, no wider filter, no share group, nothing of the broker
+    ("pi-a", T.session("pi-a", "pi-a-1", "open"), DENIED),
+    ("pi-a", T.device_sessions("pi-a", "#"), DENIED),
+    ("pi-a", T.device_status("pi-a"), DENIED),
+    ("pi-a", T.all_sessions("verdict"), DENIED),
+    ("pi-a", "mw/v1/#", DENIED),
+    ("pi-a", "#", DENIED),
+    ("pi-a", T.shared_open(), DENIED),
+    ("pi-a", "$share/mw-verifiers/mw/v1/session/pi-a/+/verdict", DENIED),
+    ("pi-a", "$SYS/#", DENIED),
+    ("pi-a", "$CONTROL/dynamic-security/#", DENIED),
+    # a verifier: opens (plain or in any share group) and drafts of every session
+    ("verifier-1", T.shared_open(), ALLOWED),
+    ("verifier-1", T.shared_open("mw-verifiers-big"), ALLOWED),
+    ("verifier-1", T.all_sessions("open"), ALLOWED),
+    ("verifier-1", T.all_sessions("draft"), ALLOWED),
+    ("verifier-1", T.session("pi-a", "pi-a-1", "draft"), ALLOWED),
+    ("verifier-1", "$share/mw-verifiers/mw/v1/session/+/+/draft", DENIED),
+    ("verifier-1", T.all_sessions("verdict"), DENIED),
+    ("verifier-1", T.device_inbox("pi-a"), DENIED),
+    ("verifier-1", "mw/v1/#", DENIED),
+    # readers see the whole tree but never join a share group
+    ("monitor", "mw/v1/#", ALLOWED),
+    ("monitor", "$SYS/#", ALLOWED),
+    ("monitor", "homeassistant/#", ALLOWED),
+    ("monitor", T.shared_open(), DENIED),
+    ("monitor", "#", DENIED),
+    ("ops", "mw/v1/#", ALLOWED),
+    ("ops", T.shared_open(), DENIED),
+    # an edge broker's uplink: what comes back to its devices
+    ("site-1", T.all_sessions("verdict"), ALLOWED),
+    ("site-1", "mw/v1/device/+/inbox", ALLOWED),
+    ("site-1", T.all_sessions("open"), DENIED),
+    ("site-1", T.shared_open(), DENIED),
+    ("relay-1", "mw/v1/#", ALLOWED),
+    ("relay-1", T.shared_open(), DENIED),
+]
+
+
+async def subscribe_outcome(bus: MqttBus, filter_: str) -> str:
+    """'allowed' (SUBACK with a QoS) or 'denied' (SUBACK 0x87 not authorized)."""
+    try:
+        async with bus.subscribe(filter_):
+            pass
+    except BusError as exc:
+        if "refused subscription" in str(exc):
+            return "denied"
+        raise
+    return "allowed"
+
+
+async def test_subscribe_rights_per_role(secure: Secure) -> None:
+    users = sorted({u for u, _, _ in SUBSCRIBE_RIGHTS})
+    async with contextlib.AsyncExitStack() as stack:
+        buses = {u: await stack.enter_async_context(connected(secure.settings(u))) for u in users}
+        outcomes = {(u, f): await subscribe_outcome(buses[u], f) for u, f, _ in SUBSCRIBE_RIGHTS}
+    assert outcomes == {(u, f): want for u, f, want in SUBSCRIBE_RIGHTS}
+
+
+@pytest.mark.parametrize("leaf", [*SESSION_LEAVES, "#"])
+async def test_a_device_cannot_subscribe_to_another_devices_session_topics(
+    secure: Secure, leaf: str
+) -> None:
+    """Issue 14: refused at SUBSCRIBE, one session or all of them; the owner may read
+    its own verdicts and state."""
+    one = f"mw/v1/session/pi-b/pi-b-1/{leaf}"
+    every = T.device_sessions("pi-b", leaf)  # type: ignore[arg-type]
+    async with connected(secure.settings("pi-a")) as pi_a:
+        outcomes = [await subscribe_outcome(pi_a, f) for f in (one, every)]
+    assert outcomes == [DENIED, DENIED]
+    if leaf in ("verdict", "state"):
+        async with connected(secure.settings("pi-b")) as pi_b:
+            assert [await subscribe_outcome(pi_b, f) for f in (one, every)] == [ALLOWED, ALLOWED]
 
 
 async def test_a_last_will_cannot_speak_for_another_device(secure: Secure) -> None:
@@ -680,23 +835,41 @@ async def test_home_assistant_discovery_rights(secure: Secure) -> None:
     assert [m.payload for m in got if m.topic == own][-2:] == [b"ha-own", b"ha-ops"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: Mosquitto 2.0.11's acl_file grants every SUBSCRIBE, also "
-    "'$share/mw-verifiers/...' ('topic deny $share/#' does not refuse it); "
-    "see docs/threat-model.md",
-)
-@pytest.mark.parametrize("user", ["pi-a"])
+@pytest.mark.parametrize("user", ["pi-a", "monitor", "ops", "site-1", "relay-1"])
 async def test_only_verifiers_join_the_verifier_share_group(secure: Secure, user: str) -> None:
     """A member of the share group takes its turn of opens; Mosquitto drops a turn its
     member may not read, so a device in the group swallowed opens (12.5 s -> 133.5 s for
-    three prompts).  The subscription should be refused."""
+    three prompts under acl_file).  The plugin refuses the subscription to every role
+    but the verifier's, whatever the group."""
     async with connected(secure.settings(user)) as bus:
-        with pytest.raises(BusError, match="refused subscription"):
-            await bus.subscribe(T.shared_open())
+        outcomes = [await subscribe_outcome(bus, T.shared_open(g)) for g in ("mw-verifiers", "x")]
+    assert outcomes == [DENIED, DENIED]
     async with connected(secure.settings("verifier-1")) as ver:
-        async with ver.subscribe(T.shared_open()):
-            pass
+        assert await subscribe_outcome(ver, T.shared_open()) == ALLOWED
+
+
+async def test_every_open_reaches_the_verifier_group_when_a_device_tries_to_join(
+    secure: Secure,
+) -> None:
+    """The hole itself: with a device in the group, about every second open was handed to
+    it and dropped.  Its SUBSCRIBE is refused, so the verifier gets all of them, in order."""
+    opens = [f"open-{i}".encode() for i in range(6)]
+    async with (
+        connected(secure.settings("verifier-1")) as ver,
+        ver.subscribe(T.shared_open()) as group,
+        connected(secure.settings("pi-a")) as pi_a,
+        connected(secure.settings("pi-b")) as pi_b,
+    ):
+        try:
+            intruder = await pi_a.subscribe(T.shared_open())  # a member until the block ends
+        except BusError as exc:
+            assert "refused subscription" in str(exc)
+            intruder = None
+        for i, payload in enumerate(opens):
+            await pi_b.publish(T.session("pi-b", f"pi-b-g{i}", "open"), payload, qos=1)
+        got = await until(group, opens[-1])
+    assert intruder is None
+    assert [m.payload for m in got] == opens
 
 
 async def test_an_oversize_publish_is_refused_by_the_broker(secure: Secure) -> None:
