@@ -714,7 +714,8 @@ async def test_generation_end_to_end_over_the_secured_broker(secure: Secure) -> 
 
 # --- bridge-edge.conf against the secured broker -----------------------------------------
 async def test_edge_broker_bridges_sessions_to_the_secured_broker(secure: Secure) -> None:
-    """bridge-edge.conf, rendered: a device on the edge reaches the central verifier side."""
+    """bridge-edge.conf, rendered: a device on the edge reaches the central verifier side,
+    and cannot take opens from the central share group by joining a group on the edge."""
     edge_port = free_port()
     d = secure.dir
     (d / "edge-data").mkdir(exist_ok=True)
@@ -755,10 +756,26 @@ async def test_edge_broker_bridges_sessions_to_the_secured_broker(secure: Secure
             await ver.publish(
                 T.session("pi-e", "pi-e-1", "state"), b"", qos=1, retain=True
             )  # clear it
+            # The edge keeps acl_file, which grants a device's SUBSCRIBE to a share group
+            # there; that group is the edge's own, and the bridge's plain subscription
+            # still carries every open to the central verifiers' group.
+            opens_sent = [f"edge-open-{i}".encode() for i in range(4)]
+            async with ver.subscribe(T.shared_open()) as group:
+                try:
+                    edge_member = await dev.subscribe(T.shared_open())
+                except BusError as exc:  # should the edge ever refuse it: fine as well
+                    assert "refused subscription" in str(exc)
+                    edge_member = None
+                for i, payload in enumerate(opens_sent):
+                    await dev.publish(T.session("pi-e", f"pi-e-g{i}", "open"), payload, qos=1)
+                in_group = await until(group, opens_sent[-1])
+                if edge_member is not None:
+                    await edge_member.close()
     finally:
         await asyncio.to_thread(edge.stop)
     assert down[-1].topic == T.session("pi-e", "pi-e-1", "state")
     assert got[-1].topic == T.session("pi-e", "pi-e-1", "open")
+    assert [m.payload for m in in_group] == opens_sent
 
 
 # --- holes of issue 14 closed by the production config ------------------------------------
