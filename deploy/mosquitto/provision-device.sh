@@ -49,7 +49,7 @@ admin=admin
 state=/var/lib/mosquitto/dynamic-security.json
 file_mode=false
 revoke=false
-usage() { sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while getopts "r:d:c:p:P:H:B:a:s:fDh" opt; do
   case "$opt" in
     r) role=$OPTARG ;;
@@ -100,6 +100,8 @@ if ! $revoke; then
   [[ -s $ca_dir/ca.crt && -s $ca_dir/ca.key ]] || die "no ca.crt/ca.key in $ca_dir (run make-test-ca.sh)"
 fi
 
+[[ $role == admin ]] && admin=$id  # bootstrap: ID is the admin
+[[ $role == admin || $id != "$admin" ]] || die "'$id' is the dynamic-security admin, not a client"
 p=$prefix
 out=$dir/clients/$id
 admin_dir=$dir/clients/$admin
@@ -199,8 +201,8 @@ write_env() {
 if [[ $role == admin ]]; then
   [[ ! -e $state ]] || die "$state exists (bootstrap once; rotate the admin password with
   mosquitto_ctrl ... dynsec setClientPassword $id)"
-  [[ $id == "$admin" ]] || die "-r admin: name the admin with -a too (got ID '$id', -a '$admin')"
-  mkdir -p "$(dirname "$state")"
+  state_dir=$(dirname "$state")
+  [[ -d $state_dir ]] || { mkdir -p "$state_dir" && made_state_dir=true; }
   # mosquitto_ctrl exits 0 also on errors: check the file it should have written.
   mosquitto_ctrl dynsec init "$state" "$id" "$password" >/dev/null
   [[ -s $state ]] || die "mosquitto_ctrl dynsec init did not write $state"
@@ -208,10 +210,12 @@ if [[ $role == admin ]]; then
   # broker's user: the file and its directory must be the mosquitto user's.
   if [[ $EUID -eq 0 ]] && getent passwd mosquitto >/dev/null; then
     chown mosquitto: "$state"
+    [[ -z ${made_state_dir:-} ]] || chown mosquitto: "$state_dir"
   fi
   issue_certificate
   echo "created $state with admin '$id': $out/ (keep it on the broker host)"
   echo "start the broker (mosquitto.prod.conf loads the file), then provision clients"
+  [[ $id == admin ]] || echo "(name this admin with -a $id when provisioning)"
   exit 0
 fi
 

@@ -361,35 +361,38 @@ async def test_provisioning_is_live_saved_rebuilt_and_revocable(secure: Secure) 
     assert "pi-n" not in saved_clients(secure)
 
 
+def provision_failure(*args: str | Path) -> str:
+    """``provision-device.sh ARGS`` that must fail: its stderr."""
+    done = subprocess.run(
+        ["bash", str(DEPLOY / "provision-device.sh"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0, f"provision-device.sh {args} succeeded:\n{done.stdout}"
+    return done.stderr
+
+
 async def test_provisioning_refuses_a_broker_it_cannot_administer(secure: Secure) -> None:
     """mosquitto_ctrl exits 0 on a refused login or an error answer; the script must not
     report success then (here: a wrong admin password)."""
-    d = secure.dir
+    d, target = secure.dir, f"127.0.0.1:{secure.port}"
     fake = d / "fake-admin"
     shutil.copytree(d / "clients" / ADMIN, fake / "clients" / ADMIN)
     (fake / "clients" / ADMIN / "password").write_text("wrong-password-1\n")
     shutil.copy(d / "ca.crt", fake / "ca.crt")
     shutil.copy(d / "ca.key", fake / "ca.key")
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [
-            "bash",
-            str(DEPLOY / "provision-device.sh"),
-            "-d",
-            str(fake),
-            "-p",
-            password("pi-x"),
-            "-B",
-            f"127.0.0.1:{secure.port}",
-            "pi-x",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    err = await asyncio.to_thread(
+        provision_failure, "-d", fake, "-p", password("pi-x"), "-B", target, "pi-x"
     )
-    assert done.returncode != 0
-    assert "not authorized" in done.stderr.lower()
+    assert "not authorized" in err.lower()
     assert "pi-x" not in saved_clients(secure)
+    # Provisioning the admin's name as a client would lock the admin out: refused.
+    err = await asyncio.to_thread(
+        provision_failure, "-d", d, "-p", password(ADMIN), "-B", target, ADMIN
+    )
+    assert "dynamic-security admin" in err
+    assert saved_clients(secure)[ADMIN] == ["admin"]
 
 
 # --- authorization: who may publish what -----------------------------------------------
