@@ -35,7 +35,8 @@
 # EnvironmentFile).  Copy that directory to the client (e.g. /etc/mw/node-ID.env
 # and /etc/mw/tls/); never copy ca.key.  Passwords are passed to mosquitto_ctrl
 # / mosquitto_passwd on their command line: run this on the broker host, not on
-# a shared multi-user host.  Needs: openssl, mosquitto_ctrl (-f: mosquitto_passwd).
+# a shared multi-user host.  Needs: openssl, mosquitto_ctrl (packages mosquitto,
+# mosquitto-clients for mosquitto_rr; -f: mosquitto_passwd).
 set -euo pipefail
 
 role=device
@@ -49,7 +50,7 @@ admin=admin
 state=/var/lib/mosquitto/dynamic-security.json
 file_mode=false
 revoke=false
-usage() { sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while getopts "r:d:c:p:P:H:B:a:s:fDh" opt; do
   case "$opt" in
     r) role=$OPTARG ;;
@@ -279,6 +280,8 @@ for f in ca.crt "$admin.crt" "$admin.key" password; do
   [[ -s $admin_dir/$f ]] || die "no $admin_dir/$f: bootstrap first (provision-device.sh -r admin $admin)"
 done
 admin_password=$(<"$admin_dir/password")
+admin_opts=(--cafile "$admin_dir/ca.crt" --cert "$admin_dir/$admin.crt" --key "$admin_dir/$admin.key"
+  -u "$admin" -P "$admin_password" -h "$bhost" -p "$bport")
 # One mosquitto_ctrl call, over TLS as the admin.  (Its -o options file is no help:
 # 2.0.11 ignores the TLS options there, connects in plain text to the TLS port and
 # exits 0 without an answer after 10 s.)  It exits 0 also when the broker answers
@@ -287,9 +290,8 @@ admin_password=$(<"$admin_dir/password")
 ctl() {
   local ignore=
   if [[ $1 == -i ]]; then ignore=$2; shift 2; fi
-  answer=$(mosquitto_ctrl --cafile "$admin_dir/ca.crt" --cert "$admin_dir/$admin.crt" \
-    --key "$admin_dir/$admin.key" -u "$admin" -P "$admin_password" -h "$bhost" -p "$bport" \
-    dynsec "$@" 2>&1 </dev/null) || die "mosquitto_ctrl $1 on $target failed: $answer"
+  answer=$(mosquitto_ctrl "${admin_opts[@]}" dynsec "$@" 2>&1 </dev/null) \
+    || die "mosquitto_ctrl $1 on $target failed: $answer"
   if [[ $answer == *rror* || $answer == *"without encryption"* ]]; then
     [[ -n $ignore && $answer == *"$ignore"* ]] || die "mosquitto_ctrl $1 on $target: $answer"
   fi
@@ -302,10 +304,28 @@ if $revoke; then
   exit 0
 fi
 # What no role grants is refused: subscribe, publish and also delivery (a subscription
-# granted earlier, e.g. kept in a persistent session, delivers nothing it may not read).
-ctl setDefaultACLAccess subscribe deny
-ctl setDefaultACLAccess publishClientSend deny
-ctl setDefaultACLAccess publishClientReceive deny
+# granted earlier, e.g. kept in a persistent session, delivers nothing it may not read;
+# `dynsec init` leaves delivery allowed).  mosquitto_ctrl 2.0.11's setDefaultACLAccess
+# changes nothing and reports no error (getDefaultACLAccess shows it), so the command
+# goes to the plugin's control topic as JSON with mosquitto_rr.
+defaults_denied() {
+  local acltype
+  for acltype in publishClientSend publishClientReceive subscribe; do
+    grep -Eq "^$acltype +: deny" <<< "$answer" || return 1
+  done
+}
+ctl getDefaultACLAccess
+if ! defaults_denied; then
+  command -v mosquitto_rr >/dev/null || die "mosquitto_rr not found (apt-get install mosquitto-clients)"
+  deny='{"acltype":"%s","allow":false}'
+  acls=$(printf "$deny,$deny,$deny" publishClientSend publishClientReceive subscribe)
+  reply=$(mosquitto_rr "${admin_opts[@]}" -V 5 -W 10 -t "\$CONTROL/dynamic-security/v1" \
+    -e "\$CONTROL/dynamic-security/v1/response" \
+    -m "{\"commands\":[{\"command\":\"setDefaultACLAccess\",\"acls\":[$acls]}]}" \
+    2>&1 </dev/null) || die "setDefaultACLAccess on $target failed: $reply"
+  ctl getDefaultACLAccess
+  defaults_denied || die "default access on $target is not deny: $answer ($reply)"
+fi
 # The role is rebuilt from nothing: a role change leaves no rights behind.
 ctl -i "not found" deleteRole "$role_name"
 ctl createRole "$role_name"

@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,7 @@ def _require_tools() -> str:
             ("openssl", shutil.which("openssl")),
             ("mosquitto_passwd", shutil.which("mosquitto_passwd")),
             ("mosquitto_ctrl", shutil.which("mosquitto_ctrl")),
+            ("mosquitto_rr", shutil.which("mosquitto_rr")),
             ("mosquitto_dynamic_security.so", dynsec_plugin()),
             ("bash", shutil.which("bash")),
         )
@@ -97,7 +99,8 @@ def _require_tools() -> str:
     ]
     if missing:
         reason = (
-            f"secured-broker tests need {', '.join(missing)} (apt-get install mosquitto openssl)"
+            f"secured-broker tests need {', '.join(missing)}"
+            " (apt-get install mosquitto mosquitto-clients openssl)"
         )
         if os.environ.get("CI") or os.environ.get("MW_REQUIRE_BROKER"):
             pytest.fail(reason)
@@ -359,6 +362,82 @@ async def test_provisioning_is_live_saved_rebuilt_and_revocable(secure: Secure) 
     err = await _refused(secure.settings("pi-n"))
     assert "not authorized" in str(err).lower() or "bad user name or password" in str(err).lower()
     assert "pi-n" not in saved_clients(secure)
+
+
+class RawClient:
+    """A plain paho client over TLS: it sees whatever the broker delivers, also on
+    subscriptions kept in its persistent session that MqttBus would not route."""
+
+    def __init__(self, secure: Secure, user: str) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.got: list[tuple[str, bytes]] = []
+        self.subacks: list[list[int]] = []
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        c = self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=user, protocol=paho.MQTTv5
+        )
+        c.username_pw_set(user, password(user))
+        tls = secure.tls(user)
+        c.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
+        c.on_connect = lambda *a: self.connected.set()
+        c.on_message = lambda _c, _u, m: self.got.append((m.topic, m.payload))
+
+        def on_subscribe(_c: Any, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
+            self.subacks.append([code.value for code in codes])
+            self.subscribed.set()
+
+        c.on_subscribe = on_subscribe
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 120
+        c.connect("127.0.0.1", secure.port, clean_start=False, properties=props)
+        c.loop_start()
+        assert self.connected.wait(WAIT)
+
+    def subscribe(self, filter_: str) -> int:
+        self.subscribed.clear()
+        self.client.subscribe(filter_, qos=1)
+        assert self.subscribed.wait(WAIT)
+        return self.subacks[-1][0]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def test_a_subscription_kept_from_earlier_rights_delivers_nothing(secure: Secure) -> None:
+    """Default deny on delivery: a subscription granted under earlier rights and kept in a
+    persistent session (a role change, a broker migrated from acl_file) is not refused
+    again at reconnect, but the plugin checks each delivery against the current role."""
+    d, target = secure.dir, f"127.0.0.1:{secure.port}"
+    await asyncio.to_thread(provision, d, "pi-s", "monitor", "-B", target)
+    raw = await asyncio.to_thread(RawClient, secure, "pi-s")
+    try:
+        assert await asyncio.to_thread(raw.subscribe, "mw/v1/#") < 0x80  # granted, QoS 1
+    finally:
+        await asyncio.to_thread(raw.close)
+    await asyncio.to_thread(provision, d, "pi-s", "device", "-B", target)  # now a device
+    raw = await asyncio.to_thread(RawClient, secure, "pi-s")  # same session, no SUBSCRIBE
+    try:
+        async with connected(secure.settings("pi-b")) as pi_b:
+            await pi_b.publish(T.device_status("pi-b"), b"stale-b", qos=1)
+        async with connected(secure.settings("verifier-1")) as ver:
+            await ver.publish(T.session("pi-s", "pi-s-1", "verdict"), b"own-verdict", qos=1)
+        for _ in range(int(WAIT / 0.05)):  # its own verdict is delivered: the session held
+            if (T.session("pi-s", "pi-s-1", "verdict"), b"own-verdict") in raw.got:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(raw.close)
+        await asyncio.to_thread(
+            _sh, DEPLOY / "provision-device.sh", "-d", d, "-D", "-B", target, "pi-s"
+        )
+    payloads = [p for _, p in raw.got]
+    assert b"own-verdict" in payloads
+    assert b"stale-b" not in payloads
 
 
 def provision_failure(*args: str | Path) -> str:
