@@ -264,6 +264,36 @@ async def test_retained_state_tracks_committed(h: Harness, model) -> None:
     assert len(states) <= 2 and states[0].committed in ((), tuple(ref[:4]))
 
 
+async def test_state_waits_for_its_interval_and_is_flushed_on_stop(model) -> None:
+    """A running session's state goes out on the ``state_interval`` tick, never with each
+    verdict (it was nearly one state per verdict under load); a clean stop (the service
+    cancelled, as ``systemctl stop`` does) publishes what committed since the last tick."""
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    broker = InMemoryBroker()
+    topic = T.session("dev", "s1", "state")
+    config = VerifierConfig(verifier_id="v1", max_draft=16, state_interval=3600.0)
+    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
+        verifier = VerifierService(
+            vbus, TargetEngine(model), tokenizer_fingerprint="tiny", config=config
+        )
+        async with (
+            asyncio.TaskGroup() as tg,
+            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
+        ):
+            task = tg.create_task(verifier.run())
+            await verifier.ready.wait()
+            h = Harness(dbus, verdicts, verifier)
+            await h.open("s1")
+            for seq, base in ((1, 0), (2, 4)):
+                await h.send(Draft("s1", 1, seq, base, tuple(ref[base : base + 3])))
+                assert (await h.verdict("s1")).committed_len == base + 4
+            st = decode(broker.retained[topic].payload, expect=SessionState)
+            assert st.committed == ()  # still the open's
+            task.cancel()
+        st = decode(broker.retained[topic].payload, expect=SessionState)
+        assert (st.committed, st.status, st.owner) == (tuple(ref[:8]), "open", "v1")
+
+
 async def test_metrics_endpoint_serves_prometheus_text(h: Harness, model) -> None:
     ref = reference_greedy(model, PROMPT, 4, (EOS,))
     await h.open("s1")
