@@ -294,6 +294,27 @@ async def test_state_waits_for_its_interval_and_is_flushed_on_stop(model) -> Non
         assert (st.committed, st.status, st.owner) == (tuple(ref[:8]), "open", "v1")
 
 
+async def test_round_counters_add_up_over_a_batch(h: Harness, model) -> None:
+    """Round counters are added once per batch: they still count every draft, verdict and
+    token, in the wrapper and in the Prometheus exposition alike."""
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    for sid in ("s1", "s2", "s3"):
+        await h.open(sid)
+    wrong = (ref[0], (ref[1] + 1) % VOCAB)  # one accepted, then the target's own token
+    for sid, draft in (("s1", tuple(ref[:3])), ("s2", wrong), ("s3", tuple(ref[:2]))):
+        await h.send(Draft(sid, 1, 1, 0, draft))
+    got = {v.session_id: v for v in [await h.verdict(s) for s in ("s1", "s2", "s3")]}
+    assert [got[s].accepted for s in ("s1", "s2", "s3")] == [3, 1, 2]
+    m = h.verifier.metrics
+    assert (m.rounds.total(), m.answers.get(kind="accept")) == (3, 3)
+    assert (m.proposed.total(), m.accepted.total(), m.committed.total()) == (7, 6, 9)
+    assert m.tokens_per_round.count == 3 and m.tokens_per_round.sum == 9
+    text = m.registry.render()
+    assert "mw_verifier_rounds_total 3.0" in text
+    assert 'mw_verifier_answers_total{kind="accept"} 3.0' in text
+    assert "mw_verifier_committed_tokens_total 9.0" in text
+
+
 async def test_metrics_endpoint_serves_prometheus_text(h: Harness, model) -> None:
     ref = reference_greedy(model, PROMPT, 4, (EOS,))
     await h.open("s1")
