@@ -4,7 +4,10 @@ It accepts every draft token and proposes ``last + 1`` as the bonus token, so
 a verify round commits ``k + 1`` tokens.  It implements the part of
 :class:`middleware.verifier.engine.TargetEngine` the verifier service uses;
 its logits are one-hot rows over a small vocabulary, so the acceptance code
-still runs on real tensors.
+still runs on real tensors.  It says it does not block (``blocking = False``), so
+the verifier calls it on its event loop: figures measured with it leave out the
+worker-thread hop a model engine pays per round (about 160 us of a 2.3 ms round
+trip on the loaded 2-core build machine, interleaved A/B).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from middleware.verifier.engine import EngineStats, VerifyItem
 
 class NoopEngine:
     """Accept everything; one tiny tensor per draft."""
+
+    blocking = False  # a round takes microseconds: the verifier calls it on its event loop
 
     def __init__(self, vocab_size: int = 64) -> None:
         self.vocab_size = vocab_size

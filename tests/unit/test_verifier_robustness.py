@@ -8,8 +8,10 @@ directly, and other sessions keep being served meanwhile.
 from __future__ import annotations
 
 import asyncio
+import threading
 import urllib.request
 from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import pytest
 
@@ -313,6 +315,42 @@ async def test_round_counters_add_up_over_a_batch(h: Harness, model) -> None:
     assert "mw_verifier_rounds_total 3.0" in text
     assert 'mw_verifier_answers_total{kind="accept"} 3.0' in text
     assert "mw_verifier_committed_tokens_total 9.0" in text
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+async def test_blocking_engines_verify_in_a_worker_thread(model, blocking: bool) -> None:
+    """A model engine's rounds run off the event loop; one that says it does not block
+    (the no-op benchmark engine) is called on the loop, with the same answers."""
+
+    class Engine(TargetEngine):
+        threads: ClassVar[set[int]] = set()
+
+        def verify_batch(self, items):  # type: ignore[no-untyped-def]
+            self.threads.add(threading.get_ident())
+            return super().verify_batch(items)
+
+    Engine.blocking = blocking  # type: ignore[misc]
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    broker = InMemoryBroker()
+    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
+        verifier = VerifierService(
+            vbus, Engine(model), tokenizer_fingerprint="tiny", config=VerifierConfig()
+        )
+        async with (
+            asyncio.TaskGroup() as tg,
+            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
+        ):
+            task = tg.create_task(verifier.run())
+            await verifier.ready.wait()
+            h = Harness(dbus, verdicts, verifier)
+            await h.open("s1")
+            Engine.threads.clear()  # the open's prefill always runs in a worker thread
+            await h.send(Draft("s1", 1, 1, 0, tuple(ref[:3])))
+            v = await h.verdict("s1")
+            task.cancel()
+    assert (v.kind, v.tokens) == ("accept", tuple(ref[:4]))
+    on_loop = Engine.threads == {threading.get_ident()}
+    assert on_loop is not blocking and len(Engine.threads) == 1
 
 
 async def test_metrics_endpoint_serves_prometheus_text(h: Harness, model) -> None:
