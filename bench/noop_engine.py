@@ -32,15 +32,21 @@ class NoopEngine:
         self._lens: dict[Hashable, int] = {}
 
     def verify_batch(self, items: Sequence[VerifyItem]) -> list[torch.Tensor]:
+        """One one-hot tensor for the whole batch, split per draft (views): a few tensor
+        ops per batch, not per draft (per draft they were 8.6% of the no-op verifier's
+        event loop under load, py-spy)."""
         self.forwards += 1
-        out = []
+        wanted: list[int] = []
+        sizes = []
         for it in items:
-            wanted = [*it.draft, ((it.draft or it.context)[-1] + 1) % self.vocab_size]
-            rows = torch.zeros(len(wanted), self.vocab_size)
-            rows[torch.arange(len(wanted)), torch.tensor(wanted)] = 1.0
-            out.append(rows)
+            wanted += it.draft
+            wanted.append(((it.draft or it.context)[-1] + 1) % self.vocab_size)
+            sizes.append(len(it.draft) + 1)
             self._lens[it.session_key] = len(it.context)
-        return out
+        if not items:
+            return []
+        rows = torch.nn.functional.one_hot(torch.tensor(wanted), self.vocab_size).float()
+        return list(rows.split(sizes))
 
     def prefill(self, session_key: Hashable, context: Sequence[int], max_tokens: int) -> int:
         self._lens[session_key] = len(context)

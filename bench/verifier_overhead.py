@@ -63,7 +63,7 @@ from middleware.metrics import Registry
 from middleware.nodes.link import BusLink
 from middleware.protocol import Draft, OpenSession, Topics, Verdict, decode
 from middleware.verifier.batcher import BatchConfig
-from middleware.verifier.service import VerifierConfig, VerifierService
+from middleware.verifier.service import VerifierConfig, VerifierService, settle_heap
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PREFIX = "bench/v1"
@@ -479,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.rounds, args.warmup, args.seconds, args.repeats = 200, 2, 20, 2.0, 1
         args.sessions = min(args.sessions, 32)
     configure_logging(level="warning")
+    settle_heap()  # as ``mw-cli verifier`` does once its model is loaded
     report: dict[str, Any] = {"machine": machine_info(), "quick": args.quick}
     with MosquittoProcess() as broker:
         if args.only in (None, "rtt"):

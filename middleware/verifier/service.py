@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -1041,6 +1042,19 @@ class VerifierService:
         while True:
             await asyncio.sleep(self.config.status_interval)
             await self._publish_status("online")
+
+
+def settle_heap() -> None:
+    """Move every object alive now out of the garbage collector's way (``gc.freeze``).
+
+    Call once per process, after the model is loaded and before serving: the objects
+    alive then (modules, the model: about 180,000 with torch imported) live as long as the
+    process, yet every full collection walked them all.  Measured on the no-op verifier
+    under load (8 s, 128 sessions, gc.callbacks): one gen-2 collection paused the event
+    loop for 231 ms; after a freeze none ran.  Frozen objects are never collected, so not
+    for a process that builds and drops services (tests)."""
+    gc.collect()
+    gc.freeze()
 
 
 def offline_status_payload(verifier_id: str) -> bytes:
