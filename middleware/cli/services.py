@@ -121,11 +121,12 @@ def verifier_bus(cfg: Config) -> Bus:
 
 
 async def run_verifier(cfg: Config, args: argparse.Namespace) -> int:
-    from middleware.verifier.service import VerifierService
+    from middleware.verifier.service import VerifierService, settle_heap
 
     stop_on_sigterm()
     config = verifier_config(cfg)  # refuse bad settings before a model load of up to a minute
     loaded, engine = await asyncio.to_thread(build_engine, cfg.verifier)
+    settle_heap()  # no full garbage collection walks the model and modules while serving
     registry = Registry()
     async with verifier_bus(cfg) as bus, contextlib.AsyncExitStack() as stack:
         if cfg.verifier.metrics_port:

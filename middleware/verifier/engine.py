@@ -46,7 +46,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -84,6 +84,9 @@ class Engine(Protocol):
     target engine: :class:`TargetEngine`, or ``bench/noop_engine.py`` for measuring the
     middleware alone."""
 
+    # False: a round takes microseconds and runs on the event loop, no worker thread
+    # (TargetEngine explains the figures).
+    blocking: ClassVar[bool]
     vocab_size: int
     max_positions: int  # longest context the model takes
     evictions: int  # KV caches dropped under memory pressure so far
@@ -146,6 +149,13 @@ class TargetEngine:
     :meth:`verify_batch`, decides acceptance, then :meth:`commit` (or
     :meth:`close`) for every item of the batch.
     """
+
+    # A forward takes milliseconds to seconds, so the verifier runs each verify round in a
+    # worker thread and the event loop keeps serving meanwhile.  An engine whose rounds take
+    # microseconds (bench/noop_engine.py) sets False and is called on the event loop: the
+    # hop (a thread wakeup and a loop wakeup) cost about 160 us of a 2.3 ms no-op round trip
+    # on the loaded 2-core build machine (interleaved A/B, p50).
+    blocking: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -8,8 +8,10 @@ directly, and other sessions keep being served meanwhile.
 from __future__ import annotations
 
 import asyncio
+import threading
 import urllib.request
 from collections.abc import AsyncIterator
+from typing import ClassVar
 
 import pytest
 
@@ -262,6 +264,93 @@ async def test_retained_state_tracks_committed(h: Harness, model) -> None:
     st = states[-1]
     assert (st.owner, st.epoch, st.committed, st.status) == ("v1", 1, tuple(ref[:4]), "open")
     assert len(states) <= 2 and states[0].committed in ((), tuple(ref[:4]))
+
+
+async def test_state_waits_for_its_interval_and_is_flushed_on_stop(model) -> None:
+    """A running session's state goes out on the ``state_interval`` tick, never with each
+    verdict (it was nearly one state per verdict under load); a clean stop (the service
+    cancelled, as ``systemctl stop`` does) publishes what committed since the last tick."""
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    broker = InMemoryBroker()
+    topic = T.session("dev", "s1", "state")
+    config = VerifierConfig(verifier_id="v1", max_draft=16, state_interval=3600.0)
+    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
+        verifier = VerifierService(
+            vbus, TargetEngine(model), tokenizer_fingerprint="tiny", config=config
+        )
+        async with (
+            asyncio.TaskGroup() as tg,
+            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
+        ):
+            task = tg.create_task(verifier.run())
+            await verifier.ready.wait()
+            h = Harness(dbus, verdicts, verifier)
+            await h.open("s1")
+            for seq, base in ((1, 0), (2, 4)):
+                await h.send(Draft("s1", 1, seq, base, tuple(ref[base : base + 3])))
+                assert (await h.verdict("s1")).committed_len == base + 4
+            st = decode(broker.retained[topic].payload, expect=SessionState)
+            assert st.committed == ()  # still the open's
+            task.cancel()
+        st = decode(broker.retained[topic].payload, expect=SessionState)
+        assert (st.committed, st.status, st.owner) == (tuple(ref[:8]), "open", "v1")
+
+
+async def test_round_counters_add_up_over_a_batch(h: Harness, model) -> None:
+    """Round counters are added once per batch: they still count every draft, verdict and
+    token, in the wrapper and in the Prometheus exposition alike."""
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    for sid in ("s1", "s2", "s3"):
+        await h.open(sid)
+    wrong = (ref[0], (ref[1] + 1) % VOCAB)  # one accepted, then the target's own token
+    for sid, draft in (("s1", tuple(ref[:3])), ("s2", wrong), ("s3", tuple(ref[:2]))):
+        await h.send(Draft(sid, 1, 1, 0, draft))
+    got = {v.session_id: v for v in [await h.verdict(s) for s in ("s1", "s2", "s3")]}
+    assert [got[s].accepted for s in ("s1", "s2", "s3")] == [3, 1, 2]
+    m = h.verifier.metrics
+    assert (m.rounds.total(), m.answers.get(kind="accept")) == (3, 3)
+    assert (m.proposed.total(), m.accepted.total(), m.committed.total()) == (7, 6, 9)
+    assert m.tokens_per_round.count == 3 and m.tokens_per_round.sum == 9
+    text = m.registry.render()
+    assert "mw_verifier_rounds_total 3.0" in text
+    assert 'mw_verifier_answers_total{kind="accept"} 3.0' in text
+    assert "mw_verifier_committed_tokens_total 9.0" in text
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+async def test_blocking_engines_verify_in_a_worker_thread(model, blocking: bool) -> None:
+    """A model engine's rounds run off the event loop; one that says it does not block
+    (the no-op benchmark engine) is called on the loop, with the same answers."""
+
+    class Engine(TargetEngine):
+        threads: ClassVar[set[int]] = set()
+
+        def verify_batch(self, items):  # type: ignore[no-untyped-def]
+            self.threads.add(threading.get_ident())
+            return super().verify_batch(items)
+
+    Engine.blocking = blocking  # type: ignore[misc]
+    ref = reference_greedy(model, PROMPT, 8, (EOS,))
+    broker = InMemoryBroker()
+    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
+        verifier = VerifierService(
+            vbus, Engine(model), tokenizer_fingerprint="tiny", config=VerifierConfig()
+        )
+        async with (
+            asyncio.TaskGroup() as tg,
+            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
+        ):
+            task = tg.create_task(verifier.run())
+            await verifier.ready.wait()
+            h = Harness(dbus, verdicts, verifier)
+            await h.open("s1")
+            Engine.threads.clear()  # the open's prefill always runs in a worker thread
+            await h.send(Draft("s1", 1, 1, 0, tuple(ref[:3])))
+            v = await h.verdict("s1")
+            task.cancel()
+    assert (v.kind, v.tokens) == ("accept", tuple(ref[:4]))
+    on_loop = Engine.threads == {threading.get_ident()}
+    assert on_loop is not blocking and len(Engine.threads) == 1
 
 
 async def test_metrics_endpoint_serves_prometheus_text(h: Harness, model) -> None:
