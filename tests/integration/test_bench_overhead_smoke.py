@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from middleware.broker_bridge.embedded import mosquitto_available
+
+from middleware.mosquitto import mosquitto_available
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,9 +9,11 @@ from paho.mqtt import _packet
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from middleware.broker_bridge.mqtt import (
     ReceivedProperties,
+    ReceivedReasonCode,
     publish_packet_size,
     publish_properties,
 )
@@ -143,9 +145,53 @@ def test_malformed_received_properties_are_malformed_packets(wire: bytes) -> Non
         ReceivedProperties(PacketTypes.PUBLISH).unpack(wire)
 
 
-def test_paho_builds_received_publish_properties_with_ours() -> None:
-    """If a paho upgrade moves where it builds them, this fails (and paho's slower parser,
-    still correct, is used meanwhile)."""
+def test_paho_builds_received_properties_and_reason_codes_with_ours() -> None:
+    """If a paho upgrade moves where it builds them, this fails (and paho's slower classes,
+    still correct, are used meanwhile)."""
     pkt = _packet.decode_publish(0x30, b"\x00\x01t" + b"\x03\x03\x00\x00" + b"x", 5)
     assert type(pkt.properties) is ReceivedProperties
     assert pkt.payload == b"x" and pkt.properties.ContentType == ""
+    ack = _packet.decode_puback(0x40, b"\x00\x07", 5)
+    assert type(ack.reason) is ReceivedReasonCode and type(ack.properties) is ReceivedProperties
+    assert (ack.mid, ack.reason.value, ack.reason.is_failure) == (7, 0, False)
+
+
+def test_received_properties_of_other_packets_equal_paho() -> None:
+    """A PUBACK with a reason string and a user property: paho's parser, shared tables."""
+    ref = Properties(PacketTypes.PUBACK)
+    ref.ReasonString = "no subscribers"
+    ref.UserProperty = [("a", "1"), ("b", "2")]
+    wire = ref.pack()
+    theirs, _ = Properties(PacketTypes.PUBACK).unpack(wire)
+    mine, _ = ReceivedProperties(PacketTypes.PUBACK).unpack(wire)
+    assert _attrs(mine) == _attrs(theirs) and str(mine) == str(theirs)
+    assert ReceivedProperties(PacketTypes.PUBACK).isEmpty()
+
+
+@pytest.mark.parametrize("packet_type", range(1, 16))
+@pytest.mark.parametrize(
+    ("name", "ident"),
+    [
+        ("Success", -1),
+        ("Unspecified error", -1),
+        ("Not authorized", -1),
+        ("Success", 0),
+        ("Success", 16),
+    ],
+)
+def test_received_reason_codes_equal_paho(packet_type: int, name: str, ident: int) -> None:
+    kwargs = {"aName": name, "identifier": ident}
+    try:
+        theirs = ReasonCode(packet_type, **kwargs)
+    except (KeyError, ValueError) as exc:
+        with pytest.raises(type(exc)):
+            ReceivedReasonCode(packet_type, **kwargs)
+        return
+    mine = ReceivedReasonCode(packet_type, **kwargs)
+    assert (mine.value, str(mine), repr(mine), mine.is_failure) == (
+        theirs.value,
+        str(theirs),
+        repr(theirs),
+        theirs.is_failure,
+    )
+    assert mine == theirs
