@@ -15,15 +15,14 @@ from collections.abc import Sequence
 import pytest
 
 from middleware.errors import BusError
-from middleware.metrics import Registry
 from middleware.protocol import Draft, OpenSession, SamplingParams, SessionState, Verdict, decode
 from middleware.protocol.session import commit_tag, session_instance, tokens_digest
 from middleware.verifier.engine import TargetEngine, VerifyItem
 from middleware.verifier.opening import plan_open
 from middleware.verifier.reference import reference_greedy, reference_sample
-from middleware.verifier.service import VerifierConfig, VerifierService
-from tests.unit.membus import InMemoryBroker, InMemoryBus
-from tests.unit.test_verifier_robustness import PROMPT, Harness, T, config, h, model
+from middleware.verifier.service import VerifierConfig
+from tests.unit.membus import InMemoryBus
+from tests.unit.test_verifier_robustness import PROMPT, Harness, T, config, h, model, running
 from tests.unit.tiny import EOS, VOCAB
 
 __all__ = ["config", "h", "model"]  # fixtures used here
@@ -300,35 +299,20 @@ async def test_a_long_prompt_is_prefilled_between_other_sessions_rounds(model) -
     ref = reference_greedy(model, PROMPT, 32, (EOS,))
     long_prompt = tuple((i * 7) % 60 + 1 for i in range(300))
     engine = GateEngine(model)
-    broker = InMemoryBroker()
-    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
-        verifier = VerifierService(
-            vbus,
-            engine,
-            tokenizer_fingerprint="tiny",
-            config=VerifierConfig(verifier_id="v1", max_draft=16, prefill_chunk=32),
-            registry=Registry(),
-        )
-        async with (
-            asyncio.TaskGroup() as tg,
-            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
-        ):
-            task = tg.create_task(verifier.run())
-            await verifier.ready.wait()
-            hh = Harness(dbus, verdicts, verifier)
-            assert (await hh.open("short")).kind == "opened"
-            await hh.send(open_msg(sid="long", prompt=long_prompt))
-            for _ in range(3000):  # the long open's first prefill step has run
-                if "prefill:long" in engine.calls:
-                    break
-                await asyncio.sleep(0.01)
-            assert "prefill:long" in engine.calls, "the open was not prefilled step by step"
-            await hh.send(Draft("short", 1, 1, 0, tuple(ref[:3])))
-            order = []
-            while len(order) < 2:
-                v = decode((await verdicts.get(30)).payload, expect=Verdict)
-                order.append((v.session_id, v.kind))
-            task.cancel()
+    config = VerifierConfig(verifier_id="v1", max_draft=16, prefill_chunk=32)
+    async with running(engine, config) as hh:
+        assert (await hh.open("short")).kind == "opened"
+        await hh.send(open_msg(sid="long", prompt=long_prompt))
+        for _ in range(3000):  # the long open's first prefill step has run
+            if "prefill:long" in engine.calls:
+                break
+            await asyncio.sleep(0.01)
+        assert "prefill:long" in engine.calls, "the open was not prefilled step by step"
+        await hh.send(Draft("short", 1, 1, 0, tuple(ref[:3])))
+        order = []
+        while len(order) < 2:
+            v = decode((await hh.verdicts.get(30)).payload, expect=Verdict)
+            order.append((v.session_id, v.kind))
     assert order == [("short", "accept"), ("long", "opened")]
     first_long = engine.calls.index("prefill:long")
     last_long = len(engine.calls) - 1 - engine.calls[::-1].index("prefill:long")

@@ -8,6 +8,7 @@ directly, and other sessions keep being served meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import urllib.request
 from collections.abc import AsyncIterator
@@ -77,6 +78,26 @@ class Harness:
         return self.verifier.metrics.rejected.get(reason=reason)
 
 
+@contextlib.asynccontextmanager
+async def running(
+    engine: TargetEngine, config: VerifierConfig, broker: InMemoryBroker | None = None
+) -> AsyncIterator[Harness]:
+    """A verifier on ``engine`` serving over an in-memory broker, and device "dev"'s side."""
+    broker = broker or InMemoryBroker()
+    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
+        verifier = VerifierService(
+            vbus, engine, tokenizer_fingerprint="tiny", config=config, registry=Registry()
+        )
+        async with (
+            asyncio.TaskGroup() as tg,
+            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
+        ):
+            task = tg.create_task(verifier.run())
+            await verifier.ready.wait()
+            yield Harness(dbus, verdicts, verifier)
+            task.cancel()
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(seed=0)
@@ -89,23 +110,8 @@ def config() -> VerifierConfig:
 
 @pytest.fixture
 async def h(model, config: VerifierConfig) -> AsyncIterator[Harness]:
-    broker = InMemoryBroker()
-    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
-        verifier = VerifierService(
-            vbus,
-            TargetEngine(model),
-            tokenizer_fingerprint="tiny",
-            config=config,
-            registry=Registry(),
-        )
-        async with (
-            asyncio.TaskGroup() as tg,
-            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
-        ):
-            task = tg.create_task(verifier.run())
-            await verifier.ready.wait()
-            yield Harness(dbus, verdicts, verifier)
-            task.cancel()
+    async with running(TargetEngine(model), config) as harness:
+        yield harness
 
 
 async def test_open_then_draft_is_verified(h: Harness, model) -> None:
@@ -274,26 +280,15 @@ async def test_state_waits_for_its_interval_and_is_flushed_on_stop(model) -> Non
     broker = InMemoryBroker()
     topic = T.session("dev", "s1", "state")
     config = VerifierConfig(verifier_id="v1", max_draft=16, state_interval=3600.0)
-    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
-        verifier = VerifierService(
-            vbus, TargetEngine(model), tokenizer_fingerprint="tiny", config=config
-        )
-        async with (
-            asyncio.TaskGroup() as tg,
-            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
-        ):
-            task = tg.create_task(verifier.run())
-            await verifier.ready.wait()
-            h = Harness(dbus, verdicts, verifier)
-            await h.open("s1")
-            for seq, base in ((1, 0), (2, 4)):
-                await h.send(Draft("s1", 1, seq, base, tuple(ref[base : base + 3])))
-                assert (await h.verdict("s1")).committed_len == base + 4
-            st = decode(broker.retained[topic].payload, expect=SessionState)
-            assert st.committed == ()  # still the open's
-            task.cancel()
+    async with running(TargetEngine(model), config, broker) as h:
+        await h.open("s1")
+        for seq, base in ((1, 0), (2, 4)):
+            await h.send(Draft("s1", 1, seq, base, tuple(ref[base : base + 3])))
+            assert (await h.verdict("s1")).committed_len == base + 4
         st = decode(broker.retained[topic].payload, expect=SessionState)
-        assert (st.committed, st.status, st.owner) == (tuple(ref[:8]), "open", "v1")
+        assert st.committed == ()  # still the open's
+    st = decode(broker.retained[topic].payload, expect=SessionState)  # flushed at the stop
+    assert (st.committed, st.status, st.owner) == (tuple(ref[:8]), "open", "v1")
 
 
 async def test_round_counters_add_up_over_a_batch(h: Harness, model) -> None:
@@ -331,23 +326,11 @@ async def test_blocking_engines_verify_in_a_worker_thread(model, blocking: bool)
 
     Engine.blocking = blocking  # type: ignore[misc]
     ref = reference_greedy(model, PROMPT, 8, (EOS,))
-    broker = InMemoryBroker()
-    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
-        verifier = VerifierService(
-            vbus, Engine(model), tokenizer_fingerprint="tiny", config=VerifierConfig()
-        )
-        async with (
-            asyncio.TaskGroup() as tg,
-            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
-        ):
-            task = tg.create_task(verifier.run())
-            await verifier.ready.wait()
-            h = Harness(dbus, verdicts, verifier)
-            await h.open("s1")
-            Engine.threads.clear()  # the open's prefill always runs in a worker thread
-            await h.send(Draft("s1", 1, 1, 0, tuple(ref[:3])))
-            v = await h.verdict("s1")
-            task.cancel()
+    async with running(Engine(model), VerifierConfig()) as h:
+        await h.open("s1")
+        Engine.threads.clear()  # the open's prefill always runs in a worker thread
+        await h.send(Draft("s1", 1, 1, 0, tuple(ref[:3])))
+        v = await h.verdict("s1")
     assert (v.kind, v.tokens) == ("accept", tuple(ref[:4]))
     on_loop = Engine.threads == {threading.get_ident()}
     assert on_loop is not blocking and len(Engine.threads) == 1
@@ -394,34 +377,18 @@ class PoisonedEngine(TargetEngine):
 
 async def test_a_failing_session_does_not_stall_the_batch(model) -> None:
     ref = reference_greedy(model, PROMPT, 8, (EOS,))
-    broker = InMemoryBroker()
-    async with InMemoryBus(broker, "v") as vbus, InMemoryBus(broker, "dev") as dbus:
-        verifier = VerifierService(
-            vbus,
-            PoisonedEngine(model),
-            tokenizer_fingerprint="tiny",
-            config=VerifierConfig(verifier_id="v1"),
-        )
-        async with (
-            asyncio.TaskGroup() as tg,
-            dbus.subscribe(T.device_sessions("dev", "verdict")) as verdicts,
-        ):
-            task = tg.create_task(verifier.run())
-            await verifier.ready.wait()
-            h = Harness(dbus, verdicts, verifier)
-            await h.open("good")
-            await h.open(PoisonedEngine.poison)
-            await h.send(Draft(PoisonedEngine.poison, 1, 1, 0, (3,)))
-            await h.send(Draft("good", 1, 1, 0, tuple(ref[:2])))
-            got = {}
-            for _ in range(2):
-                msg = await verdicts.get(10)
-                v = decode(msg.payload, expect=Verdict)
-                got[v.session_id] = v
-            task.cancel()
+    async with running(PoisonedEngine(model), VerifierConfig(verifier_id="v1")) as h:
+        await h.open("good")
+        await h.open(PoisonedEngine.poison)
+        await h.send(Draft(PoisonedEngine.poison, 1, 1, 0, (3,)))
+        await h.send(Draft("good", 1, 1, 0, tuple(ref[:2])))
+        got = {}
+        for _ in range(2):
+            v = decode((await h.verdicts.get(10)).payload, expect=Verdict)
+            got[v.session_id] = v
     assert got["good"].kind == "accept" and got["good"].tokens == tuple(ref[:3])
     assert got[PoisonedEngine.poison].kind == "refused"
-    assert verifier.metrics.rejected.get(reason="verify_failed") == 1
+    assert h.verifier.metrics.rejected.get(reason="verify_failed") == 1
 
 
 async def test_verdicts_carry_the_trace_id_of_their_request(h: Harness, model) -> None:
